@@ -1,0 +1,84 @@
+"""Plain-PyTorch implementation of the head's operations: the interface every backend follows.
+
+Shapes: B batch, N tokens, K queries, D = H * d embedding, G classes per group.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def padded_group_bias(bias: torch.Tensor, num_queries: int, group_size: int) -> torch.Tensor:
+    """bias [num_classes] -> [K, G], zero on the padded tail (whose outputs are discarded)."""
+    pad = num_queries * group_size - bias.shape[0]
+    return F.pad(bias, (0, pad)).view(num_queries, group_size)
+
+
+def group_fc_torch(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   num_classes: int) -> torch.Tensor:
+    """SPEC step 7 as one batched product.
+
+    h [B, K, D]; weight [K, D, G] and bias [num_classes] -> logits [B, num_classes];
+    ZSL: weight [D, 1] and bias [1] shared by all K queries -> logits [B, K].
+    """
+    if weight.dim() == 2:  # ZSL: one shared projection
+        return torch.matmul(h, weight.to(h.dtype)).squeeze(-1) + bias.to(h.dtype)
+    k, _, g = weight.shape
+    b = h.shape[0]
+    weight = weight.to(h.dtype)
+    out = torch.bmm(h.transpose(0, 1), weight)                    # [K, B, G]
+    out = out.transpose(0, 1).reshape(b, k * g)                    # one copy into class order
+    if k * g != num_classes:
+        out = out[:, :num_classes]
+    return out + bias.to(out.dtype)
+
+
+class TorchOps:
+    """The reference set of fused-able operations, in plain PyTorch.
+
+    Dropout probabilities are passed explicitly (0 in eval). Every method must accept
+    non-contiguous inputs and B = 0.
+    """
+
+    name = "torch"
+
+    def residual_dropout_layer_norm(self, residual: torch.Tensor, x: torch.Tensor, p: float,
+                                    weight: torch.Tensor, bias: torch.Tensor,
+                                    eps: float) -> torch.Tensor:
+        """LayerNorm(residual + dropout(x, p)); ``residual`` broadcasts to ``x``'s shape."""
+        if p > 0:
+            x = F.dropout(x, p, training=True)
+        return F.layer_norm(residual + x, (x.shape[-1],), weight, bias, eps)
+
+    def attention(self, q: torch.Tensor, kv: torch.Tensor, num_heads: int,
+                  dropout_p: float) -> torch.Tensor:
+        """Multi-head cross-attention with softmax(q k^T / sqrt(d)), dropout on the weights.
+
+        q: [K, D] shared by the batch, or [B, K, D] per sample; kv: [B, N, 2D] (k then v).
+        Returns [B, K, D] (heads concatenated).
+        """
+        b, n, two_d = kv.shape
+        d_model = two_d // 2
+        d = d_model // num_heads
+        kv = kv.view(b, n, 2, num_heads, d)
+        k = kv[:, :, 0].transpose(1, 2)                               # [B, H, N, d]
+        v = kv[:, :, 1].transpose(1, 2)
+        nq = q.shape[-2]
+        if q.dim() == 2:
+            qh = q.view(nq, num_heads, d).transpose(0, 1).unsqueeze(0).expand(b, -1, -1, -1)
+        else:
+            qh = q.view(b, nq, num_heads, d).transpose(1, 2)
+        qh = qh.to(k.dtype)
+        o = F.scaled_dot_product_attention(qh, k, v, dropout_p=dropout_p)  # [B, H, K, d]
+        return o.transpose(1, 2).reshape(b, nq, d_model)
+
+    def group_fc(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                 num_classes: int) -> torch.Tensor:
+        return group_fc_torch(h, weight, bias, num_classes)
+
+    def decode(self, residual: torch.Tensor, x: torch.Tensor, p: float, ln_weight: torch.Tensor,
+               ln_bias: torch.Tensor, eps: float, weight: torch.Tensor, bias: torch.Tensor,
+               num_classes: int) -> torch.Tensor:
+        """SPEC step 6's residual + LN3 and step 7: group FC of LayerNorm(residual + dropout(x))."""
+        h = self.residual_dropout_layer_norm(residual, x, p, ln_weight, ln_bias, eps)
+        return self.group_fc(h, weight, bias, num_classes)

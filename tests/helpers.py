@@ -1,0 +1,30 @@
+"""One comparison helper for every test: relative RMS error with a message that says what differed."""
+from __future__ import annotations
+
+import torch
+
+
+def rel_rms(ref: torch.Tensor, out: torch.Tensor) -> float:
+    ref = ref.detach().double()
+    out = out.detach().double()
+    num = (ref - out).pow(2).mean().sqrt()
+    den = ref.pow(2).mean().sqrt().clamp_min(1e-12)
+    return float(num / den)
+
+
+def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, ratio: float,
+                 atol: float = 0.0) -> None:
+    """Fail unless ``out`` matches ``ref`` in shape and to a relative RMS error <= ratio
+    (or every element within ``atol``), with no NaN where ``ref`` has none."""
+    assert ref.shape == out.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    if ref.numel() == 0:
+        return
+    nan_ref, nan_out = torch.isnan(ref), torch.isnan(out)
+    assert torch.equal(nan_ref, nan_out), f"{name}: NaN pattern differs ({int(nan_out.sum())} vs {int(nan_ref.sum())})"
+    ref = torch.where(nan_ref, torch.zeros_like(ref), ref)
+    out = torch.where(nan_out, torch.zeros_like(out), out)
+    err = rel_rms(ref, out)
+    maxabs = float((ref.double() - out.double()).abs().max())
+    if atol and maxabs <= atol:
+        return
+    assert err <= ratio, f"{name}: relative RMS error {err:.3e} > {ratio:.1e} (max abs diff {maxabs:.3e})"
