@@ -1,5 +1,10 @@
 """mldecoder-fast: a fast, faithful ML-Decoder classification head."""
+from .backends import backends
+from .checkpoints import head_state_dict, official_to_timm, timm_to_official
+from .convert import convert, is_ml_decoder_head
+from .module import MLDecoderFast
 from .reference import MLDecoder
 
-__all__ = ["MLDecoder"]
+__all__ = ["MLDecoder", "MLDecoderFast", "backends", "convert", "is_ml_decoder_head",
+           "head_state_dict", "official_to_timm", "timm_to_official"]
 __version__ = "0.1.0"

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._config import DROPOUT_P, FEEDFORWARD_DIM, LAYER_NORM_EPS, NUM_HEADS, WORDVEC_DIM, resolve_config
+from .checkpoints import load_state_dict_pre_hook
 from ._inputs import check_input, check_word_vectors, tokens_from_input
 
 
@@ -115,6 +116,8 @@ class _HeadBase(nn.Module):
         super().__init__()
         build_head_parameters(self, num_classes, num_of_groups, decoder_embedding,
                               initial_num_features, zsl)
+        # Also load timm's layout of the same parameters (keys renamed on the way in).
+        self.register_load_state_dict_pre_hook(load_state_dict_pre_hook)
 
     # ZSL ---------------------------------------------------------------------------------------
     def set_word_vectors(self, word_vectors: torch.Tensor) -> None:

@@ -21,16 +21,18 @@ def group_fc_torch(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     h [B, K, D]; weight [K, D, G] and bias [num_classes] -> logits [B, num_classes];
     ZSL: weight [D, 1] and bias [1] shared by all K queries -> logits [B, K].
     """
+    # Output dtype follows the reference: h's dtype outside autocast; under autocast the product
+    # runs in low precision and the fp32 bias add promotes the logits back to fp32 (as the
+    # reference's fp32 buffer does).
     if weight.dim() == 2:  # ZSL: one shared projection
-        return torch.matmul(h, weight.to(h.dtype)).squeeze(-1) + bias.to(h.dtype)
+        return torch.matmul(h, weight).squeeze(-1) + bias
     k, _, g = weight.shape
     b = h.shape[0]
-    weight = weight.to(h.dtype)
     out = torch.bmm(h.transpose(0, 1), weight)                    # [K, B, G]
     out = out.transpose(0, 1).reshape(b, k * g)                    # one copy into class order
     if k * g != num_classes:
         out = out[:, :num_classes]
-    return out + bias.to(out.dtype)
+    return out + bias
 
 
 class TorchOps:

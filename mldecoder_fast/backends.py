@@ -1,0 +1,133 @@
+"""Which implementations of the head's operations exist here, and which one a head runs.
+
+``backends()`` reports every backend with whether it is usable and why not; ``select_ops``
+resolves a head's ``backend`` argument for a device, warning once when a faster backend is
+missing so that nothing is ever silently slower.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .ops.torch_ops import TorchOps
+
+BACKENDS = ("torch", "cpp", "cuda", "triton")
+# "auto" tries these in order, per device type: the fastest measured first (see BENCHMARKS.md).
+AUTO_ORDER = {
+    "cpu": ("cpp", "torch"),
+    "cuda": ("triton", "cuda", "torch"),
+}
+# Devices each backend serves.
+BACKEND_DEVICES = {"torch": None, "cpp": ("cpu",), "cuda": ("cuda",), "triton": ("cuda",)}
+
+_warned: set = set()
+_ops_cache: dict = {}
+_selected: dict = {}
+
+
+def _extension_status():
+    try:
+        from .ops import group_fc as ext
+    except Exception as exc:  # the module itself failing to import is a packaging bug; report it
+        return False, False, f"mldecoder_fast.ops.group_fc failed to import: {exc!r}"
+    ok, detail = ext.extension_status()
+    return ok, bool(ok and ext.cuda_kernels_available()), detail
+
+
+def _triton_status():
+    try:
+        from .ops import triton_ops
+    except Exception as exc:
+        return False, f"mldecoder_fast.ops.triton_ops failed to import: {exc!r}"
+    return triton_ops.triton_status()
+
+
+def _triton_interpreting() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def backends() -> dict:
+    """Every backend: ``{"available": bool, "devices": [...], "detail": str}``."""
+    cuda = torch.cuda.is_available()
+    out = {"torch": {"available": True, "devices": ["cpu"] + (["cuda"] if cuda else []),
+                     "detail": f"plain PyTorch {torch.__version__}"}}
+    ext_ok, ext_cuda, ext_detail = _extension_status()
+    out["cpp"] = {"available": ext_ok, "devices": ["cpu"] if ext_ok else [], "detail": ext_detail}
+    if not ext_ok:
+        cuda_detail = ext_detail
+    elif not ext_cuda:
+        cuda_detail = "the extension was built without CUDA kernels"
+    elif not cuda:
+        cuda_detail = "no CUDA device visible to torch"
+    else:
+        cuda_detail = "CUDA kernels of the compiled extension"
+    out["cuda"] = {"available": ext_cuda and cuda, "devices": ["cuda"] if ext_cuda and cuda else [],
+                   "detail": cuda_detail}
+    tr_ok, tr_detail = _triton_status()
+    devices = []
+    if tr_ok:
+        devices = ["cuda"] if cuda else []
+        if _triton_interpreting():
+            devices.append("cpu")
+    out["triton"] = {"available": tr_ok and bool(devices), "devices": devices, "detail": tr_detail}
+    return out
+
+
+def _warn_once(key, message):
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _make_ops(name: str):
+    if name not in _ops_cache:
+        if name == "torch":
+            _ops_cache[name] = TorchOps()
+        elif name in ("cpp", "cuda"):
+            from .ops.extension_ops import ExtensionOps
+            ops = ExtensionOps()
+            ops.name = name
+            _ops_cache[name] = ops
+        elif name == "triton":
+            from .ops.triton_ops import TritonOps
+            _ops_cache[name] = TritonOps()
+        else:  # pragma: no cover - guarded by check_backend_name
+            raise ValueError(name)
+    return _ops_cache[name]
+
+
+def check_backend_name(backend: str) -> str:
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def select_ops(backend: str, device: torch.device):
+    """Resolve ``backend`` for ``device``: returns (name, ops). Warns once per fallback."""
+    key = (backend, device.type)
+    if key not in _selected:
+        _selected[key] = _select(backend, device.type)
+    return _selected[key]
+
+
+def _select(backend: str, dev: str):
+    info = backends()
+    if backend == "auto":
+        order = AUTO_ORDER.get(dev, ("torch",))
+        for name in order:
+            if info[name]["available"] and dev in info[name]["devices"]:
+                return name, _make_ops(name)
+            if name != "torch":
+                _warn_once(("auto", name, dev),
+                           f"mldecoder_fast: the {name!r} backend is unavailable on {dev} "
+                           f"({info[name]['detail']}); using the next one. "
+                           f"See mldecoder_fast.backends().")
+        return "torch", _make_ops("torch")
+    if backend == "torch" or (info[backend]["available"] and dev in info[backend]["devices"]):
+        return backend, _make_ops(backend)
+    _warn_once((backend, dev),
+               f"mldecoder_fast: backend {backend!r} cannot run on {dev} ({info[backend]['detail']}); "
+               f"falling back to the 'torch' backend. See mldecoder_fast.backends().")
+    return "torch", _make_ops("torch")

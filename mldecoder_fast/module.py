@@ -1,0 +1,163 @@
+"""MLDecoderFast: the drop-in fast ML-Decoder head.
+
+Same constructor, parameters and state_dict as the reference ``MLDecoder`` (plus ``backend``).
+The forward is the SPEC computation rearranged for speed:
+
+- the GEMMs (input projection, one fused k/v projection, output projection, feed-forward) run as
+  single PyTorch matmuls over all rows;
+- everything between them goes through the backend's ops object (``ops/``): attention,
+  residual + dropout + LayerNorm, and LayerNorm-3 + group-FC decoding;
+- the queries' path (T1 = LN1(2 T0) and q = T1 W_q + b_q) does not depend on the input: outside
+  training-mode query dropout it is computed once per forward for the whole batch, and with no
+  gradient needed it is cached until any tensor it depends on changes (in-place updates, loads,
+  device or dtype moves, new word vectors).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._config import NUM_HEADS
+from ._inputs import check_input, tokens_from_input
+from .backends import check_backend_name, select_ops
+from .reference import _HeadBase
+
+
+def _tensor_key(t: torch.Tensor):
+    return (id(t), t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
+
+
+class MLDecoderFast(_HeadBase):
+    """Drop-in fast ML-Decoder head.
+
+    Args: as ``MLDecoder`` (``num_classes, num_of_groups=-1, decoder_embedding=768,
+    initial_num_features=2048, zsl=0``), plus ``backend``: ``"auto"`` (the fastest available for
+    the input's device), ``"torch"``, ``"cpp"`` (CPU extension), ``"cuda"`` (CUDA extension) or
+    ``"triton"``. An unavailable backend falls back to ``"torch"`` with a one-time warning;
+    ``active_backend`` says what ran last.
+    """
+
+    def __init__(self, num_classes: int, num_of_groups: int = -1, decoder_embedding: int = 768,
+                 initial_num_features: int = 2048, zsl: int = 0, backend: str = "auto"):
+        super().__init__(num_classes, num_of_groups, decoder_embedding, initial_num_features, zsl)
+        self.backend = check_backend_name(backend)
+        self.active_backend = None
+        self._query_cache = None
+
+    # construction from existing heads ------------------------------------------------------------
+    @classmethod
+    def from_module(cls, module: nn.Module, backend: str = "auto") -> "MLDecoderFast":
+        """A fast head with the weights, mode, dropout rates, device and dtype of ``module``:
+        an ``MLDecoder``/``MLDecoderFast`` of this package, the official head, or timm's copy."""
+        from .convert import head_arguments
+        kwargs, state_dict, word_vectors = head_arguments(module)
+        ref_param = next(module.parameters())
+        fast = cls(**kwargs, backend=backend)
+        fast.to(device=ref_param.device, dtype=ref_param.dtype)
+        fast.load_state_dict(state_dict)
+        if word_vectors is not None:
+            fast.set_word_vectors(word_vectors)
+        src_dropouts = [m for m in module.modules() if isinstance(m, (nn.Dropout, nn.MultiheadAttention))]
+        dst_dropouts = [m for m in fast.modules() if isinstance(m, (nn.Dropout, nn.MultiheadAttention))]
+        if len(src_dropouts) == len(dst_dropouts):
+            for s, d in zip(src_dropouts, dst_dropouts):
+                if isinstance(d, nn.Dropout):
+                    d.p = s.p
+                else:
+                    d.dropout = s.dropout
+        fast.train(module.training)
+        return fast
+
+    # the query path ------------------------------------------------------------------------------
+    def _query_inputs(self):
+        layer = self.decoder.layers[0]
+        attn = layer.multihead_attn
+        tensors = [layer.norm1.weight, layer.norm1.bias, attn.in_proj_weight, attn.in_proj_bias]
+        if self.config.zsl:
+            tensors += [self.wordvec_proj.weight, self.wordvec_proj.bias, self.decoder.query_embed]
+        else:
+            tensors.append(self.decoder.query_embed.weight)
+        return tensors
+
+    def _base_queries(self) -> torch.Tensor:
+        """T0 [K, D]: the learned queries, or relu(wordvec_proj(V)) in ZSL mode."""
+        if self.config.zsl:
+            v = self.decoder.query_embed.to(device=self.wordvec_proj.weight.device)
+            return F.relu(self.wordvec_proj(v))
+        return self.decoder.query_embed.weight
+
+    def _shared_queries(self):
+        """(T1, q), both [K, D], for the whole batch (eval, or query dropout p == 0)."""
+        layer = self.decoder.layers[0]
+        d = self.config.embed_dim
+        attn = layer.multihead_attn
+
+        def compute():
+            t0 = self._base_queries()
+            t1 = F.layer_norm(2 * t0, (d,), layer.norm1.weight, layer.norm1.bias, layer.norm1.eps)
+            q = F.linear(t1, attn.in_proj_weight[:d], attn.in_proj_bias[:d])
+            return t1, q
+
+        inputs = self._query_inputs()
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+        if needs_grad or torch.compiler.is_compiling():
+            return compute()
+        key = tuple(_tensor_key(t) for t in inputs)
+        if self._query_cache is None or self._query_cache[0] != key:
+            device_type = inputs[0].device.type
+            with torch.autocast(device_type, enabled=False):
+                self._query_cache = (key, compute())
+        return self._query_cache[1]
+
+    def clear_query_cache(self) -> None:
+        self._query_cache = None
+
+    def _apply(self, fn, *args, **kwargs):
+        self._query_cache = None
+        return super()._apply(fn, *args, **kwargs)
+
+    # forward -------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(self, x)
+        name, ops = select_ops(self.backend, x.device)
+        self.active_backend = name
+        cfg = self.config
+        dec = self.decoder
+        layer = dec.layers[0]
+        attn = layer.multihead_attn
+        d = cfg.embed_dim
+        training = self.training
+        p_query = layer.dropout1.p if training else 0.0
+        p_attn = attn.dropout if training else 0.0
+        p_out = layer.dropout2.p if training else 0.0
+        p_ff = layer.dropout.p if training else 0.0
+        p_res = layer.dropout3.p if training else 0.0
+
+        tokens = tokens_from_input(x)                                               # [B, N, C]
+        memory = F.relu(F.linear(tokens, dec.embed_standart.weight, dec.embed_standart.bias))
+        kv = F.linear(memory, attn.in_proj_weight[d:], attn.in_proj_bias[d:])     # [B, N, 2D]
+
+        if p_query > 0:
+            # Training: every sample draws its own dropout mask on the queries (SPEC step 3).
+            t0 = self._base_queries()
+            t0 = t0.unsqueeze(0).expand(x.shape[0], -1, -1)
+            t1 = ops.residual_dropout_layer_norm(t0, t0, p_query, layer.norm1.weight,
+                                                 layer.norm1.bias, layer.norm1.eps)  # [B, K, D]
+            q = F.linear(t1, attn.in_proj_weight[:d], attn.in_proj_bias[:d])
+        else:
+            t1, q = self._shared_queries()                                          # [K, D]
+
+        o = ops.attention(q, kv, NUM_HEADS, p_attn)                                 # [B, K, D]
+        o = F.linear(o, attn.out_proj.weight, attn.out_proj.bias)
+        t2 = ops.residual_dropout_layer_norm(t1, o, p_out, layer.norm2.weight, layer.norm2.bias,
+                                             layer.norm2.eps)
+        f = F.relu(F.linear(t2, layer.linear1.weight, layer.linear1.bias))
+        if p_ff > 0:
+            f = F.dropout(f, p_ff, training=True)
+        f = F.linear(f, layer.linear2.weight, layer.linear2.bias)
+        num_out = t1.shape[-2] if cfg.zsl else cfg.num_classes
+        return ops.decode(t2, f, p_res, layer.norm3.weight, layer.norm3.bias, layer.norm3.eps,
+                          dec.duplicate_pooling, dec.duplicate_pooling_bias, num_out)
