@@ -1,5 +1,5 @@
 """mldecoder-fast: a fast, faithful ML-Decoder classification head."""
-from .backends import backends
+from .dispatch import backends
 from .checkpoints import head_state_dict, official_to_timm, timm_to_official
 from .convert import convert, is_ml_decoder_head
 from .module import MLDecoderFast

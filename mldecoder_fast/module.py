@@ -22,7 +22,7 @@ from torch import nn
 
 from ._config import NUM_HEADS
 from ._inputs import check_input, tokens_from_input
-from .backends import check_backend_name, select_ops
+from .dispatch import check_backend_name, select_ops
 from .reference import _HeadBase
 
 

@@ -19,6 +19,7 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, ratio: float,
     assert ref.shape == out.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
     if ref.numel() == 0:
         return
+    ref, out = ref.detach(), out.detach()
     nan_ref, nan_out = torch.isnan(ref), torch.isnan(out)
     assert torch.equal(nan_ref, nan_out), f"{name}: NaN pattern differs ({int(nan_out.sum())} vs {int(nan_ref.sum())})"
     ref = torch.where(nan_ref, torch.zeros_like(ref), ref)

@@ -1,0 +1,59 @@
+"""Builders shared by the head tests: a reference and a fast head with identical, randomized weights."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mldecoder_fast import MLDecoder, MLDecoderFast
+
+# The SPEC's standard configurations: name -> (C, N, classes, K, input kind)
+SPEC_CONFIGS = {
+    "coco-tresnet_l-448": (2048, 196, 80, 80, "map"),
+    "imagenet1k-resnet50-224": (2048, 49, 1000, 100, "map"),
+    "openimages-tresnet_m-224": (2048, 49, 9605, 200, "map"),
+    "imagenet21k-resnet50-224": (2048, 49, 21843, 100, "map"),
+    "vit-b16-224": (768, 197, 1000, 100, "tokens"),
+    "zsl-nus-wide-224": (2048, 49, 925, -1, "zsl"),
+}
+
+
+def randomize_(module: nn.Module, scale: float = 0.1) -> nn.Module:
+    """Perturb every parameter (LayerNorm affines, zero-initialised biases) so that a wrongly
+    applied affine or bias cannot hide behind the default init."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return module
+
+
+def disable_dropout_(module: nn.Module) -> nn.Module:
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        elif isinstance(m, nn.MultiheadAttention):
+            m.dropout = 0.0
+    return module
+
+
+def make_pair(num_classes, num_of_groups=-1, decoder_embedding=32, initial_num_features=24, zsl=0,
+              backend="torch", dtype=torch.float32, device="cpu", word_vectors=None):
+    ref = MLDecoder(num_classes, num_of_groups, decoder_embedding, initial_num_features, zsl)
+    randomize_(ref)
+    ref = ref.to(device=device, dtype=dtype)
+    fast = MLDecoderFast(num_classes, num_of_groups, decoder_embedding, initial_num_features, zsl,
+                         backend=backend).to(device=device, dtype=dtype)
+    fast.load_state_dict(ref.state_dict())
+    if zsl:
+        if word_vectors is None:
+            word_vectors = torch.randn(7, 300, device=device, dtype=dtype)
+        ref.set_word_vectors(word_vectors)
+        fast.set_word_vectors(word_vectors)
+    return ref, fast
+
+
+def make_input(kind, batch, features, tokens=9, dtype=torch.float32, device="cpu"):
+    if kind == "tokens":
+        return torch.randn(batch, tokens, features, dtype=dtype, device=device)
+    h = max(1, int(tokens ** 0.5))
+    w = max(1, tokens // h)
+    return torch.randn(batch, features, h, w, dtype=dtype, device=device)

@@ -1,0 +1,182 @@
+"""MLDecoderFast (torch backend) against the reference MLDecoder on identical weights."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import assert_close
+from heads import SPEC_CONFIGS, disable_dropout_, make_input, make_pair
+
+from mldecoder_fast import MLDecoder, MLDecoderFast
+
+BACKEND = "torch"
+
+
+def _params(module):
+    return dict(module.named_parameters())
+
+
+def _check_train_grads(ref, fast, x, ratio, loss_fn=None):
+    """Training mode, dropout off: outputs, input gradient and every parameter gradient agree."""
+    ref.train(), fast.train()
+    disable_dropout_(ref), disable_dropout_(fast)
+    xr = x.detach().clone().requires_grad_(True)
+    xf = x.detach().clone().requires_grad_(True)
+    out_r, out_f = ref(xr), fast(xf)
+    assert_close("train output", out_r, out_f, ratio)
+    g = torch.randn_like(out_r)
+    (out_r * g).sum().backward()
+    (out_f * g).sum().backward()
+    assert_close("input grad", xr.grad, xf.grad, ratio)
+    pr, pf = _params(ref), _params(fast)
+    assert pr.keys() == pf.keys()
+    for name, p in pr.items():
+        if not p.requires_grad:
+            assert not pf[name].requires_grad, f"{name} should stay frozen"
+            continue
+        assert pf[name].grad is not None, f"no gradient reached {name}"
+        assert_close(f"grad of {name}", p.grad, pf[name].grad, ratio)
+
+
+@pytest.mark.parametrize("name", list(SPEC_CONFIGS))
+def test_spec_configs_eval_and_train(name):
+    c, n, classes, k, kind = SPEC_CONFIGS[name]
+    # Full-size configurations at batch 2 with a few tokens: exercises the real K, G, D and C.
+    zsl = kind == "zsl"
+    ref, fast = make_pair(classes, k, 768, c, zsl=int(zsl))
+    if zsl:
+        v = torch.randn(classes, 300)
+        ref.set_word_vectors(v), fast.set_word_vectors(v)
+    x = make_input("tokens" if kind == "tokens" else "map", 2, c, tokens=min(n, 12))
+    ref.eval(), fast.eval()
+    with torch.no_grad():
+        assert_close(f"{name} eval", ref(x), fast(x), 1e-5)
+    _check_train_grads(ref, fast, x, 1e-4)
+
+
+@pytest.mark.parametrize("classes,groups,kind,batch", [
+    (7, -1, "map", 3),       # K = 7 = classes, G = 1
+    (101, 10, "map", 2),     # G = 11, padded tail of 9
+    (5, 8, "map", 2),        # groups > classes: K = 5
+    (20, 3, "tokens", 1),    # [B, N, C] input, B = 1
+    (33, 4, "map", 4),
+])
+def test_odd_shapes_fp64(classes, groups, kind, batch):
+    ref, fast = make_pair(classes, groups, dtype=torch.float64)
+    x = make_input(kind, batch, 24, tokens=10, dtype=torch.float64)
+    ref.eval(), fast.eval()
+    assert_close("eval fp64", ref(x), fast(x), 1e-12)
+    _check_train_grads(ref, fast, x, 1e-10)
+
+
+def test_padded_tail_and_shapes():
+    ref, fast = make_pair(101, 10)
+    assert fast.config.group_size == 11 and fast.decoder.duplicate_pooling.shape == (10, 32, 11)
+    assert fast(torch.randn(2, 24, 3, 3)).shape == (2, 101)
+
+
+def test_zsl_two_word_vector_sets():
+    ref, fast = make_pair(1, zsl=1, dtype=torch.float64)
+    for n in (5, 11):
+        v = torch.randn(n, 300, dtype=torch.float64)
+        ref.set_word_vectors(v), fast.set_word_vectors(v)
+        x = torch.randn(3, 24, 2, 2, dtype=torch.float64)
+        ref.eval(), fast.eval()
+        out = fast(x)
+        assert out.shape == (3, n)
+        assert_close(f"zsl n={n}", ref(x), out, 1e-12)
+        _check_train_grads(ref, fast, x, 1e-10)
+
+
+def test_zsl_official_assignment_style():
+    """Official training scripts assign head.decoder.query_embed = word_vectors directly."""
+    ref, fast = make_pair(1, zsl=1)
+    v = torch.randn(9, 300)
+    ref.decoder.query_embed = v
+    fast.decoder.query_embed = v
+    x = torch.randn(2, 24, 3, 3)
+    ref.eval(), fast.eval()
+    assert_close("zsl assign", ref(x), fast(x), 1e-5)
+    assert fast.num_classes == 9
+
+
+def test_non_contiguous_and_channels_last_inputs():
+    ref, fast = make_pair(50, 10)
+    ref.eval(), fast.eval()
+    base = torch.randn(2, 24, 4, 6)
+    for x in (base.to(memory_format=torch.channels_last), base.transpose(2, 3),
+              base[:, :, ::2, :], torch.randn(6, 24, 4, 5)[::3]):
+        assert_close("strided input", ref(x), fast(x), 1e-5)
+    tokens = torch.randn(2, 24, 9).transpose(1, 2)  # [B, N, C] with a transposed layout
+    assert_close("strided tokens", ref(tokens), fast(tokens), 1e-5)
+
+
+def test_batch_zero():
+    ref, fast = make_pair(30, 4)
+    for mode in ("eval", "train"):
+        getattr(fast, mode)()
+        out = fast(torch.randn(0, 24, 3, 3))
+        assert out.shape == (0, 30)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_matches_within_dtype_error(dtype):
+    """Under autocast the fast head may differ from an fp64 reference by at most ~2x what the
+    reference itself does under the same autocast."""
+    ref, fast = make_pair(101, 10, 64, 48)
+    ref64, _ = make_pair(101, 10, 64, 48)
+    ref64.load_state_dict(ref.state_dict())
+    ref64.double()
+    x = torch.randn(4, 48, 3, 4)
+    for m in (ref, fast, ref64):
+        m.eval()
+    exact = ref64(x.double())
+    with torch.autocast("cpu", dtype=dtype):
+        out_ref = ref(x)
+        out_fast = fast(x)
+    assert out_fast.dtype == out_ref.dtype
+    from helpers import rel_rms
+    base = rel_rms(exact, out_ref)
+    assert base > 0
+    assert_close(f"autocast {dtype}", exact, out_fast, 2 * base + 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_parameters(dtype):
+    """The whole head converted to a low-precision dtype (no autocast) runs and stays close."""
+    ref, fast = make_pair(40, 8, 64, 48)
+    ref64 = MLDecoder(40, 8, 64, 48).double()
+    ref64.load_state_dict(ref.state_dict())
+    ref.to(dtype).eval(), fast.to(dtype).eval(), ref64.eval()
+    x = torch.randn(3, 48, 3, 3)
+    exact = ref64(x.double())
+    out_ref, out_fast = ref(x.to(dtype)), fast(x.to(dtype))
+    assert out_fast.dtype == dtype
+    from helpers import rel_rms
+    base = rel_rms(exact, out_ref)
+    assert_close(f"{dtype} params", exact, out_fast, 2 * base + 1e-6)
+
+
+def test_nan_and_inf_propagate_like_reference():
+    ref, fast = make_pair(20, 5)
+    ref.eval(), fast.eval()
+    x = torch.randn(3, 24, 3, 3)
+    x[1, 0, 0, 0] = float("nan")
+    x[2, 3, 1, 1] = float("inf")
+    r, f = ref(x), fast(x)
+    assert torch.equal(torch.isnan(r), torch.isnan(f))
+    assert torch.isfinite(f[0]).all() and torch.isnan(f[1]).all()
+    assert_close("finite row", r[0:1], f[0:1], 1e-5)
+
+
+def test_compile_fullgraph_train_step():
+    ref, fast = make_pair(30, 4)
+    disable_dropout_(ref), disable_dropout_(fast)
+    ref.train(), fast.train()
+    compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 24, 3, 3)
+    out = compiled(x)
+    out.square().sum().backward()
+    ref(x).square().sum().backward()
+    assert_close("compiled", ref(x), out, 1e-5)
+    assert_close("compiled grad", ref.decoder.duplicate_pooling.grad, fast.decoder.duplicate_pooling.grad, 1e-5)
