@@ -1,0 +1,116 @@
+"""Helpers shared by the Triton kernels: in-kernel dropout, block sizes, autotuning, dtypes."""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no")
+
+
+# Read once: triton.jit decides at decoration time whether a kernel is interpreted.
+INTERPRET = interpreting()
+
+
+@triton.jit
+def dropout_keep(seed, rows, cols, p):
+    """Keep mask of an independent Bernoulli(1 - p) dropout for element (row, col).
+
+    One Philox draw per element keyed by the 64-bit ``seed``, with the row and column as two
+    32-bit counters, so the same (seed, row, col) regenerates the same bit in any kernel and any
+    tile shape, and no index arithmetic can overflow. ``rows`` and ``cols`` broadcast.
+    """
+    zero = (rows * 0 + cols * 0).to(tl.uint32)
+    c0 = cols.to(tl.uint32) + zero
+    c1 = rows.to(tl.uint32) + zero
+    r, _, _, _ = tl.philox(seed, c0, c1, zero, zero)
+    # Top 24 bits -> uniform in [0, 1) with every value exactly representable in fp32.
+    u = (r >> 8).to(tl.float32) * (1.0 / 16777216.0)
+    return u >= p
+
+
+def next_pow2(n: int, lo: int = 1) -> int:
+    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a small constant when interpreting on the CPU)."""
+    if device.type != "cuda":
+        return 4
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def size_class(n: int) -> int:
+    """Coarse bucket of a batch-like size, used as an autotuning key (few buckets: cheap tuning)."""
+    return 0 if n <= 16 else (1 if n <= 128 else 2)
+
+
+def _quick_bench(fn, quantiles):
+    # Short timing per config: tuning happens in the first (warm-up) call of each shape bucket.
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+
+def autotune(gpu_configs, interp_config, key, **kwargs):
+    """``triton.autotune`` over ``gpu_configs`` on a GPU; the one ``interp_config`` when interpreting
+    (the interpreter cannot time configs). Configs that fail to compile for lack of resources are
+    skipped by the autotuner, so each list ends with a small, safe config."""
+    if INTERPRET:
+        return triton.autotune([interp_config], key=key, **kwargs)
+    return triton.autotune(gpu_configs, key=key, do_bench=_quick_bench, **kwargs)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` precision for float32 operands: IEEE unless PyTorch allows TF32 for matmuls."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def tensor_3d(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``t`` broadcast to ``shape`` ([..., R, D]) and seen as [L, R, D] (a view where possible,
+    stride 0 along broadcast dimensions)."""
+    t = t.expand(shape)
+    if t.dim() == 1:
+        return t.view(1, 1, -1)
+    if t.dim() == 2:
+        return t.unsqueeze(0)
+    if t.dim() == 3:
+        return t
+    return t.reshape(-1, shape[-2], shape[-1])
+
+
+def seed_arg(seed: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
+    """The tensor to pass as the kernel's seed pointer (never read when there is no dropout)."""
+    return seed if seed is not None else fallback
+
+
+@triton.jit
+def _dropout_mask_kernel(SEED, OUT, R, C, p, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    keep = dropout_keep(tl.load(SEED), rows[:, None], cols[None, :], p)
+    mask = (rows < R)[:, None] & (cols < C)[None, :]
+    tl.store(OUT + rows.to(tl.int64)[:, None] * C + cols[None, :], keep.to(tl.int8), mask=mask)
+
+
+def dropout_mask(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Tensor:
+    """The keep mask [rows, cols] (bool) that the kernels draw for ``seed``: for tests and debugging.
+
+    Row ids: LayerNorm kernels use the flattened output row; attention uses (b * H + h) * K + query
+    with the key index as column."""
+    out = torch.empty(rows, cols, dtype=torch.int8, device=seed.device)
+    if rows and cols:
+        grid = (triton.cdiv(rows, 16), triton.cdiv(cols, 64))
+        _dropout_mask_kernel[grid](seed, out, rows, cols, float(p), BLOCK_R=16, BLOCK_C=64)
+    return out.bool()

@@ -1,0 +1,297 @@
+"""Group fully-connected decoding (SPEC step 7), optionally fused with LayerNorm-3 (end of step 6).
+
+logits[b, k*G + g] = sum_d h[b, k, d] W[k, d, g] + bias[k*G + g]   for k*G + g < num_classes,
+
+K independent [B, D] x [D, G] products in one launch (grid axis 1 = k). With the LayerNorm fused,
+h is never stored: every program rebuilds its [B, D] tiles in the prologue from the pre-norm rows,
+h = LN3(residual + dropout(x)) = (z - mean) * rstd * ln_w + ln_b, using per-row statistics from a
+light pass of the LayerNorm kernel (``layer_norm.ln_forward(store_y=False)``) and the dropout mask
+regenerated from the seed. The epilogue adds the bias and writes the class slice straight into
+[B, num_classes]: the padded tail (k*G + g >= num_classes) is masked, never computed into a buffer.
+Operands are cast in-kernel to the compute dtype (no copies of W), accumulation is fp32.
+
+Backward: dh = dlogits_k W[k]^T (one kernel, stored once, then the LayerNorm backward kernel turns
+it into the residual / x / affine gradients), dW[k] = h_k^T dlogits_k (h rebuilt in the prologue
+again), dbias = column sums of dlogits.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import autotune, dot_precision, dropout_keep, size_class, tensor_3d
+from .layer_norm import ln_backward, ln_forward
+
+_FWD_CONFIGS = [
+    triton.Config({"BLOCK_B": 128, "BLOCK_G": 128, "BLOCK_D": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_B": 128, "BLOCK_G": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_B": 64, "BLOCK_G": 128, "BLOCK_D": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_B": 64, "BLOCK_G": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_B": 16, "BLOCK_G": 64, "BLOCK_D": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_B": 16, "BLOCK_G": 16, "BLOCK_D": 128}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_B": 32, "BLOCK_G": 32, "BLOCK_D": 32}, num_warps=4, num_stages=1),
+]
+_DGRAD_CONFIGS = [
+    triton.Config({"BLOCK_B": 128, "BLOCK_D": 128, "BLOCK_G": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_B": 64, "BLOCK_D": 128, "BLOCK_G": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_B": 64, "BLOCK_D": 64, "BLOCK_G": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_B": 16, "BLOCK_D": 128, "BLOCK_G": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_B": 16, "BLOCK_D": 64, "BLOCK_G": 16}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_B": 32, "BLOCK_D": 32, "BLOCK_G": 32}, num_warps=4, num_stages=1),
+]
+_WGRAD_CONFIGS = [
+    triton.Config({"BLOCK_D": 128, "BLOCK_G": 128, "BLOCK_B": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_D": 128, "BLOCK_G": 64, "BLOCK_B": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_D": 64, "BLOCK_G": 64, "BLOCK_B": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_D": 128, "BLOCK_G": 16, "BLOCK_B": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_D": 64, "BLOCK_G": 16, "BLOCK_B": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_D": 32, "BLOCK_G": 32, "BLOCK_B": 32}, num_warps=4, num_stages=1),
+]
+# Interpreted: tiny tiles so the tests cover several tiles along every axis.
+_INTERP_FWD = triton.Config({"BLOCK_B": 16, "BLOCK_G": 16, "BLOCK_D": 16}, num_warps=4, num_stages=1)
+_INTERP_DGRAD = triton.Config({"BLOCK_B": 16, "BLOCK_D": 16, "BLOCK_G": 16}, num_warps=4, num_stages=1)
+_INTERP_WGRAD = triton.Config({"BLOCK_D": 16, "BLOCK_G": 16, "BLOCK_B": 16}, num_warps=4, num_stages=1)
+
+
+@triton.jit
+def _load_h(R, X, MEAN, RSTD, LNW, LNB, SEED, offs_b, offs_d, k,
+            B, K, D, s_rb, s_rk, s_rd, s_xb, s_xk, s_xd, p, drop_scale,
+            APPLY_LN: tl.constexpr, DROPOUT: tl.constexpr):
+    """The [rows b, cols d] tile of h[:, k, :] in fp32 (0 outside), from h itself (X) or rebuilt
+    as LN(residual + dropout(x)) with the row statistics."""
+    bmask = offs_b < B
+    dmask = offs_d < D
+    mask = bmask[:, None] & dmask[None, :]
+    b64 = offs_b.to(tl.int64)
+    x = tl.load(X + (b64 * s_xb + k * s_xk)[:, None] + offs_d[None, :] * s_xd,
+                mask=mask, other=0.0).to(tl.float32)
+    if APPLY_LN:
+        if DROPOUT:
+            rows = offs_b * K + k  # the row id of the LayerNorm kernels: (b, k) of [B, K, D]
+            x = tl.where(dropout_keep(tl.load(SEED), rows[:, None], offs_d[None, :], p),
+                         x * drop_scale, 0.0)
+        r = tl.load(R + (b64 * s_rb + k * s_rk)[:, None] + offs_d[None, :] * s_rd,
+                    mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + b64 * K + k, mask=bmask, other=0.0)
+        rstd = tl.load(RSTD + b64 * K + k, mask=bmask, other=0.0)
+        lnw = tl.load(LNW + offs_d, mask=dmask, other=0.0).to(tl.float32)
+        lnb = tl.load(LNB + offs_d, mask=dmask, other=0.0).to(tl.float32)
+        h = ((r + x) - mean[:, None]) * rstd[:, None] * lnw[None, :] + lnb[None, :]
+        x = tl.where(mask, h, 0.0)
+    return x
+
+
+@autotune(_FWD_CONFIGS, _INTERP_FWD, key=["K", "D", "G", "SIZE_CLASS", "APPLY_LN", "DROPOUT"])
+@triton.jit
+def _group_fc_fwd_kernel(R, X, MEAN, RSTD, LNW, LNB, SEED, W, BIAS, OUT,
+                         B, K, D, G, C, SIZE_CLASS,
+                         s_rb, s_rk, s_rd, s_xb, s_xk, s_xd, s_wk, s_wd, s_wg,
+                         p, drop_scale,
+                         APPLY_LN: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+                         BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    k = tl.program_id(1)
+    nb = tl.cdiv(B, BLOCK_B)
+    pid_b = pid % nb     # neighbouring programs share a W[k] tile (L2 reuse)
+    pid_g = pid // nb
+    dt = OUT.dtype.element_ty
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
+    gmask = offs_g < G
+    w_base = W + k.to(tl.int64) * s_wk + offs_g[None, :] * s_wg
+    acc = tl.zeros([BLOCK_B, BLOCK_G], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        h = _load_h(R, X, MEAN, RSTD, LNW, LNB, SEED, offs_b, offs_d, k, B, K, D,
+                    s_rb, s_rk, s_rd, s_xb, s_xk, s_xd, p, drop_scale, APPLY_LN, DROPOUT)
+        w = tl.load(w_base + offs_d[:, None] * s_wd,
+                    mask=(offs_d < D)[:, None] & gmask[None, :], other=0.0)
+        acc = tl.dot(h.to(dt), w.to(dt), acc, input_precision=PREC)
+    cls = k * G + offs_g
+    cmask = gmask & (cls < C)
+    acc += tl.load(BIAS + cls, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = OUT + offs_b.to(tl.int64)[:, None] * C + cls[None, :]
+    tl.store(out_ptrs, acc.to(dt), mask=(offs_b < B)[:, None] & cmask[None, :])
+
+
+@autotune(_DGRAD_CONFIGS, _INTERP_DGRAD, key=["K", "D", "G", "SIZE_CLASS"])
+@triton.jit
+def _group_fc_dgrad_kernel(DOUT, W, DH, B, K, D, G, C, SIZE_CLASS,
+                           s_ob, s_wk, s_wd, s_wg,
+                           PREC: tl.constexpr,
+                           BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr):
+    """dh[b, k, :] = sum_g dlogits[b, k*G + g] W[k, :, g], written as [B, K, D]."""
+    pid = tl.program_id(0)
+    k = tl.program_id(1)
+    nb = tl.cdiv(B, BLOCK_B)
+    pid_b = pid % nb
+    pid_d = pid // nb
+    dt = DH.dtype.element_ty
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    bmask = offs_b < B
+    dmask = offs_d < D
+    b64 = offs_b.to(tl.int64)
+    acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+    for g0 in range(0, G, BLOCK_G):
+        offs_g = g0 + tl.arange(0, BLOCK_G)
+        cls = k * G + offs_g
+        cmask = (offs_g < G) & (cls < C)
+        dy = tl.load(DOUT + b64[:, None] * s_ob + cls[None, :],
+                     mask=bmask[:, None] & cmask[None, :], other=0.0)
+        w = tl.load(W + k.to(tl.int64) * s_wk + offs_g[:, None] * s_wg + offs_d[None, :] * s_wd,
+                    mask=(offs_g < G)[:, None] & dmask[None, :], other=0.0)
+        acc = tl.dot(dy.to(dt), w.to(dt), acc, input_precision=PREC)
+    dh_ptrs = DH + (b64 * K + k)[:, None] * D + offs_d[None, :]
+    tl.store(dh_ptrs, acc.to(dt), mask=bmask[:, None] & dmask[None, :])
+
+
+@autotune(_WGRAD_CONFIGS, _INTERP_WGRAD, key=["K", "D", "G", "SIZE_CLASS", "APPLY_LN", "DROPOUT"])
+@triton.jit
+def _group_fc_wgrad_kernel(R, X, MEAN, RSTD, LNW, LNB, SEED, DOUT, DW,
+                           B, K, D, G, C, SIZE_CLASS,
+                           s_rb, s_rk, s_rd, s_xb, s_xk, s_xd, s_ob,
+                           p, drop_scale,
+                           APPLY_LN: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+                           BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_B: tl.constexpr):
+    """dW[k] = h_k^T dlogits_k over the batch; padded-tail columns get 0. DW is contiguous."""
+    pid = tl.program_id(0)
+    k = tl.program_id(1)
+    nd = tl.cdiv(D, BLOCK_D)
+    pid_d = pid % nd
+    pid_g = pid // nd
+    dt = DOUT.dtype.element_ty
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
+    gmask = offs_g < G
+    cls = k * G + offs_g
+    cmask = gmask & (cls < C)
+    acc = tl.zeros([BLOCK_D, BLOCK_G], dtype=tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        h = _load_h(R, X, MEAN, RSTD, LNW, LNB, SEED, offs_b, offs_d, k, B, K, D,
+                    s_rb, s_rk, s_rd, s_xb, s_xk, s_xd, p, drop_scale, APPLY_LN, DROPOUT)
+        dy = tl.load(DOUT + offs_b.to(tl.int64)[:, None] * s_ob + cls[None, :],
+                     mask=(offs_b < B)[:, None] & cmask[None, :], other=0.0)
+        acc = tl.dot(tl.trans(h.to(dt)), dy.to(dt), acc, input_precision=PREC)
+    dw_ptrs = DW + (k.to(tl.int64) * D + offs_d[:, None]) * G + offs_g[None, :]
+    tl.store(dw_ptrs, acc.to(DW.dtype.element_ty), mask=(offs_d < D)[:, None] & gmask[None, :])
+
+
+# ------------------------------------------------------------------------------------------------
+# Host side
+# ------------------------------------------------------------------------------------------------
+
+class _Input:
+    """What the kernels read to build h: h itself, or (residual, x, stats, LN affine, dropout)."""
+
+    def __init__(self, x3, r3=None, mean=None, rstd=None, ln_w=None, ln_b=None, seed=None, p=0.0):
+        self.x3, self.r3 = x3, r3 if r3 is not None else x3
+        self.apply_ln = r3 is not None
+        self.dropout = self.apply_ln and p > 0
+        dummy = x3
+        self.mean = mean if mean is not None else dummy
+        self.rstd = rstd if rstd is not None else dummy
+        self.ln_w = ln_w if ln_w is not None else dummy
+        self.ln_b = ln_b if ln_b is not None else dummy
+        self.seed = seed if self.dropout else dummy
+        self.p = float(p)
+        self.drop_scale = 1.0 / (1.0 - p) if self.dropout else 1.0
+
+    def pointers(self):
+        return (self.r3, self.x3, self.mean, self.rstd, self.ln_w, self.ln_b, self.seed)
+
+    def strides(self):
+        return (*self.r3.stride(), *self.x3.stride())
+
+
+def _fwd(inp: _Input, weight, bias, num_classes, out_dtype):
+    b, k, d = inp.x3.shape
+    g = weight.shape[2]
+    out = torch.empty(b, num_classes, dtype=out_dtype, device=inp.x3.device)
+    if b == 0 or num_classes == 0:
+        return out
+
+    def grid(meta):
+        return (triton.cdiv(b, meta["BLOCK_B"]) * triton.cdiv(g, meta["BLOCK_G"]), k)
+
+    _group_fc_fwd_kernel[grid](
+        *inp.pointers(), weight, bias, out, b, k, d, g, num_classes, size_class(b),
+        *inp.strides(), *weight.stride(), inp.p, inp.drop_scale,
+        APPLY_LN=inp.apply_ln, DROPOUT=inp.dropout, PREC=dot_precision(out_dtype))
+    return out
+
+
+def _dgrad(dout, weight, b, k, d):
+    g = weight.shape[2]
+    dh = torch.empty(b, k, d, dtype=dout.dtype, device=dout.device)
+    if b == 0:
+        return dh
+
+    def grid(meta):
+        return (triton.cdiv(b, meta["BLOCK_B"]) * triton.cdiv(d, meta["BLOCK_D"]), k)
+
+    _group_fc_dgrad_kernel[grid](
+        dout, weight, dh, b, k, d, g, dout.shape[1], size_class(b),
+        dout.stride(0), *weight.stride(), PREC=dot_precision(dout.dtype))
+    return dh
+
+
+def _wgrad(inp: _Input, dout, weight):
+    b, k, d = inp.x3.shape
+    g = weight.shape[2]
+    dw = torch.empty(k, d, g, dtype=weight.dtype, device=weight.device)
+    if b == 0:
+        return dw.zero_()
+
+    def grid(meta):
+        return (triton.cdiv(d, meta["BLOCK_D"]) * triton.cdiv(g, meta["BLOCK_G"]), k)
+
+    _group_fc_wgrad_kernel[grid](
+        *inp.pointers(), dout, dw, b, k, d, g, dout.shape[1], size_class(b),
+        *inp.strides(), dout.stride(0), inp.p, inp.drop_scale,
+        APPLY_LN=inp.apply_ln, DROPOUT=inp.dropout, PREC=dot_precision(dout.dtype))
+    return dw
+
+
+def _contiguous_cols(dout: torch.Tensor) -> torch.Tensor:
+    return dout if dout.stride(1) == 1 else dout.contiguous()
+
+
+def group_fc_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_classes: int,
+                     out_dtype: torch.dtype) -> torch.Tensor:
+    """h [B, K, D], weight [K, D, G], bias [num_classes] -> logits [B, num_classes]."""
+    return _fwd(_Input(h), weight, bias, num_classes, out_dtype)
+
+
+def group_fc_backward(dout: torch.Tensor, h: torch.Tensor, weight: torch.Tensor):
+    """Returns (dh [B, K, D] in dout's dtype, dW [K, D, G] in weight's dtype)."""
+    dout = _contiguous_cols(dout)
+    b, k, d = h.shape
+    return _dgrad(dout, weight, b, k, d), _wgrad(_Input(h), dout, weight)
+
+
+def decode_forward(residual, x, seed, p, ln_weight, ln_bias, eps, weight, bias, num_classes,
+                   out_dtype):
+    """logits of LN(residual + dropout(x)) [B, K, D] through the group FC, without storing the
+    normalized rows. Returns (logits, mean, rstd), the statistics fp32 [B*K] for the backward."""
+    shape = torch.broadcast_shapes(residual.shape, x.shape)
+    _, mean, rstd = ln_forward(residual, x, seed, p, None, None, eps, store_y=False)
+    inp = _Input(tensor_3d(x, shape), tensor_3d(residual, shape), mean, rstd, ln_weight, ln_bias,
+                 seed, p)
+    return _fwd(inp, weight, bias, num_classes, out_dtype), mean, rstd
+
+
+def decode_backward(dout, residual, x, seed, p, ln_weight, ln_bias, mean, rstd, weight):
+    """Returns (dz, dx or None, d ln_weight, d ln_bias, dW) with dz = dL/d(residual + dropout(x))
+    shaped [B, K, D] (dx None when p == 0: then dx == dz); the LN affine grads are fp32."""
+    shape = torch.broadcast_shapes(residual.shape, x.shape)
+    dout = _contiguous_cols(dout)
+    b, k, d = shape
+    dh = _dgrad(dout, weight, b, k, d)
+    dz, dx, dlnw, dlnb = ln_backward(dh, residual, x, seed, p, ln_weight, mean, rstd,
+                                     torch.result_type(residual, x))
+    inp = _Input(tensor_3d(x, shape), tensor_3d(residual, shape), mean, rstd, ln_weight, ln_bias,
+                 seed, p)
+    return dz, dx, dlnw, dlnb, _wgrad(inp, dout, weight)

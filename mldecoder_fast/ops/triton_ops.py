@@ -1,0 +1,366 @@
+"""The ``triton`` backend: fused Triton kernels (``mldecoder_fast/kernels``) behind ``TorchOps``.
+
+Each kernel pair (forward, backward) is registered as a ``torch.library.custom_op`` in the
+``mldecoder_fast`` namespace (names ``triton_*``) with a fake kernel and autograd, so the ops
+work under ``torch.compile(fullgraph=True)``, in CUDA graphs and with ``opcheck``; the backward is
+itself a custom op. Dropout seeds are drawn from PyTorch's generator of the tensors' device as an
+int64 tensor passed to the op (no host synchronisation, capturable), and the kernels regenerate
+the masks from it. Inputs the kernels do not take (fp64, CPU tensors outside the interpreter,
+bf16 in the interpreter, empty batches, the ZSL projection) go to the PyTorch implementation.
+
+Dtypes: under autocast the attention and the group-FC products run in the autocast dtype (as
+PyTorch's own ops would) with fp32 accumulation; the LayerNorm returns the promoted dtype of its
+inputs (fp32 statistics inside); gradients come back in each input's dtype.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .torch_ops import TorchOps
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_version() -> Optional[str]:
+    try:
+        import triton
+        return str(triton.__version__)
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return None
+
+
+def triton_status() -> tuple[bool, str]:
+    """(available, detail): can the Triton kernels run here? Never raises."""
+    try:
+        version = _triton_version()
+        if version is None:
+            return False, "triton is not importable"
+        if torch.cuda.is_available():
+            return True, f"triton {version} on CUDA ({torch.cuda.get_device_name()})"
+        if _interpreting():
+            return True, f"triton {version} in its CPU interpreter (TRITON_INTERPRET=1: slow, for tests)"
+        return False, f"triton {version} installed, but no CUDA device (and TRITON_INTERPRET is not set)"
+    except Exception as e:  # noqa: BLE001
+        return False, f"triton status unknown: {type(e).__name__}: {e}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Custom ops
+# ------------------------------------------------------------------------------------------------
+
+def _sum_to(grad: Tensor, like: Tensor) -> Tensor:
+    """Gradient of a broadcast: sum ``grad`` down to ``like``'s shape, in ``like``'s dtype."""
+    if grad.shape != like.shape:
+        grad = grad.sum_to_size(like.shape)
+    return grad.to(like.dtype)
+
+
+def _rows(shape) -> int:
+    n = 1
+    for s in shape[:-1]:
+        n = n * s
+    return n
+
+
+# residual + dropout + LayerNorm -----------------------------------------------------------------
+
+@torch.library.custom_op("mldecoder_fast::triton_layer_norm", mutates_args=())
+def triton_layer_norm(residual: Tensor, x: Tensor, seed: Optional[Tensor], p: float,
+                      weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(LN(residual + dropout(x)), row mean, row rstd)."""
+    from ..kernels.layer_norm import ln_forward
+    return ln_forward(residual, x, seed, p, weight, bias, eps)
+
+
+@triton_layer_norm.register_fake
+def _(residual, x, seed, p, weight, bias, eps):
+    shape = torch.broadcast_shapes(residual.shape, x.shape)
+    m = _rows(shape)
+    return (x.new_empty(shape, dtype=torch.result_type(residual, x)),
+            x.new_empty(m, dtype=torch.float32), x.new_empty(m, dtype=torch.float32))
+
+
+@torch.library.custom_op("mldecoder_fast::triton_layer_norm_backward", mutates_args=())
+def triton_layer_norm_backward(dy: Tensor, residual: Tensor, x: Tensor, seed: Optional[Tensor],
+                               p: float, weight: Tensor, mean: Tensor,
+                               rstd: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dz, dx, dweight, dbias); dz = grad of residual + dropout(x) shaped as dy; dx is empty when
+    p == 0 (it equals dz)."""
+    from ..kernels.layer_norm import ln_backward
+    dz, dx, dw, db = ln_backward(dy, residual, x, seed, p, weight, mean, rstd, dy.dtype)
+    if dx is None:
+        dx = dz.new_empty(0, dtype=x.dtype)
+    return dz, dx, dw.to(weight.dtype), db.to(weight.dtype)
+
+
+@triton_layer_norm_backward.register_fake
+def _(dy, residual, x, seed, p, weight, mean, rstd):
+    dx = x.new_empty(dy.shape) if p > 0 else x.new_empty(0)
+    return dy.new_empty(dy.shape), dx, weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+
+
+def _ln_setup(ctx, inputs, output):
+    residual, x, seed, p, weight, _bias, _eps = inputs
+    _y, mean, rstd = output
+    ctx.save_for_backward(residual, x, seed, weight, mean, rstd)
+    ctx.p = p
+
+
+def _ln_backward(ctx, dy, _dmean, _drstd):
+    residual, x, seed, weight, mean, rstd = ctx.saved_tensors
+    dz, dx, dw, db = triton_layer_norm_backward(dy, residual, x, seed, ctx.p, weight, mean, rstd)
+    if ctx.p <= 0:
+        dx = dz
+    return _sum_to(dz, residual), _sum_to(dx, x), None, None, dw, db, None
+
+
+triton_layer_norm.register_autograd(_ln_backward, setup_context=_ln_setup)
+
+
+# cross-attention -------------------------------------------------------------------------------
+
+@torch.library.custom_op("mldecoder_fast::triton_attention", mutates_args=())
+def triton_attention(q: Tensor, kv: Tensor, seed: Optional[Tensor], num_heads: int,
+                     dropout_p: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(O [B, K, D] heads concatenated, log-sum-exp [B, H, K] fp32 base 2)."""
+    from ..kernels.attention import attention_forward
+    return attention_forward(q, kv, seed, num_heads, dropout_p, out_dtype)
+
+
+@triton_attention.register_fake
+def _(q, kv, seed, num_heads, dropout_p, out_dtype):
+    b, _n, two_d = kv.shape
+    k = q.shape[-2]
+    return (kv.new_empty(b, k, two_d // 2, dtype=out_dtype),
+            kv.new_empty(b, num_heads, k, dtype=torch.float32))
+
+
+@torch.library.custom_op("mldecoder_fast::triton_attention_backward", mutates_args=())
+def triton_attention_backward(do: Tensor, q: Tensor, kv: Tensor, o: Tensor, lse: Tensor,
+                              seed: Optional[Tensor], num_heads: int,
+                              dropout_p: float) -> tuple[Tensor, Tensor]:
+    from ..kernels.attention import attention_backward
+    return attention_backward(do, q, kv, o, lse, seed, num_heads, dropout_p)
+
+
+@triton_attention_backward.register_fake
+def _(do, q, kv, o, lse, seed, num_heads, dropout_p):
+    return q.new_empty(q.shape), kv.new_empty(kv.shape)
+
+
+def _attn_setup(ctx, inputs, output):
+    q, kv, seed, num_heads, dropout_p, _out_dtype = inputs
+    o, lse = output
+    ctx.save_for_backward(q, kv, seed, o, lse)
+    ctx.num_heads = num_heads
+    ctx.dropout_p = dropout_p
+
+
+def _attn_backward(ctx, do, _dlse):
+    q, kv, seed, o, lse = ctx.saved_tensors
+    dq, dkv = triton_attention_backward(do, q, kv, o, lse, seed, ctx.num_heads, ctx.dropout_p)
+    return dq, dkv, None, None, None, None
+
+
+triton_attention.register_autograd(_attn_backward, setup_context=_attn_setup)
+
+
+# group FC --------------------------------------------------------------------------------------
+
+@torch.library.custom_op("mldecoder_fast::triton_group_fc", mutates_args=())
+def triton_group_fc(h: Tensor, weight: Tensor, bias: Tensor, num_classes: int,
+                    out_dtype: torch.dtype) -> Tensor:
+    """h [B, K, D], weight [K, D, G], bias [num_classes] -> logits [B, num_classes]."""
+    from ..kernels.group_fc_decode import group_fc_forward
+    return group_fc_forward(h, weight, bias, num_classes, out_dtype)
+
+
+@triton_group_fc.register_fake
+def _(h, weight, bias, num_classes, out_dtype):
+    return h.new_empty(h.shape[0], num_classes, dtype=out_dtype)
+
+
+@torch.library.custom_op("mldecoder_fast::triton_group_fc_backward", mutates_args=())
+def triton_group_fc_backward(dout: Tensor, h: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """(dh in dout's dtype, dW in weight's dtype)."""
+    from ..kernels.group_fc_decode import group_fc_backward
+    return group_fc_backward(dout, h, weight)
+
+
+@triton_group_fc_backward.register_fake
+def _(dout, h, weight):
+    return h.new_empty(h.shape, dtype=dout.dtype), weight.new_empty(weight.shape)
+
+
+def _gfc_setup(ctx, inputs, output):
+    h, weight, bias, _num_classes, _out_dtype = inputs
+    ctx.save_for_backward(h, weight, bias)
+
+
+def _gfc_backward(ctx, dout):
+    h, weight, bias = ctx.saved_tensors
+    dh, dw = triton_group_fc_backward(dout, h, weight)
+    db = dout.sum(0, dtype=torch.float32).to(bias.dtype)
+    return dh.to(h.dtype), dw, db, None, None
+
+
+triton_group_fc.register_autograd(_gfc_backward, setup_context=_gfc_setup)
+
+
+# LayerNorm-3 + group FC ------------------------------------------------------------------------
+
+@torch.library.custom_op("mldecoder_fast::triton_decode", mutates_args=())
+def triton_decode(residual: Tensor, x: Tensor, seed: Optional[Tensor], p: float,
+                  ln_weight: Tensor, ln_bias: Tensor, eps: float, weight: Tensor, bias: Tensor,
+                  num_classes: int, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(group FC of LN(residual + dropout(x)) [B, num_classes], row mean, row rstd)."""
+    from ..kernels.group_fc_decode import decode_forward
+    return decode_forward(residual, x, seed, p, ln_weight, ln_bias, eps, weight, bias,
+                          num_classes, out_dtype)
+
+
+@triton_decode.register_fake
+def _(residual, x, seed, p, ln_weight, ln_bias, eps, weight, bias, num_classes, out_dtype):
+    shape = torch.broadcast_shapes(residual.shape, x.shape)
+    m = _rows(shape)
+    return (x.new_empty(shape[0], num_classes, dtype=out_dtype),
+            x.new_empty(m, dtype=torch.float32), x.new_empty(m, dtype=torch.float32))
+
+
+@torch.library.custom_op("mldecoder_fast::triton_decode_backward", mutates_args=())
+def triton_decode_backward(dout: Tensor, residual: Tensor, x: Tensor, seed: Optional[Tensor],
+                           p: float, ln_weight: Tensor, ln_bias: Tensor, mean: Tensor,
+                           rstd: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dz, dx, d ln_weight, d ln_bias, dW); dz shaped [B, K, D]; dx empty when p == 0 (= dz)."""
+    from ..kernels.group_fc_decode import decode_backward
+    dz, dx, dlnw, dlnb, dw = decode_backward(dout, residual, x, seed, p, ln_weight, ln_bias,
+                                             mean, rstd, weight)
+    if dx is None:
+        dx = dz.new_empty(0, dtype=x.dtype)
+    return dz, dx, dlnw.to(ln_weight.dtype), dlnb.to(ln_bias.dtype), dw
+
+
+@triton_decode_backward.register_fake
+def _(dout, residual, x, seed, p, ln_weight, ln_bias, mean, rstd, weight):
+    shape = torch.broadcast_shapes(residual.shape, x.shape)
+    dz = x.new_empty(shape, dtype=torch.result_type(residual, x))
+    dx = x.new_empty(shape) if p > 0 else x.new_empty(0)
+    return (dz, dx, ln_weight.new_empty(ln_weight.shape), ln_bias.new_empty(ln_bias.shape),
+            weight.new_empty(weight.shape))
+
+
+def _decode_setup(ctx, inputs, output):
+    residual, x, seed, p, ln_weight, ln_bias, _eps, weight, bias, _nc, _dt = inputs
+    _out, mean, rstd = output
+    ctx.save_for_backward(residual, x, seed, ln_weight, ln_bias, mean, rstd, weight, bias)
+    ctx.p = p
+
+
+def _decode_backward(ctx, dout, _dmean, _drstd):
+    residual, x, seed, ln_weight, ln_bias, mean, rstd, weight, bias = ctx.saved_tensors
+    dz, dx, dlnw, dlnb, dw = triton_decode_backward(dout, residual, x, seed, ctx.p, ln_weight,
+                                                    ln_bias, mean, rstd, weight)
+    if ctx.p <= 0:
+        dx = dz
+    db = dout.sum(0, dtype=torch.float32).to(bias.dtype)
+    return (_sum_to(dz, residual), _sum_to(dx, x), None, None, dlnw, dlnb, None, dw, db, None,
+            None)
+
+
+triton_decode.register_autograd(_decode_backward, setup_context=_decode_setup)
+
+
+# ------------------------------------------------------------------------------------------------
+# The ops object
+# ------------------------------------------------------------------------------------------------
+
+def _compute_dtype(device_type: str, *tensors: Tensor) -> torch.dtype:
+    """The dtype a product runs in: the autocast dtype when autocast is on, else the promotion."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _new_seed(p: float, like: Tensor) -> Optional[Tensor]:
+    """A fresh dropout seed from PyTorch's generator on ``like``'s device (None when p == 0)."""
+    if p <= 0:
+        return None
+    return torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=like.device)
+
+
+class TritonOps(TorchOps):
+    """Fused Triton kernels for the operations between the head's GEMMs."""
+
+    name = "triton"
+
+    def __init__(self):
+        self._interpret = _interpreting()
+        self._available = _triton_version() is not None
+
+    def _takes(self, *tensors: Tensor, dtypes=()) -> bool:
+        """Whether the kernels run these tensors (else the PyTorch implementation does)."""
+        if not self._available:
+            return False
+        want = "cpu" if self._interpret else "cuda"
+        allowed = (torch.float16, torch.float32) if self._interpret else _FLOAT_DTYPES
+        for t in tensors:
+            if t.device.type != want or t.dtype not in allowed:
+                return False
+        return all(dt in allowed for dt in dtypes)
+
+    def residual_dropout_layer_norm(self, residual, x, p, weight, bias, eps):
+        d = x.shape[-1] if x.dim() else 0
+        if (weight is None or bias is None or x.numel() == 0 or residual.shape[-1:] != x.shape[-1:]
+                or d > 16384 or not self._takes(residual, x, weight, bias)):
+            return super().residual_dropout_layer_norm(residual, x, p, weight, bias, eps)
+        y, _mean, _rstd = triton_layer_norm(residual, x, _new_seed(p, x), float(p), weight, bias,
+                                            float(eps))
+        return y
+
+    def attention(self, q, kv, num_heads, dropout_p):
+        if kv.dim() != 3 or q.dim() not in (2, 3) or kv.numel() == 0 or q.shape[-2] == 0:
+            return super().attention(q, kv, num_heads, dropout_p)
+        b, _n, two_d = kv.shape
+        d_model = two_d // 2
+        if (two_d % 2 or q.shape[-1] != d_model or d_model % num_heads
+                or d_model // num_heads > 256 or (q.dim() == 3 and q.shape[0] != b)):
+            return super().attention(q, kv, num_heads, dropout_p)
+        dtype = _compute_dtype(kv.device.type, kv)
+        if not self._takes(q, kv, dtypes=(dtype,)):
+            return super().attention(q, kv, num_heads, dropout_p)
+        o, _lse = triton_attention(q, kv, _new_seed(dropout_p, kv), int(num_heads),
+                                   float(dropout_p), dtype)
+        return o
+
+    def group_fc(self, h, weight, bias, num_classes):
+        if weight.dim() != 3 or h.dim() != 3 or h.shape[0] == 0:
+            return super().group_fc(h, weight, bias, num_classes)
+        dtype = _compute_dtype(h.device.type, h)
+        if not self._takes(h, weight, bias, dtypes=(dtype,)):
+            return super().group_fc(h, weight, bias, num_classes)
+        return triton_group_fc(h, weight, bias, int(num_classes), dtype)
+
+    def decode(self, residual, x, p, ln_weight, ln_bias, eps, weight, bias, num_classes):
+        shape = torch.broadcast_shapes(residual.shape, x.shape)
+        if (weight.dim() != 3 or len(shape) != 3 or shape[0] == 0 or ln_weight is None
+                or ln_bias is None or shape[-1] > 16384):
+            return super().decode(residual, x, p, ln_weight, ln_bias, eps, weight, bias, num_classes)
+        dtype = _compute_dtype(x.device.type, residual, x)
+        if not self._takes(residual, x, ln_weight, ln_bias, weight, bias, dtypes=(dtype,)):
+            return super().decode(residual, x, p, ln_weight, ln_bias, eps, weight, bias, num_classes)
+        out, _mean, _rstd = triton_decode(residual, x, _new_seed(p, x), float(p), ln_weight,
+                                          ln_bias, float(eps), weight, bias, int(num_classes), dtype)
+        return out
