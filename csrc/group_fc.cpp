@@ -1,0 +1,279 @@
+// Op schemas of the mldecoder_fast namespace and the CPU kernels of the group FC.
+//
+// The CPU kernels run one BLAS product per group on strided views, so every product reads
+// and writes the final tensors in place: the forward writes the class-sliced logits
+// directly (no padded [B, K*G] buffer, no zero fill, no copy into class order), and the
+// backward reads the unpadded gradient. Groups are spread over threads with
+// at::parallel_for; each product is then single-threaded, whose order of operations does not
+// depend on the thread count, so results are the same bits run to run.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/CPUFunctions.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "group_fc.h"
+
+// `import mldecoder_fast._C` loads this library, whose static initialisers register the ops.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+namespace mldecoder_fast {
+
+namespace {
+
+bool is_supported_dtype(at::ScalarType t) {
+  return t == at::kDouble || t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+void check_dtype(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(is_supported_dtype(t.scalar_type()), op, ": ", name,
+              " must be float64, float32, float16 or bfloat16, got ", t.scalar_type());
+}
+
+void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op,
+                       const char* name_a, const char* name_b) {
+  TORCH_CHECK(a.device() == b.device(), op, ": ", name_a, " is on ", a.device(), " but ",
+              name_b, " is on ", b.device());
+}
+
+// Validates weight and num_classes; fills K, D, G, C (K of the ZSL form comes from h/grad).
+void check_weight(GroupFcShape& s, const at::Tensor& weight, int64_t num_classes, const char* op) {
+  TORCH_CHECK(weight.dim() == 3 || weight.dim() == 2, op,
+              ": weight must be [K, D, G] (or [D, 1] for the ZSL form), got shape ",
+              weight.sizes());
+  check_dtype(weight, op, "weight");
+  if (weight.dim() == 2) {
+    TORCH_CHECK(weight.size(1) == 1, op, ": a 2-d (ZSL) weight must be [D, 1], got shape ",
+                weight.sizes());
+    s.zsl = true;
+    s.dim = weight.size(0);
+    s.group_size = 1;
+    return;
+  }
+  s.groups = weight.size(0);
+  s.dim = weight.size(1);
+  s.group_size = weight.size(2);
+  TORCH_CHECK(s.group_size >= 1, op, ": weight [K, D, G] needs G >= 1, got shape ",
+              weight.sizes());
+  TORCH_CHECK(num_classes >= 1 && num_classes <= s.groups * s.group_size, op,
+              ": num_classes must be in [1, K*G] = [1, ", s.groups * s.group_size,
+              "] for weight of shape ", weight.sizes(), ", got ", num_classes);
+  s.num_classes = num_classes;
+}
+
+void check_h(GroupFcShape& s, const at::Tensor& h, const at::Tensor& weight, const char* op) {
+  TORCH_CHECK(h.dim() == 3, op, ": h must be [B, K, D], got shape ", h.sizes());
+  check_same_device(h, weight, op, "h", "weight");
+  TORCH_CHECK(h.scalar_type() == weight.scalar_type(), op,
+              ": h and weight must have the same dtype (cast weight to h.dtype first), got ",
+              h.scalar_type(), " and ", weight.scalar_type());
+  if (s.zsl) {
+    s.groups = h.size(1);
+    s.num_classes = s.groups;
+  }
+  TORCH_CHECK(h.size(1) == s.groups && h.size(2) == s.dim, op, ": h of shape ", h.sizes(),
+              " does not match weight of shape ", weight.sizes(), " (expected [B, ", s.groups,
+              ", ", s.dim, "])");
+  s.batch = h.size(0);
+}
+
+template <typename F>
+void for_each_group(int64_t n, const F& f) {
+  // One group per task when there are enough groups to keep every thread busy; otherwise
+  // loop over the groups and let each product use the threads itself.
+  if (n >= at::get_num_threads() && !at::in_parallel_region()) {
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) f(k);
+    });
+  } else {
+    for (int64_t k = 0; k < n; ++k) f(k);
+  }
+}
+
+// h/grad with unit stride on the last dimension, or a contiguous copy (BLAS needs one unit
+// stride; strided rows would be copied by every per-group product otherwise).
+at::Tensor unit_inner_stride(const at::Tensor& t) {
+  return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
+}
+
+at::Tensor group_fc_cpu(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
+                        int64_t num_classes) {
+  const GroupFcShape s = check_forward_args(h, weight, bias, num_classes);
+  if (s.zsl) return zsl_forward(h, weight, bias);
+  at::Tensor out = empty_output({s.batch, s.num_classes}, h.options());
+  if (s.batch == 0) return out;
+  const at::Tensor hu = unit_inner_stride(h);
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor b = bias.to(h.scalar_type());
+  for_each_group(s.used_groups(), [&](int64_t k) {
+    const int64_t c0 = k * s.group_size;
+    const int64_t width = std::min(s.group_size, s.num_classes - c0);
+    at::Tensor out_k = out.narrow(1, c0, width);  // [B, width], row stride C
+    at::cpu::addmm_out(out_k, b.narrow(0, c0, width), hu.select(1, k),
+                       w.select(0, k).narrow(1, 0, width));
+  });
+  return out;
+}
+
+at::Tensor group_fc_grad_h_cpu(const at::Tensor& grad, const at::Tensor& weight,
+                               int64_t num_classes) {
+  const GroupFcShape s = check_grad_args(grad, weight, num_classes, nullptr, "group_fc_grad_h");
+  if (s.zsl) return zsl_grad_h(grad, weight, s.dim);
+  at::Tensor grad_h = empty_output({s.batch, s.groups, s.dim}, grad.options());
+  if (grad_h.numel() == 0) return grad_h;
+  const at::Tensor g = unit_inner_stride(grad);
+  const at::Tensor w = weight.contiguous();
+  const int64_t used = s.used_groups();
+  for_each_group(s.groups, [&](int64_t k) {
+    at::Tensor grad_h_k = grad_h.select(1, k);  // [B, D], row stride K*D
+    if (k >= used) {
+      grad_h_k.zero_();  // a group made only of padding receives no gradient
+      return;
+    }
+    const int64_t c0 = k * s.group_size;
+    const int64_t width = std::min(s.group_size, s.num_classes - c0);
+    at::cpu::mm_out(grad_h_k, g.narrow(1, c0, width), w.select(0, k).narrow(1, 0, width).t());
+  });
+  return grad_h;
+}
+
+at::Tensor group_fc_grad_weight_cpu(const at::Tensor& grad, const at::Tensor& h,
+                                    const at::Tensor& weight, int64_t num_classes) {
+  const GroupFcShape s = check_grad_args(grad, weight, num_classes, &h, "group_fc_grad_weight");
+  if (s.zsl) return zsl_grad_weight(grad, h, weight);
+  at::Tensor grad_w = empty_output({s.groups, s.dim, s.group_size}, h.options());
+  if (grad_w.numel() == 0) return grad_w;
+  if (s.batch == 0) return grad_w.zero_();
+  const at::Tensor g = unit_inner_stride(grad);
+  const at::Tensor hu = unit_inner_stride(h);
+  const int64_t used = s.used_groups();
+  for_each_group(s.groups, [&](int64_t k) {
+    at::Tensor grad_w_k = grad_w.select(0, k);  // [D, G]
+    const int64_t c0 = k * s.group_size;
+    const int64_t width = k < used ? std::min(s.group_size, s.num_classes - c0) : 0;
+    if (width > 0) {
+      at::Tensor dst = grad_w_k.narrow(1, 0, width);  // [D, width], row stride G
+      at::cpu::mm_out(dst, hu.select(1, k).t(), g.narrow(1, c0, width));
+    }
+    if (width < s.group_size) grad_w_k.narrow(1, width, s.group_size - width).zero_();  // padding
+  });
+  return grad_w;
+}
+
+at::Tensor group_fc_grad_bias_cpu(const at::Tensor& grad, const at::Tensor& bias) {
+  if (check_grad_bias_args(grad, bias)) return sum_all_grad_bias(grad, bias);
+  // A column sum with a fixed order of operations; fp32 accumulation for half types.
+  const auto acc = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return at::sum(grad, {0}, false, acc).to(bias.scalar_type());
+}
+
+}  // namespace
+
+GroupFcShape check_forward_args(const at::Tensor& h, const at::Tensor& weight,
+                                const at::Tensor& bias, int64_t num_classes) {
+  const char* op = "group_fc";
+  GroupFcShape s;
+  check_weight(s, weight, num_classes, op);
+  check_h(s, h, weight, op);
+  check_dtype(h, op, "h");
+  check_dtype(bias, op, "bias");
+  check_same_device(h, bias, op, "h", "bias");
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == (s.zsl ? 1 : s.num_classes), op,
+              ": bias must be [", (s.zsl ? 1 : s.num_classes), "], got shape ", bias.sizes());
+  return s;
+}
+
+GroupFcShape check_grad_args(const at::Tensor& grad, const at::Tensor& weight,
+                             int64_t num_classes, const at::Tensor* h, const char* op) {
+  GroupFcShape s;
+  check_weight(s, weight, num_classes, op);
+  TORCH_CHECK(grad.dim() == 2, op, ": grad must be [B, num_classes], got shape ", grad.sizes());
+  check_same_device(grad, weight, op, "grad", "weight");
+  TORCH_CHECK(grad.scalar_type() == weight.scalar_type(), op,
+              ": grad and weight must have the same dtype, got ", grad.scalar_type(), " and ",
+              weight.scalar_type());
+  if (s.zsl) {
+    s.groups = grad.size(1);
+    s.num_classes = s.groups;
+  }
+  TORCH_CHECK(grad.size(1) == s.num_classes, op, ": grad of shape ", grad.sizes(),
+              " does not match num_classes = ", s.num_classes);
+  s.batch = grad.size(0);
+  if (h != nullptr) {
+    check_h(s, *h, weight, op);
+    TORCH_CHECK(h->size(0) == s.batch, op, ": h of shape ", h->sizes(), " and grad of shape ",
+                grad.sizes(), " disagree on the batch size");
+  }
+  return s;
+}
+
+bool check_grad_bias_args(const at::Tensor& grad, const at::Tensor& bias) {
+  const char* op = "group_fc_grad_bias";
+  TORCH_CHECK(grad.dim() == 2, op, ": grad must be [B, C], got shape ", grad.sizes());
+  TORCH_CHECK(bias.dim() == 1, op, ": bias must be 1-d, got shape ", bias.sizes());
+  check_dtype(grad, op, "grad");
+  check_dtype(bias, op, "bias");
+  check_same_device(grad, bias, op, "grad", "bias");
+  if (bias.size(0) == 1) return true;
+  TORCH_CHECK(grad.size(1) == bias.size(0), op, ": grad of shape ", grad.sizes(),
+              " does not match bias of shape ", bias.sizes());
+  return false;
+}
+
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+  const char* poison = std::getenv("MLDECODER_FAST_POISON_OUTPUTS");
+  if (poison != nullptr && std::strcmp(poison, "1") == 0) t.fill_(NAN);
+  return t;
+}
+
+at::Tensor zsl_forward(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias) {
+  // [B, K, D] @ [D, 1]: fp32 accumulation in the BLAS for half types, as in group_fc_torch.
+  at::Tensor out = at::matmul(h, weight).squeeze(-1);
+  return out.add_(bias.to(out.scalar_type()));
+}
+
+at::Tensor zsl_grad_h(const at::Tensor& grad, const at::Tensor& weight, int64_t dim) {
+  return grad.unsqueeze(-1) * weight.reshape({1, 1, dim});
+}
+
+at::Tensor zsl_grad_weight(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& weight) {
+  const int64_t rows = h.size(0) * h.size(1);
+  const int64_t dim = h.size(2);
+  at::Tensor grad_w = empty_output(weight.sizes(), h.options());
+  if (rows == 0) return grad_w.zero_();
+  at::mm_out(grad_w, h.reshape({rows, dim}).t(), grad.reshape({rows, 1}));
+  return grad_w;
+}
+
+at::Tensor sum_all_grad_bias(const at::Tensor& grad, const at::Tensor& bias) {
+  const auto acc = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return at::sum(grad, acc).reshape({1}).to(bias.scalar_type());
+}
+
+}  // namespace mldecoder_fast
+
+TORCH_LIBRARY(mldecoder_fast, m) {
+  // logits[B, C] = group FC of h[B, K, D] by weight[K, D, G] plus bias[C], C = num_classes;
+  // ZSL form: weight [D, 1], bias [1] -> [B, K] (num_classes is then ignored).
+  m.def("group_fc(Tensor h, Tensor weight, Tensor bias, int num_classes) -> Tensor");
+  // Backward pieces, each run only when its gradient is needed. Results in grad's dtype,
+  // except grad_bias (bias's dtype).
+  m.def("group_fc_grad_h(Tensor grad, Tensor weight, int num_classes) -> Tensor");
+  m.def("group_fc_grad_weight(Tensor grad, Tensor h, Tensor weight, int num_classes) -> Tensor");
+  m.def("group_fc_grad_bias(Tensor grad, Tensor bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(mldecoder_fast, CPU, m) {
+  m.impl("group_fc", &mldecoder_fast::group_fc_cpu);
+  m.impl("group_fc_grad_h", &mldecoder_fast::group_fc_grad_h_cpu);
+  m.impl("group_fc_grad_weight", &mldecoder_fast::group_fc_grad_weight_cpu);
+  m.impl("group_fc_grad_bias", &mldecoder_fast::group_fc_grad_bias_cpu);
+}

@@ -1,0 +1,55 @@
+// Group fully-connected projection (SPEC step 7): shared declarations of the CPU (.cpp) and
+// CUDA (.cu) kernels.
+//
+//   logits[b, k*G + g] = sum_d h[b, k, d] * weight[k, d, g] + bias[k*G + g],  k*G + g < C
+//
+// h [B, K, D] (any strides), weight [K, D, G], bias [C] -> logits [B, C], C = num_classes.
+// ZSL form: weight [D, 1] and bias [1] shared by all K queries -> logits [B, K].
+//
+// Groups are laid out in class order, so group k owns the columns [k*G, k*G + G) of the
+// logits. With C <= K*G the groups split into `full_groups` whole ones, at most one partial
+// group of `tail` columns, and unused groups past the last class (possible when
+// G = ceil(C / K) leaves whole groups of padding, e.g. C = 10, K = 6, G = 2).
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace mldecoder_fast {
+
+struct GroupFcShape {
+  int64_t batch = 0;        // B
+  int64_t groups = 0;       // K
+  int64_t dim = 0;          // D
+  int64_t group_size = 0;   // G (1 in the ZSL form)
+  int64_t num_classes = 0;  // C (K in the ZSL form)
+  bool zsl = false;
+  int64_t full_groups() const { return num_classes / group_size; }
+  int64_t tail() const { return num_classes - full_groups() * group_size; }
+  int64_t used_groups() const { return full_groups() + (tail() > 0 ? 1 : 0); }
+};
+
+// Checks the forward arguments (clear errors for wrong ranks, shapes, dtypes, devices) and
+// returns the sizes. h and weight must share a floating dtype; bias may be any floating dtype.
+GroupFcShape check_forward_args(const at::Tensor& h, const at::Tensor& weight,
+                                const at::Tensor& bias, int64_t num_classes);
+// The same for the backward ops: grad [B, C] (ZSL: [B, K]); h [B, K, D] when given.
+GroupFcShape check_grad_args(const at::Tensor& grad, const at::Tensor& weight,
+                             int64_t num_classes, const at::Tensor* h, const char* op);
+
+// at::empty for kernel outputs. With MLDECODER_FAST_POISON_OUTPUTS=1 in the environment the
+// memory is filled with NaN first, so a kernel that forgets an element fails the tests.
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+// The ZSL form is a matrix-vector product; these run on any device through ATen.
+at::Tensor zsl_forward(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias);
+at::Tensor zsl_grad_h(const at::Tensor& grad, const at::Tensor& weight, int64_t dim);
+at::Tensor zsl_grad_weight(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& weight);
+
+// Checks grad_bias's arguments; true when bias has one element (the ZSL form: a sum of all
+// of grad), false for a column sum of grad [B, C] into bias [C].
+bool check_grad_bias_args(const at::Tensor& grad, const at::Tensor& bias);
+
+// grad_bias for the ZSL form (bias [1]): the sum of every logit's gradient, in bias.dtype.
+at::Tensor sum_all_grad_bias(const at::Tensor& grad, const at::Tensor& bias);
+
+}  // namespace mldecoder_fast

@@ -1,0 +1,85 @@
+"""Builds the optional compiled extension ``mldecoder_fast._C`` (project metadata: pyproject.toml).
+
+- CUDAExtension (CPU + CUDA kernels) when torch is a CUDA build and a CUDA toolkit is found;
+  TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0" (A100, H100/H200) when unset.
+- CppExtension (CPU kernels only) otherwise, or with MLDECODER_FAST_NO_CUDA=1.
+- No extension at all (pure-Python install) with MLDECODER_FAST_NO_EXT=1.
+
+Build without isolation so the extension matches the installed torch:
+    MAX_JOBS=2 pip install --no-build-isolation -e .
+"""
+import glob
+import os
+import site
+import sys
+
+from setuptools import setup
+
+
+def _flag(name):
+    return os.environ.get(name, "") not in ("", "0")
+
+
+def _pip_cuda_dirs():
+    """Headers and libraries of the pip CUDA wheels (nvidia/cu13 or the per-library layout):
+    torch's CUDA wheels carry cuBLAS there, not in the toolkit's lib64."""
+    roots = [p for p in site.getsitepackages() + [site.getusersitepackages()] if os.path.isdir(p)]
+    includes, libs = [], []
+    for root in roots:
+        for sub in ("nvidia/cu13", "nvidia/cu12", "nvidia/cublas", "nvidia/cuda_runtime"):
+            base = os.path.join(root, sub)
+            if os.path.isdir(os.path.join(base, "include")):
+                includes.append(os.path.join(base, "include"))
+            if os.path.isdir(os.path.join(base, "lib")):
+                libs.append(os.path.join(base, "lib"))
+    return includes, libs
+
+
+def _cublas_link_args(cuda_home, pip_lib_dirs):
+    """Link cuBLAS: the toolkit's libcublas.so if there is one, else the versioned library
+    of the pip wheel (the one torch itself loads at run time)."""
+    for d in [os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib")]:
+        if os.path.exists(os.path.join(d, "libcublas.so")):
+            return [f"-L{d}", "-lcublas"]
+    for d in pip_lib_dirs:
+        found = sorted(glob.glob(os.path.join(d, "libcublas.so.*")))
+        if found:
+            return [f"-L{d}", f"-l:{os.path.basename(found[0])}"]
+    return ["-lcublas"]
+
+
+def _extensions():
+    if _flag("MLDECODER_FAST_NO_EXT"):
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    csrc = os.path.join("csrc")
+    cpp_sources = [os.path.join(csrc, "group_fc.cpp")]
+    cxx_flags = ["-O3"]
+    use_cuda = (not _flag("MLDECODER_FAST_NO_CUDA") and torch.version.cuda is not None
+                and cpp_extension.CUDA_HOME is not None)
+    if use_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        includes, lib_dirs = _pip_cuda_dirs()
+        ext = cpp_extension.CUDAExtension(
+            "mldecoder_fast._C",
+            cpp_sources + [os.path.join(csrc, "group_fc_cuda.cu")],
+            include_dirs=[os.path.join(here, csrc)] + includes,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+            extra_link_args=_cublas_link_args(cpp_extension.CUDA_HOME, lib_dirs),
+        )
+    else:
+        ext = cpp_extension.CppExtension(
+            "mldecoder_fast._C", cpp_sources,
+            include_dirs=[os.path.join(here, csrc)],
+            extra_compile_args={"cxx": cxx_flags},
+        )
+    print(f"mldecoder_fast._C: building the {'CPU+CUDA' if use_cuda else 'CPU-only'} extension",
+          file=sys.stderr)
+    return [ext], {"build_ext": cpp_extension.BuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
