@@ -90,7 +90,10 @@ class MLDecoderFast(_HeadBase):
         return self.decoder.query_embed.weight
 
     def _shared_queries(self):
-        """(T1, q), both [K, D], for the whole batch (eval, or query dropout p == 0)."""
+        """(T1 [K, D], q [K, D], qk [H, K, D]) for the whole batch (eval, or query dropout p == 0).
+
+        qk = W_k,h^T q_h / sqrt(d) per head: the queries with the key projection folded in (see
+        ``TorchOps.shared_query_attention``)."""
         layer = self.decoder.layers[0]
         d = self.config.embed_dim
         attn = layer.multihead_attn
@@ -99,7 +102,10 @@ class MLDecoderFast(_HeadBase):
             t0 = self._base_queries()
             t1 = F.layer_norm(2 * t0, (d,), layer.norm1.weight, layer.norm1.bias, layer.norm1.eps)
             q = F.linear(t1, attn.in_proj_weight[:d], attn.in_proj_bias[:d])
-            return t1, q
+            hd = d // NUM_HEADS
+            w_k = attn.in_proj_weight[d:2 * d].view(NUM_HEADS, hd, d)
+            qk = torch.einsum("khc,hcd->hkd", q.view(-1, NUM_HEADS, hd), w_k) / math.sqrt(hd)
+            return t1, q, qk
 
         inputs = self._query_inputs()
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
@@ -138,7 +144,6 @@ class MLDecoderFast(_HeadBase):
 
         tokens = tokens_from_input(x)                                               # [B, N, C]
         memory = F.relu(F.linear(tokens, dec.embed_standart.weight, dec.embed_standart.bias))
-        kv = F.linear(memory, attn.in_proj_weight[d:], attn.in_proj_bias[d:])     # [B, N, 2D]
 
         if p_query > 0:
             # Training: every sample draws its own dropout mask on the queries (SPEC step 3).
@@ -147,10 +152,18 @@ class MLDecoderFast(_HeadBase):
             t1 = ops.residual_dropout_layer_norm(t0, t0, p_query, layer.norm1.weight,
                                                  layer.norm1.bias, layer.norm1.eps)  # [B, K, D]
             q = F.linear(t1, attn.in_proj_weight[:d], attn.in_proj_bias[:d])
+            shared = False
         else:
-            t1, q = self._shared_queries()                                          # [K, D]
-
-        o = ops.attention(q, kv, NUM_HEADS, p_attn)                                 # [B, K, D]
+            t1, q, qk = self._shared_queries()                                      # [K, D]
+            shared = True
+        k_queries = t1.shape[-2]
+        if shared and NUM_HEADS * k_queries < d + k_queries:
+            # Fewer FLOPs to fold W_k into the shared queries than to form the keys.
+            v = F.linear(memory, attn.in_proj_weight[2 * d:], attn.in_proj_bias[2 * d:])
+            o = ops.shared_query_attention(qk, memory, v, NUM_HEADS, p_attn)      # [B, K, D]
+        else:
+            kv = F.linear(memory, attn.in_proj_weight[d:], attn.in_proj_bias[d:])  # [B, N, 2D]
+            o = ops.attention(q, kv, NUM_HEADS, p_attn)                             # [B, K, D]
         o = F.linear(o, attn.out_proj.weight, attn.out_proj.bias)
         t2 = ops.residual_dropout_layer_norm(t1, o, p_out, layer.norm2.weight, layer.norm2.bias,
                                              layer.norm2.eps)
@@ -158,6 +171,6 @@ class MLDecoderFast(_HeadBase):
         if p_ff > 0:
             f = F.dropout(f, p_ff, training=True)
         f = F.linear(f, layer.linear2.weight, layer.linear2.bias)
-        num_out = t1.shape[-2] if cfg.zsl else cfg.num_classes
+        num_out = k_queries if cfg.zsl else cfg.num_classes
         return ops.decode(t2, f, p_res, layer.norm3.weight, layer.norm3.bias, layer.norm3.eps,
                           dec.duplicate_pooling, dec.duplicate_pooling_bias, num_out)

@@ -74,6 +74,25 @@ class TorchOps:
         o = F.scaled_dot_product_attention(qh, k, v, dropout_p=dropout_p)  # [B, H, K, d]
         return o.transpose(1, 2).reshape(b, nq, d_model)
 
+    def shared_query_attention(self, qk: torch.Tensor, memory: torch.Tensor, v: torch.Tensor,
+                               num_heads: int, dropout_p: float) -> torch.Tensor:
+        """Attention for queries shared by the batch, with the key projection folded into them.
+
+        Since q_h . (W_k,h m + b_k,h) = (W_k,h^T q_h) . m + q_h . b_k,h and the last term is
+        constant along the softmax axis, the scores are one GEMM of the memory against
+        qk [H, K, D] (= W_k,h^T q_h / sqrt(d), computed once per weight version), and the keys
+        are never formed. memory [B, N, D], v [B, N, D] -> [B, K, D].
+        """
+        h, k, d_model = qk.shape
+        b, n, _ = memory.shape
+        d = d_model // num_heads
+        scores = F.linear(memory, qk.reshape(h * k, d_model).to(memory.dtype))   # [B, N, H*K]
+        attn = scores.view(b, n, h, k).permute(0, 2, 3, 1).softmax(dim=-1)     # [B, H, K, N]
+        if dropout_p > 0:
+            attn = F.dropout(attn, dropout_p, training=True)
+        o = torch.matmul(attn, v.view(b, n, h, d).transpose(1, 2))            # [B, H, K, d]
+        return o.transpose(1, 2).reshape(b, k, d_model)
+
     def group_fc(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                  num_classes: int) -> torch.Tensor:
         return group_fc_torch(h, weight, bias, num_classes)
