@@ -175,6 +175,54 @@ def _attn_backward(ctx, do, _dlse):
 triton_attention.register_autograd(_attn_backward, setup_context=_attn_setup)
 
 
+# cross-attention with batch-shared queries, key projection folded in ---------------------------
+
+@torch.library.custom_op("mldecoder_fast::triton_shared_query_attention", mutates_args=())
+def triton_shared_query_attention(qk: Tensor, memory: Tensor, v: Tensor, seed: Optional[Tensor],
+                                  num_heads: int, dropout_p: float,
+                                  out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(O [B, K, D], log-sum-exp [B, H, K]) of softmax(memory . qk[h]) v_h: see
+    ``TorchOps.shared_query_attention``; qk [H, K, D] already carries 1/sqrt(d)."""
+    from ..kernels.attention import folded_attention_forward
+    return folded_attention_forward(qk, memory, v, seed, dropout_p, out_dtype)
+
+
+@triton_shared_query_attention.register_fake
+def _(qk, memory, v, seed, num_heads, dropout_p, out_dtype):
+    h, k, _ = qk.shape
+    b = memory.shape[0]
+    return (memory.new_empty(b, k, v.shape[2], dtype=out_dtype),
+            memory.new_empty(b, h, k, dtype=torch.float32))
+
+
+@torch.library.custom_op("mldecoder_fast::triton_shared_query_attention_backward", mutates_args=())
+def triton_shared_query_attention_backward(do: Tensor, qk: Tensor, memory: Tensor, v: Tensor,
+                                           seed: Optional[Tensor],
+                                           dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
+    from ..kernels.attention import folded_attention_backward
+    return folded_attention_backward(do, qk, memory, v, seed, dropout_p)
+
+
+@triton_shared_query_attention_backward.register_fake
+def _(do, qk, memory, v, seed, dropout_p):
+    return qk.new_empty(qk.shape), memory.new_empty(memory.shape), v.new_empty(v.shape)
+
+
+def _sqa_setup(ctx, inputs, output):
+    qk, memory, v, seed, _num_heads, dropout_p, _out_dtype = inputs
+    ctx.save_for_backward(qk, memory, v, seed)
+    ctx.dropout_p = dropout_p
+
+
+def _sqa_backward(ctx, do, _dlse):
+    qk, memory, v, seed = ctx.saved_tensors
+    dqk, dmem, dv = triton_shared_query_attention_backward(do, qk, memory, v, seed, ctx.dropout_p)
+    return dqk, dmem, dv, None, None, None, None
+
+
+triton_shared_query_attention.register_autograd(_sqa_backward, setup_context=_sqa_setup)
+
+
 # group FC --------------------------------------------------------------------------------------
 
 @torch.library.custom_op("mldecoder_fast::triton_group_fc", mutates_args=())
@@ -343,6 +391,18 @@ class TritonOps(TorchOps):
             return super().attention(q, kv, num_heads, dropout_p)
         o, _lse = triton_attention(q, kv, _new_seed(dropout_p, kv), int(num_heads),
                                    float(dropout_p), dtype)
+        return o
+
+    def shared_query_attention(self, qk, memory, v, num_heads, dropout_p):
+        ok = (qk.dim() == 3 and memory.dim() == 3 and v.dim() == 3 and memory.shape[0] > 0
+              and qk.shape[1] > 0 and qk.shape[0] == num_heads and qk.shape[2] == memory.shape[2]
+              and v.shape[:2] == memory.shape[:2] and v.shape[2] % num_heads == 0
+              and v.shape[2] // num_heads <= 256)
+        dtype = _compute_dtype(memory.device.type, memory, v)
+        if not ok or not self._takes(qk, memory, v, dtypes=(dtype,)):
+            return super().shared_query_attention(qk, memory, v, num_heads, dropout_p)
+        o, _lse = triton_shared_query_attention(qk, memory, v, _new_seed(dropout_p, memory),
+                                                int(num_heads), float(dropout_p), dtype)
         return o
 
     def group_fc(self, h, weight, bias, num_classes):

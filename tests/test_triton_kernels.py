@@ -1,0 +1,521 @@
+"""The Triton backend's fused kernels against plain PyTorch, forward and backward.
+
+Without a GPU the kernels run in Triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET):
+shapes are tiny but odd (K, N, D, G not powers of two, N and G spanning several tiles, a padded
+class tail), and the kernels' interpreter configs use 16-wide tiles so every loop and mask runs.
+bf16 and full-size shapes need the GPU and are skipped here.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import assert_close
+
+from mldecoder_fast.ops import triton_ops as T
+from mldecoder_fast.ops.torch_ops import TorchOps
+
+AVAILABLE, DETAIL = T.triton_status()
+pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"Triton kernels cannot run here: {DETAIL}")
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (bf16 and full sizes; "
+                                                 "the CPU interpreter gets bf16 wrong)")
+# Relative RMS error allowed: fp32 (the interpreter computes dots in fp32; on a GPU fp32 dots are
+# IEEE unless TF32 is enabled) and fp16 (operands rounded to fp16, fp32 accumulation).
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+GRAD_TOL = {torch.float32: 2e-5, torch.float16: 3e-3}
+
+TORCH = TorchOps()
+TRITON = T.TritonOps()
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Fill every torch.empty with NaN (as fla's tests do): an element a kernel forgot to write fails."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def _leaf(t, dtype=None):
+    t = t.to(device=DEV, dtype=dtype or t.dtype)
+    return t.detach().requires_grad_(True)
+
+
+def _grads(out, inputs, g):
+    return torch.autograd.grad(out, inputs, g, allow_unused=False)
+
+
+def _ref_copies(*ts):
+    """fp32 leaf copies of the (already rounded) test inputs, for the reference computation."""
+    return [_leaf(t.detach().float()) for t in ts]
+
+
+def _check(name, ref_out, ref_grads, out, grads, dtype):
+    assert out.dtype == (dtype if dtype != torch.float32 else torch.float32), f"{name}: dtype {out.dtype}"
+    assert_close(f"{name} output", ref_out, out.float(), TOL[dtype])
+    for i, (rg, g) in enumerate(zip(ref_grads, grads)):
+        assert_close(f"{name} grad {i}", rg, g.float(), GRAD_TOL[dtype])
+
+
+# ------------------------------------------------------------------------------------------------
+# residual + dropout + LayerNorm
+# ------------------------------------------------------------------------------------------------
+
+def _ln_layout(layout, b, k, d):
+    """(leaf tensors, function leaves -> (residual, x)) for the residual/x layouts the head uses."""
+    if layout == "shared_residual":      # LN2 in eval: T1 [K, D] against O' [B, K, D]
+        return [torch.randn(k, d), torch.randn(b, k, d)], lambda r, x: (r, x)
+    if layout == "transposed_x":         # x a non-contiguous view
+        return [torch.randn(b, k, d), torch.randn(k, b, d)], lambda r, x: (r, x.transpose(0, 1))
+    # LN1 in training: T0 expanded (stride 0 on the batch) as both residual and x
+    return [torch.randn(k, d)], lambda t0: (t0.unsqueeze(0).expand(b, k, d),) * 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("layout", ["shared_residual", "transposed_x", "expanded_both"])
+def test_layer_norm(dtype, layout, poison_empty):
+    b, k, d = 3, 5, 40
+    acts, arrange = _ln_layout(layout, b, k, d)
+    acts = [_leaf(t, dtype) for t in acts]
+    w, bias = _leaf(torch.randn(d)), _leaf(torch.randn(d))
+    out = TRITON.residual_dropout_layer_norm(*arrange(*acts), 0.0, w, bias, 1e-5)
+    g = torch.randn(out.shape, device=DEV, dtype=out.dtype)
+    grads = _grads(out, acts + [w, bias], g)
+    ref_inputs = _ref_copies(*acts, w, bias)
+    ref = TORCH.residual_dropout_layer_norm(*arrange(*ref_inputs[:-2]), 0.0, *ref_inputs[-2:], 1e-5)
+    _check(f"layer_norm[{layout}]", ref, _grads(ref, ref_inputs, g.float()), out, grads, dtype)
+
+
+def _seed(value):
+    return torch.tensor([value], dtype=torch.int64, device=DEV)
+
+
+def test_layer_norm_dropout_matches_mask(poison_empty):
+    """With a given seed the kernel drops exactly the elements of the mask it documents."""
+    from mldecoder_fast.kernels._common import dropout_mask
+    b, k, d, p = 4, 3, 24, 0.3
+    r, x, w, bias = _leaf(torch.randn(b, k, d)), _leaf(torch.randn(b, k, d)), _leaf(torch.randn(d)), _leaf(torch.randn(d))
+    seed = _seed(1234)
+    out, _mean, _rstd = T.triton_layer_norm(r, x, seed, p, w, bias, 1e-5)
+    g = torch.randn_like(out)
+    grads = _grads(out, [r, x, w, bias], g)
+    keep = dropout_mask(seed, b * k, d, p).view(b, k, d)
+    assert 0.5 < keep.float().mean() < 0.9
+    rr, xr, wr, br = _ref_copies(r, x, w, bias)
+    ref = F.layer_norm(rr + xr * keep / (1 - p), (d,), wr, br, 1e-5)
+    _check("layer_norm dropout", ref, _grads(ref, [rr, xr, wr, br], g), out, grads, torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# cross-attention
+# ------------------------------------------------------------------------------------------------
+
+def _attention_ref(q, kv, num_heads, keep=None, p=0.0):
+    """Plain softmax attention with an explicit dropout mask keep [B, H, K, N]."""
+    b, n, two_d = kv.shape
+    dm = two_d // 2
+    d = dm // num_heads
+    kh = kv[..., :dm].reshape(b, n, num_heads, d).transpose(1, 2)
+    vh = kv[..., dm:].reshape(b, n, num_heads, d).transpose(1, 2)
+    nq = q.shape[-2]
+    qh = (q.reshape(nq, num_heads, d).transpose(0, 1).unsqueeze(0) if q.dim() == 2
+          else q.reshape(b, nq, num_heads, d).transpose(1, 2))
+    a = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(d), dim=-1)
+    if keep is not None:
+        a = a * keep / (1 - p)
+    return (a @ vh).transpose(1, 2).reshape(b, nq, dm)
+
+
+# K = 13: one query block; K = 20: two blocks (the backward's atomic path). N = 37: three key
+# tiles; head dim 12 padded to 16.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shared,k", [(True, 13), (False, 20)])
+def test_attention(dtype, shared, k, poison_empty):
+    b, n, h, d = 2, 37, 3, 12
+    dm = h * d
+    q = _leaf(torch.randn(k, dm) if shared else torch.randn(b, k, dm), dtype)
+    kv = _leaf(torch.randn(b, n, 2 * dm), dtype)
+    out = TRITON.attention(q, kv, h, 0.0)
+    g = torch.randn(out.shape, device=DEV, dtype=out.dtype)
+    grads = _grads(out, [q, kv], g)
+    qr, kvr = _ref_copies(q, kv)
+    ref = TORCH.attention(qr, kvr, h, 0.0)
+    _check(f"attention[shared={shared}, K={k}]", ref, _grads(ref, [qr, kvr], g.float()), out, grads, dtype)
+
+
+def test_attention_strided_kv(poison_empty):
+    """kv as a column slice of a wider buffer and q as a non-contiguous view."""
+    b, n, h, d, k = 2, 21, 2, 8, 9
+    dm = h * d
+    big = _leaf(torch.randn(b, n, 2 * dm + 5))
+    kv = big[..., 3:3 + 2 * dm]
+    qt = _leaf(torch.randn(dm, k))
+    q = qt.t()
+    out = TRITON.attention(q, kv, h, 0.0)
+    g = torch.randn_like(out)
+    grads = _grads(out, [qt, big], g)
+    qr, bigr = _ref_copies(qt, big)
+    ref = TORCH.attention(qr.t(), bigr[..., 3:3 + 2 * dm], h, 0.0)
+    _check("attention strided", ref, _grads(ref, [qr, bigr], g), out, grads, torch.float32)
+
+
+@pytest.mark.parametrize("shared,k", [(True, 13), (False, 20)])
+def test_attention_dropout_matches_mask(shared, k, poison_empty):
+    from mldecoder_fast.kernels._common import dropout_mask
+    b, n, h, d, p = 2, 37, 2, 8, 0.2
+    dm = h * d
+    q = _leaf(torch.randn(k, dm) if shared else torch.randn(b, k, dm))
+    kv = _leaf(torch.randn(b, n, 2 * dm))
+    seed = _seed(99)
+    out, _lse = T.triton_attention(q, kv, seed, h, p, torch.float32)
+    g = torch.randn_like(out)
+    grads = _grads(out, [q, kv], g)
+    keep = dropout_mask(seed, b * h * k, n, p).view(b, h, k, n)
+    qr, kvr = _ref_copies(q, kv)
+    ref = _attention_ref(qr, kvr, h, keep, p)
+    _check("attention dropout", ref, _grads(ref, [qr, kvr], g), out, grads, torch.float32)
+
+
+def _folded_ref(qk, memory, v, keep=None, p=0.0):
+    h, k, _ = qk.shape
+    b, n, dv = v.shape
+    a = torch.einsum("hkc,bnc->bhkn", qk, memory).softmax(-1)
+    if keep is not None:
+        a = a * keep / (1 - p)
+    o = a @ v.view(b, n, h, dv // h).transpose(1, 2)
+    return o.transpose(1, 2).reshape(b, k, dv)
+
+
+# D = 80 > 64: the score dimension is reduced in five 16-wide chunks when interpreted.
+@pytest.mark.parametrize("dtype,p", [(torch.float32, 0.0), (torch.float16, 0.0), (torch.float32, 0.2)])
+def test_shared_query_attention(dtype, p, poison_empty):
+    """Batch-shared queries with W_k folded in (qk [H, K, D] against the memory [B, N, D])."""
+    from mldecoder_fast.kernels._common import dropout_mask
+    b, n, h, dm, k = 2, 37, 4, 80, 13
+    qk = _leaf(torch.randn(h, k, dm) / dm ** 0.5, dtype)
+    memory, v = _leaf(torch.randn(b, n, dm), dtype), _leaf(torch.randn(b, n, dm), dtype)
+    seed = _seed(17) if p else None
+    out, _lse = T.triton_shared_query_attention(qk, memory, v, seed, h, p, dtype)
+    g = torch.randn(out.shape, device=DEV, dtype=out.dtype)
+    grads = _grads(out, [qk, memory, v], g)
+    keep = dropout_mask(seed, b * h * k, n, p).view(b, h, k, n) if p else None
+    refs = _ref_copies(qk, memory, v)
+    ref = _folded_ref(*refs, keep, p)
+    _check(f"shared_query_attention[p={p}]", ref, _grads(ref, refs, g.float()), out, grads, dtype)
+    if p == 0 and hasattr(TorchOps, "shared_query_attention"):
+        via_ops = TRITON.shared_query_attention(qk, memory, v, h, 0.0)
+        assert torch.equal(via_ops, out)
+
+
+# ------------------------------------------------------------------------------------------------
+# group FC and LayerNorm-3 + group FC
+# ------------------------------------------------------------------------------------------------
+
+# (B, K, D, G, classes): G = 7 with a padded tail of 2; G = 1 (K = classes, as COCO); G = 35 spans
+# three 16-wide tiles; B = 19 spans two batch tiles.
+GFC_SHAPES = [(19, 5, 40, 7, 33), (3, 9, 24, 1, 9), (2, 3, 20, 35, 101)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", GFC_SHAPES[:2])
+def test_group_fc(dtype, shape, poison_empty):
+    b, k, d, gs, c = shape
+    h = _leaf(torch.randn(b, k, d), dtype)
+    w, bias = _leaf(torch.randn(k, d, gs) / d ** 0.5), _leaf(torch.randn(c))
+    out = TRITON.group_fc(h, w, bias, c)
+    g = torch.randn(out.shape, device=DEV, dtype=out.dtype)
+    grads = _grads(out, [h, w, bias], g)
+    hr, wr, br = _ref_copies(h, w, bias)
+    ref = TORCH.group_fc(hr, wr, br, c)
+    _check(f"group_fc{shape}", ref, _grads(ref, [hr, wr, br], g.float()), out, grads, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", GFC_SHAPES)
+def test_decode(dtype, shape, poison_empty):
+    b, k, d, gs, c = shape
+    r, x = _leaf(torch.randn(b, k, d), dtype), _leaf(torch.randn(b, k, d), dtype)
+    lw, lb = _leaf(torch.randn(d)), _leaf(torch.randn(d))
+    w, bias = _leaf(torch.randn(k, d, gs) / d ** 0.5), _leaf(torch.randn(c))
+    inputs = [r, x, lw, lb, w, bias]
+    out = TRITON.decode(r, x, 0.0, lw, lb, 1e-5, w, bias, c)
+    g = torch.randn(out.shape, device=DEV, dtype=out.dtype)
+    grads = _grads(out, inputs, g)
+    ref_inputs = _ref_copies(*inputs)
+    ref = TORCH.decode(ref_inputs[0], ref_inputs[1], 0.0, *ref_inputs[2:4], 1e-5, *ref_inputs[4:], c)
+    _check(f"decode{shape}", ref, _grads(ref, ref_inputs, g.float()), out, grads, dtype)
+
+
+def test_decode_dropout_matches_mask(poison_empty):
+    from mldecoder_fast.kernels._common import dropout_mask
+    b, k, d, gs, c, p = 5, 4, 24, 3, 11, 0.3
+    r, x = _leaf(torch.randn(b, k, d)), _leaf(torch.randn(b, k, d))
+    lw, lb = _leaf(torch.randn(d)), _leaf(torch.randn(d))
+    w, bias = _leaf(torch.randn(k, d, gs) / d ** 0.5), _leaf(torch.randn(c))
+    inputs = [r, x, lw, lb, w, bias]
+    seed = _seed(5)
+    out, _m, _s = T.triton_decode(r, x, seed, p, lw, lb, 1e-5, w, bias, c, torch.float32)
+    g = torch.randn_like(out)
+    grads = _grads(out, inputs, g)
+    keep = dropout_mask(seed, b * k, d, p).view(b, k, d)
+    rr, xr, lwr, lbr, wr, br = ref_inputs = _ref_copies(*inputs)
+    hn = F.layer_norm(rr + xr * keep / (1 - p), (d,), lwr, lbr, 1e-5)
+    ref = TORCH.group_fc(hn, wr, br, c)
+    _check("decode dropout", ref, _grads(ref, ref_inputs, g), out, grads, torch.float32)
+
+
+def test_zsl_decode_falls_back():
+    b, k, d = 2, 6, 16
+    r, x, lw, lb = torch.randn(b, k, d), torch.randn(b, k, d), torch.randn(d), torch.randn(d)
+    w, bias = torch.randn(d, 1), torch.randn(1)
+    r, x, lw, lb, w, bias = (t.to(DEV) for t in (r, x, lw, lb, w, bias))
+    out = TRITON.decode(r, x, 0.0, lw, lb, 1e-5, w, bias, k)
+    assert_close("zsl decode", TORCH.decode(r, x, 0.0, lw, lb, 1e-5, w, bias, k), out, 1e-5)
+
+
+def test_fallbacks_to_torch():
+    """fp64 and empty batches take the PyTorch path and still give the right answer."""
+    r, x = torch.randn(2, 3, 8, dtype=torch.float64, device=DEV), torch.randn(2, 3, 8, dtype=torch.float64, device=DEV)
+    w, bias = torch.randn(8, dtype=torch.float64, device=DEV), torch.randn(8, dtype=torch.float64, device=DEV)
+    assert_close("fp64 LN", TORCH.residual_dropout_layer_norm(r, x, 0.0, w, bias, 1e-5),
+                 TRITON.residual_dropout_layer_norm(r, x, 0.0, w, bias, 1e-5), 1e-12)
+    kv = torch.randn(0, 5, 16, device=DEV)
+    assert TRITON.attention(torch.randn(3, 8, device=DEV), kv, 2, 0.0).shape == (0, 3, 8)
+
+
+# ------------------------------------------------------------------------------------------------
+# dropout: reproducibility and statistics
+# ------------------------------------------------------------------------------------------------
+
+def _train_step(seed):
+    """LN -> attention -> decode with dropout, through TritonOps, seeded from torch's generator."""
+    gen = torch.Generator().manual_seed(0)
+    b, k, n, h, d, gs, c = 2, 5, 19, 2, 16, 3, 14
+    t0 = torch.randn(k, d, generator=gen).to(DEV)
+    kv = torch.randn(b, n, 2 * d, generator=gen).to(DEV).requires_grad_(True)
+    lw = (1 + 0.1 * torch.randn(d, generator=gen)).to(DEV).requires_grad_(True)
+    lb = (0.1 * torch.randn(d, generator=gen)).to(DEV).requires_grad_(True)
+    w = (torch.randn(k, d, gs, generator=gen) / 4).to(DEV).requires_grad_(True)
+    bias = torch.randn(c, generator=gen).to(DEV).requires_grad_(True)
+    f = torch.randn(b, k, d, generator=gen).to(DEV).requires_grad_(True)
+    torch.manual_seed(seed)
+    t0e = t0.unsqueeze(0).expand(b, k, d)
+    t1 = TRITON.residual_dropout_layer_norm(t0e, t0e, 0.1, lw, lb, 1e-5)
+    o = TRITON.attention(t1, kv, h, 0.1)
+    out = TRITON.decode(t1, o + f, 0.1, lw, lb, 1e-5, w, bias, c)
+    grads = torch.autograd.grad(out.square().sum(), [kv, lw, lb, w, bias, f])
+    return out, grads
+
+
+def test_dropout_reproducible():
+    out1, g1 = _train_step(7)
+    out2, g2 = _train_step(7)
+    out3, g3 = _train_step(8)
+    assert torch.equal(out1, out2), "same seed, different output"
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b), "same seed, different gradients"
+    assert not torch.equal(out1, out3), "different seed, same output"
+    assert not torch.equal(g1[0], g3[0]), "different seed, same kv gradient"
+
+
+def test_dropout_keep_rate():
+    from mldecoder_fast.kernels._common import dropout_mask
+    keep = dropout_mask(_seed(2024), 256, 320, 0.1).float()
+    rate = keep.mean().item()
+    assert abs(rate - 0.9) < 0.006, f"keep rate {rate:.4f}, expected 0.9"
+    # rows and columns behave alike, and neighbours are uncorrelated
+    assert keep.mean(1).std() < 0.05 and keep.mean(0).std() < 0.05
+    c = keep - keep.mean()
+    corr = (c[:, 1:] * c[:, :-1]).mean() / c.var()
+    assert abs(corr) < 0.02, f"neighbour correlation {corr:.3f}"
+    other = dropout_mask(_seed(2025), 256, 320, 0.1).float()
+    assert (keep != other).float().mean() > 0.1
+
+
+def test_dropout_keep_rate_in_attention():
+    """The attention kernel drops ~10% of the weights: with all-equal scores and v = 1 every output
+    element is (kept count / N) / 0.9, so its mean over many rows is ~1."""
+    b, n, h, d, k = 4, 64, 2, 16, 16
+    q = torch.zeros(k, h * d, device=DEV)
+    kv = torch.cat([torch.zeros(b, n, h * d), torch.ones(b, n, h * d)], dim=-1).to(DEV)
+    torch.manual_seed(3)
+    o = TRITON.attention(q, kv, h, 0.1)
+    kept = o[..., 0] * 0.9          # fraction kept per (b, query), head 0
+    assert abs(kept.mean().item() - 0.9) < 0.02
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.library: opcheck and torch.compile
+# ------------------------------------------------------------------------------------------------
+
+def _opcheck(op, args):
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration",
+                                                "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_opcheck_layer_norm():
+    b, k, d = 2, 3, 20
+    args = (_leaf(torch.randn(k, d)), _leaf(torch.randn(b, k, d)), _seed(3), 0.1,
+            _leaf(torch.randn(d)), _leaf(torch.randn(d)), 1e-5)
+    _opcheck(T.triton_layer_norm, args)
+    y, mean, rstd = T.triton_layer_norm(*[a.detach() if torch.is_tensor(a) else a for a in args])
+    _opcheck(T.triton_layer_norm_backward,
+             (torch.randn_like(y), args[0].detach(), args[1].detach(), args[2], 0.1,
+              args[4].detach(), mean, rstd))
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_opcheck_attention(shared):
+    b, n, h, d, k = 2, 19, 2, 8, 5
+    q = _leaf(torch.randn(k, h * d) if shared else torch.randn(b, k, h * d))
+    kv = _leaf(torch.randn(b, n, 2 * h * d))
+    p = 0.0 if shared else 0.1
+    seed = None if shared else _seed(11)
+    _opcheck(T.triton_attention, (q, kv, seed, h, p, torch.float32))
+    o, lse = T.triton_attention(q.detach(), kv.detach(), seed, h, p, torch.float32)
+    _opcheck(T.triton_attention_backward, (torch.randn_like(o), q.detach(), kv.detach(), o, lse, seed, h, p))
+
+
+def test_opcheck_group_fc_and_decode():
+    b, k, d, gs, c = 3, 4, 20, 3, 10
+    h, w, bias = _leaf(torch.randn(b, k, d)), _leaf(torch.randn(k, d, gs)), _leaf(torch.randn(c))
+    _opcheck(T.triton_group_fc, (h, w, bias, c, torch.float32))
+    _opcheck(T.triton_group_fc_backward, (torch.randn(b, c, device=DEV), h.detach(), w.detach()))
+    r, x, lw, lb = _leaf(torch.randn(b, k, d)), _leaf(torch.randn(b, k, d)), _leaf(torch.randn(d)), _leaf(torch.randn(d))
+    seed = _seed(4)
+    _opcheck(T.triton_decode, (r, x, seed, 0.1, lw, lb, 1e-5, w, bias, c, torch.float32))
+    _out, mean, rstd = T.triton_decode(r.detach(), x.detach(), seed, 0.1, lw.detach(), lb.detach(),
+                                       1e-5, w.detach(), bias.detach(), c, torch.float32)
+    _opcheck(T.triton_decode_backward, (torch.randn(b, c, device=DEV), r.detach(), x.detach(), seed,
+                                        0.1, lw.detach(), lb.detach(), mean, rstd, w.detach()))
+
+
+def test_compile_fullgraph_with_backward():
+    """LN -> attention -> decode compiled with fullgraph=True: same values and gradients as eager
+    without dropout; with dropout it compiles (the seed comes from the compiled RNG) and trains."""
+    torch._dynamo.reset()
+    b, k, n, h, d, gs, c = 2, 5, 19, 2, 16, 3, 14
+
+    def step(t0, kv, lw, lb, w, bias, p):
+        t1 = TRITON.residual_dropout_layer_norm(t0, t0, p, lw, lb, 1e-5)
+        o = TRITON.attention(t1, kv, h, p)
+        return TRITON.decode(t1, o, p, lw, lb, 1e-5, w, bias, c)
+
+    leaves = [_leaf(torch.randn(b, k, d)), _leaf(torch.randn(b, n, 2 * d)), _leaf(1 + 0.1 * torch.randn(d)),
+              _leaf(0.1 * torch.randn(d)), _leaf(torch.randn(k, d, gs) / 4), _leaf(torch.randn(c))]
+    compiled = torch.compile(step, fullgraph=True)
+    out_c = compiled(*leaves, 0.0)
+    out_e = step(*leaves, 0.0)
+    assert_close("compiled output", out_e, out_c, 1e-5)
+    for ge, gc in zip(torch.autograd.grad(out_e.sum(), leaves), torch.autograd.grad(out_c.sum(), leaves)):
+        assert_close("compiled grad", ge, gc, 1e-5)
+    out_d = compiled(*leaves, 0.1)
+    grads = torch.autograd.grad(out_d.sum(), leaves)
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert not torch.equal(out_d, out_c)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU only: bf16 and full-size shapes
+# ------------------------------------------------------------------------------------------------
+
+def _bf16_close(name, ref32, out, torch_bf16):
+    """FlashAttention's rule: the kernel's bf16 error vs fp32 is at most ~2x PyTorch's own bf16 error."""
+    from helpers import rel_rms
+    err, base = rel_rms(ref32, out.float()), rel_rms(ref32, torch_bf16.float())
+    assert err <= 2 * base + 2e-3, f"{name}: bf16 error {err:.2e} vs PyTorch bf16 {base:.2e}"
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("b,k,n,shared", [(32, 100, 196, False), (8, 80, 400, True), (4, 200, 49, False)])
+def test_attention_full_size_cuda(dtype, b, k, n, shared):
+    h, dm = 8, 768
+    q32 = torch.randn(k, dm) if shared else torch.randn(b, k, dm)
+    kv32 = torch.randn(b, n, 2 * dm)
+    q, kv = _leaf(q32, dtype), _leaf(kv32, dtype)
+    out = TRITON.attention(q, kv, h, 0.0)
+    g = torch.randn_like(out)
+    grads = _grads(out, [q, kv], g)
+    qr, kvr = _ref_copies(q, kv)
+    ref = TORCH.attention(qr, kvr, h, 0.0)
+    ref_grads = _grads(ref, [qr, kvr], g.float())
+    if dtype == torch.float32:
+        assert_close("attention fp32", ref, out, 1e-3)  # TF32 may be on
+        for rg, gg in zip(ref_grads, grads):
+            assert_close("attention fp32 grad", rg, gg, 1e-3)
+        return
+    qt, kvt = _leaf(q.detach()), _leaf(kv.detach())
+    tout = TORCH.attention(qt, kvt, h, 0.0)
+    tgrads = _grads(tout, [qt, kvt], g)
+    _bf16_close(f"attention {dtype}", ref, out, tout)
+    for rg, gg, tg in zip(ref_grads, grads, tgrads):
+        _bf16_close(f"attention {dtype} grad", rg, gg, tg)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,k,gs,c", [(64, 100, 219, 21843), (32, 80, 1, 80), (16, 200, 49, 9605)])
+def test_decode_full_size_cuda(dtype, b, k, gs, c):
+    d = 768
+    r, x = _leaf(torch.randn(b, k, d), dtype), _leaf(torch.randn(b, k, d), dtype)
+    lw, lb = _leaf(1 + 0.1 * torch.randn(d)), _leaf(0.1 * torch.randn(d))
+    w, bias = _leaf(torch.randn(k, d, gs) / d ** 0.5), _leaf(torch.randn(c))
+    inputs = [r, x, lw, lb, w, bias]
+    out = TRITON.decode(r, x, 0.0, lw, lb, 1e-5, w, bias, c)
+    g = torch.randn_like(out)
+    grads = _grads(out, inputs, g)
+    ref_inputs = _ref_copies(*inputs)
+    ref = TORCH.decode(ref_inputs[0], ref_inputs[1], 0.0, *ref_inputs[2:4], 1e-5, *ref_inputs[4:], c)
+    ref_grads = _grads(ref, ref_inputs, g.float())
+    t_inputs = [_leaf(t.detach()) for t in inputs]
+    with torch.autocast("cuda", dtype=dtype):  # PyTorch's own mixed-precision version
+        tout = TORCH.decode(t_inputs[0], t_inputs[1], 0.0, *t_inputs[2:4], 1e-5, *t_inputs[4:], c)
+    tgrads = _grads(tout, t_inputs, g.to(tout.dtype))
+    _bf16_close(f"decode {dtype}", ref, out, tout)
+    for i, (rg, gg, tg) in enumerate(zip(ref_grads, grads, tgrads)):
+        _bf16_close(f"decode {dtype} grad {i}", rg, gg, tg)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_layer_norm_full_size_cuda(dtype):
+    b, k, d = 256, 100, 768
+    r, x = _leaf(torch.randn(b, k, d), dtype), _leaf(torch.randn(b, k, d), dtype)
+    w, bias = _leaf(1 + 0.1 * torch.randn(d)), _leaf(0.1 * torch.randn(d))
+    out = TRITON.residual_dropout_layer_norm(r, x, 0.0, w, bias, 1e-5)
+    g = torch.randn_like(out)
+    grads = _grads(out, [r, x, w, bias], g)
+    ref_inputs = _ref_copies(r, x, w, bias)
+    ref = TORCH.residual_dropout_layer_norm(*ref_inputs[:2], 0.0, *ref_inputs[2:], 1e-5)
+    ref_grads = _grads(ref, ref_inputs, g.float())
+    assert_close("LN full", ref, out.float(), 1e-2)
+    for rg, gg in zip(ref_grads, grads):
+        assert_close("LN full grad", rg, gg.float(), 2e-2)
+
+
+@needs_cuda
+def test_dropout_training_bf16_cuda():
+    """bf16 training with dropout on every op: finite, reproducible, and keeps ~90%."""
+    b, k, n, h, d = 16, 100, 49, 8, 768
+    q = _leaf(torch.randn(b, k, d), torch.bfloat16)
+    kv = _leaf(torch.randn(b, n, 2 * d), torch.bfloat16)
+    torch.manual_seed(1)
+    o1 = TRITON.attention(q, kv, h, 0.1)
+    torch.manual_seed(1)
+    o2 = TRITON.attention(q, kv, h, 0.1)
+    assert torch.equal(o1, o2) and torch.isfinite(o1).all()
+    gq, gkv = _grads(o1, [q, kv], torch.randn_like(o1))
+    assert torch.isfinite(gq).all() and torch.isfinite(gkv).all()
