@@ -1,0 +1,142 @@
+"""MLDecoderFast(backend="triton") end to end against the reference MLDecoder on identical weights.
+
+Interpreted on the CPU (tiny heads) when there is no GPU; on a GPU the same tests run the compiled
+kernels, plus a bf16-autocast training step at a full SPEC size.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import assert_close
+from heads import disable_dropout_, make_input, make_pair
+
+from mldecoder_fast.ops import triton_ops as T
+
+AVAILABLE, DETAIL = T.triton_status()
+pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"Triton kernels cannot run here: {DETAIL}")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+RATIO = 1e-4 if DEV == "cpu" else 2e-3   # GPU: TF32 may be on in the reference's matmuls
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the Triton custom-op calls, to prove the kernels (not a fallback) ran."""
+    calls = {}
+    for name in ("triton_layer_norm", "triton_attention", "triton_shared_query_attention",
+                 "triton_decode"):
+        real = getattr(T, name)
+
+        def counted(*args, _real=real, _name=name):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _real(*args)
+
+        monkeypatch.setattr(T, name, counted)
+    return calls
+
+
+# (classes, groups, decoder_embedding): K = 10 uses the kv attention kernel; K = 3 < (D + K) / 8
+# makes the head fold W_k into its shared queries (the folded kernel).
+CASES = [(101, 10, 32), (9, 3, 64)]
+
+
+@pytest.mark.parametrize("classes,groups,dim", CASES)
+def test_eval_matches_reference(classes, groups, dim, kernel_calls):
+    ref, fast = make_pair(classes, groups, dim, 24, backend="triton", device=DEV)
+    ref.eval(), fast.eval()
+    x = make_input("map", 3, 24, tokens=20, device=DEV)
+    with torch.no_grad():
+        assert_close("eval logits", ref(x), fast(x), RATIO)
+    assert fast.active_backend == "triton"
+    assert kernel_calls.get("triton_decode") == 1
+    assert kernel_calls.get("triton_layer_norm") == 1          # LN2 (LN1 is in the query cache)
+    folded = groups * 8 < dim + groups
+    assert kernel_calls.get("triton_shared_query_attention" if folded else "triton_attention") == 1
+
+
+@pytest.mark.parametrize("classes,groups,dim", CASES)
+def test_train_grads_match_reference(classes, groups, dim):
+    """Training mode with dropout off: logits, input gradient and every parameter gradient."""
+    ref, fast = make_pair(classes, groups, dim, 24, backend="triton", device=DEV)
+    ref.train(), fast.train()
+    disable_dropout_(ref), disable_dropout_(fast)
+    x = make_input("tokens", 2, 24, tokens=19, device=DEV)
+    xr, xf = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out_r, out_f = ref(xr), fast(xf)
+    assert_close("train logits", out_r, out_f, RATIO)
+    g = torch.randn_like(out_r)
+    (out_r * g).sum().backward()
+    (out_f * g).sum().backward()
+    assert_close("input grad", xr.grad, xf.grad, RATIO)
+    fast_params = dict(fast.named_parameters())
+    for name, p in ref.named_parameters():
+        if p.requires_grad:
+            assert fast_params[name].grad is not None, f"no gradient reached {name}"
+            assert_close(f"grad of {name}", p.grad, fast_params[name].grad, RATIO)
+
+
+def test_train_with_dropout(kernel_calls):
+    """Dropout on (p = 0.1 everywhere): every fused op takes its dropout path; gradients flow to
+    every parameter, the step is reproducible under torch.manual_seed and differs across seeds."""
+    _ref, fast = make_pair(50, 10, 32, 24, backend="triton", device=DEV)
+    fast.train()
+    x = make_input("map", 2, 24, tokens=16, device=DEV)
+
+    def step(seed):
+        fast.zero_grad()
+        torch.manual_seed(seed)
+        out = fast(x)
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in fast.named_parameters() if p.requires_grad}
+
+    out1, g1 = step(1)
+    out2, g2 = step(1)
+    out3, _ = step(2)
+    assert torch.isfinite(out1).all()
+    assert torch.equal(out1, out2) and all(torch.equal(g1[n], g2[n]) for n in g1)
+    assert not torch.equal(out1, out3)
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in g1.values())
+    assert kernel_calls.get("triton_layer_norm") == 6      # LN1 and LN2, three steps
+    assert kernel_calls.get("triton_attention") == 3
+    assert kernel_calls.get("triton_decode") == 3
+
+
+def test_zsl_eval_matches_reference():
+    v = torch.randn(6, 300, device=DEV)
+    ref, fast = make_pair(6, -1, 32, 24, zsl=1, backend="triton", device=DEV, word_vectors=v)
+    ref.eval(), fast.eval()
+    x = make_input("map", 2, 24, tokens=9, device=DEV)
+    with torch.no_grad():
+        assert_close("zsl eval logits", ref(x), fast(x), RATIO)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (full size, bf16)")
+@pytest.mark.parametrize("classes,groups,c,n", [(21843, 100, 2048, 49), (80, 80, 2048, 196)])
+def test_full_size_bf16_autocast_cuda(classes, groups, c, n):
+    """A SPEC-size bf16-autocast training step and eval: close to the fp32 reference, as close as
+    the torch backend under the same autocast."""
+    from helpers import rel_rms
+    ref, fast = make_pair(classes, groups, 768, c, backend="triton", device=DEV)
+    _r2, fast_torch = make_pair(classes, groups, 768, c, backend="torch", device=DEV)
+    fast_torch.load_state_dict(ref.state_dict())
+    x = make_input("map", 16, c, tokens=n, device=DEV)
+    for head in (ref, fast, fast_torch):
+        head.eval()
+    with torch.no_grad():
+        want = ref(x)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            got, base = fast(x), fast_torch(x)
+    err, base_err = rel_rms(want, got.float()), rel_rms(want, base.float())
+    assert err <= 2 * base_err + 2e-3, f"eval bf16: {err:.2e} vs torch backend {base_err:.2e}"
+    for head in (ref, fast, fast_torch):
+        head.train(), disable_dropout_(head)
+    g = torch.randn_like(want)
+    (ref(x) * g).sum().backward()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        (fast(x).float() * g).sum().backward()
+        (fast_torch(x).float() * g).sum().backward()
+    pf, pt = dict(fast.named_parameters()), dict(fast_torch.named_parameters())
+    for name, p in ref.named_parameters():
+        if p.requires_grad:
+            err, base_err = rel_rms(p.grad, pf[name].grad), rel_rms(p.grad, pt[name].grad)
+            assert err <= 2 * base_err + 5e-3, f"{name}: bf16 grad {err:.2e} vs torch backend {base_err:.2e}"
