@@ -1,0 +1,126 @@
+"""``mldecoder-fast predict --checkpoint CKPT IMAGES...``: the classes each image shows.
+
+For every image: the top classes (at most ``--top-k``) whose sigmoid score is above
+``--threshold``, with their scores, as the official ``infer.py`` picks them. The model is rebuilt
+from the checkpoint's ``model_args`` (written by ``mldecoder-fast train``); class names come from
+its ``class_names`` or ``idx_to_class`` (official files). Checkpoints without ``model_args`` need
+``--model`` (and ``--image-size`` etc. when they differ from the defaults).
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("predict", help="classes of images, from a training checkpoint",
+                              description=__doc__.split("\n\n")[1])
+    p.add_argument("--checkpoint", required=True, help="a .pth written by mldecoder-fast train")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--threshold", type=float, default=0.5, help="minimum score (official infer: 0.75)")
+    p.add_argument("--top-k", type=int, default=20, help="at most this many classes per image")
+    p.add_argument("--weights", choices=["auto", "model", "ema"], default="auto",
+                   help="auto: the EMA weights when they validated better, else the model's")
+    p.add_argument("--head", choices=["fast", "reference"], default="fast")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--device", default=None)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", action="store_true", help="one JSON object per image instead of text")
+    g = p.add_argument_group("for checkpoints without model_args (e.g. official ML-Decoder files)")
+    g.add_argument("--model", help="timm model name")
+    g.add_argument("--image-size", type=int, help="input side (default: the checkpoint's, else 448)")
+    g.add_argument("--num-of-groups", type=int, default=-1)
+    g.add_argument("--decoder-embedding", type=int, default=768)
+    p.set_defaults(func=run)
+
+
+def load_predictor(path: str, head: str = "fast", backend: str = "auto", weights: str = "auto",
+                   device=None, overrides=None):
+    """(model in eval mode, class names, model_args) from a checkpoint."""
+    import torch
+
+    from .train.checkpoint import CheckpointError, check_classes, head_num_classes, load_checkpoint
+    from .train.multilabel import model_from_args
+    ckpt = load_checkpoint(path)
+    names = ckpt.get("class_names")
+    if names is None and "idx_to_class" in ckpt:
+        idx = ckpt["idx_to_class"]
+        names = [idx[k] for k in sorted(idx, key=int)]
+    key, n = head_num_classes(ckpt["model"])
+    if names is None:
+        if n is None:
+            raise CheckpointError(f"{path}: no ML-Decoder head and no class names in this checkpoint")
+        names = [str(i) for i in range(n)]
+    model_args = dict(ckpt.get("model_args") or {})
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            model_args[k] = v
+    if "model" not in model_args:
+        raise CheckpointError(f"{path}: the checkpoint does not say which backbone it has: pass --model")
+    model_args["num_classes"] = len(names)
+    model_args.setdefault("image_size", 448)
+    check_classes(ckpt, names, "its class list")
+    state = ckpt["model"]
+    if weights == "ema" or (weights == "auto" and "ema" in ckpt and
+                            ckpt.get("metrics", {}).get("mAP_ema", -1) > ckpt.get("metrics", {}).get("mAP", -1)):
+        if "ema" not in ckpt:
+            raise CheckpointError(f"{path}: no EMA weights in this checkpoint")
+        state = ckpt["ema"]["module"]
+    model = model_from_args(model_args, head=head, backend=backend)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: the weights do not fit {model_args['model']} with an "
+                              f"ML-Decoder head of {len(names)} classes: {exc}") from None
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return model.to(device).eval(), list(names), model_args
+
+
+def top_classes(scores, names, threshold: float, top_k: int):
+    """[(name, score)] best first: at most ``top_k``, each above ``threshold``."""
+    order = sorted(range(len(names)), key=lambda i: -float(scores[i]))[:top_k]
+    return [(names[i], float(scores[i])) for i in order if float(scores[i]) > threshold]
+
+
+def run(args) -> int:
+    import torch
+
+    from .train.checkpoint import CheckpointError
+    from .train.data import BadImageError, Sample, build_transforms, load_rgb
+    try:
+        model, names, margs = load_predictor(
+            args.checkpoint, args.head, args.backend, args.weights, args.device,
+            overrides={"model": args.model, "image_size": args.image_size,
+                       **({"num_of_groups": args.num_of_groups, "decoder_embedding": args.decoder_embedding}
+                          if args.model else {})})
+    except (CheckpointError, FileNotFoundError, ImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    transform = build_transforms(int(margs["image_size"]), train=False,
+                                 mean=margs.get("mean", (0.0, 0.0, 0.0)), std=margs.get("std", (1.0, 1.0, 1.0)))
+    device = next(model.parameters()).device
+    failures = 0
+    paths = list(args.images)
+    for start in range(0, len(paths), args.batch_size):
+        batch, ok = [], []
+        for path in paths[start:start + args.batch_size]:
+            try:
+                batch.append(transform(load_rgb(Sample(path, (), path))))
+                ok.append(path)
+            except BadImageError as exc:
+                failures += 1
+                print(f"error: {exc}", file=sys.stderr)
+        if not batch:
+            continue
+        with torch.no_grad():
+            scores = torch.sigmoid(model(torch.stack(batch).to(device)).float()).cpu()
+        for path, s in zip(ok, scores):
+            found = top_classes(s.tolist(), names, args.threshold, args.top_k)
+            if args.json:
+                print(json.dumps({"image": path, "classes": [{"class": c, "score": round(v, 4)} for c, v in found]}))
+            elif found:
+                print(f"{path}: " + ", ".join(f"{c} ({v:.2f})" for c, v in found))
+            else:
+                best = int(torch.argmax(s))
+                print(f"{path}: nothing above {args.threshold:.2f} (best: {names[best]} {float(s[best]):.2f})")
+    return 1 if failures else 0
