@@ -519,3 +519,16 @@ def test_dropout_training_bf16_cuda():
     assert torch.equal(o1, o2) and torch.isfinite(o1).all()
     gq, gkv = _grads(o1, [q, kv], torch.randn_like(o1))
     assert torch.isfinite(gq).all() and torch.isfinite(gkv).all()
+
+
+def test_autotune_pruning():
+    """The GPU autotuners drop tiles larger than the problem (pure Python: runs everywhere)."""
+    import triton
+    from mldecoder_fast.kernels._common import prune_by_size
+    cfgs = [triton.Config({"BLOCK_B": bb, "BLOCK_G": bg}) for bb, bg in [(128, 128), (64, 16), (16, 64), (16, 16)]]
+    prune = prune_by_size({"BLOCK_B": "B", "BLOCK_G": "G"})
+    kept = prune(cfgs, {"B": 1, "G": 1})
+    assert [(c.kwargs["BLOCK_B"], c.kwargs["BLOCK_G"]) for c in kept] == [(16, 16)]
+    assert len(prune(cfgs, {"B": 256, "G": 219})) == 4
+    assert [(c.kwargs["BLOCK_B"], c.kwargs["BLOCK_G"]) for c in prune(cfgs, {"B": 40, "G": 219})] == [(64, 16), (16, 64), (16, 16)]
+    assert len(prune(cfgs[:1], {"B": 1, "G": 1})) == 1  # never empty

@@ -61,12 +61,33 @@ def _quick_bench(fn, quantiles):
     return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
-def autotune(gpu_configs, interp_config, key, **kwargs):
+def prune_by_size(sizes: dict):
+    """An ``early_config_prune`` dropping configs whose block ``BLOCK_X`` exceeds its problem
+    size (``sizes`` maps block name -> argument name), e.g. 128-wide class tiles when G = 1: they
+    cost compile and tuning time and cannot win. Keeps the smallest config if none is left."""
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+
+        def fits(cfg):
+            return all(cfg.kwargs.get(blk, 16) <= max(16, next_pow2(int(args[arg])))
+                       for blk, arg in sizes.items() if arg in args)
+
+        kept = [c for c in configs if fits(c)]
+        if kept:
+            return kept
+        return [min(configs, key=lambda c: sum(c.kwargs.get(b, 0) for b in sizes))]
+    return prune
+
+
+def autotune(gpu_configs, interp_config, key, sizes=None, **kwargs):
     """``triton.autotune`` over ``gpu_configs`` on a GPU; the one ``interp_config`` when interpreting
     (the interpreter cannot time configs). Configs that fail to compile for lack of resources are
-    skipped by the autotuner, so each list ends with a small, safe config."""
+    skipped by the autotuner, so each list ends with a small, safe config. ``sizes``: see
+    ``prune_by_size``."""
     if INTERPRET:
         return triton.autotune([interp_config], key=key, **kwargs)
+    if sizes:
+        kwargs["prune_configs_by"] = {"early_config_prune": prune_by_size(sizes)}
     return triton.autotune(gpu_configs, key=key, do_bench=_quick_bench, **kwargs)
 
 

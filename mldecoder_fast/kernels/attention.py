@@ -38,22 +38,21 @@ LOG2E = 1.4426950408889634
 _FWD_CONFIGS = [
     triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1),   # small, safe
 ]
 _BWD_CONFIGS = [
     triton.Config({"BLOCK_N": 32}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1),   # small, safe
 ]
 _INTERP_CONFIG = triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)
 
 
 @autotune(_FWD_CONFIGS, _INTERP_CONFIG,
-          key=["K", "N", "QK_DIM", "HEAD_DIM", "BLOCK_K", "SIZE_CLASS", "DROPOUT"])
-@triton.jit
+          key=["K", "N", "QK_DIM", "HEAD_DIM", "BLOCK_K", "SIZE_CLASS", "DROPOUT"],
+          sizes={"BLOCK_N": "N"})
+@triton.jit(do_not_specialize=["SIZE_CLASS"])
 def _attn_fwd_kernel(Q, KEYS, VALS, O, LSE, SEED,
                      H, K, N, D_OUT,
                      s_qb, s_qh, s_qk, s_qc, s_kb, s_kh, s_kn, s_kc, s_vb, s_vh, s_vn, s_vd,
@@ -130,8 +129,8 @@ def _attn_fwd_kernel(Q, KEYS, VALS, O, LSE, SEED,
 
 
 @autotune(_BWD_CONFIGS, _INTERP_CONFIG, key=["K", "N", "HEAD_DIM", "BLOCK_K", "SIZE_CLASS", "DROPOUT"],
-          reset_to_zero=["DKV"])
-@triton.jit
+          sizes={"BLOCK_N": "N"}, reset_to_zero=["DKV"])
+@triton.jit(do_not_specialize=["SIZE_CLASS"])
 def _attn_bwd_kernel(Q, KV, O, DO, LSE, SEED, DQ, DKV,
                      H, K, N, D_MODEL,
                      s_qb, s_qk, s_qd, s_kvb, s_kvn, s_kvd,

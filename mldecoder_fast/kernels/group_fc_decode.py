@@ -26,27 +26,22 @@ from .layer_norm import ln_backward, ln_forward
 _FWD_CONFIGS = [
     triton.Config({"BLOCK_B": 128, "BLOCK_G": 128, "BLOCK_D": 32}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_B": 128, "BLOCK_G": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_B": 64, "BLOCK_G": 128, "BLOCK_D": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_B": 64, "BLOCK_G": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_B": 16, "BLOCK_G": 64, "BLOCK_D": 128}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_B": 16, "BLOCK_G": 16, "BLOCK_D": 128}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_B": 32, "BLOCK_G": 32, "BLOCK_D": 32}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_B": 64, "BLOCK_G": 16, "BLOCK_D": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_B": 16, "BLOCK_G": 16, "BLOCK_D": 64}, num_warps=4, num_stages=1),  # safe
 ]
 _DGRAD_CONFIGS = [
     triton.Config({"BLOCK_B": 128, "BLOCK_D": 128, "BLOCK_G": 32}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_B": 64, "BLOCK_D": 128, "BLOCK_G": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_B": 64, "BLOCK_D": 64, "BLOCK_G": 32}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_B": 16, "BLOCK_D": 128, "BLOCK_G": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_B": 16, "BLOCK_D": 64, "BLOCK_G": 16}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_B": 32, "BLOCK_D": 32, "BLOCK_G": 32}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_B": 16, "BLOCK_D": 64, "BLOCK_G": 16}, num_warps=4, num_stages=1),  # safe
 ]
 _WGRAD_CONFIGS = [
     triton.Config({"BLOCK_D": 128, "BLOCK_G": 128, "BLOCK_B": 32}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_D": 128, "BLOCK_G": 64, "BLOCK_B": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_D": 64, "BLOCK_G": 64, "BLOCK_B": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_D": 128, "BLOCK_G": 16, "BLOCK_B": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_D": 64, "BLOCK_G": 16, "BLOCK_B": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_D": 32, "BLOCK_G": 32, "BLOCK_B": 32}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_D": 64, "BLOCK_G": 16, "BLOCK_B": 16}, num_warps=4, num_stages=1),  # safe
 ]
 # Interpreted: tiny tiles so the tests cover several tiles along every axis.
 _INTERP_FWD = triton.Config({"BLOCK_B": 16, "BLOCK_G": 16, "BLOCK_D": 16}, num_warps=4, num_stages=1)
@@ -82,8 +77,9 @@ def _load_h(R, X, MEAN, RSTD, LNW, LNB, SEED, offs_b, offs_d, k,
     return x
 
 
-@autotune(_FWD_CONFIGS, _INTERP_FWD, key=["K", "D", "G", "SIZE_CLASS", "APPLY_LN", "DROPOUT"])
-@triton.jit
+@autotune(_FWD_CONFIGS, _INTERP_FWD, key=["K", "D", "G", "SIZE_CLASS", "APPLY_LN", "DROPOUT"],
+          sizes={"BLOCK_B": "B", "BLOCK_G": "G"})
+@triton.jit(do_not_specialize=["SIZE_CLASS"])
 def _group_fc_fwd_kernel(R, X, MEAN, RSTD, LNW, LNB, SEED, W, BIAS, OUT,
                          B, K, D, G, C, SIZE_CLASS,
                          s_rb, s_rk, s_rd, s_xb, s_xk, s_xd, s_wk, s_wd, s_wg,
@@ -115,8 +111,9 @@ def _group_fc_fwd_kernel(R, X, MEAN, RSTD, LNW, LNB, SEED, W, BIAS, OUT,
     tl.store(out_ptrs, acc.to(dt), mask=(offs_b < B)[:, None] & cmask[None, :])
 
 
-@autotune(_DGRAD_CONFIGS, _INTERP_DGRAD, key=["K", "D", "G", "SIZE_CLASS"])
-@triton.jit
+@autotune(_DGRAD_CONFIGS, _INTERP_DGRAD, key=["K", "D", "G", "SIZE_CLASS"],
+          sizes={"BLOCK_B": "B", "BLOCK_G": "G"})
+@triton.jit(do_not_specialize=["SIZE_CLASS"])
 def _group_fc_dgrad_kernel(DOUT, W, DH, B, K, D, G, C, SIZE_CLASS,
                            s_ob, s_wk, s_wd, s_wg,
                            PREC: tl.constexpr,
@@ -147,8 +144,9 @@ def _group_fc_dgrad_kernel(DOUT, W, DH, B, K, D, G, C, SIZE_CLASS,
     tl.store(dh_ptrs, acc.to(dt), mask=bmask[:, None] & dmask[None, :])
 
 
-@autotune(_WGRAD_CONFIGS, _INTERP_WGRAD, key=["K", "D", "G", "SIZE_CLASS", "APPLY_LN", "DROPOUT"])
-@triton.jit
+@autotune(_WGRAD_CONFIGS, _INTERP_WGRAD, key=["K", "D", "G", "SIZE_CLASS", "APPLY_LN", "DROPOUT"],
+          sizes={"BLOCK_B": "B", "BLOCK_G": "G"})
+@triton.jit(do_not_specialize=["SIZE_CLASS"])
 def _group_fc_wgrad_kernel(R, X, MEAN, RSTD, LNW, LNB, SEED, DOUT, DW,
                            B, K, D, G, C, SIZE_CLASS,
                            s_rb, s_rk, s_rd, s_xb, s_xk, s_xd, s_ob,
