@@ -24,9 +24,27 @@ extern "C" PyObject* PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 
+// torch's MKL is told not to adapt its thread count inside parallel regions
+// (mkl_set_dynamic(false)), so a BLAS call inside at::parallel_for would start threads of its
+// own on top of ours. MKL's thread-local setting prevents that; the symbol is weak so builds
+// of torch without MKL (it is then null) load the extension all the same.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
 namespace mldecoder_fast {
 
 namespace {
+
+struct SingleThreadedBlas {
+  int previous = 0;
+  SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous);
+  }
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+};
 
 bool is_supported_dtype(at::ScalarType t) {
   return t == at::kDouble || t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
@@ -90,6 +108,7 @@ void for_each_group(int64_t n, const F& f) {
   // loop over the groups and let each product use the threads itself.
   if (n >= at::get_num_threads() && !at::in_parallel_region()) {
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      const SingleThreadedBlas single_threaded;
       for (int64_t k = begin; k < end; ++k) f(k);
     });
   } else {
