@@ -1,0 +1,307 @@
+"""Results as a text table, JSON and markdown.
+
+The JSON file is the record: ``meta`` (device, versions, commit, date, dtype, batches, the
+measured matmul rate and copy bandwidth, the command), ``results`` (one row per configuration,
+mode, batch and implementation), ``skipped`` (implementations not run, and why) and optionally
+``scaling``. The markdown of BENCHMARKS.md is generated from that file, never typed.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from .configs import SPEC_CONFIGS
+from .runner import EXPERT, REFERENCE, Result
+
+# Speed goals of issue 2 (CPU, fp32, batch 16): (config, mode) -> minimum speedup vs reference.
+CPU_GOALS = {
+    ("imagenet21k-resnet50-224", "train"): 8.0,
+    ("openimages-tresnet_m-224", "train"): 2.5,
+}
+CPU_EVAL_GOAL = 1.05
+CPU_MEMORY_GOAL = ("imagenet21k-resnet50-224", "train", 0.5)  # peak(fast) / peak(reference) <=
+
+
+# -- environment ---------------------------------------------------------------------------------
+
+def device_name(device: torch.device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def git_commit() -> str | None:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def triton_version() -> str | None:
+    try:
+        import triton
+        return triton.__version__
+    except Exception:
+        return None
+
+
+def _load_average():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def collect_meta(device, dtype: torch.dtype, batches, mm_rate: float | None, bandwidth: float | None,
+                 **extra) -> dict:
+    device = torch.device(device)
+    meta = {
+        "device": str(device),
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version(),
+        "python": platform.python_version(),
+        "commit": git_commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "dtype": str(dtype).replace("torch.", ""),
+        "batches": list(batches),
+        "matmul_tflops": None if mm_rate is None else mm_rate / 1e12,
+        "copy_gbps": None if bandwidth is None else bandwidth / 1e9,
+        "load_average": _load_average(),
+        "command": "mldecoder-fast " + " ".join(sys.argv[1:]) if sys.argv and "mldecoder" in sys.argv[0] else None,
+    }
+    try:
+        from .. import backends
+        meta["backends"] = {k: {"available": v["available"], "devices": v["devices"], "detail": v["detail"]}
+                            for k, v in backends().items()}
+    except Exception as exc:  # the fast head is optional here
+        meta["backends"] = {"error": repr(exc)}
+    meta.update(extra)
+    return meta
+
+
+# -- JSON ----------------------------------------------------------------------------------------
+
+def write_json(path, meta: dict, results: list[Result], skipped: dict | None = None,
+               scaling: list | None = None) -> dict:
+    data = {"meta": meta, "results": [r.as_dict() if isinstance(r, Result) else r for r in results],
+            "skipped": skipped or {}}
+    if scaling is not None:
+        data["scaling"] = [r.as_dict() if isinstance(r, Result) else r for r in scaling]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+    return data
+
+
+def load_json(path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+# -- formatting ----------------------------------------------------------------------------------
+
+def _rows(results) -> list[dict]:
+    return [r.as_dict() if isinstance(r, Result) else r for r in results]
+
+
+def _fmt(v, spec: str, none: str = "-") -> str:
+    return none if v is None else format(v, spec)
+
+
+def _mb(b) -> str:
+    return "-" if b is None else f"{b / 2**20:.1f}"
+
+
+def _status(r: dict) -> str:
+    if r.get("skipped"):
+        return "skipped: " + r.get("detail", "")
+    if r.get("agree") is False:
+        return "MISMATCH: " + r.get("detail", "")
+    return "ok"
+
+
+TABLE_COLUMNS = ("config", "mode", "batch", "impl", "ms (median)", "x ref", "x expert",
+                 "peak MB", "mem / ref", "roofline", "agrees")
+
+
+def table_rows(results) -> list[list[str]]:
+    rows = _rows(results)
+    ref_mem = {(r["config"], r["mode"], r["batch"]): r.get("peak_bytes") for r in rows
+               if r["impl"] == REFERENCE}
+    out = []
+    for r in rows:
+        base = ref_mem.get((r["config"], r["mode"], r["batch"]))
+        mem_ratio = (r["peak_bytes"] / base) if (r.get("peak_bytes") is not None and base) else None
+        out.append([r["config"], r["mode"], str(r["batch"]), r["impl"], _fmt(r.get("median_ms"), ".1f"),
+                    _fmt(r.get("speedup_vs_reference"), ".2f"), _fmt(r.get("speedup_vs_expert"), ".2f"),
+                    _mb(r.get("peak_bytes")), _fmt(mem_ratio, ".2f"), _fmt(r.get("roofline"), ".0%"),
+                    _status(r)])
+    return out
+
+
+def format_table(results, meta: dict | None = None) -> str:
+    """Fixed-width text table (the CLI's output)."""
+    rows = table_rows(results)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(TABLE_COLUMNS)]
+    widths[-1] = len(TABLE_COLUMNS[-1])  # the status column is last and may be long: no padding
+    lines = []
+    if meta:
+        lines.append(_meta_line(meta))
+    header = "  ".join(h.ljust(w) if i < 4 else h.rjust(w) for i, (h, w) in enumerate(zip(TABLE_COLUMNS, widths)))
+    lines += [header, "-" * len(header)]
+    prev = None
+    for r in rows:
+        key = (r[0], r[1], r[2])
+        if prev is not None and key != prev:
+            lines.append("")
+        prev = key
+        lines.append("  ".join(c.ljust(w) if i < 4 or i == len(r) - 1 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(r, widths))))
+    return "\n".join(lines)
+
+
+def _meta_line(meta: dict) -> str:
+    parts = [f"device: {meta.get('device_name')} [{meta.get('device')}]", f"dtype: {meta.get('dtype')}",
+             f"torch {meta.get('torch')}"]
+    if meta.get("triton"):
+        parts.append(f"triton {meta['triton']}")
+    if meta.get("matmul_tflops"):
+        parts.append(f"matmul {meta['matmul_tflops'] * 1e3:.0f} GFLOP/s")
+    if meta.get("copy_gbps"):
+        parts.append(f"copy {meta['copy_gbps']:.1f} GB/s")
+    if meta.get("commit"):
+        parts.append(f"commit {meta['commit']}")
+    return " | ".join(parts)
+
+
+def headline_impl(results) -> str | None:
+    """The MLDecoderFast row a user gets by default (backend "auto"), else the fastest fast row."""
+    rows = _rows(results)
+    names = {r["impl"] for r in rows if r["impl"].startswith("fast-") and r.get("median_ms") is not None}
+    if not names:
+        return None
+    try:
+        from ..backends import select_ops
+        dev = torch.device(rows[0]["device"])
+        auto = "fast-" + select_ops("auto", dev)[0]
+        if auto in names:
+            return auto
+    except Exception:
+        pass
+    return sorted(names)[0]
+
+
+def summary(results, meta: dict | None = None) -> list[str]:
+    """One line per (config, mode, batch): the headline fast implementation's ratios, and the
+    issue-2 CPU goals where this run measured them (CPU, float32, batch 16)."""
+    rows = _rows(results)
+    fast = headline_impl(rows)
+    if fast is None:
+        return ["no MLDecoderFast implementation was measured"]
+    by = {(r["config"], r["mode"], r["batch"], r["impl"]): r for r in rows}
+    cpu_goal_run = bool(meta) and meta.get("device") == "cpu" and meta.get("dtype") == "float32"
+    lines = [f"MLDecoderFast ({fast}) vs reference:"]
+    for (cfg, mode, batch, impl), r in by.items():
+        if impl != fast or r.get("speedup_vs_reference") is None:
+            continue
+        ref = by.get((cfg, mode, batch, REFERENCE), {})
+        mem = (r["peak_bytes"] / ref["peak_bytes"]) if r.get("peak_bytes") and ref.get("peak_bytes") else None
+        goal = ""
+        if cpu_goal_run and batch == 16 and cfg in SPEC_CONFIGS:
+            want = CPU_GOALS.get((cfg, mode), CPU_EVAL_GOAL if mode == "eval" else None)
+            if want is not None:
+                ok = r["speedup_vs_reference"] >= want
+                goal = f"  goal >= {want:g}x: {'met' if ok else 'NOT met'}"
+            if (cfg, mode) == CPU_MEMORY_GOAL[:2] and mem is not None:
+                ok = mem <= CPU_MEMORY_GOAL[2]
+                goal += f"; memory goal <= {CPU_MEMORY_GOAL[2]:g}x: {'met' if ok else 'NOT met'}"
+        lines.append(f"  {cfg:30s} {mode:5s} b{batch:<4d} {r['speedup_vs_reference']:6.2f}x time"
+                     f"  {_fmt(mem, '.2f')}x memory{goal}")
+    return lines
+
+
+def to_markdown(data: dict, title: str | None = None, command: str | None = None) -> str:
+    """A BENCHMARKS.md section generated from a JSON record (see ``write_json``)."""
+    meta, rows = data["meta"], data["results"]
+    out = []
+    if title:
+        out += [f"## {title}", ""]
+    out.append(f"- device: {meta.get('device_name')} (`{meta.get('device')}`), dtype {meta.get('dtype')}, "
+               f"batch {', '.join(str(b) for b in meta.get('batches', []))}")
+    out.append(f"- torch {meta.get('torch')}, triton {meta.get('triton')}, Python {meta.get('python')}")
+    out.append(f"- commit `{meta.get('commit')}`, {meta.get('date')}"
+               + (f", load average {meta['load_average'][0]:.1f} at the end of the run (other processes "
+                  f"shared the cores)" if meta.get("load_average") else ""))
+    if meta.get("matmul_tflops"):
+        out.append(f"- measured in the same run: matmul {meta['matmul_tflops'] * 1e3:.0f} GFLOP/s"
+                   + (f", copy {meta['copy_gbps']:.1f} GB/s" if meta.get("copy_gbps") else ""))
+    backends = meta.get("backends") or {}
+    if backends and "error" not in backends:
+        present = [k for k, v in backends.items() if v.get("available")]
+        out.append(f"- MLDecoderFast backends available: {', '.join(present) or 'none'}")
+    cmd = command or meta.get("command")
+    if cmd:
+        out.append(f"- reproduce: `{cmd}`")
+    skipped = data.get("skipped") or {}
+    if skipped:
+        out.append("- not run: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()))
+    out.append("")
+    if rows:
+        out.append("| " + " | ".join(TABLE_COLUMNS) + " |")
+        out.append("|" + "|".join("---" if i < 4 or i == len(TABLE_COLUMNS) - 1 else "---:"
+                                  for i in range(len(TABLE_COLUMNS))) + "|")
+        for r in table_rows(rows):
+            out.append("| " + " | ".join(c.replace("|", "/") for c in r) + " |")
+        out.append("")
+        out += ["```", *summary(rows, meta), "```", ""]
+    if data.get("scaling"):
+        out.append(scaling_markdown(data["scaling"]))
+    return "\n".join(out)
+
+
+def scaling_markdown(rows) -> str:
+    rows = _rows(rows)
+    impls = sorted({r["impl"] for r in rows}, key=lambda n: (n != REFERENCE, n != EXPERT, n))
+    classes = sorted({r["classes"] for r in rows})
+    out = []
+    for mode in ("train", "eval"):
+        out.append(f"Scaling, {mode}: ms (median) / peak MB")
+        out.append("")
+        out.append("| classes | " + " | ".join(impls) + " |")
+        out.append("|---:|" + "---:|" * len(impls))
+        by = {(r["classes"], r["impl"]): r for r in rows if r["mode"] == mode}
+        for c in classes:
+            cells = []
+            for i in impls:
+                r = by.get((c, i))
+                if r is None or r.get("median_ms") is None:
+                    cells.append("-")
+                else:
+                    cells.append(f"{r['median_ms']:.1f} / {_mb(r.get('peak_bytes'))}")
+            out.append(f"| {c:,} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)

@@ -1,0 +1,434 @@
+"""Run every implementation of the head on one configuration, side by side.
+
+For one (configuration, mode, device, dtype, batch) all implementations get the same weights (one
+seeded reference's state_dict), the same input and the same targets. Each implementation is first
+checked against the reference (``check_agreement``): eval outputs; in training, with every dropout
+set to p = 0, the logits, the input gradient and every parameter gradient. Only then is it timed
+(median after warm-up) and its peak memory measured. A mismatch marks the row and, with
+``strict=True``, raises ``AgreementError``: a fast wrong implementation never wins silently.
+
+Modes: ``eval`` is a forward under ``torch.no_grad`` in eval mode; ``train`` is one training step:
+forward, BCE-with-logits against fixed random targets, backward, then zeroing the gradients.
+Low precision (float16 / bfloat16) means fp32 weights, input in that dtype, run under
+``torch.autocast`` (mixed precision, as the head is trained); float32/float64 run plainly.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..reference import MLDecoder
+from .configs import BenchConfig
+from .expert import ExpertMLDecoder
+from .flops import step_bytes, step_flops
+from .timing import peak_memory_bytes, synchronize, time_interleaved
+
+MODES = ("eval", "train")
+REFERENCE = "reference"
+EXPERT = "eager-expert"
+
+# Relative RMS error allowed against the reference, per compute dtype: (outputs, gradients).
+TOLERANCE = {
+    torch.float64: (1e-9, 1e-8),
+    torch.float32: (2e-4, 2e-3),
+    torch.float16: (2e-2, 5e-2),
+    torch.bfloat16: (5e-2, 1e-1),
+}
+
+
+class AgreementError(AssertionError):
+    """An implementation's output or gradients differ from the reference's."""
+
+
+@dataclass
+class Impl:
+    """One implementation to benchmark: a name and how to build the (untrained) head."""
+    name: str
+    build: Callable[[BenchConfig], nn.Module]
+    compiled: bool = False
+    backend: str | None = None  # MLDecoderFast backend, None for the baselines
+
+    def make(self, cfg: BenchConfig) -> nn.Module:
+        return self.build(cfg)
+
+
+@dataclass
+class Result:
+    config: str
+    mode: str
+    impl: str
+    device: str
+    dtype: str
+    batch: int
+    classes: int | None = None   # output width in this mode
+    median_ms: float | None = None
+    min_ms: float | None = None
+    times_ms: list = field(default_factory=list)
+    peak_bytes: int | None = None
+    flops: float = 0.0
+    bytes: float = 0.0
+    agree: bool | None = None
+    error: float | None = None   # worst relative RMS error vs the reference
+    detail: str = ""              # why skipped / what mismatched
+    skipped: bool = False
+    speedup_vs_reference: float | None = None
+    speedup_vs_expert: float | None = None
+    roofline: float | None = None
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+# -- implementations -----------------------------------------------------------------------------
+
+def _fast_class():
+    try:
+        from ..module import MLDecoderFast
+        return MLDecoderFast, ""
+    except Exception as exc:  # the fast head is optional for the baselines
+        return None, f"MLDecoderFast unavailable: {exc!r}"
+
+
+def _compiled(build):
+    def make(cfg):
+        return torch.compile(build(cfg))
+    return make
+
+
+def implementations(device, include_compiled: bool = True, names: list[str] | None = None,
+                    allow_interpreted_triton: bool = False) -> tuple[list[Impl], dict[str, str]]:
+    """Implementations runnable on ``device``, and {name: reason} for those that are not."""
+    device = torch.device(device)
+    impls = [Impl(REFERENCE, lambda c: c.make_head(MLDecoder)),
+             Impl(EXPERT, lambda c: c.make_head(ExpertMLDecoder))]
+    skipped: dict[str, str] = {}
+    if include_compiled:
+        impls += [Impl("compiled-reference", _compiled(lambda c: c.make_head(MLDecoder)), compiled=True),
+                  Impl("compiled-expert", _compiled(lambda c: c.make_head(ExpertMLDecoder)), compiled=True)]
+    else:
+        skipped["compiled-*"] = "torch.compile not requested"
+    fast, why = _fast_class()
+    if fast is None:
+        skipped["fast-*"] = why
+    else:
+        from .. import backends
+        for name, info in backends().items():
+            label = f"fast-{name}"
+            if not info["available"] or device.type not in info["devices"]:
+                skipped[label] = info["detail"] if not info["available"] else f"not on {device.type}"
+                continue
+            if name == "triton" and device.type == "cpu" and not allow_interpreted_triton:
+                skipped[label] = "Triton on the CPU is its interpreter (correct, far too slow to time)"
+                continue
+            impls.append(Impl(label, (lambda c, n=name: c.make_head(fast, backend=n)), backend=name))
+    if names:
+        wanted = set(names)
+        wanted |= {REFERENCE}  # the reference is needed for the agreement check and speedups
+        unknown = wanted - {i.name for i in impls} - set(skipped)
+        if unknown:
+            raise ValueError(f"unknown implementation(s) {sorted(unknown)}; available: "
+                             f"{[i.name for i in impls]}")
+        impls = [i for i in impls if i.name in wanted]
+    return impls, skipped
+
+
+# -- one configuration --------------------------------------------------------------------------
+
+def autocast_context(device: torch.device, dtype: torch.dtype):
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.autocast(device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def param_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Weights stay fp32 under autocast; fp32/fp64 runs keep weights in the run's dtype."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+@contextlib.contextmanager
+def dropout_disabled(model: nn.Module):
+    """Set p = 0 on every dropout site (nn.Dropout.p, nn.MultiheadAttention-style ``.dropout``)."""
+    saved = []
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            saved.append((m, "p", m.p))
+            m.p = 0.0
+        elif isinstance(getattr(m, "dropout", None), float):
+            saved.append((m, "dropout", m.dropout))
+            m.dropout = 0.0
+    try:
+        yield
+    finally:
+        for m, attr, value in saved:
+            setattr(m, attr, value)
+
+
+def rel_rms(ref: torch.Tensor, out: torch.Tensor) -> float:
+    ref = ref.detach().double()
+    out = out.detach().double()
+    den = ref.pow(2).mean().sqrt().clamp_min(1e-30)
+    return float((ref - out).pow(2).mean().sqrt() / den)
+
+
+@dataclass
+class Case:
+    """Everything shared by the implementations of one (config, mode, device, dtype, batch)."""
+    cfg: BenchConfig
+    mode: str
+    device: torch.device
+    dtype: torch.dtype
+    batch: int
+    state_dict: dict
+    inputs: list            # one or more inputs (rotated on CUDA so L2 does not flatter)
+    target: torch.Tensor | None
+    word_vectors: torch.Tensor | None
+    expected: dict | None = None  # reference outputs (and grads in training)
+
+
+def make_case(cfg: BenchConfig, mode: str, device, dtype: torch.dtype, batch: int,
+              seed: int = 0) -> Case:
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    ref = cfg.make_head(MLDecoder)
+    sd = {k: v.to(device=device, dtype=param_dtype(dtype)) if v.is_floating_point() else v.to(device)
+          for k, v in ref.state_dict().items()}
+    inputs = [cfg.make_input(batch, device, dtype, seed=seed)]
+    if device.type == "cuda":
+        # Rotate inputs whose total is about 2x an L2 cache, so each call reads from HBM.
+        per = max(1, inputs[0].numel() * inputs[0].element_size())
+        extra = min(7, math.ceil((100 << 20) / per) - 1)
+        inputs += [cfg.make_input(batch, device, dtype, seed=seed + 1 + i) for i in range(extra)]
+    g = torch.Generator().manual_seed(seed + 100)
+    target = None
+    if mode == "train":
+        target = (torch.rand(batch, cfg.classes_for(mode), generator=g) < 0.1).float().to(device)
+    wv = cfg.word_vectors(mode).to(device=device, dtype=param_dtype(dtype)) if cfg.zsl else None
+    return Case(cfg, mode, device, dtype, batch, sd, inputs, target, wv)
+
+
+def prepare(impl: Impl, case: Case) -> nn.Module:
+    """Build ``impl`` with the case's weights, device, mode and word vectors."""
+    torch.manual_seed(0)
+    model = impl.make(case.cfg)
+    target_module = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    target_module.to(device=case.device, dtype=param_dtype(case.dtype))
+    target_module.load_state_dict(case.state_dict)
+    if case.word_vectors is not None:
+        target_module.set_word_vectors(case.word_vectors)
+    model.train(case.mode == "train")
+    return model
+
+
+def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logits.float(), target)
+
+
+def make_step(model: nn.Module, case: Case) -> Callable[[], None]:
+    """The timed callable: an eval forward, or a full training step (see module docstring)."""
+    inputs = case.inputs
+    counter = [0]
+    ctx = lambda: autocast_context(case.device, case.dtype)  # noqa: E731
+    if case.mode == "eval":
+        def step():
+            x = inputs[counter[0] % len(inputs)]
+            counter[0] += 1
+            with torch.no_grad(), ctx():
+                model(x)
+        return step
+    xs = [x.detach().clone().requires_grad_(True) for x in inputs]
+    target = case.target
+
+    def step():
+        x = xs[counter[0] % len(xs)]
+        counter[0] += 1
+        with ctx():
+            logits = model(x)
+        _loss(logits, target).backward()
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+    return step
+
+
+def _outputs(model: nn.Module, case: Case) -> dict:
+    """Outputs to compare: eval logits; in training (dropout off) logits and every gradient."""
+    x = case.inputs[0]
+    ctx = autocast_context(case.device, case.dtype)
+    if case.mode == "eval":
+        with torch.no_grad(), ctx:
+            return {"logits": model(x).detach().float()}
+    x = x.detach().clone().requires_grad_(True)
+    inner = getattr(model, "_orig_mod", model)
+    with dropout_disabled(inner):
+        with ctx:
+            logits = model(x)
+        _loss(logits, case.target).backward()
+    out = {"logits": logits.detach().float(), "grad:input": x.grad.float()}
+    for name, p in inner.named_parameters():
+        if p.requires_grad:
+            out[f"grad:{name}"] = None if p.grad is None else p.grad.detach().float().clone()
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def check_agreement(model: nn.Module, case: Case) -> tuple[bool, float, str]:
+    """Compare ``model`` with the reference outputs of ``case``: (ok, worst error, message)."""
+    assert case.expected is not None, "reference outputs missing"
+    got = _outputs(model, case)
+    tol_out, tol_grad = TOLERANCE.get(case.dtype, TOLERANCE[torch.float32])
+    worst, problems = 0.0, []
+    for key, ref in case.expected.items():
+        tol = tol_out if key == "logits" else tol_grad
+        out = got.get(key)
+        if ref is None:
+            continue
+        if out is None:
+            problems.append(f"{key} missing")
+            continue
+        if out.shape != ref.shape:
+            problems.append(f"{key} shape {tuple(out.shape)} != {tuple(ref.shape)}")
+            continue
+        if not torch.isfinite(out).all() and torch.isfinite(ref).all():
+            problems.append(f"{key} has NaN/Inf")
+            continue
+        err = rel_rms(ref, out)
+        worst = max(worst, err)
+        if not err <= tol:
+            problems.append(f"{key} rel. RMS error {err:.2e} > {tol:.0e}")
+    return not problems, worst, "; ".join(problems)
+
+
+def run_case(case: Case, impls: list[Impl], warmup: int = 1, repeats: int = 5,
+             budget_s: float | None = None, min_repeats: int = 1, measure_memory: bool = True,
+             strict: bool = False, on_result: Callable[[Result], None] | None = None) -> list[Result]:
+    """Check, time and measure every implementation on one case.
+
+    The reference runs first and provides the expected outputs. Each other implementation is
+    built and checked; then all are warmed up and timed in interleaved rounds
+    (``time_interleaved``); then the peak memory of one step of each is measured on its own.
+    An implementation that fails to build or run (e.g. torch.compile errors) gets a skipped row
+    with the reason; a reference failure propagates.
+    """
+    cfg = case.cfg
+    flops = step_flops(cfg, case.batch, case.mode)
+    nbytes = step_bytes(cfg, case.batch, case.mode, itemsize=case.inputs[0].element_size(),
+                        param_itemsize=torch.empty((), dtype=param_dtype(case.dtype)).element_size())
+    ordered = sorted(impls, key=lambda i: i.name != REFERENCE)
+    results: dict[str, Result] = {}
+    steps: dict[str, Callable[[], None]] = {}
+    models: dict[str, nn.Module] = {}
+
+    def fail(impl: Impl, exc: BaseException) -> None:
+        if impl.name == REFERENCE:
+            raise exc
+        res = results[impl.name]
+        res.skipped = True
+        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        res.detail = ("torch.compile failed: " if impl.compiled else "") + f"{type(exc).__name__}: {msg}"
+        steps.pop(impl.name, None)
+        models.pop(impl.name, None)
+
+    try:
+        for impl in ordered:
+            results[impl.name] = Result(cfg.name, case.mode, impl.name, str(case.device),
+                                        str(case.dtype).replace("torch.", ""), case.batch,
+                                        classes=cfg.classes_for(case.mode), flops=flops, bytes=nbytes)
+            res = results[impl.name]
+            try:
+                model = prepare(impl, case)
+                if impl.name == REFERENCE:
+                    case.expected = _outputs(model, case)
+                    res.agree, res.error = True, 0.0
+                else:
+                    res.agree, res.error, res.detail = check_agreement(model, case)
+                    if not res.agree and strict:
+                        raise AgreementError(f"{impl.name} disagrees with the reference on {cfg.name} "
+                                             f"{case.mode} (batch {case.batch}): {res.detail}")
+                models[impl.name] = model
+                steps[impl.name] = make_step(model, case)
+                # Warm up alone, so a failing compile is caught here (and compiles untimed).
+                for _ in range(max(1 if impl.compiled else 0, warmup)):
+                    steps[impl.name]()
+                synchronize(case.device)
+            except AgreementError:
+                raise
+            except Exception as exc:
+                fail(impl, exc)
+
+        timings = time_interleaved(steps, case.device, warmup=0, repeats=repeats,
+                                   min_repeats=min_repeats, budget_s=budget_s)
+        for name, t in timings.items():
+            res = results[name]
+            res.median_ms, res.min_ms, res.times_ms = t.median_ms, t.min_ms, t.times_ms
+
+        if measure_memory:
+            for name, step in list(steps.items()):
+                try:
+                    results[name].peak_bytes = peak_memory_bytes(step, case.device)
+                except Exception as exc:  # pragma: no cover - measurement, not correctness
+                    results[name].detail = f"memory not measured: {exc!r}"
+    finally:
+        steps.clear()
+        models.clear()
+        gc.collect()
+        if case.device.type == "cuda":
+            torch.cuda.empty_cache()
+    out = [results[i.name] for i in ordered if i.name in results]
+    fill_ratios(out)
+    if on_result is not None:
+        for r in out:
+            on_result(r)
+    return out
+
+
+def fill_ratios(results: list[Result], mm_rate: float | None = None, bandwidth: float | None = None) -> None:
+    """Speedups vs reference and eager-expert within each case; roofline when rates are known."""
+    groups: dict = {}
+    for r in results:
+        groups.setdefault((r.config, r.mode, r.device, r.dtype, r.batch), []).append(r)
+    for rows in groups.values():
+        by = {r.impl: r for r in rows}
+        ref, exp = by.get(REFERENCE), by.get(EXPERT)
+        for r in rows:
+            if r.median_ms is None:
+                continue
+            if ref is not None and ref.median_ms:
+                r.speedup_vs_reference = ref.median_ms / r.median_ms
+            if exp is not None and exp.median_ms:
+                r.speedup_vs_expert = exp.median_ms / r.median_ms
+            if mm_rate:
+                # The floor is FLOPs over the matmul rate; on a GPU also bytes over copy bandwidth
+                # (small batches there are bound by bytes and launches). CPU caches hold most of
+                # the head's weights at small sizes, so a byte floor would not be one there.
+                floor_s = r.flops / mm_rate
+                if bandwidth and r.device.startswith("cuda"):
+                    floor_s = max(floor_s, r.bytes / bandwidth)
+                r.roofline = floor_s / (r.median_ms * 1e-3)
+
+
+def run_suite(configs: list[BenchConfig], device, dtype: torch.dtype, batches: list[int],
+              modes=MODES, impls: list[Impl] | None = None, progress=None, **kwargs) -> list[Result]:
+    """Every configuration x mode x batch; ``progress`` (a tqdm-like object) advances per row."""
+    device = torch.device(device)
+    if impls is None:
+        impls, _ = implementations(device)
+    out: list[Result] = []
+    for cfg in configs:
+        for batch in batches:
+            for mode in modes:
+                if progress is not None:
+                    progress.set_description(f"{cfg.name} {mode} b{batch}")
+                case = make_case(cfg, mode, device, dtype, batch)
+
+                def tick(res, _p=progress):
+                    if _p is not None:
+                        _p.update(1)
+                out += run_case(case, impls, on_result=tick, **kwargs)
+                del case
+    return out

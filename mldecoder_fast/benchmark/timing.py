@@ -1,0 +1,189 @@
+"""Timing and peak memory of one benchmark step.
+
+Time: ``warmup`` untimed calls, then up to ``repeats`` timed calls; the result is their median
+(noise on shared machines is one-sided, so the median is robust where the mean is not). A time
+budget can stop the repetitions early, but never below ``min_repeats``. Implementations compared
+with each other are timed in interleaved rounds (``time_interleaved``), so that load from other
+processes hits them alike. On CUDA each call is
+bracketed by CUDA events and the device is synchronised before the elapsed time is read; on the
+CPU ``time.perf_counter`` brackets the call.
+
+Peak memory: the most bytes the step holds at once *beyond what was allocated before it* (weights,
+inputs, caches), i.e. activations saved for the backward, gradients, workspaces and outputs.
+- CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus
+  ``memory_allocated`` before the step (bytes handed out by the caching allocator; blocks it
+  keeps reserved are not counted).
+- CPU: PyTorch has no allocator statistics on the CPU, and ``tracemalloc`` does not see tensor
+  storage. The step runs once under ``torch.profiler`` with ``profile_memory=True``, which
+  records every allocation and free of PyTorch's CPU allocator made during the step; the peak is
+  the maximum of their running sum. Buffers that libraries allocate internally (oneDNN/MKL
+  scratch space) are not seen.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    min_ms: float
+    times_ms: list[float] = field(default_factory=list)
+    warmup: int = 0
+
+    @property
+    def repeats(self) -> int:
+        return len(self.times_ms)
+
+    def as_dict(self) -> dict:
+        return {"median_ms": self.median_ms, "min_ms": self.min_ms, "times_ms": self.times_ms,
+                "repeats": self.repeats, "warmup": self.warmup}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_step(fn: Callable[[], object], device, warmup: int = 1, repeats: int = 5,
+              min_repeats: int = 1, budget_s: float | None = None) -> Timing:
+    """Median wall time of ``fn()`` in milliseconds (see module docstring)."""
+    device = torch.device(device)
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(max(0, warmup)):
+        fn()
+    synchronize(device)
+    times: list[float] = []
+    start_all = time.perf_counter()
+    for i in range(repeats):
+        times.append(_timed_call(fn, device))
+        if budget_s is not None and i + 1 >= min_repeats and time.perf_counter() - start_all > budget_s:
+            break
+    return Timing(median_ms=statistics.median(times), min_ms=min(times), times_ms=times,
+                  warmup=max(0, warmup))
+
+
+def _timed_call(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return float(begin.elapsed_time(end))
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device, warmup: int = 1, repeats: int = 5,
+                     min_repeats: int = 1, budget_s: float | None = None) -> dict[str, Timing]:
+    """Time several callables in rounds (one call of each per round), so that a change of load on
+    a shared machine hits them all alike and their ratios stay meaningful.
+
+    ``budget_s`` is per callable: no new round starts once the rounds took longer than
+    ``budget_s * len(fns)`` and ``min_repeats`` rounds are done.
+    """
+    device = torch.device(device)
+    for _ in range(max(0, warmup)):
+        for fn in fns.values():
+            fn()
+    synchronize(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    for i in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(_timed_call(fn, device))
+        if (budget_s is not None and i + 1 >= min_repeats
+                and time.perf_counter() - start > budget_s * len(fns)):
+            break
+    return {name: Timing(median_ms=statistics.median(t), min_ms=min(t), times_ms=t, warmup=max(0, warmup))
+            for name, t in times.items()}
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Kineto prints start/stop lines straight to file descriptor 2; hide them (only them)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real fd 2 (e.g. captured by a test runner)
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+    with _quiet_stderr():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+              and e.device_type() == torch.autograd.DeviceType.CPU]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return int(peak)
+
+
+def peak_memory_bytes(fn: Callable[[], object], device) -> int:
+    """Peak bytes held by one call of ``fn`` above what was allocated before it."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - before)
+    return _cpu_peak_bytes(fn)
+
+
+def memory_method(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "torch.cuda.max_memory_allocated - memory_allocated before the step"
+    return "torch.profiler CPU allocator events: max running sum during the step"
+
+
+def matmul_rate(device, dtype: torch.dtype, size: int | None = None, repeats: int = 3) -> float:
+    """FLOP/s of a large square ``torch.mm`` in ``dtype`` on ``device`` (median of ``repeats``)."""
+    device = torch.device(device)
+    if size is None:
+        size = 8192 if device.type == "cuda" else 1536
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
+    t = time_step(lambda: torch.mm(a, b), device, warmup=1, repeats=repeats)
+    return 2.0 * size ** 3 / (t.median_ms * 1e-3)
+
+
+def copy_bandwidth(device, nbytes: int | None = None, repeats: int = 3) -> float:
+    """Bytes/s of a large tensor copy (read + write counted)."""
+    device = torch.device(device)
+    if nbytes is None:
+        nbytes = (1 << 30) if device.type == "cuda" else (64 << 20)
+    src = torch.empty(nbytes // 4, device=device, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    t = time_step(lambda: dst.copy_(src), device, warmup=1, repeats=repeats)
+    return 2.0 * nbytes / (t.median_ms * 1e-3)
