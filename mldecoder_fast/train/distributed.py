@@ -1,0 +1,331 @@
+"""torchrun / DistributedDataParallel plumbing for the training recipes.
+
+Everything here is PyTorch's own engine (``torch.distributed`` process groups, DDP, the samplers of
+torch and timm); this module only decides how the recipes use it:
+
+- ``init_distributed()`` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+  MASTER_PORT) and starts a process group: nccl on GPUs, gloo on CPUs. Without that environment it
+  is a single process with no process group, and every helper below degrades to a no-op.
+- ``wrap_ddp()``: DistributedDataParallel with the settings an ML-Decoder head needs (see below).
+- ``EpochSampler``: the training order of an epoch. torch's ``DistributedSampler`` (or timm's
+  ``RepeatAugSampler`` for repeated augmentation) hands rank r the positions r, r + W, r + 2W, ...
+  of one global order, so step s of the W ranks together covers global positions
+  [s*B, (s+1)*B) for the global batch B, whatever W is. The sampler yields ``(index, key)``: the
+  key (epoch, global position) seeds that sample's augmentation (``KeyedDataset``). A run resumed
+  mid-epoch, on the same or on a different number of processes with the same global batch, skips
+  exactly the samples already seen, and every later global batch holds the same images with the
+  same augmentations.
+- ``EvalShardSampler``: validation positions r, r + W, ... without padding, so sums reduced over
+  ranks count every validation image exactly once.
+- ``all_reduce_sum`` / ``all_gather_object``: metric reduction; ``is_main`` for rank-0 logging and
+  checkpointing.
+
+ML-Decoder heads under DDP: every parameter that requires a gradient takes part in every training
+forward (the frozen query embedding has ``requires_grad=False``, which DDP leaves out of its
+reducer), so ``find_unused_parameters=False`` is right. The heads have no buffers; the ZSL word
+vectors are a plain attribute that every rank sets to the same tensor. ``MLDecoderFast``'s eval
+query cache is keyed on the parameters' storage and version counters; DDP's initial broadcast and
+every optimizer step write the parameters in place, so each rank recomputes it after any change.
+Evaluate with the unwrapped module (``unwrap(model)``): DDP's forward may broadcast buffers, which
+deadlocks when ranks run different numbers of validation batches.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import random
+import resource
+import socket
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset, Sampler
+
+__all__ = ["DistInfo", "init_distributed", "destroy_distributed", "wrap_ddp", "unwrap",
+           "all_reduce_sum", "all_gather_object", "broadcast_object", "barrier", "EpochSampler",
+           "EvalShardSampler", "KeyedDataset", "sample_seed", "peak_memory_mb", "free_port",
+           "spawn_local", "rank_seed"]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None      # None: a single process without a process group
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def init_distributed(device: str | None = None, backend: str | None = None,
+                     timeout_s: float = 1800.0) -> DistInfo:
+    """Join the process group torchrun describes, or run as one process.
+
+    ``device``: "cuda", "cpu" or None (CUDA when available). Under torchrun with CUDA each process
+    takes the GPU ``LOCAL_RANK``. ``backend``: None picks nccl for CUDA, gloo for CPU.
+    """
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", rank)
+    want_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
+    if want_cuda and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} was asked for but torch sees no CUDA device")
+    if want_cuda:
+        if ":" in str(device or "") and world == 1:
+            dev = torch.device(device)
+        else:
+            dev = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    if world <= 1 and not dist.is_initialized():
+        return DistInfo(0, 1, 0, dev, None)
+    if not dist.is_initialized():
+        for var in ("MASTER_ADDR", "MASTER_PORT"):
+            if var not in os.environ:
+                raise RuntimeError(f"WORLD_SIZE={world} but {var} is not set: launch with torchrun "
+                                   "(torchrun --nproc_per_node=N -m mldecoder_fast.cli train ...)")
+        backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
+        kwargs = dict(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        if dev.type == "cuda":
+            kwargs["device_id"] = dev
+        dist.init_process_group(**kwargs)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, dist.get_backend())
+
+
+def destroy_distributed(info: DistInfo | None = None) -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_ddp(model: torch.nn.Module, info: DistInfo, **kwargs) -> torch.nn.Module:
+    """DistributedDataParallel around ``model`` (already on ``info.device``); the model itself
+    for a single process. Extra keyword arguments go to DDP."""
+    if not info.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    opts = dict(find_unused_parameters=False, broadcast_buffers=True, gradient_as_bucket_view=True)
+    opts.update(kwargs)
+    if info.device.type == "cuda":
+        opts.setdefault("device_ids", [info.device.index])
+        opts.setdefault("output_device", info.device.index)
+    return DDP(model, **opts)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP (or the model itself)."""
+    return getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
+
+
+# collectives -------------------------------------------------------------------------------------
+def _comm_device(info: DistInfo) -> torch.device:
+    return info.device if info.backend == "nccl" else torch.device("cpu")
+
+
+def all_reduce_sum(values, info: DistInfo) -> torch.Tensor:
+    """Sum a list of numbers (or a tensor) over ranks; returns a float64 CPU tensor."""
+    t = torch.as_tensor(values, dtype=torch.float64)
+    if info.distributed:
+        t = t.to(_comm_device(info))
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu()
+
+
+def all_reduce_max(values, info: DistInfo) -> torch.Tensor:
+    t = torch.as_tensor(values, dtype=torch.float64)
+    if info.distributed:
+        t = t.to(_comm_device(info))
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.cpu()
+
+
+def all_gather_object(obj, info: DistInfo) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` (``[obj]`` for one process)."""
+    if not info.distributed:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, info: DistInfo, src: int = 0):
+    if not info.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        if info.backend == "nccl":
+            dist.barrier(device_ids=[info.device.index])
+        else:
+            dist.barrier()
+
+
+# samplers ----------------------------------------------------------------------------------------
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of one rank's global generators (dropout, drop-path, mixup draws)."""
+    return (int(seed) * 1_000_003 + int(rank) * 7919) % (2**63 - 1)
+
+
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """A 63-bit seed for one sample's augmentation, from (run seed, epoch, global position)."""
+    h = hashlib.blake2b(f"{seed}/{epoch}/{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 1
+
+
+class EpochSampler(Sampler):
+    """One rank's share of an epoch, as ``(dataset index, (epoch, global position))`` pairs.
+
+    ``repeats > 1`` uses timm's ``RepeatAugSampler`` (each image ``repeats`` times per epoch, the
+    copies on different ranks); otherwise torch's ``DistributedSampler`` (shuffled, the tail dropped
+    so every rank gets the same count). Both hand rank r the positions r, r + W, ... of one global
+    order, so the global position of the j-th sample of rank r is j*W + r.
+
+    ``set_epoch(epoch, skip_steps)`` picks the epoch (its order is seeded by ``seed`` and the epoch)
+    and skips the first ``skip_steps`` local batches, for a resume in the middle of an epoch.
+    ``steps`` is the number of full local batches per epoch.
+    """
+
+    def __init__(self, dataset, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 repeats: int = 1, shuffle: bool = True):
+        self.batch_size = int(batch_size)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.seed = int(seed)
+        self.repeats = repeats
+        if repeats and repeats > 1:
+            from timm.data.distributed_sampler import RepeatAugSampler
+            self.base = RepeatAugSampler(dataset, num_replicas=world_size, rank=rank,
+                                         shuffle=shuffle, num_repeats=repeats)
+        else:
+            from torch.utils.data import DistributedSampler
+            self.base = DistributedSampler(dataset, num_replicas=world_size, rank=rank,
+                                           shuffle=shuffle, seed=seed, drop_last=True)
+        self.steps = len(self.base) // self.batch_size
+        if self.steps == 0:
+            raise ValueError(f"the training set ({len(dataset)} images, {len(self.base)} per process "
+                             f"over {world_size} process(es)) is smaller than one batch of "
+                             f"{self.batch_size} per process")
+        self.epoch = 0
+        self.skip_steps = 0
+
+    def set_epoch(self, epoch: int, skip_steps: int = 0) -> None:
+        self.epoch = int(epoch)
+        self.skip_steps = int(skip_steps)
+        # RepeatAugSampler seeds its permutation with the epoch alone: fold the run seed in.
+        self.base.set_epoch(self.epoch if isinstance(self.base, torch.utils.data.DistributedSampler)
+                            else self.seed * 100_003 + self.epoch)
+
+    def __iter__(self):
+        start = self.skip_steps * self.batch_size
+        end = self.steps * self.batch_size
+        for j, index in enumerate(self.base):
+            if j >= end:
+                break
+            if j >= start:
+                yield int(index), (self.epoch, j * self.world_size + self.rank)
+
+    def __len__(self) -> int:
+        return (self.steps - self.skip_steps) * self.batch_size
+
+
+class EvalShardSampler(Sampler):
+    """Positions rank, rank + W, ... of a dataset, in order and without padding."""
+
+    def __init__(self, dataset, rank: int = 0, world_size: int = 1):
+        self.n, self.rank, self.world_size = len(dataset), int(rank), int(world_size)
+
+    def __iter__(self):
+        return iter(range(self.rank, self.n, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world_size))
+
+
+class KeyedDataset(Dataset):
+    """Wraps a dataset so that item ``(index, (epoch, position))`` is drawn with python, numpy and
+    torch generators seeded by ``sample_seed(seed, epoch, position)``: the augmentation of a sample
+    depends on the run seed and its place in the epoch only, not on the worker, the rank, the
+    number of processes or where a run was resumed. The caller's generator states are restored
+    afterwards (the data may load in the main process, whose generators drive dropout)."""
+
+    def __init__(self, base, seed: int = 0):
+        self.base = base
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, item):
+        if not isinstance(item, tuple):
+            return self.base[item]
+        index, (epoch, position) = item
+        s = sample_seed(self.seed, epoch, position)
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(s)
+            np.random.seed(s % 2**32)
+            torch.manual_seed(s)
+            try:
+                return self.base[index]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+
+# measurement and local launching -----------------------------------------------------------------
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process in MiB: CUDA ``max_memory_allocated`` on a GPU (tensors only),
+    the peak resident set size of the process on a CPU (everything: Python, libraries, tensors)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+def free_port() -> int:
+    """A free TCP port on localhost (for single-machine process groups)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn_entry(rank, world_size, port, fn, args):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        destroy_distributed()
+
+
+def spawn_local(fn, world_size: int, *args) -> None:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes on this machine with the
+    torchrun environment set (localhost, a free port), so ``init_distributed()`` inside ``fn``
+    joins a gloo group on CPU. ``fn`` must be importable (a module-level function)."""
+    import torch.multiprocessing as mp
+    mp.spawn(_spawn_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
