@@ -197,8 +197,15 @@ def make_case(cfg: BenchConfig, mode: str, device, dtype: torch.dtype, batch: in
     device = torch.device(device)
     torch.manual_seed(seed)
     ref = cfg.make_head(MLDecoder)
-    sd = {k: v.to(device=device, dtype=param_dtype(dtype)) if v.is_floating_point() else v.to(device)
-          for k, v in ref.state_dict().items()}
+    gen = torch.Generator().manual_seed(seed + 7)
+    sd = {}
+    for key, value in ref.state_dict().items():
+        if value.is_floating_point() and (key.endswith("bias") or ".norm" in key):
+            # Biases start at zero and LayerNorm affines at one/zero: perturb them so that a
+            # misapplied bias or affine cannot hide behind the default initialisation.
+            value = value + 0.1 * torch.randn(value.shape, generator=gen, dtype=value.dtype)
+        sd[key] = value.to(device=device, dtype=param_dtype(dtype)) if value.is_floating_point() \
+            else value.to(device)
     inputs = [cfg.make_input(batch, device, dtype, seed=seed)]
     if device.type == "cuda":
         # Rotate inputs whose total is about 2x an L2 cache, so each call reads from HBM.
@@ -256,7 +263,7 @@ def make_step(model: nn.Module, case: Case) -> Callable[[], None]:
     return step
 
 
-def _outputs(model: nn.Module, case: Case) -> dict:
+def comparison_outputs(model: nn.Module, case: Case) -> dict:
     """Outputs to compare: eval logits; in training (dropout off) logits and every gradient."""
     x = case.inputs[0]
     ctx = autocast_context(case.device, case.dtype)
@@ -280,7 +287,7 @@ def _outputs(model: nn.Module, case: Case) -> dict:
 def check_agreement(model: nn.Module, case: Case) -> tuple[bool, float, str]:
     """Compare ``model`` with the reference outputs of ``case``: (ok, worst error, message)."""
     assert case.expected is not None, "reference outputs missing"
-    got = _outputs(model, case)
+    got = comparison_outputs(model, case)
     tol_out, tol_grad = TOLERANCE.get(case.dtype, TOLERANCE[torch.float32])
     worst, problems = 0.0, []
     for key, ref in case.expected.items():
@@ -343,7 +350,7 @@ def run_case(case: Case, impls: list[Impl], warmup: int = 1, repeats: int = 5,
             try:
                 model = prepare(impl, case)
                 if impl.name == REFERENCE:
-                    case.expected = _outputs(model, case)
+                    case.expected = comparison_outputs(model, case)
                     res.agree, res.error = True, 0.0
                 else:
                     res.agree, res.error, res.detail = check_agreement(model, case)

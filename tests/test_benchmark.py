@@ -1,0 +1,248 @@
+"""The benchmark code itself (mldecoder_fast.benchmark, ``mldecoder-fast bench``), on tiny shapes.
+
+Checks that the table, JSON, markdown and PNG come out well-formed, that the agreement check
+catches an implementation made wrong on purpose (outputs or gradients), that the eager-expert
+head computes what the reference computes, and that the FLOP formula counts the head's GEMMs.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import assert_close
+
+from mldecoder_fast import MLDecoder
+from mldecoder_fast.benchmark import configs as configs_mod
+from mldecoder_fast.benchmark import report, runner
+from mldecoder_fast.benchmark.configs import BenchConfig
+from mldecoder_fast.benchmark.expert import ExpertMLDecoder
+from mldecoder_fast.benchmark.flops import forward_flops, step_flops
+from mldecoder_fast.benchmark.timing import peak_memory_bytes, time_interleaved
+from mldecoder_fast.cli import main
+
+TINY = BenchConfig("tiny", num_features=24, num_tokens=9, num_classes=14, num_of_groups=4,
+                   decoder_embedding=16)
+TINY_TOKENS = BenchConfig("tiny-tokens", 20, 5, 7, input_kind="tokens", decoder_embedding=16)
+TINY_ZSL = BenchConfig("tiny-zsl", 24, 4, 6, zsl=True, zsl_eval_classes=3, decoder_embedding=16)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny shapes: threads only add synchronisation
+    yield
+    torch.set_num_threads(saved)
+
+
+def _baselines():
+    return [runner.Impl(runner.REFERENCE, lambda c: c.make_head(MLDecoder)),
+            runner.Impl(runner.EXPERT, lambda c: c.make_head(ExpertMLDecoder))]
+
+
+class _Scaled(ExpertMLDecoder):
+    """The eager-expert with its logits off by 1%: a fast but wrong implementation."""
+
+    def forward(self, x):
+        return super().forward(x) * 1.01
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 1.5
+
+
+class _WrongBackward(ExpertMLDecoder):
+    """Right outputs, wrong gradients (the backward of the logits is scaled)."""
+
+    def forward(self, x):
+        return _ScaleGrad.apply(super().forward(x))
+
+
+# -- the eager-expert ----------------------------------------------------------------------------
+
+def _pair(cfg):
+    torch.manual_seed(0)
+    ref = cfg.make_head(MLDecoder)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    exp = cfg.make_head(ExpertMLDecoder)
+    exp.load_state_dict(ref.state_dict())
+    return ref, exp
+
+
+@pytest.mark.parametrize("cfg", [TINY, TINY_TOKENS, TINY_ZSL,
+                                 BenchConfig("odd-7", 12, 4, 7, decoder_embedding=16),
+                                 BenchConfig("odd-101", 12, 4, 101, num_of_groups=10, decoder_embedding=16)],
+                         ids=lambda c: c.name)
+def test_expert_matches_reference(cfg):
+    ref, exp = _pair(cfg)
+    assert set(ref.state_dict()) == set(exp.state_dict())
+    for mode in ("eval", "train"):
+        if cfg.zsl:
+            v = cfg.word_vectors(mode)
+            ref.set_word_vectors(v)
+            exp.set_word_vectors(v)
+        x = cfg.make_input(3, "cpu", torch.float32)
+        if mode == "eval":
+            ref.eval(), exp.eval()
+            with torch.no_grad():
+                assert_close(f"{cfg.name} eval logits", ref(x), exp(x), 1e-5)
+            continue
+        ref.train(), exp.train()
+        xr, xe = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        with runner.dropout_disabled(ref), runner.dropout_disabled(exp):
+            out_r, out_e = ref(xr), exp(xe)
+            assert_close(f"{cfg.name} train logits", out_r, out_e, 1e-5)
+            g = torch.randn_like(out_r)
+            (out_r * g).sum().backward()
+            (out_e * g).sum().backward()
+        assert_close("input grad", xr.grad, xe.grad, 1e-5)
+        pe = dict(exp.named_parameters())
+        for name, p in ref.named_parameters():
+            if p.requires_grad:
+                assert_close(f"grad {name}", p.grad, pe[name].grad, 1e-4)
+
+
+def test_dropout_disabled_restores_rates():
+    _, exp = _pair(TINY)
+    with runner.dropout_disabled(exp):
+        assert all(m.p == 0 for m in exp.modules() if isinstance(m, nn.Dropout))
+        assert exp.decoder.layers[0].multihead_attn.dropout == 0
+    assert all(m.p == 0.1 for m in exp.modules() if isinstance(m, nn.Dropout))
+    assert exp.decoder.layers[0].multihead_attn.dropout == 0.1
+
+
+# -- the agreement check -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_agreement_check_catches_wrong_outputs(mode):
+    case = runner.make_case(TINY, mode, "cpu", torch.float32, 2)
+    impls = _baselines() + [runner.Impl("wrong", lambda c: c.make_head(_Scaled))]
+    rows = runner.run_case(case, impls, warmup=0, repeats=1, measure_memory=False)
+    by = {r.impl: r for r in rows}
+    assert by[runner.EXPERT].agree is True
+    assert by["wrong"].agree is False and "logits" in by["wrong"].detail
+    assert "MISMATCH" in report.format_table(rows)
+    with pytest.raises(runner.AgreementError, match="wrong"):
+        runner.run_case(runner.make_case(TINY, mode, "cpu", torch.float32, 2), impls, warmup=0,
+                        repeats=1, measure_memory=False, strict=True)
+
+
+def test_agreement_check_catches_wrong_gradients():
+    case = runner.make_case(TINY, "train", "cpu", torch.float32, 2)
+    impls = _baselines() + [runner.Impl("wrong-bwd", lambda c: c.make_head(_WrongBackward))]
+    rows = runner.run_case(case, impls, warmup=0, repeats=1, measure_memory=False)
+    bad = {r.impl: r for r in rows}["wrong-bwd"]
+    assert bad.agree is False
+    assert "grad:" in bad.detail and "logits" not in bad.detail
+
+
+def test_failing_implementation_is_skipped_not_fatal():
+    def broken(cfg):
+        raise RuntimeError("cannot build")
+    case = runner.make_case(TINY, "eval", "cpu", torch.float32, 2)
+    rows = runner.run_case(case, _baselines() + [runner.Impl("broken", broken)], warmup=0, repeats=1,
+                           measure_memory=False)
+    bad = {r.impl: r for r in rows}["broken"]
+    assert bad.skipped and "cannot build" in bad.detail and bad.median_ms is None
+
+
+# -- timing, memory, FLOPs -----------------------------------------------------------------------
+
+def test_interleaved_timing_and_cpu_peak_memory():
+    t = time_interleaved({"a": lambda: None, "b": lambda: torch.ones(10)}, "cpu", warmup=1, repeats=3)
+    assert set(t) == {"a", "b"} and all(v.repeats == 3 and v.median_ms >= 0 for v in t.values())
+
+    def alloc():
+        a = torch.ones(1 << 20)        # 4 MiB
+        b = torch.ones(1 << 19)        # + 2 MiB live at once
+        del a, b
+        torch.ones(1 << 18)
+    peak = peak_memory_bytes(alloc, "cpu")
+    assert (6 << 20) <= peak < (7 << 20)
+
+
+@pytest.mark.parametrize("cfg", [TINY, TINY_TOKENS, TINY_ZSL], ids=lambda c: c.name)
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_flop_formula_counts_the_gemms(cfg, mode):
+    from torch.utils.flop_counter import FlopCounterMode
+    _, exp = _pair(cfg)
+    if cfg.zsl:
+        exp.set_word_vectors(cfg.word_vectors(mode))
+    exp.train(mode == "train")
+    x = cfg.make_input(3, "cpu", torch.float32)
+    with runner.dropout_disabled(exp), FlopCounterMode(display=False) as counter, torch.no_grad():
+        exp(x)
+    counted = counter.get_total_flops()
+    # FlopCounterMode has no formula for the CPU attention kernel: add the 4BKND attention term.
+    if not any("attention" in str(op) for op in counter.get_flop_counts()["Global"]):
+        counted += 4 * 3 * cfg.queries_for(mode) * cfg.num_tokens * cfg.decoder_embedding
+    assert counted == forward_flops(cfg, 3, mode)
+    assert step_flops(cfg, 3, "train") == 3 * forward_flops(cfg, 3, "train")
+
+
+def test_configs_match_spec_table():
+    c = configs_mod.SPEC_CONFIGS
+    assert (c["imagenet21k-resnet50-224"].num_queries, c["imagenet21k-resnet50-224"].group_size) == (100, 219)
+    assert (c["openimages-tresnet_m-224"].num_queries, c["openimages-tresnet_m-224"].group_size) == (200, 49)
+    assert (c["coco-tresnet_l-448"].num_queries, c["coco-tresnet_l-448"].group_size) == (80, 1)
+    assert c["zsl-nus-wide-224"].classes_for("eval") == 81
+    assert [x.name for x in configs_mod.select("imagenet21k,vit")] == ["imagenet21k-resnet50-224", "vit-b16-224"]
+    with pytest.raises(ValueError, match="unknown"):
+        configs_mod.select("nope")
+
+
+# -- the whole command: table, JSON, markdown, PNG -----------------------------------------------
+
+def test_bench_command_writes_table_json_markdown_png(tmp_path, capsys):
+    js, md, png = tmp_path / "b.json", tmp_path / "b.md", tmp_path / "s.png"
+    status = main(["bench", "--quick", "--configs", "imagenet1k,zsl", "--repeats", "1", "--no-progress",
+                   "--json", str(js), "--markdown", str(md), "--plot", str(png), "--scaling-classes", "80,1000",
+                   "--threads", "1"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "ms (median)" in out and "x ref" in out and "roofline" in out
+    assert "imagenet1k-resnet50-224-tiny" in out and "eager-expert" in out
+
+    data = json.loads(js.read_text())
+    meta = data["meta"]
+    for key in ("device_name", "torch", "triton", "commit", "date", "dtype", "batches", "matmul_tflops"):
+        assert key in meta
+    assert meta["dtype"] == "float32" and meta["batches"] == [16]
+    rows = [r for r in data["results"] if not r["skipped"]]
+    assert {r["mode"] for r in rows} == {"eval", "train"}
+    for r in rows:
+        assert r["median_ms"] > 0 and r["agree"] is True and r["peak_bytes"] >= 0
+        assert r["speedup_vs_reference"] > 0 and r["roofline"] > 0
+    assert {r["classes"] for r in data["scaling"]} == {80, 1000}
+
+    text = md.read_text()
+    assert text.count("| imagenet1k-resnet50-224-tiny |") >= 4 and "| config |" in text
+    assert "Scaling, train" in text
+    assert md.read_text() == report.to_markdown(data) + "\n"  # markdown is a function of the JSON
+
+    head = png.read_bytes()[:8]
+    assert head == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image as mpimg
+    img = mpimg.imread(str(png))
+    assert img.shape[0] > 300 and img.shape[1] > 600
+
+    # Re-rendering from the JSON needs no measurement and gives the same markdown.
+    md2 = tmp_path / "again.md"
+    assert main(["bench", "--from-json", str(js), "--markdown", str(md2)]) == 0
+    assert md2.read_text() == text
+
+
+def test_bench_command_rejects_unknown_names(capsys):
+    assert main(["bench", "--configs", "nope", "--no-progress"]) == 2
+    assert main(["bench", "--quick", "--impls", "fastest-ever", "--no-progress"]) == 2
+    assert "unknown" in capsys.readouterr().err
