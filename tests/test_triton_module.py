@@ -140,3 +140,27 @@ def test_full_size_bf16_autocast_cuda(classes, groups, c, n):
         if p.requires_grad:
             err, base_err = rel_rms(p.grad, pf[name].grad), rel_rms(p.grad, pt[name].grad)
             assert err <= 2 * base_err + 5e-3, f"{name}: bf16 grad {err:.2e} vs torch backend {base_err:.2e}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CUDA graphs)")
+def test_eval_cuda_graph_capture():
+    """The small-batch eval forward (bf16 autocast) captures into a CUDA graph and replays on new
+    inputs with the eager result (no host synchronisation or allocation inside the kernels' ops)."""
+    _ref, fast = make_pair(1000, 100, 768, 2048, backend="triton", device=DEV)
+    fast.eval()
+    static_x = make_input("map", 1, 2048, tokens=49, device=DEV)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.cuda.stream(side):
+            for _ in range(3):          # warm-up: autotuning, compilation, the query cache
+                fast(static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = fast(static_x)
+        for _ in range(2):
+            new = torch.randn_like(static_x)
+            static_x.copy_(new)
+            graph.replay()
+            assert_close("graph replay", fast(new).float(), static_out.float(), 1e-3)

@@ -278,6 +278,10 @@ def folded_attention_forward(qk: torch.Tensor, memory: torch.Tensor, v: torch.Te
     lse = torch.empty(b, h, k, dtype=torch.float32, device=memory.device)
     if b == 0 or k == 0:
         return o, lse
+    if b >= 16 and qk.dtype != out_dtype:
+        # Every program re-reads its queries once per key tile and score chunk: at large batch
+        # one cast up front halves those reads; at small batch it would cost a launch.
+        qk = qk.to(out_dtype)
     q4 = (qk, (0, *qk.stride()))
     keys4 = (memory, (memory.stride(0), 0, memory.stride(1), memory.stride(2)))
     vals4 = (v, (v.stride(0), hd * v.stride(2), v.stride(1), v.stride(2)))
