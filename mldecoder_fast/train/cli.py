@@ -19,8 +19,8 @@ RECIPES = {
 
 # The MS-COCO recipe of the paper (SPEC "Reproduction recipes"); --demo has its own (demo.py).
 COCO_DEFAULTS = dict(model="tresnet_l", image_size=448, epochs=40, batch_size=56, lr=1e-4,
-                     weight_decay=1e-4, ema_decay=0.9997, decoder_embedding=768, num_of_groups=-1,
-                     workers=8)
+                     weight_decay=1e-4, ema_decay=0.9997, ema_warmup=False, decoder_embedding=768,
+                     num_of_groups=-1, workers=8)
 
 
 def register(subparsers) -> None:
@@ -101,6 +101,8 @@ def register_multilabel(recipes) -> None:
                    help="decoupled (AdamW, the SPEC recipe) or l2 (Adam + L2, as the official train.py)")
     t.add_argument("--pct-start", type=float, default=0.2)
     t.add_argument("--ema-decay", type=float, default=None)
+    t.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=None,
+                   help="EMA decay min(decay, (1+t)/(10+t)) at update t (recipe: off; demo: on)")
     t.add_argument("--gamma-neg", type=float, default=4)
     t.add_argument("--gamma-pos", type=float, default=0)
     t.add_argument("--clip", type=float, default=0.05)
@@ -149,7 +151,7 @@ def _datasets(args, s, mean, std):
     if args.demo:
         from .demo import demo_datasets
         train, val = demo_datasets(s["train_size"], s["val_size"], s["image_size"], mean, std,
-                                   seed=args.seed)
+                                   seed=args.seed, grid=s["grid"])
         return train, val, train.class_names
     sources = [bool(args.data), bool(args.train_json or args.val_json), bool(args.train_csv or args.val_csv)]
     if sum(sources) != 1:
@@ -228,7 +230,7 @@ def train_once(args, head: str, out: str) -> dict:
                   "mean": list(mean), "std": list(std), "demo": bool(args.demo)}
     cfg = TrainConfig(epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"],
                       weight_decay=s["weight_decay"], weight_decay_mode=args.weight_decay_mode,
-                      pct_start=args.pct_start, ema_decay=s["ema_decay"], amp=args.amp,
+                      pct_start=args.pct_start, ema_decay=s["ema_decay"], ema_warmup=s["ema_warmup"], amp=args.amp,
                       gamma_neg=args.gamma_neg, gamma_pos=args.gamma_pos, clip=args.clip,
                       workers=s["workers"], seed=args.seed,
                       max_steps_per_epoch=args.max_steps_per_epoch, out_dir=out,

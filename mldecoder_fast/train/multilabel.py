@@ -38,6 +38,7 @@ class TrainConfig:
     weight_decay_mode: str = "decoupled"
     pct_start: float = 0.2
     ema_decay: float = 0.9997
+    ema_warmup: bool = False
     amp: str = "auto"                 # auto (fp16 on CUDA, off on CPU) | fp16 | bf16 | off
     gamma_neg: float = 4
     gamma_pos: float = 0
@@ -147,7 +148,7 @@ class MultiLabelTrainer:
         self.steps_per_epoch = self._steps_per_epoch()
         self.scheduler = build_scheduler(self.optimizer, cfg.lr, cfg.epochs, self.steps_per_epoch, cfg.pct_start)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.ema = ModelEma(self.model, cfg.ema_decay)
+        self.ema = ModelEma(self.model, cfg.ema_decay, cfg.ema_warmup)
         self.epoch = 0
         self.step = 0
         self.history = {"steps": [], "epochs": []}
