@@ -80,7 +80,7 @@ def add_ml_decoder_head(model: nn.Module, num_classes: int = -1, num_of_groups: 
     path, replace_parent = _head_path(model, classifier)
 
     pool_off = _reset_without_pooling(model)
-    source, layout, width = _probe(model, input_size, try_head=pool_off and not replace_parent)
+    source, layout, width, probe_x = _probe(model, input_size, try_head=pool_off and not replace_parent)
 
     cfg = MLDecoderHeadConfig(path=path, source=source, layout=layout, num_features=width,
                               num_classes=num_classes, num_of_groups=num_of_groups,
@@ -93,6 +93,8 @@ def add_ml_decoder_head(model: nn.Module, num_classes: int = -1, num_of_groups: 
     model.forward_head = types.MethodType(_forward_head, model)
     model.get_classifier = types.MethodType(_get_classifier, model)
     model.reset_classifier = types.MethodType(_reset_classifier, model)
+    if not zsl:
+        _check_routing(model, probe_x, num_classes)
     return model
 
 
@@ -113,12 +115,12 @@ def _check_timm_model(model) -> None:
         raise ValueError(f"{type(model).__name__} already has an ML-Decoder head (at "
                          f"'{model.ml_decoder_cfg.path}'): use model.reset_classifier(num_classes) "
                          "to change its class count")
-    missing = [a for a in ("forward_features", "reset_classifier", "num_features")
+    missing = [a for a in ("forward_features", "forward_head", "reset_classifier", "num_features")
                if not hasattr(model, a)]
     if missing:
         raise TypeError(
-            f"add_ml_decoder_head needs a timm model with the timm feature API "
-            f"(forward_features, reset_classifier, num_features); {type(model).__module__}."
+            f"add_ml_decoder_head needs a timm model with the timm feature API (forward_features, "
+            f"forward_head, reset_classifier, num_features); {type(model).__module__}."
             f"{type(model).__name__} has no {', '.join(missing)}. Create the model with "
             "timm.create_model(...), or put the head on by hand: MLDecoderFast(num_classes, "
             "initial_num_features=C) applied to a [B, C, H, W] or [B, N, C] feature tensor")
@@ -191,13 +193,14 @@ def _probe(model, input_size, try_head: bool):
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     was_training = model.training
     errors = []
-    feats = None
+    feats = x = None
     model.eval()
     try:
         with torch.no_grad():
             for size in _probe_sizes(model, input_size):
                 try:
-                    feats = model.forward_features(torch.zeros((1, *size), device=device, dtype=dtype))
+                    x = torch.zeros((1, *size), device=device, dtype=dtype)
+                    feats = model.forward_features(x)
                     break
                 except Exception as exc:  # noqa: BLE001 - a size the model rejects: try the next
                     errors.append(f"{size}: {type(exc).__name__}: {exc}")
@@ -210,7 +213,7 @@ def _probe(model, input_size, try_head: bool):
                 except TypeError:
                     pre = None
                 if isinstance(pre, torch.Tensor) and pre.dim() in (3, 4):
-                    return ("head",) + _layout(model, pre)
+                    return ("head",) + _layout(model, pre) + (x,)
     finally:
         model.train(was_training)
     if not isinstance(feats, torch.Tensor) or feats.dim() not in (3, 4):
@@ -220,7 +223,23 @@ def _probe(model, input_size, try_head: bool):
             f"{type(model).__name__} cannot take an ML-Decoder head: its forward_features returns "
             f"{what}, and the head needs unpooled features, a [B, C, H, W] / [B, H, W, C] map or "
             "a [B, N, C] token sequence")
-    return ("features",) + _layout(model, feats)
+    return ("features",) + _layout(model, feats) + (x,)
+
+
+def _check_routing(model, x, num_classes) -> None:
+    """``model(x)`` must now end in the new head (timm models call forward_head in forward)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (x.shape[0], num_classes):
+        what = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{type(model).__name__}.forward does not go through forward_head (its "
+                         f"output is {what}, not [B, {num_classes}] logits): add_ml_decoder_head "
+                         "cannot serve this model")
 
 
 def _layout(model, y: torch.Tensor):
