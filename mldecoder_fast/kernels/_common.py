@@ -88,7 +88,10 @@ def autotune(gpu_configs, interp_config, key, sizes=None, **kwargs):
         return triton.autotune([interp_config], key=key, **kwargs)
     if sizes:
         kwargs["prune_configs_by"] = {"early_config_prune": prune_by_size(sizes)}
-    return triton.autotune(gpu_configs, key=key, do_bench=_quick_bench, **kwargs)
+    try:
+        return triton.autotune(gpu_configs, key=key, do_bench=_quick_bench, **kwargs)
+    except TypeError:  # Triton before 3.2: no do_bench argument
+        return triton.autotune(gpu_configs, key=key, warmup=5, rep=20, **kwargs)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

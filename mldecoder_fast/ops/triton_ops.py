@@ -14,6 +14,7 @@ inputs (fp32 statistics inside); gradients come back in each input's dtype.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Optional
@@ -65,6 +66,11 @@ def _sum_to(grad: Tensor, like: Tensor) -> Tensor:
     return grad.to(like.dtype)
 
 
+def _on_device(t: Tensor):
+    """Launch on ``t``'s GPU (custom ops get no device guard; Triton uses the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _rows(shape) -> int:
     n = 1
     for s in shape[:-1]:
@@ -79,7 +85,8 @@ def triton_layer_norm(residual: Tensor, x: Tensor, seed: Optional[Tensor], p: fl
                       weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """(LN(residual + dropout(x)), row mean, row rstd)."""
     from ..kernels.layer_norm import ln_forward
-    return ln_forward(residual, x, seed, p, weight, bias, eps)
+    with _on_device(x):
+        return ln_forward(residual, x, seed, p, weight, bias, eps)
 
 
 @triton_layer_norm.register_fake
@@ -97,7 +104,8 @@ def triton_layer_norm_backward(dy: Tensor, residual: Tensor, x: Tensor, seed: Op
     """(dz, dx, dweight, dbias); dz = grad of residual + dropout(x) shaped as dy; dx is empty when
     p == 0 (it equals dz)."""
     from ..kernels.layer_norm import ln_backward
-    dz, dx, dw, db = ln_backward(dy, residual, x, seed, p, weight, mean, rstd, dy.dtype)
+    with _on_device(dy):
+        dz, dx, dw, db = ln_backward(dy, residual, x, seed, p, weight, mean, rstd, dy.dtype)
     if dx is None:
         dx = dz.new_empty(0, dtype=x.dtype)
     return dz, dx, dw.to(weight.dtype), db.to(weight.dtype)
@@ -134,7 +142,8 @@ def triton_attention(q: Tensor, kv: Tensor, seed: Optional[Tensor], num_heads: i
                      dropout_p: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(O [B, K, D] heads concatenated, log-sum-exp [B, H, K] fp32 base 2)."""
     from ..kernels.attention import attention_forward
-    return attention_forward(q, kv, seed, num_heads, dropout_p, out_dtype)
+    with _on_device(kv):
+        return attention_forward(q, kv, seed, num_heads, dropout_p, out_dtype)
 
 
 @triton_attention.register_fake
@@ -150,7 +159,8 @@ def triton_attention_backward(do: Tensor, q: Tensor, kv: Tensor, o: Tensor, lse:
                               seed: Optional[Tensor], num_heads: int,
                               dropout_p: float) -> tuple[Tensor, Tensor]:
     from ..kernels.attention import attention_backward
-    return attention_backward(do, q, kv, o, lse, seed, num_heads, dropout_p)
+    with _on_device(kv):
+        return attention_backward(do, q, kv, o, lse, seed, num_heads, dropout_p)
 
 
 @triton_attention_backward.register_fake
@@ -184,7 +194,8 @@ def triton_shared_query_attention(qk: Tensor, memory: Tensor, v: Tensor, seed: O
     """(O [B, K, D], log-sum-exp [B, H, K]) of softmax(memory . qk[h]) v_h: see
     ``TorchOps.shared_query_attention``; qk [H, K, D] already carries 1/sqrt(d)."""
     from ..kernels.attention import folded_attention_forward
-    return folded_attention_forward(qk, memory, v, seed, dropout_p, out_dtype)
+    with _on_device(memory):
+        return folded_attention_forward(qk, memory, v, seed, dropout_p, out_dtype)
 
 
 @triton_shared_query_attention.register_fake
@@ -200,7 +211,8 @@ def triton_shared_query_attention_backward(do: Tensor, qk: Tensor, memory: Tenso
                                            seed: Optional[Tensor],
                                            dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
     from ..kernels.attention import folded_attention_backward
-    return folded_attention_backward(do, qk, memory, v, seed, dropout_p)
+    with _on_device(memory):
+        return folded_attention_backward(do, qk, memory, v, seed, dropout_p)
 
 
 @triton_shared_query_attention_backward.register_fake
@@ -230,7 +242,8 @@ def triton_group_fc(h: Tensor, weight: Tensor, bias: Tensor, num_classes: int,
                     out_dtype: torch.dtype) -> Tensor:
     """h [B, K, D], weight [K, D, G], bias [num_classes] -> logits [B, num_classes]."""
     from ..kernels.group_fc_decode import group_fc_forward
-    return group_fc_forward(h, weight, bias, num_classes, out_dtype)
+    with _on_device(h):
+        return group_fc_forward(h, weight, bias, num_classes, out_dtype)
 
 
 @triton_group_fc.register_fake
@@ -242,7 +255,8 @@ def _(h, weight, bias, num_classes, out_dtype):
 def triton_group_fc_backward(dout: Tensor, h: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     """(dh in dout's dtype, dW in weight's dtype)."""
     from ..kernels.group_fc_decode import group_fc_backward
-    return group_fc_backward(dout, h, weight)
+    with _on_device(h):
+        return group_fc_backward(dout, h, weight)
 
 
 @triton_group_fc_backward.register_fake
@@ -273,8 +287,9 @@ def triton_decode(residual: Tensor, x: Tensor, seed: Optional[Tensor], p: float,
                   num_classes: int, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """(group FC of LN(residual + dropout(x)) [B, num_classes], row mean, row rstd)."""
     from ..kernels.group_fc_decode import decode_forward
-    return decode_forward(residual, x, seed, p, ln_weight, ln_bias, eps, weight, bias,
-                          num_classes, out_dtype)
+    with _on_device(x):
+        return decode_forward(residual, x, seed, p, ln_weight, ln_bias, eps, weight, bias,
+                              num_classes, out_dtype)
 
 
 @triton_decode.register_fake
@@ -291,8 +306,9 @@ def triton_decode_backward(dout: Tensor, residual: Tensor, x: Tensor, seed: Opti
                            rstd: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dz, dx, d ln_weight, d ln_bias, dW); dz shaped [B, K, D]; dx empty when p == 0 (= dz)."""
     from ..kernels.group_fc_decode import decode_backward
-    dz, dx, dlnw, dlnb, dw = decode_backward(dout, residual, x, seed, p, ln_weight, ln_bias,
-                                             mean, rstd, weight)
+    with _on_device(x):
+        dz, dx, dlnw, dlnb, dw = decode_backward(dout, residual, x, seed, p, ln_weight, ln_bias,
+                                                 mean, rstd, weight)
     if dx is None:
         dx = dz.new_empty(0, dtype=x.dtype)
     return dz, dx, dlnw.to(ln_weight.dtype), dlnb.to(ln_bias.dtype), dw
