@@ -45,7 +45,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Sampler
 
-__all__ = ["DistInfo", "init_distributed", "destroy_distributed", "wrap_ddp", "unwrap",
+__all__ = ["DistInfo", "init_distributed", "destroy_distributed", "wrap_ddp", "unwrap", "shard_with_fsdp", "reshard_all",
+           "drop_query_cache_each_forward",
            "all_reduce_sum", "all_gather_object", "broadcast_object", "barrier", "EpochSampler",
            "EvalShardSampler", "KeyedDataset", "sample_seed", "peak_memory_mb", "free_port",
            "spawn_local", "rank_seed"]
@@ -125,7 +126,7 @@ def wrap_ddp(model: torch.nn.Module, info: DistInfo, **kwargs) -> torch.nn.Modul
     if not info.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
-    opts = dict(find_unused_parameters=False, broadcast_buffers=True, gradient_as_bucket_view=True)
+    opts = dict(find_unused_parameters=False, gradient_as_bucket_view=True)
     opts.update(kwargs)
     if info.device.type == "cuda":
         opts.setdefault("device_ids", [info.device.index])
@@ -136,6 +137,76 @@ def wrap_ddp(model: torch.nn.Module, info: DistInfo, **kwargs) -> torch.nn.Modul
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The model inside DDP (or the model itself)."""
     return getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
+
+
+def _clear_query_cache(module, args) -> None:
+    module.clear_query_cache()
+
+
+def drop_query_cache_each_forward(model: torch.nn.Module) -> int:
+    """Make every ``MLDecoderFast`` in ``model`` recompute its eval queries on every forward (for
+    wrappers such as FSDP that change weights in place without bumping version counters).
+    Returns the number of heads changed."""
+    from ..module import MLDecoderFast
+    heads = [m for m in model.modules() if isinstance(m, MLDecoderFast)]
+    for head in heads:
+        if not getattr(head, "_drops_query_cache", False):
+            head.register_forward_pre_hook(_clear_query_cache)
+            head._drops_query_cache = True
+    return len(heads)
+
+
+def shard_with_fsdp(model: torch.nn.Module, info: DistInfo, reshard_after_forward: bool = True,
+                    shard_head: bool = False) -> torch.nn.Module:
+    """FSDP2 (``torch.distributed.fsdp.fully_shard``) on a timm model with an ML-Decoder head.
+
+    Each block of the backbone becomes one FSDP unit (the children of top-level ``Sequential`` /
+    ``ModuleList`` containers such as ResNet's ``layer1``..``layer4`` blocks, ViT's ``blocks``;
+    other top-level children with parameters as a whole), then the root takes what is left, the
+    head included (``shard_head=True`` makes the head a unit of its own).
+
+    FSDP writes the gathered weights into the same unsharded parameter objects without bumping
+    their version counters, often at the same address, so ``MLDecoderFast``'s eval query cache
+    (keyed on storage and version) could serve queries of older weights. A forward pre-hook
+    therefore drops that cache before every forward of a sharded model (it costs one [K, D] query
+    computation per eval batch; training forwards never use the cache).
+
+    With ``reshard_after_forward=False`` a no-grad forward leaves the weights unsharded, and an
+    optimizer step then changes only the shards: call ``reshard_all(model)`` after evaluating
+    (FSDP's own behaviour, for every layer, not only the head; ``model.reshard()`` alone reshards
+    only the root's group).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    from ..module import MLDecoderFast
+    if not info.distributed:
+        return model
+    heads = [m for m in model.modules() if isinstance(m, MLDecoderFast)]
+    head_ids = {id(m) for h in heads for m in h.modules()}
+    kwargs = dict(reshard_after_forward=reshard_after_forward)
+    for _, child in model.named_children():
+        if id(child) in head_ids or not any(True for _ in child.parameters()):
+            continue
+        if isinstance(child, (torch.nn.Sequential, torch.nn.ModuleList)):
+            for block in child:
+                if any(True for _ in block.parameters()):
+                    fully_shard(block, **kwargs)
+        else:
+            fully_shard(child, **kwargs)
+    drop_query_cache_each_forward(model)
+    if shard_head:
+        for head in heads:
+            fully_shard(head, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def reshard_all(model: torch.nn.Module) -> None:
+    """Reshard every FSDP unit of ``model`` (after no-grad forwards with reshard_after_forward=False)."""
+    from torch.distributed.fsdp import FSDPModule
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 # collectives -------------------------------------------------------------------------------------
