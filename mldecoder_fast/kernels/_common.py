@@ -19,18 +19,25 @@ INTERPRET = interpreting()
 
 
 @triton.jit
-def dropout_keep(seed, rows, cols, p):
-    """Keep mask of an independent Bernoulli(1 - p) dropout for element (row, col).
+def dropout_keep(seed, rows, col_start, p, BLOCK_C: tl.constexpr):
+    """Keep mask [rows, BLOCK_C] of an independent Bernoulli(1 - p) dropout for the elements
+    (row, col_start + j), j < BLOCK_C; ``col_start`` must be a multiple of 4.
 
-    One Philox draw per element keyed by the 64-bit ``seed``, with the row and column as two
-    32-bit counters, so the same (seed, row, col) regenerates the same bit in any kernel and any
-    tile shape, and no index arithmetic can overflow. ``rows`` and ``cols`` broadcast.
+    Element (row, col) is decided by Philox keyed by the 64-bit ``seed`` with counters
+    (col // 4, row): one Philox call gives the four columns 4i .. 4i+3 of a row (four 32-bit
+    outputs), a quarter of the integer work of one call per element. The bits of an element never
+    depend on the tile shape, so any kernel regenerates the same mask. 24 random bits per element:
+    P(keep) = 1 - p to within 2^-24.
     """
-    zero = (rows * 0 + cols * 0).to(tl.uint32)
-    c0 = cols.to(tl.uint32) + zero
-    c1 = rows.to(tl.uint32) + zero
-    r, _, _, _ = tl.philox(seed, c0, c1, zero, zero)
-    # Top 24 bits -> uniform in [0, 1) with every value exactly representable in fp32.
+    BLOCK_R: tl.constexpr = rows.shape[0]
+    quad = col_start // 4 + tl.arange(0, BLOCK_C // 4)
+    zero = (rows[:, None] * 0 + quad[None, :] * 0).to(tl.uint32)
+    c0 = quad[None, :].to(tl.uint32) + zero
+    c1 = rows[:, None].to(tl.uint32) + zero
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero)
+    # join/join/reshape lays the four outputs of each counter side by side: columns 4i + (0, 1, 2, 3)
+    # take r0, r2, r1, r3 (any fixed order works; this is the one the reshape gives).
+    r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_R, BLOCK_C))
     u = (r >> 8).to(tl.float32) * (1.0 / 16777216.0)
     return u >= p
 
@@ -122,8 +129,9 @@ def seed_arg(seed: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def _dropout_mask_kernel(SEED, OUT, R, C, p, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    keep = dropout_keep(tl.load(SEED), rows[:, None], cols[None, :], p)
+    col0 = tl.program_id(1) * BLOCK_C
+    cols = col0 + tl.arange(0, BLOCK_C)
+    keep = dropout_keep(tl.load(SEED), rows, col0, p, BLOCK_C)
     mask = (rows < R)[:, None] & (cols < C)[None, :]
     tl.store(OUT + rows.to(tl.int64)[:, None] * C + cols[None, :], keep.to(tl.int8), mask=mask)
 

@@ -115,7 +115,7 @@ def _attn_fwd_kernel(Q, KEYS, VALS, O, LSE, SEED,
         pr = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(pr, axis=1)
         if DROPOUT:
-            pr = tl.where(dropout_keep(seed, rows[:, None], n[None, :], p), pr, 0.0)
+            pr = tl.where(dropout_keep(seed, rows, start, p, BLOCK_N), pr, 0.0)
         v = tl.load(v_base + n[:, None] * s_vn, mask=nmask[:, None] & dmask[None, :],
                     other=0.0).to(dt)
         acc = acc * alpha[:, None] + tl.dot(pr.to(dt), v, input_precision=PREC)
@@ -180,7 +180,7 @@ def _attn_bwd_kernel(Q, KV, O, DO, LSE, SEED, DQ, DKV,
         pr = tl.where(kmask[:, None] & nmask[None, :], pr, 0.0)          # softmax weights A
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)                # dL/d(dropped A)
         if DROPOUT:
-            keep = dropout_keep(seed, rows[:, None], n[None, :], p)
+            keep = dropout_keep(seed, rows, start, p, BLOCK_N)
             pd = tl.where(keep, pr * drop_scale, 0.0)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         else:

@@ -50,11 +50,12 @@ _INTERP_WGRAD = triton.Config({"BLOCK_D": 16, "BLOCK_G": 16, "BLOCK_B": 16}, num
 
 
 @triton.jit
-def _load_h(R, X, MEAN, RSTD, LNW, LNB, SEED, offs_b, offs_d, k,
+def _load_h(R, X, MEAN, RSTD, LNW, LNB, SEED, offs_b, d_start, k,
             B, K, D, s_rb, s_rk, s_rd, s_xb, s_xk, s_xd, p, drop_scale,
-            APPLY_LN: tl.constexpr, DROPOUT: tl.constexpr):
-    """The [rows b, cols d] tile of h[:, k, :] in fp32 (0 outside), from h itself (X) or rebuilt
-    as LN(residual + dropout(x)) with the row statistics."""
+            APPLY_LN: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The [rows b, cols d_start ..] tile of h[:, k, :] in fp32 (0 outside), from h itself (X) or
+    rebuilt as LN(residual + dropout(x)) with the row statistics."""
+    offs_d = d_start + tl.arange(0, BLOCK_D)
     bmask = offs_b < B
     dmask = offs_d < D
     mask = bmask[:, None] & dmask[None, :]
@@ -64,7 +65,7 @@ def _load_h(R, X, MEAN, RSTD, LNW, LNB, SEED, offs_b, offs_d, k,
     if APPLY_LN:
         if DROPOUT:
             rows = offs_b * K + k  # the row id of the LayerNorm kernels: (b, k) of [B, K, D]
-            x = tl.where(dropout_keep(tl.load(SEED), rows[:, None], offs_d[None, :], p),
+            x = tl.where(dropout_keep(tl.load(SEED), rows, d_start, p, BLOCK_D),
                          x * drop_scale, 0.0)
         r = tl.load(R + (b64 * s_rb + k * s_rk)[:, None] + offs_d[None, :] * s_rd,
                     mask=mask, other=0.0).to(tl.float32)
@@ -99,8 +100,8 @@ def _group_fc_fwd_kernel(R, X, MEAN, RSTD, LNW, LNB, SEED, W, BIAS, OUT,
     acc = tl.zeros([BLOCK_B, BLOCK_G], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
-        h = _load_h(R, X, MEAN, RSTD, LNW, LNB, SEED, offs_b, offs_d, k, B, K, D,
-                    s_rb, s_rk, s_rd, s_xb, s_xk, s_xd, p, drop_scale, APPLY_LN, DROPOUT)
+        h = _load_h(R, X, MEAN, RSTD, LNW, LNB, SEED, offs_b, d0, k, B, K, D,
+                    s_rb, s_rk, s_rd, s_xb, s_xk, s_xd, p, drop_scale, APPLY_LN, DROPOUT, BLOCK_D)
         w = tl.load(w_base + offs_d[:, None] * s_wd,
                     mask=(offs_d < D)[:, None] & gmask[None, :], other=0.0)
         acc = tl.dot(h.to(dt), w.to(dt), acc, input_precision=PREC)
@@ -168,8 +169,8 @@ def _group_fc_wgrad_kernel(R, X, MEAN, RSTD, LNW, LNB, SEED, DOUT, DW,
     acc = tl.zeros([BLOCK_D, BLOCK_G], dtype=tl.float32)
     for b0 in range(0, B, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
-        h = _load_h(R, X, MEAN, RSTD, LNW, LNB, SEED, offs_b, offs_d, k, B, K, D,
-                    s_rb, s_rk, s_rd, s_xb, s_xk, s_xd, p, drop_scale, APPLY_LN, DROPOUT)
+        h = _load_h(R, X, MEAN, RSTD, LNW, LNB, SEED, offs_b, pid_d * BLOCK_D, k, B, K, D,
+                    s_rb, s_rk, s_rd, s_xb, s_xk, s_xd, p, drop_scale, APPLY_LN, DROPOUT, BLOCK_D)
         dy = tl.load(DOUT + offs_b.to(tl.int64)[:, None] * s_ob + cls[None, :],
                      mask=(offs_b < B)[:, None] & cmask[None, :], other=0.0)
         acc = tl.dot(tl.trans(h.to(dt)), dy.to(dt), acc, input_precision=PREC)

@@ -21,7 +21,7 @@ from ._common import INTERPRET, dropout_keep, next_pow2, num_sms, tensor_3d
 @triton.jit
 def _load_rows(R, X, SEED, rows, cols, mask, R_DIM,
                s_rl, s_rr, s_rd, s_xl, s_xr, s_xd, p, drop_scale,
-               HAS_DROPOUT: tl.constexpr):
+               HAS_DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr):
     """z = residual + dropout(x) for a [rows, cols] tile, in fp32 (0 outside ``mask``)."""
     rows64 = rows.to(tl.int64)
     li = rows64 // R_DIM
@@ -32,7 +32,7 @@ def _load_rows(R, X, SEED, rows, cols, mask, R_DIM,
     x = tl.load(X + (li * s_xl + ri * s_xr)[:, None] + cols64[None, :] * s_xd,
                 mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        keep = dropout_keep(tl.load(SEED), rows[:, None], cols[None, :], p)
+        keep = dropout_keep(tl.load(SEED), rows, 0, p, BLOCK_D)
         x = tl.where(keep, x * drop_scale, 0.0)
     return r + x
 
@@ -51,7 +51,7 @@ def _ln_fwd_kernel(R, X, Y, MEAN, RSTD, W, B, SEED,
     cmask = cols < D
     mask = rmask[:, None] & cmask[None, :]
     z = _load_rows(R, X, SEED, rows, cols, mask, R_DIM, s_rl, s_rr, s_rd, s_xl, s_xr, s_xd,
-                   p, drop_scale, HAS_DROPOUT)
+                   p, drop_scale, HAS_DROPOUT, BLOCK_D)
     mean = tl.sum(z, axis=1) / D
     zc = tl.where(mask, z - mean[:, None], 0.0)
     var = tl.sum(zc * zc, axis=1) / D
@@ -87,7 +87,7 @@ def _ln_bwd_kernel(DY, R, X, W, MEAN, RSTD, SEED, DZ, DX, DW_PART, DB_PART,
         rmask = rows < M
         mask = rmask[:, None] & cmask[None, :]
         z = _load_rows(R, X, SEED, rows, cols, mask, R_DIM, s_rl, s_rr, s_rd, s_xl, s_xr, s_xd,
-                       p, drop_scale, HAS_DROPOUT)
+                       p, drop_scale, HAS_DROPOUT, BLOCK_D)
         mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
         rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
         xhat = tl.where(mask, (z - mean[:, None]) * rstd[:, None], 0.0)
@@ -99,7 +99,7 @@ def _ln_bwd_kernel(DY, R, X, W, MEAN, RSTD, SEED, DZ, DX, DW_PART, DB_PART,
         dz = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         tl.store(DZ + offs, dz.to(DZ.dtype.element_ty), mask=mask)
         if HAS_DROPOUT:
-            keep = dropout_keep(tl.load(SEED), rows[:, None], cols[None, :], p)
+            keep = dropout_keep(tl.load(SEED), rows, 0, p, BLOCK_D)
             tl.store(DX + offs, tl.where(keep, dz * drop_scale, 0.0).to(DX.dtype.element_ty),
                      mask=mask)
         dw_acc += tl.sum(dy * xhat, axis=0)
