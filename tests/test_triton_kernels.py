@@ -439,8 +439,10 @@ def _bf16_close(name, ref32, out, torch_bf16):
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("b,k,n,shared", [(32, 100, 196, False), (8, 80, 400, True), (4, 200, 49, False)])
+@pytest.mark.parametrize("dtype,b,k,n,shared", [
+    (torch.bfloat16, 32, 100, 196, False), (torch.bfloat16, 8, 80, 400, True),
+    (torch.bfloat16, 4, 200, 49, False),   # K = 200: two query blocks, atomic dk/dv
+    (torch.float16, 32, 100, 196, False), (torch.float32, 8, 80, 196, False)])
 def test_attention_full_size_cuda(dtype, b, k, n, shared):
     h, dm = 8, 768
     q32 = torch.randn(k, dm) if shared else torch.randn(b, k, dm)
@@ -466,8 +468,9 @@ def test_attention_full_size_cuda(dtype, b, k, n, shared):
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("b,k,gs,c", [(64, 100, 219, 21843), (32, 80, 1, 80), (16, 200, 49, 9605)])
+@pytest.mark.parametrize("dtype,b,k,gs,c", [
+    (torch.bfloat16, 64, 100, 219, 21843), (torch.bfloat16, 32, 80, 1, 80),
+    (torch.bfloat16, 16, 200, 49, 9605), (torch.float16, 64, 100, 219, 21843)])
 def test_decode_full_size_cuda(dtype, b, k, gs, c):
     d = 768
     r, x = _leaf(torch.randn(b, k, d), dtype), _leaf(torch.randn(b, k, d), dtype)
@@ -532,3 +535,6 @@ def test_autotune_pruning():
     assert len(prune(cfgs, {"B": 256, "G": 219})) == 4
     assert [(c.kwargs["BLOCK_B"], c.kwargs["BLOCK_G"]) for c in prune(cfgs, {"B": 40, "G": 219})] == [(64, 16), (16, 64), (16, 16)]
     assert len(prune(cfgs[:1], {"B": 1, "G": 1})) == 1  # never empty
+    from mldecoder_fast.kernels._common import _safe_only
+    safe = _safe_only(prune)(cfgs, {"B": 256, "G": 219})
+    assert [(c.kwargs["BLOCK_B"], c.kwargs["BLOCK_G"]) for c in safe] == [(16, 16)]

@@ -86,6 +86,17 @@ def prune_by_size(sizes: dict):
     return prune
 
 
+# MLDECODER_FAST_AUTOTUNE=0: no timing, each kernel runs its last (small, safe) config: one compile
+# per kernel variant instead of one per config (the GPU check's test stage uses it; slower kernels).
+AUTOTUNE = os.environ.get("MLDECODER_FAST_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no")
+
+
+def _safe_only(prune):
+    def safe(configs, named_args, **kwargs):
+        return prune(configs, named_args, **kwargs)[-1:]
+    return safe
+
+
 def autotune(gpu_configs, interp_config, key, sizes=None, **kwargs):
     """``triton.autotune`` over ``gpu_configs`` on a GPU; the one ``interp_config`` when interpreting
     (the interpreter cannot time configs). Configs that fail to compile for lack of resources are
@@ -93,8 +104,8 @@ def autotune(gpu_configs, interp_config, key, sizes=None, **kwargs):
     ``prune_by_size``."""
     if INTERPRET:
         return triton.autotune([interp_config], key=key, **kwargs)
-    if sizes:
-        kwargs["prune_configs_by"] = {"early_config_prune": prune_by_size(sizes)}
+    prune = prune_by_size(sizes or {})
+    kwargs["prune_configs_by"] = {"early_config_prune": prune if AUTOTUNE else _safe_only(prune)}
     try:
         return triton.autotune(gpu_configs, key=key, do_bench=_quick_bench, **kwargs)
     except TypeError:  # Triton before 3.2: no do_bench argument
