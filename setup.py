@@ -10,6 +10,7 @@ Build without isolation so the extension matches the installed torch:
 """
 import glob
 import os
+import shutil
 import site
 import sys
 
@@ -48,9 +49,28 @@ def _cublas_link_args(cuda_home, pip_lib_dirs):
     return ["-lcublas"]
 
 
+def _default_cuda_home():
+    """torch guesses CUDA_HOME from `which nvcc` (/usr/local/bin/nvcc, a wrapper script here,
+    gives /usr/local, which has no libcudart): take the first toolkit that has both nvcc and
+    the runtime library."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        has_nvcc = os.path.exists(os.path.join(home, "bin", "nvcc"))
+        has_cudart = any(glob.glob(os.path.join(home, lib, "libcudart.so*")) for lib in ("lib64", "lib"))
+        if has_nvcc and has_cudart:
+            os.environ["CUDA_HOME"] = home
+            return
+
+
 def _extensions():
     if _flag("MLDECODER_FAST_NO_EXT"):
         return [], {}
+    if not _flag("MLDECODER_FAST_NO_CUDA"):
+        _default_cuda_home()
     import torch
     from torch.utils import cpp_extension
 
