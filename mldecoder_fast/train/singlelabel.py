@@ -371,7 +371,7 @@ class SingleLabelTrainer:
                           batch_size=self.cfg.batch_size, sampler=self.sampler,
                           num_workers=self.cfg.workers, drop_last=True,
                           pin_memory=self.device.type == "cuda",
-                          persistent_workers=False)
+                          persistent_workers=False, generator=_loader_generator(self.cfg.seed))
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -467,7 +467,8 @@ class SingleLabelTrainer:
         model.eval()
         loader = DataLoader(self.val_set, batch_size=cfg.val_batch_size or cfg.batch_size,
                             sampler=D.EvalShardSampler(self.val_set, info.rank, info.world_size),
-                            num_workers=cfg.workers, pin_memory=self.device.type == "cuda")
+                            num_workers=cfg.workers, pin_memory=self.device.type == "cuda",
+                            generator=_loader_generator(cfg.seed))
         k = min(5, len(self.class_names))
         sums = torch.zeros(4, dtype=torch.float64)   # top1, top5, loss, count
         for x, y in loader:
@@ -571,6 +572,14 @@ class SingleLabelTrainer:
                        "world_size": self.info.world_size, "global_batch": self.global_batch,
                        "num_classes": len(self.class_names), "best": self.best,
                        "epochs": rows, "steps": self.history["steps"]}, f)
+
+
+def _loader_generator(seed: int) -> torch.Generator:
+    # A DataLoader draws its workers' base seed from this generator when it starts an epoch; a
+    # private one keeps the global generators (dropout, drop-path) independent of how many loaders
+    # were started, so a resumed run draws what the uninterrupted one did. The augmentations do not
+    # depend on it (KeyedDataset seeds every sample).
+    return torch.Generator().manual_seed(int(seed))
 
 
 def _seed_all(seed: int) -> None:
