@@ -77,6 +77,7 @@ def register_multilabel(recipes) -> None:
                       help="no download: digit mosaics from scikit-learn, small backbone, CPU-sized")
     data.add_argument("--train-size", type=int, default=None, help="demo: training mosaics")
     data.add_argument("--val-size", type=int, default=None, help="demo: held-out mosaics")
+    data.add_argument("--grid", type=int, default=None, help="demo: mosaics of grid x grid cells")
 
     m = p.add_argument_group("model")
     m.add_argument("--model", default=None, help="timm model name")

@@ -150,6 +150,13 @@ def load_csv(csv_path: str, images_root: str | None = None, class_names=None, sp
                     continue  # header
                 if len(row) < 2:
                     raise DataError(f"{csv_path} line {lineno}: expected 'path,labels[,split]', got {row!r}")
+                if row[1].lstrip().startswith("[") and not row[1].rstrip().endswith("]"):
+                    # an unquoted Python-style list: its commas split it over several cells
+                    end = next((j for j in range(2, len(row)) if row[j].rstrip().endswith("]")), None)
+                    if end is None:
+                        raise DataError(f"{csv_path} line {lineno}: the label list {row[1]!r}... has no "
+                                        "closing ']'")
+                    row = [row[0], ",".join(row[1:end + 1])] + row[end + 1:]
                 row_split = row[2].strip() if len(row) > 2 else None
                 if split is not None and row_split is not None and row_split != split:
                     continue
