@@ -382,6 +382,12 @@ class ZSLTrainer:
         for key in ("ema", "optimizer", "scheduler"):
             if key not in ckpt:
                 raise CheckpointError(f"{path}: not a training checkpoint (no '{key}' entry)")
+        saved_total = ckpt["scheduler"].get("total_steps")
+        if saved_total is not None and saved_total != self.scheduler.total_steps:
+            raise CheckpointError(f"{path}: its one-cycle schedule has {saved_total} steps, this run "
+                                  f"{self.scheduler.total_steps} ({self.cfg.epochs} epochs x "
+                                  f"{self.steps_per_epoch} steps): resume with the run's --epochs, "
+                                  "--batch-size and --max-steps-per-epoch")
         D.unwrap(self.model).load_state_dict(ckpt["model"])
         self.ema.load_state_dict(ckpt["ema"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -483,14 +489,16 @@ class ZSLTrainer:
                     row[f"{which}{phase}_{k}"] = v
         return row
 
-    def fit(self) -> dict:
+    def fit(self, stop_after_epochs: int | None = None) -> dict:
+        """Train to ``cfg.epochs`` (or ``stop_after_epochs`` more epochs); returns a summary."""
         cfg = self.cfg
         if self.info.is_main:
             os.makedirs(cfg.out_dir, exist_ok=True)
         if self.ddp is None:
             self.ddp = D.wrap_ddp(self.model, self.info)
         t_start = time.perf_counter()
-        while self.epoch < cfg.epochs:
+        end = cfg.epochs if not stop_after_epochs else min(cfg.epochs, self.epoch + stop_after_epochs)
+        while self.epoch < end:
             stats = self.train_one_epoch()
             self.epoch += 1
             t_val = time.perf_counter()
@@ -570,10 +578,18 @@ def make_miniature(out_dir: str, train_images: int = 96, val_images: int = 32, i
                    for c in classes], axis=1).astype(np.float32)            # [300, C], official layout
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     rows = []
+    if train_images < len(classes) or val_images < len(unseen):
+        raise ValueError(f"the miniature needs >= {len(classes)} training and >= {len(unseen)} "
+                         "validation images (every class must occur in data.csv)")
     for split, n in (("train", train_images), ("val", val_images)):
+        # every class occurs in training, every unseen class in validation
+        cycle = classes if split == "train" else unseen
         for i in range(n):
             k = int(rng.integers(1, max_objects + 1))
-            labels = sorted(set(rng.choice(classes, size=k, replace=True).tolist()))
+            labels = rng.choice(classes, size=k, replace=True).tolist()
+            if i < len(cycle):
+                labels[0] = cycle[i]
+            labels = sorted(set(labels))
             img = Image.new("RGB", (image_size, image_size), (128, 128, 128))
             draw = ImageDraw.Draw(img)
             side = image_size // 3
@@ -645,6 +661,8 @@ def register(recipes) -> None:
     r.add_argument("--max-steps-per-epoch", type=int, default=0)
     r.add_argument("--out", default="runs/zsl")
     r.add_argument("--resume", help="continue from a last.pth of this run")
+    r.add_argument("--stop-after-epochs", type=int, default=0,
+                   help="stop after N epochs of this invocation (the schedule still spans --epochs)")
     r.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_zsl)
 
@@ -704,7 +722,7 @@ def _run(args, info: D.DistInfo) -> int:
                 f"epoch; query noise {trainer.augment.noise}, {trainer.augment.extra} extra queries")
     if args.resume:
         trainer.resume(args.resume)
-    s = trainer.fit()
+    s = trainer.fit(args.stop_after_epochs or None)
     trainer.log(f"best ZSL mAP {s['best']['mAP']:.2f} ({s['best'].get('which')}, epoch "
                 f"{s['best'].get('epoch')}); outputs in {cfg.out_dir}")
     return 0
