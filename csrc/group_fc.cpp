@@ -126,17 +126,20 @@ at::Tensor group_fc_cpu(const at::Tensor& h, const at::Tensor& weight, const at:
                         int64_t num_classes) {
   const GroupFcShape s = check_forward_args(h, weight, bias, num_classes);
   if (s.zsl) return zsl_forward(h, weight, bias);
-  at::Tensor out = empty_output({s.batch, s.num_classes}, h.options());
+  const at::ScalarType out_type = forward_output_type(h, bias);
+  at::Tensor out = empty_output({s.batch, s.num_classes}, h.options().dtype(out_type));
   if (s.batch == 0) return out;
-  const at::Tensor hu = unit_inner_stride(h);
+  // A wider output (a half-precision product plus an fp32 bias, as under autocast) is computed
+  // from upcast inputs: exact products, accumulated and rounded once in the output type.
+  const at::Tensor hu = unit_inner_stride(h).to(out_type);
   const at::Tensor w = weight.contiguous();
-  const at::Tensor b = bias.to(h.scalar_type());
+  const at::Tensor b = bias.to(out_type);
   for_each_group(s.used_groups(), [&](int64_t k) {
     const int64_t c0 = k * s.group_size;
     const int64_t width = std::min(s.group_size, s.num_classes - c0);
     at::Tensor out_k = out.narrow(1, c0, width);  // [B, width], row stride C
     at::cpu::addmm_out(out_k, b.narrow(0, c0, width), hu.select(1, k),
-                       w.select(0, k).narrow(1, 0, width));
+                       w.select(0, k).narrow(1, 0, width).to(out_type));
   });
   return out;
 }
@@ -145,9 +148,9 @@ at::Tensor group_fc_grad_h_cpu(const at::Tensor& grad, const at::Tensor& weight,
                                int64_t num_classes) {
   const GroupFcShape s = check_grad_args(grad, weight, num_classes, nullptr, "group_fc_grad_h");
   if (s.zsl) return zsl_grad_h(grad, weight, s.dim);
-  at::Tensor grad_h = empty_output({s.batch, s.groups, s.dim}, grad.options());
+  at::Tensor grad_h = empty_output({s.batch, s.groups, s.dim}, weight.options());
   if (grad_h.numel() == 0) return grad_h;
-  const at::Tensor g = unit_inner_stride(grad);
+  const at::Tensor g = unit_inner_stride(grad.to(weight.scalar_type()));
   const at::Tensor w = weight.contiguous();
   const int64_t used = s.used_groups();
   for_each_group(s.groups, [&](int64_t k) {
@@ -170,7 +173,7 @@ at::Tensor group_fc_grad_weight_cpu(const at::Tensor& grad, const at::Tensor& h,
   at::Tensor grad_w = empty_output({s.groups, s.dim, s.group_size}, h.options());
   if (grad_w.numel() == 0) return grad_w;
   if (s.batch == 0) return grad_w.zero_();
-  const at::Tensor g = unit_inner_stride(grad);
+  const at::Tensor g = unit_inner_stride(grad.to(weight.scalar_type()));
   const at::Tensor hu = unit_inner_stride(h);
   const int64_t used = s.used_groups();
   for_each_group(s.groups, [&](int64_t k) {
@@ -215,9 +218,7 @@ GroupFcShape check_grad_args(const at::Tensor& grad, const at::Tensor& weight,
   check_weight(s, weight, num_classes, op);
   TORCH_CHECK(grad.dim() == 2, op, ": grad must be [B, num_classes], got shape ", grad.sizes());
   check_same_device(grad, weight, op, "grad", "weight");
-  TORCH_CHECK(grad.scalar_type() == weight.scalar_type(), op,
-              ": grad and weight must have the same dtype, got ", grad.scalar_type(), " and ",
-              weight.scalar_type());
+  check_dtype(grad, op, "grad");
   if (s.zsl) {
     s.groups = grad.size(1);
     s.num_classes = s.groups;
@@ -253,14 +254,19 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
   return t;
 }
 
+at::ScalarType forward_output_type(const at::Tensor& h, const at::Tensor& bias) {
+  return at::promote_types(h.scalar_type(), bias.scalar_type());
+}
+
 at::Tensor zsl_forward(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias) {
-  // [B, K, D] @ [D, 1]: fp32 accumulation in the BLAS for half types, as in group_fc_torch.
+  // [B, K, D] @ [D, 1] (fp32 accumulation in the BLAS for half types) + bias, promoted as in
+  // group_fc_torch.
   at::Tensor out = at::matmul(h, weight).squeeze(-1);
-  return out.add_(bias.to(out.scalar_type()));
+  return at::add(out, bias).to(forward_output_type(h, bias));
 }
 
 at::Tensor zsl_grad_h(const at::Tensor& grad, const at::Tensor& weight, int64_t dim) {
-  return grad.unsqueeze(-1) * weight.reshape({1, 1, dim});
+  return grad.to(weight.scalar_type()).unsqueeze(-1) * weight.reshape({1, 1, dim});
 }
 
 at::Tensor zsl_grad_weight(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& weight) {
@@ -268,7 +274,7 @@ at::Tensor zsl_grad_weight(const at::Tensor& grad, const at::Tensor& h, const at
   const int64_t dim = h.size(2);
   at::Tensor grad_w = empty_output(weight.sizes(), h.options());
   if (rows == 0) return grad_w.zero_();
-  at::mm_out(grad_w, h.reshape({rows, dim}).t(), grad.reshape({rows, 1}));
+  at::mm_out(grad_w, h.reshape({rows, dim}).t(), grad.to(h.scalar_type()).reshape({rows, 1}));
   return grad_w;
 }
 
@@ -281,10 +287,11 @@ at::Tensor sum_all_grad_bias(const at::Tensor& grad, const at::Tensor& bias) {
 
 TORCH_LIBRARY(mldecoder_fast, m) {
   // logits[B, C] = group FC of h[B, K, D] by weight[K, D, G] plus bias[C], C = num_classes;
-  // ZSL form: weight [D, 1], bias [1] -> [B, K] (num_classes is then ignored).
+  // ZSL form: weight [D, 1], bias [1] -> [B, K] (num_classes is then ignored). h and weight
+  // share the product's dtype; the logits have dtype promote(h, bias); fp32 accumulation.
   m.def("group_fc(Tensor h, Tensor weight, Tensor bias, int num_classes) -> Tensor");
-  // Backward pieces, each run only when its gradient is needed. Results in grad's dtype,
-  // except grad_bias (bias's dtype).
+  // Backward pieces, each run only when its gradient is needed: grad_h and grad_weight in
+  // weight's dtype, grad_bias in bias's dtype.
   m.def("group_fc_grad_h(Tensor grad, Tensor weight, int num_classes) -> Tensor");
   m.def("group_fc_grad_weight(Tensor grad, Tensor h, Tensor weight, int num_classes) -> Tensor");
   m.def("group_fc_grad_bias(Tensor grad, Tensor bias) -> Tensor");

@@ -32,9 +32,15 @@ struct GroupFcShape {
 // returns the sizes. h and weight must share a floating dtype; bias may be any floating dtype.
 GroupFcShape check_forward_args(const at::Tensor& h, const at::Tensor& weight,
                                 const at::Tensor& bias, int64_t num_classes);
-// The same for the backward ops: grad [B, C] (ZSL: [B, K]); h [B, K, D] when given.
+// The same for the backward ops: grad [B, C] (ZSL: [B, K]) in the logits' dtype, cast to the
+// product's dtype (weight's) first, as autograd does for the product in group_fc_torch;
+// grad_h and grad_weight come out in weight's dtype. h [B, K, D] when given.
 GroupFcShape check_grad_args(const at::Tensor& grad, const at::Tensor& weight,
                              int64_t num_classes, const at::Tensor* h, const char* op);
+
+// The logits' dtype: that of (product in h's dtype) + bias, i.e. promote(h, bias). Under
+// autocast a bf16/fp16 product with an fp32 bias gives fp32 logits, as in group_fc_torch.
+at::ScalarType forward_output_type(const at::Tensor& h, const at::Tensor& bias);
 
 // at::empty for kernel outputs. With MLDECODER_FAST_POISON_OUTPUTS=1 in the environment the
 // memory is filled with NaN first, so a kernel that forgets an element fails the tests.

@@ -12,7 +12,8 @@
 // product ever touches a padded column: padded weight columns get exact zero gradients.
 //
 // fp32 accumulation for half types (CUBLAS_COMPUTE_32F), fp64 for double; fp32 inputs use
-// TF32 only if torch.backends.cuda.matmul allows it, like torch.matmul. No atomics: every
+// TF32 only if torch.backends.cuda.matmul allows it, like torch.matmul. A half-precision
+// product with an fp32 bias (autocast) writes fp32 logits straight from the GEMM. No atomics: every
 // output element is written by one thread/GEMM tile in a fixed order, so runs repeat bit
 // for bit.
 #include <ATen/ATen.h>
@@ -49,34 +50,37 @@ int to_int(int64_t v, const char* what) {
   return static_cast<int>(v);
 }
 
-// C[i] = op(A[i]) * op(B[i]) + (accumulate ? C[i] : 0) for i < batch, column-major, in dtype.
-void strided_gemm(at::ScalarType dtype, bool trans_a, bool trans_b, int64_t m, int64_t n,
+// C[i] = op(A[i]) * op(B[i]) + (accumulate ? C[i] : 0) for i < batch, column-major; A and B in
+// ab_type, C in c_type (the same, or fp32 for half-precision A and B).
+void strided_gemm(at::ScalarType ab_type, at::ScalarType c_type, bool trans_a, bool trans_b,
+                  int64_t m, int64_t n,
                   int64_t k, const void* a, int64_t lda, int64_t stride_a, const void* b,
                   int64_t ldb, int64_t stride_b, bool accumulate, void* c, int64_t ldc,
                   int64_t stride_c, int64_t batch) {
   if (batch == 0 || m == 0 || n == 0) return;
   TORCH_INTERNAL_ASSERT(k > 0, "group_fc (CUDA): empty reduction must be handled by the caller");
   cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();  // bound to the current stream
-  const cudaDataType_t type = cuda_data_type(dtype);
+  const cudaDataType_t type = cuda_data_type(ab_type);
+  const cudaDataType_t ctype = cuda_data_type(c_type);
   const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
   const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
   const int im = to_int(m, "m"), in = to_int(n, "n"), ik = to_int(k, "k");
   const int ilda = to_int(lda, "lda"), ildb = to_int(ldb, "ldb"), ildc = to_int(ldc, "ldc");
   const int ibatch = to_int(batch, "batch");
-  if (dtype == at::kDouble) {
+  if (ab_type == at::kDouble) {
     const double alpha = 1.0, beta = accumulate ? 1.0 : 0.0;
     TORCH_CUDABLAS_CHECK(cublasGemmStridedBatchedEx(
         handle, op_a, op_b, im, in, ik, &alpha, a, type, ilda, stride_a, b, type, ildb, stride_b,
-        &beta, c, type, ildc, stride_c, ibatch, CUBLAS_COMPUTE_64F, CUBLAS_GEMM_DEFAULT));
+        &beta, c, ctype, ildc, stride_c, ibatch, CUBLAS_COMPUTE_64F, CUBLAS_GEMM_DEFAULT));
     return;
   }
   const cublasComputeType_t compute =
-      (dtype == at::kFloat && at::globalContext().allowTF32CuBLAS()) ? CUBLAS_COMPUTE_32F_FAST_TF32
+      (ab_type == at::kFloat && at::globalContext().allowTF32CuBLAS()) ? CUBLAS_COMPUTE_32F_FAST_TF32
                                                                      : CUBLAS_COMPUTE_32F;
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
   TORCH_CUDABLAS_CHECK(cublasGemmStridedBatchedEx(
       handle, op_a, op_b, im, in, ik, &alpha, a, type, ilda, stride_a, b, type, ildb, stride_b,
-      &beta, c, type, ildc, stride_c, ibatch, compute, CUBLAS_GEMM_DEFAULT));
+      &beta, c, ctype, ildc, stride_c, ibatch, compute, CUBLAS_GEMM_DEFAULT));
 }
 
 // Strides of h [B, K, D] as seen by cuBLAS: unit stride on D and a valid leading dimension
@@ -176,25 +180,32 @@ at::Tensor group_fc_cuda(const at::Tensor& h, const at::Tensor& weight, const at
   const GroupFcShape s = check_forward_args(h, weight, bias, num_classes);
   const c10::cuda::CUDAGuard guard(h.device());
   if (s.zsl) return zsl_forward(h, weight, bias);
-  at::Tensor out = empty_output({s.batch, s.num_classes}, h.options());
+  const at::ScalarType out_type = forward_output_type(h, bias);
+  at::Tensor out = empty_output({s.batch, s.num_classes}, h.options().dtype(out_type));
   if (s.batch == 0) return out;
   broadcast_bias(out, bias);
   if (s.dim == 0) return out;
-  const HLayout hl = h_layout(h);
-  const at::Tensor w = weight.contiguous();
+  // cuBLAS takes half-precision products into fp32 logits (the autocast case) directly; any
+  // other widening (e.g. an fp64 bias) computes in the output type.
+  const bool half_to_float = out_type == at::kFloat &&
+                             (h.scalar_type() == at::kHalf || h.scalar_type() == at::kBFloat16);
+  const bool upcast = out_type != h.scalar_type() && !half_to_float;
+  const HLayout hl = h_layout(upcast ? h.to(out_type) : h);
+  const at::Tensor w = upcast ? weight.to(out_type).contiguous() : weight.contiguous();
+  const at::ScalarType ab_type = w.scalar_type();
   const int64_t G = s.group_size, D = s.dim, C = s.num_classes;
   const int64_t full = s.full_groups(), tail = s.tail();
   const auto* w_ptr = static_cast<const char*>(w.const_data_ptr());
   const auto* h_ptr = static_cast<const char*>(hl.t.const_data_ptr());
   auto* out_ptr = static_cast<char*>(out.data_ptr());
-  const int64_t es = h.element_size();
+  const int64_t es = w.element_size(), out_es = out.element_size();
   // out_k (G x B, ld C) = W_k (G x D, ld G) * h_k (D x B, ld h.stride(0)) + bias
-  strided_gemm(h.scalar_type(), false, false, G, s.batch, D, w_ptr, G, D * G, h_ptr, hl.ld,
+  strided_gemm(ab_type, out_type, false, false, G, s.batch, D, w_ptr, G, D * G, h_ptr, hl.ld,
                hl.group_stride, true, out_ptr, C, G, full);
   if (tail > 0) {
-    strided_gemm(h.scalar_type(), false, false, tail, s.batch, D, w_ptr + full * D * G * es, G, 0,
-                 h_ptr + full * hl.group_stride * es, hl.ld, 0, true, out_ptr + full * G * es, C, 0,
-                 1);
+    strided_gemm(ab_type, out_type, false, false, tail, s.batch, D, w_ptr + full * D * G * es, G,
+                 0, h_ptr + full * hl.group_stride * es, hl.ld, 0, true,
+                 out_ptr + full * G * out_es, C, 0, 1);
   }
   return out;
 }
@@ -204,21 +215,22 @@ at::Tensor group_fc_grad_h_cuda(const at::Tensor& grad, const at::Tensor& weight
   const GroupFcShape s = check_grad_args(grad, weight, num_classes, nullptr, "group_fc_grad_h");
   const c10::cuda::CUDAGuard guard(grad.device());
   if (s.zsl) return zsl_grad_h(grad, weight, s.dim);
-  at::Tensor grad_h = empty_output({s.batch, s.groups, s.dim}, grad.options());
+  at::Tensor grad_h = empty_output({s.batch, s.groups, s.dim}, weight.options());
   if (grad_h.numel() == 0) return grad_h;
-  const GradLayout gl = grad_layout(grad);
+  const GradLayout gl = grad_layout(grad.to(weight.scalar_type()));
   const at::Tensor w = weight.contiguous();
   const int64_t G = s.group_size, D = s.dim, K = s.groups;
   const int64_t full = s.full_groups(), tail = s.tail(), used = s.used_groups();
   const auto* w_ptr = static_cast<const char*>(w.const_data_ptr());
   const auto* g_ptr = static_cast<const char*>(gl.t.const_data_ptr());
   auto* gh_ptr = static_cast<char*>(grad_h.data_ptr());
-  const int64_t es = grad.element_size();
+  const int64_t es = weight.element_size();
+  const at::ScalarType type = weight.scalar_type();
   // grad_h_k (D x B, ld K*D) = W_k^T (D x G) * grad_k (G x B, ld C)
-  strided_gemm(grad.scalar_type(), true, false, D, s.batch, G, w_ptr, G, D * G, g_ptr, gl.ld, G,
+  strided_gemm(type, type, true, false, D, s.batch, G, w_ptr, G, D * G, g_ptr, gl.ld, G,
                false, gh_ptr, K * D, D, full);
   if (tail > 0) {
-    strided_gemm(grad.scalar_type(), true, false, D, s.batch, tail, w_ptr + full * D * G * es, G, 0,
+    strided_gemm(type, type, true, false, D, s.batch, tail, w_ptr + full * D * G * es, G, 0,
                  g_ptr + full * G * es, gl.ld, 0, false, gh_ptr + full * D * es, K * D, 0, 1);
   }
   if (used < K) grad_h.narrow(1, used, K - used).zero_();  // groups made only of padding
@@ -233,7 +245,7 @@ at::Tensor group_fc_grad_weight_cuda(const at::Tensor& grad, const at::Tensor& h
   at::Tensor grad_w = empty_output({s.groups, s.dim, s.group_size}, h.options());
   if (grad_w.numel() == 0) return grad_w;
   if (s.batch == 0) return grad_w.zero_();
-  const GradLayout gl = grad_layout(grad);
+  const GradLayout gl = grad_layout(grad.to(weight.scalar_type()));
   const HLayout hl = h_layout(h);
   const int64_t G = s.group_size, D = s.dim, K = s.groups;
   const int64_t full = s.full_groups(), tail = s.tail(), used = s.used_groups();
@@ -241,11 +253,12 @@ at::Tensor group_fc_grad_weight_cuda(const at::Tensor& grad, const at::Tensor& h
   const auto* h_ptr = static_cast<const char*>(hl.t.const_data_ptr());
   auto* gw_ptr = static_cast<char*>(grad_w.data_ptr());
   const int64_t es = h.element_size();
+  const at::ScalarType type = h.scalar_type();
   // grad_W_k (G x D, ld G) = grad_k (G x B, ld C) * h_k^T (B x D)
-  strided_gemm(h.scalar_type(), false, true, G, D, s.batch, g_ptr, gl.ld, G, h_ptr, hl.ld,
+  strided_gemm(type, type, false, true, G, D, s.batch, g_ptr, gl.ld, G, h_ptr, hl.ld,
                hl.group_stride, false, gw_ptr, G, D * G, full);
   if (tail > 0) {
-    strided_gemm(h.scalar_type(), false, true, tail, D, s.batch, g_ptr + full * G * es, gl.ld, 0,
+    strided_gemm(type, type, false, true, tail, D, s.batch, g_ptr + full * G * es, gl.ld, 0,
                  h_ptr + full * hl.group_stride * es, hl.ld, 0, false, gw_ptr + full * D * G * es,
                  G, 0, 1);
     grad_w.select(0, full).narrow(1, tail, G - tail).zero_();  // padded columns: no gradient

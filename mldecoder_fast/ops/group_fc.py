@@ -6,11 +6,11 @@ extension lazily (importing the package never fails because of it), registers th
 (meta) kernels and the autograd formula of the ``mldecoder_fast::group_fc`` op, and exposes
 ``group_fc``.
 
-Ops (namespace ``mldecoder_fast``):
-  group_fc(h, weight, bias, num_classes)        -> logits [B, C]   (ZSL: [B, K])
-  group_fc_grad_h(grad, weight, num_classes)    -> [B, K, D]
-  group_fc_grad_weight(grad, h, weight, num_classes) -> weight.shape, in h.dtype
-  group_fc_grad_bias(grad, bias)                -> bias.shape, in bias.dtype
+Ops (namespace ``mldecoder_fast``); h and weight share the product's dtype:
+  group_fc(h, weight, bias, num_classes)        -> logits [B, C] (ZSL: [B, K]), dtype promote(h, bias)
+  group_fc_grad_h(grad, weight, num_classes)    -> [B, K, D], weight.dtype
+  group_fc_grad_weight(grad, h, weight, num_classes) -> weight.shape, weight.dtype
+  group_fc_grad_bias(grad, bias)                -> bias.shape, bias.dtype
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import threading
 
 import torch
 
-__all__ = ["group_fc", "extension_status", "cuda_kernels_available"]
+__all__ = ["group_fc", "extension_status", "cuda_kernels_available", "supports", "product_dtype"]
 
 _SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -72,15 +72,14 @@ def cuda_kernels_available() -> bool:
 
 
 def supports(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> bool:
-    """Whether the compiled op takes these inputs (device with kernels, supported dtypes)."""
+    """Whether the compiled op takes these inputs: kernels for h's device in this build,
+    supported dtypes, all on one device."""
     if not extension_status()[0]:
         return False
-    if h.device.type == "cpu":
-        pass
-    elif h.device.type == "cuda":
+    if h.device.type == "cuda":
         if not _state.get("cuda", False):
             return False
-    else:
+    elif h.device.type != "cpu":
         return False
     return (h.dtype in _SUPPORTED_DTYPES and weight.dtype in _SUPPORTED_DTYPES
             and bias.dtype in _SUPPORTED_DTYPES
@@ -92,15 +91,27 @@ def group_fc(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     """logits[b, k*G + g] = h[b, k, :] . weight[k, :, g] + bias[k*G + g] for k*G + g < num_classes.
 
     h [B, K, D] (any strides), weight [K, D, G], bias [num_classes] -> [B, num_classes];
-    ZSL form: weight [D, 1], bias [1] -> [B, K]. Like ``group_fc_torch``: weight is cast to
-    h.dtype (autocast passes a half-precision h with fp32 weights), the output has h.dtype,
-    products accumulate in fp32 (fp64 for double).
+    ZSL form: weight [D, 1], bias [1] -> [B, K]. Dtypes as in ``group_fc_torch`` (a bmm, then
+    ``+ bias``): the product runs in the autocast dtype when autocast is on for h's device,
+    else in promote(h, weight); the logits have dtype promote(product, bias), so fp32 under
+    autocast with fp32 biases. Products accumulate in fp32 (fp64 for double) and the bias is
+    added before the single rounding to the output dtype.
     """
     if not _load():
         raise RuntimeError(f"mldecoder_fast: the compiled group FC is unavailable: {_state['detail']}")
-    if weight.dtype != h.dtype:
-        weight = weight.to(h.dtype)
+    dtype = product_dtype(h, weight)
+    if h.dtype != dtype:
+        h = h.to(dtype)
+    if weight.dtype != dtype:
+        weight = weight.to(dtype)
     return torch.ops.mldecoder_fast.group_fc(h, weight, bias, num_classes)
+
+
+def product_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype torch.bmm(h, weight) runs in: autocast's when it is on, else the promotion."""
+    if torch.is_autocast_enabled(h.device.type) and h.is_floating_point():
+        return torch.get_autocast_dtype(h.device.type)
+    return torch.promote_types(h.dtype, weight.dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -143,14 +154,15 @@ def _fake_group_fc(h, weight, bias, num_classes):
     n_out = 1 if zsl else num_classes
     torch._check(bias.dim() == 1 and bias.shape[0] == n_out,
                  lambda: f"group_fc: bias must be [{n_out}], got {tuple(bias.shape)}")
-    return h.new_empty((h.shape[0], h.shape[1] if zsl else num_classes))
+    return h.new_empty((h.shape[0], h.shape[1] if zsl else num_classes),
+                       dtype=torch.promote_types(h.dtype, bias.dtype))
 
 
 def _check_grad(grad, weight, num_classes):
     zsl, k, d, _ = _check_weight(weight, num_classes)
     torch._check(grad.dim() == 2, lambda: f"group_fc backward: grad must be 2-d, got {tuple(grad.shape)}")
-    torch._check(grad.dtype == weight.dtype,
-                 lambda: f"group_fc backward: grad and weight dtypes differ: {grad.dtype}, {weight.dtype}")
+    torch._check(grad.dtype in _SUPPORTED_DTYPES,
+                 lambda: f"group_fc backward: grad must be float64/32/16 or bfloat16, got {grad.dtype}")
     if not zsl:
         torch._check(grad.shape[1] == num_classes,
                      lambda: f"group_fc backward: grad {tuple(grad.shape)} vs num_classes {num_classes}")
@@ -159,7 +171,7 @@ def _check_grad(grad, weight, num_classes):
 
 def _fake_grad_h(grad, weight, num_classes):
     zsl, k, d = _check_grad(grad, weight, num_classes)
-    return grad.new_empty((grad.shape[0], grad.shape[1] if zsl else k, d))
+    return weight.new_empty((grad.shape[0], grad.shape[1] if zsl else k, d))
 
 
 def _fake_grad_weight(grad, h, weight, num_classes):
