@@ -44,8 +44,8 @@ def _cublas_link_args(cuda_home, pip_lib_dirs):
             return [f"-L{d}", "-lcublas"]
     for d in pip_lib_dirs:
         found = sorted(glob.glob(os.path.join(d, "libcublas.so.*")))
-        if found:
-            return [f"-L{d}", f"-l:{os.path.basename(found[0])}"]
+        if found:  # rpath too, in case torch has not loaded cuBLAS before the extension
+            return [f"-L{d}", f"-l:{os.path.basename(found[0])}", f"-Wl,-rpath,{d}"]
     return ["-lcublas"]
 
 
