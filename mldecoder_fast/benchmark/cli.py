@@ -46,7 +46,7 @@ def register(subparsers) -> None:
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions per row (default 5, quick 2)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed calls per implementation before timing, besides the agreement check's "
-                        "(default 1, quick 0)")
+                        "call and the memory measurement's (default: 0 on CPU, 1 on CUDA)")
     p.add_argument("--budget", type=float, default=2.0,
                    help="seconds of timed repetitions per row after which no more are started, "
                         "once 3 are done (default 2)")
@@ -102,7 +102,7 @@ def run(args) -> int:
     if not include_compiled:
         skipped["compiled-*"] = "not requested (pass --compiled: torch.compile takes tens of seconds per case)"
     repeats = args.repeats or (2 if args.quick else 5)
-    warmup = args.warmup if args.warmup is not None else (0 if args.quick else 1)
+    warmup = args.warmup if args.warmup is not None else (1 if device.type == "cuda" else 0)
     run_kwargs = dict(warmup=warmup, repeats=repeats, min_repeats=min(3, repeats),
                       budget_s=args.budget, measure_memory=not args.no_memory)
 

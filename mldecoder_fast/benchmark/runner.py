@@ -317,8 +317,9 @@ def run_case(case: Case, impls: list[Impl], warmup: int = 1, repeats: int = 5,
     """Check, time and measure every implementation on one case.
 
     The reference runs first and provides the expected outputs. Each other implementation is
-    built and checked; then all are warmed up and timed in interleaved rounds
-    (``time_interleaved``); then the peak memory of one step of each is measured on its own.
+    built, checked and warmed up (the check's own call already warms the kernels); then the peak
+    memory of one step of each is measured on its own; then all are timed in interleaved rounds
+    (``time_interleaved``).
     An implementation that fails to build or run (e.g. torch.compile errors) gets a skipped row
     with the reason; a reference failure propagates.
     """
@@ -368,18 +369,21 @@ def run_case(case: Case, impls: list[Impl], warmup: int = 1, repeats: int = 5,
             except Exception as exc:
                 fail(impl, exc)
 
+        if measure_memory:
+            # One step of each alone under the memory measurement; it also serves as (one more)
+            # warm-up before the timed rounds.
+            for name, step in list(steps.items()):
+                try:
+                    results[name].peak_bytes = peak_memory_bytes(step, case.device)
+                except Exception as exc:
+                    fail(next(i for i in ordered if i.name == name), exc)
+
         timings = time_interleaved(steps, case.device, warmup=0, repeats=repeats,
                                    min_repeats=min_repeats, budget_s=budget_s)
         for name, t in timings.items():
             res = results[name]
             res.median_ms, res.min_ms, res.times_ms = t.median_ms, t.min_ms, t.times_ms
 
-        if measure_memory:
-            for name, step in list(steps.items()):
-                try:
-                    results[name].peak_bytes = peak_memory_bytes(step, case.device)
-                except Exception as exc:  # pragma: no cover - measurement, not correctness
-                    results[name].detail = f"memory not measured: {exc!r}"
     finally:
         steps.clear()
         models.clear()

@@ -71,10 +71,11 @@ def _ln_bwd_kernel(DY, R, X, W, MEAN, RSTD, SEED, DZ, DX, DW_PART, DB_PART,
                    M, R_DIM, D, rows_per_prog,
                    s_rl, s_rr, s_rd, s_xl, s_xr, s_xd,
                    p, drop_scale,
-                   HAS_DROPOUT: tl.constexpr,
+                   HAS_DROPOUT: tl.constexpr, STORE_DZ: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dz = dL/d(residual + dropout(x)) and dx = dropout'(dz); per-program partial sums of the
-    affine grads (dw = sum dy * xhat, db = sum dy) over its ``rows_per_prog`` rows."""
+    """dz = dL/d(residual + dropout(x)) and dx = dropout'(dz) (unless STORE_DZ is off: only the
+    affine grads wanted); per-program partial sums of the affine grads (dw = sum dy * xhat,
+    db = sum dy) over its ``rows_per_prog`` rows."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
@@ -93,15 +94,16 @@ def _ln_bwd_kernel(DY, R, X, W, MEAN, RSTD, SEED, DZ, DX, DW_PART, DB_PART,
         xhat = tl.where(mask, (z - mean[:, None]) * rstd[:, None], 0.0)
         offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-        wdy = dy * w[None, :]
-        c1 = tl.sum(xhat * wdy, axis=1) / D
-        c2 = tl.sum(wdy, axis=1) / D
-        dz = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
-        tl.store(DZ + offs, dz.to(DZ.dtype.element_ty), mask=mask)
-        if HAS_DROPOUT:
-            keep = dropout_keep(tl.load(SEED), rows, 0, p, BLOCK_D)
-            tl.store(DX + offs, tl.where(keep, dz * drop_scale, 0.0).to(DX.dtype.element_ty),
-                     mask=mask)
+        if STORE_DZ:
+            wdy = dy * w[None, :]
+            c1 = tl.sum(xhat * wdy, axis=1) / D
+            c2 = tl.sum(wdy, axis=1) / D
+            dz = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+            tl.store(DZ + offs, dz.to(DZ.dtype.element_ty), mask=mask)
+            if HAS_DROPOUT:
+                keep = dropout_keep(tl.load(SEED), rows, 0, p, BLOCK_D)
+                tl.store(DX + offs, tl.where(keep, dz * drop_scale, 0.0).to(DX.dtype.element_ty),
+                         mask=mask)
         dw_acc += tl.sum(dy * xhat, axis=0)
         db_acc += tl.sum(dy, axis=0)
     tl.store(DW_PART + pid * D + cols, dw_acc, mask=cmask)
@@ -162,12 +164,14 @@ def ln_forward(residual: torch.Tensor, x: torch.Tensor, seed: torch.Tensor | Non
 
 def ln_backward(dy: torch.Tensor, residual: torch.Tensor, x: torch.Tensor,
                 seed: torch.Tensor | None, p: float, weight: torch.Tensor,
-                mean: torch.Tensor, rstd: torch.Tensor, dz_dtype: torch.dtype):
+                mean: torch.Tensor, rstd: torch.Tensor, dz_dtype: torch.dtype,
+                input_grads: bool = True):
     """Gradients of y = LN(residual + dropout(x)) given dy (shaped as y).
 
     Returns (dz, dx or None, dw fp32, db fp32): dz = dL/d(residual + dropout(x)) shaped as y (the
     residual's gradient before any broadcast is summed), dx = dropout applied to dz (None when
-    p == 0: then dx == dz), dw/db the affine gradients.
+    p == 0: then dx == dz), dw/db the affine gradients. ``input_grads=False``: dz and dx are not
+    computed (None), e.g. for LN1 over the frozen learned queries.
     """
     shape = dy.shape
     d = shape[-1]
@@ -176,8 +180,8 @@ def ln_backward(dy: torch.Tensor, residual: torch.Tensor, x: torch.Tensor,
     dev = dy.device
     dy = dy.contiguous()
     has_drop = p > 0
-    dz = torch.empty(shape, dtype=dz_dtype, device=dev)
-    dx = torch.empty(shape, dtype=x.dtype, device=dev) if has_drop else None
+    dz = torch.empty(shape, dtype=dz_dtype, device=dev) if input_grads else None
+    dx = torch.empty(shape, dtype=x.dtype, device=dev) if has_drop and input_grads else None
     if m == 0:
         z = torch.zeros(d, dtype=torch.float32, device=dev)
         return dz, dx, z, z.clone()
@@ -188,9 +192,10 @@ def ln_backward(dy: torch.Tensor, residual: torch.Tensor, x: torch.Tensor,
     dw_part = torch.empty(progs, d, dtype=torch.float32, device=dev)
     db_part = torch.empty(progs, d, dtype=torch.float32, device=dev)
     _ln_bwd_kernel[(progs,)](
-        dy, r3, x3, weight, mean, rstd, seed if has_drop else mean, dz,
-        dx if has_drop else dz, dw_part, db_part,
+        dy, r3, x3, weight, mean, rstd, seed if has_drop else mean,
+        dz if dz is not None else dw_part, dx if dx is not None else dw_part, dw_part, db_part,
         m, r3.shape[1], d, rows_per_prog, *_strides(r3), *_strides(x3),
         float(p), 1.0 / (1.0 - p) if has_drop else 1.0,
-        HAS_DROPOUT=has_drop, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps)
+        HAS_DROPOUT=has_drop, STORE_DZ=input_grads, BLOCK_M=block_m, BLOCK_D=block_d,
+        num_warps=num_warps)
     return dz, dx, dw_part.sum(0), db_part.sum(0)

@@ -99,22 +99,26 @@ def _(residual, x, seed, p, weight, bias, eps):
 
 @torch.library.custom_op("mldecoder_fast::triton_layer_norm_backward", mutates_args=())
 def triton_layer_norm_backward(dy: Tensor, residual: Tensor, x: Tensor, seed: Optional[Tensor],
-                               p: float, weight: Tensor, mean: Tensor,
-                               rstd: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                               p: float, weight: Tensor, mean: Tensor, rstd: Tensor,
+                               input_grads: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dz, dx, dweight, dbias); dz = grad of residual + dropout(x) shaped as dy; dx is empty when
-    p == 0 (it equals dz)."""
+    p == 0 (it equals dz); both are empty without ``input_grads``."""
     from ..kernels.layer_norm import ln_backward
     with _on_device(dy):
-        dz, dx, dw, db = ln_backward(dy, residual, x, seed, p, weight, mean, rstd, dy.dtype)
+        dz, dx, dw, db = ln_backward(dy, residual, x, seed, p, weight, mean, rstd, dy.dtype,
+                                     input_grads)
+    if dz is None:
+        dz = dy.new_empty(0)
     if dx is None:
-        dx = dz.new_empty(0, dtype=x.dtype)
+        dx = x.new_empty(0)
     return dz, dx, dw.to(weight.dtype), db.to(weight.dtype)
 
 
 @triton_layer_norm_backward.register_fake
-def _(dy, residual, x, seed, p, weight, mean, rstd):
-    dx = x.new_empty(dy.shape) if p > 0 else x.new_empty(0)
-    return dy.new_empty(dy.shape), dx, weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+def _(dy, residual, x, seed, p, weight, mean, rstd, input_grads):
+    dz = dy.new_empty(dy.shape) if input_grads else dy.new_empty(0)
+    dx = x.new_empty(dy.shape) if p > 0 and input_grads else x.new_empty(0)
+    return dz, dx, weight.new_empty(weight.shape), weight.new_empty(weight.shape)
 
 
 def _ln_setup(ctx, inputs, output):
@@ -126,10 +130,13 @@ def _ln_setup(ctx, inputs, output):
 
 def _ln_backward(ctx, dy, _dmean, _drstd):
     residual, x, seed, weight, mean, rstd = ctx.saved_tensors
-    dz, dx, dw, db = triton_layer_norm_backward(dy, residual, x, seed, ctx.p, weight, mean, rstd)
+    need_r, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dz, dx, dw, db = triton_layer_norm_backward(dy, residual, x, seed, ctx.p, weight, mean, rstd,
+                                                need_r or need_x)
     if ctx.p <= 0:
         dx = dz
-    return _sum_to(dz, residual), _sum_to(dx, x), None, None, dw, db, None
+    return (_sum_to(dz, residual) if need_r else None, _sum_to(dx, x) if need_x else None,
+            None, None, dw, db, None)
 
 
 triton_layer_norm.register_autograd(_ln_backward, setup_context=_ln_setup)
