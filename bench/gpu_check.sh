@@ -2,7 +2,7 @@
 # GPU check: build the extension, run the CUDA and Triton tests, run the benchmark table.
 #
 # For a fresh GPU machine with torch (CUDA) and triton preinstalled and no network:
-#     bench/gpu_check.sh                 # logs + JSON under $OUT (default ./gpu_check_out)
+#     bench/gpu_check.sh                 # logs + JSON under $OUT (default /tmp/mldecoder_gpu_check)
 #     OUT=/some/dir bench/gpu_check.sh
 # Stages, in priority order (each under its own time limit; a global deadline of
 # GPU_CHECK_BUDGET_S seconds, default 450, skips stages that no longer fit, so the whole run stays
@@ -17,7 +17,7 @@
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-OUT="${OUT:-$ROOT/gpu_check_out}"
+OUT="${OUT:-${TMPDIR:-/tmp}/mldecoder_gpu_check}"
 mkdir -p "$OUT"
 BUDGET=${GPU_CHECK_BUDGET_S:-450}
 # Smoke-testing this script without a GPU: GPU_CHECK_DEVICE=cpu GPU_CHECK_QUICK=1 GPU_CHECK_SKIP_BUILD=1
