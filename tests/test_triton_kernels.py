@@ -291,6 +291,31 @@ def test_decode_dropout_matches_mask(poison_empty):
     _check("decode dropout", ref, _grads(ref, ref_inputs, g), out, grads, torch.float32)
 
 
+def test_no_grad_direct_path_matches_custom_ops():
+    """Eager no-grad calls skip the custom-op dispatch; they must compute exactly the same."""
+    b, k, n, h, d, gs, c = 2, 5, 19, 2, 16, 3, 14
+    t1, o = torch.randn(k, d, device=DEV), torch.randn(b, k, d, device=DEV)
+    kv, qk, mem = (torch.randn(b, n, 2 * d, device=DEV), torch.randn(h, k, d, device=DEV),
+                   torch.randn(b, n, d, device=DEV))
+    lw, lb = torch.randn(d, device=DEV), torch.randn(d, device=DEV)
+    w, bias = torch.randn(k, d, gs, device=DEV), torch.randn(c, device=DEV)
+    calls = [
+        lambda *a: TRITON.residual_dropout_layer_norm(a[0], a[1], 0.0, a[2], a[3], 1e-5),
+        lambda *a: TRITON.attention(a[0], a[4], h, 0.0),
+        lambda *a: TRITON.shared_query_attention(a[5], a[6], a[6], h, 0.0),
+        lambda *a: TRITON.group_fc(a[1], a[7], a[8], c),
+        lambda *a: TRITON.decode(a[1], a[1], 0.0, a[2], a[3], 1e-5, a[7], a[8], c),
+    ]
+    args = [t1, o, lw, lb, kv, qk, mem, w, bias]
+    for i, fn in enumerate(calls):
+        if i == 2 and not hasattr(TorchOps, "shared_query_attention"):
+            continue
+        with torch.no_grad():
+            direct = fn(*args)
+        via_op = fn(*[a.detach().requires_grad_(True) for a in args])
+        assert torch.equal(direct, via_op.detach()), f"call {i}: direct path differs"
+
+
 def test_zsl_decode_falls_back():
     b, k, d = 2, 6, 16
     r, x, lw, lb = torch.randn(b, k, d), torch.randn(b, k, d), torch.randn(d), torch.randn(d)

@@ -21,17 +21,19 @@ RATIO = 1e-4 if DEV == "cpu" else 2e-3   # GPU: TF32 may be on in the reference'
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Counts the Triton custom-op calls, to prove the kernels (not a fallback) ran."""
+    """Counts the calls of the kernels' host functions (reached through the custom ops, or
+    directly in eager no-grad mode), to prove the kernels, not a fallback, ran."""
+    from mldecoder_fast.kernels import attention, group_fc_decode, layer_norm
     calls = {}
-    for name in ("triton_layer_norm", "triton_attention", "triton_shared_query_attention",
-                 "triton_decode"):
-        real = getattr(T, name)
+    for module, name in ((layer_norm, "ln_forward"), (attention, "attention_forward"),
+                         (attention, "folded_attention_forward"), (group_fc_decode, "decode_forward")):
+        real = getattr(module, name)
 
-        def counted(*args, _real=real, _name=name):
+        def counted(*args, _real=real, _name=name, **kwargs):
             calls[_name] = calls.get(_name, 0) + 1
-            return _real(*args)
+            return _real(*args, **kwargs)
 
-        monkeypatch.setattr(T, name, counted)
+        monkeypatch.setattr(module, name, counted)
     return calls
 
 
@@ -48,10 +50,10 @@ def test_eval_matches_reference(classes, groups, dim, kernel_calls):
     with torch.no_grad():
         assert_close("eval logits", ref(x), fast(x), RATIO)
     assert fast.active_backend == "triton"
-    assert kernel_calls.get("triton_decode") == 1
-    assert kernel_calls.get("triton_layer_norm") == 1          # LN2 (LN1 is in the query cache)
+    assert kernel_calls.get("decode_forward") == 1
+    assert kernel_calls.get("ln_forward") == 1                 # LN2 (LN1 is in the query cache)
     folded = groups * 8 < dim + groups
-    assert kernel_calls.get("triton_shared_query_attention" if folded else "triton_attention") == 1
+    assert kernel_calls.get("folded_attention_forward" if folded else "attention_forward") == 1
 
 
 @pytest.mark.parametrize("classes,groups,dim", CASES)
@@ -96,9 +98,9 @@ def test_train_with_dropout(kernel_calls):
     assert torch.equal(out1, out2) and all(torch.equal(g1[n], g2[n]) for n in g1)
     assert not torch.equal(out1, out3)
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in g1.values())
-    assert kernel_calls.get("triton_layer_norm") == 6      # LN1 and LN2, three steps
-    assert kernel_calls.get("triton_attention") == 3
-    assert kernel_calls.get("triton_decode") == 3
+    assert kernel_calls.get("ln_forward") == 6             # LN1 and LN2, three steps
+    assert kernel_calls.get("attention_forward") == 3
+    assert kernel_calls.get("decode_forward") == 3
 
 
 def test_zsl_eval_matches_reference():

@@ -372,6 +372,16 @@ def _new_seed(p: float, like: Tensor) -> Optional[Tensor]:
     return torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=like.device)
 
 
+def _eager_no_grad(*tensors: Tensor) -> bool:
+    """True when nothing is traced or differentiated: the kernels' host functions are then called
+    directly, skipping the custom-op dispatch (tens of microseconds of Python per op, which is
+    most of the cost of a small-batch inference step). Autograd and torch.compile always go
+    through the custom ops."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 class TritonOps(TorchOps):
     """Fused Triton kernels for the operations between the head's GEMMs."""
 
@@ -397,8 +407,12 @@ class TritonOps(TorchOps):
         if (weight is None or bias is None or x.numel() == 0 or residual.shape[-1:] != x.shape[-1:]
                 or d > 16384 or not self._takes(residual, x, weight, bias)):
             return super().residual_dropout_layer_norm(residual, x, p, weight, bias, eps)
-        y, _mean, _rstd = triton_layer_norm(residual, x, _new_seed(p, x), float(p), weight, bias,
-                                            float(eps))
+        seed = _new_seed(p, x)
+        if _eager_no_grad(residual, x, weight, bias):
+            from ..kernels.layer_norm import ln_forward
+            with _on_device(x):
+                return ln_forward(residual, x, seed, float(p), weight, bias, float(eps))[0]
+        y, _mean, _rstd = triton_layer_norm(residual, x, seed, float(p), weight, bias, float(eps))
         return y
 
     def attention(self, q, kv, num_heads, dropout_p):
@@ -412,8 +426,12 @@ class TritonOps(TorchOps):
         dtype = _compute_dtype(kv.device.type, kv)
         if not self._takes(q, kv, dtypes=(dtype,)):
             return super().attention(q, kv, num_heads, dropout_p)
-        o, _lse = triton_attention(q, kv, _new_seed(dropout_p, kv), int(num_heads),
-                                   float(dropout_p), dtype)
+        seed = _new_seed(dropout_p, kv)
+        if _eager_no_grad(q, kv):
+            from ..kernels.attention import attention_forward
+            with _on_device(kv):
+                return attention_forward(q, kv, seed, int(num_heads), float(dropout_p), dtype)[0]
+        o, _lse = triton_attention(q, kv, seed, int(num_heads), float(dropout_p), dtype)
         return o
 
     def shared_query_attention(self, qk, memory, v, num_heads, dropout_p):
@@ -424,8 +442,13 @@ class TritonOps(TorchOps):
         dtype = _compute_dtype(memory.device.type, memory, v)
         if not ok or not self._takes(qk, memory, v, dtypes=(dtype,)):
             return super().shared_query_attention(qk, memory, v, num_heads, dropout_p)
-        o, _lse = triton_shared_query_attention(qk, memory, v, _new_seed(dropout_p, memory),
-                                                int(num_heads), float(dropout_p), dtype)
+        seed = _new_seed(dropout_p, memory)
+        if _eager_no_grad(qk, memory, v):
+            from ..kernels.attention import folded_attention_forward
+            with _on_device(memory):
+                return folded_attention_forward(qk, memory, v, seed, float(dropout_p), dtype)[0]
+        o, _lse = triton_shared_query_attention(qk, memory, v, seed, int(num_heads),
+                                                float(dropout_p), dtype)
         return o
 
     def group_fc(self, h, weight, bias, num_classes):
@@ -434,6 +457,10 @@ class TritonOps(TorchOps):
         dtype = _compute_dtype(h.device.type, h)
         if not self._takes(h, weight, bias, dtypes=(dtype,)):
             return super().group_fc(h, weight, bias, num_classes)
+        if _eager_no_grad(h, weight, bias):
+            from ..kernels.group_fc_decode import group_fc_forward
+            with _on_device(h):
+                return group_fc_forward(h, weight, bias, int(num_classes), dtype)
         return triton_group_fc(h, weight, bias, int(num_classes), dtype)
 
     def decode(self, residual, x, p, ln_weight, ln_bias, eps, weight, bias, num_classes):
@@ -444,6 +471,12 @@ class TritonOps(TorchOps):
         dtype = _compute_dtype(x.device.type, residual, x)
         if not self._takes(residual, x, ln_weight, ln_bias, weight, bias, dtypes=(dtype,)):
             return super().decode(residual, x, p, ln_weight, ln_bias, eps, weight, bias, num_classes)
-        out, _mean, _rstd = triton_decode(residual, x, _new_seed(p, x), float(p), ln_weight,
-                                          ln_bias, float(eps), weight, bias, int(num_classes), dtype)
+        seed = _new_seed(p, x)
+        if _eager_no_grad(residual, x, ln_weight, ln_bias, weight, bias):
+            from ..kernels.group_fc_decode import decode_forward
+            with _on_device(x):
+                return decode_forward(residual, x, seed, float(p), ln_weight, ln_bias, float(eps),
+                                      weight, bias, int(num_classes), dtype)[0]
+        out, _mean, _rstd = triton_decode(residual, x, seed, float(p), ln_weight, ln_bias,
+                                          float(eps), weight, bias, int(num_classes), dtype)
         return out

@@ -103,23 +103,30 @@ def demo_datasets(train_size: int, val_size: int, image_size: int, mean, std, se
     return MosaicDataset(*train, mean, std), MosaicDataset(*val, mean, std)
 
 
-def measure_head_step(model, batch, steps: int = 5) -> float:
-    """Milliseconds per forward + backward of the model's ML-Decoder head alone on its real input
-    (training mode), for the fast-vs-reference comparison."""
+def time_training_steps(models: dict, batch: torch.Tensor, reps: int = 7) -> dict:
+    """Median milliseconds of one training-mode forward + backward, for each model and for its
+    ML-Decoder head alone (on the head's real input), timed in turns so that a busy machine slows
+    every candidate alike. Returns {name: {"model_ms": ..., "head_ms": ...}}."""
     import time
     from ..timm_head import ml_decoder_of
-    head = ml_decoder_of(model)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        feats = model.forward_head(model.forward_features(batch), pre_logits=True)
-    model.train(was_training)
-    head.train()
-    feats = feats.detach().requires_grad_(True)
-    times = []
-    for _ in range(steps + 1):
-        t0 = time.perf_counter()
-        head(feats).sum().backward()
-        times.append(time.perf_counter() - t0)
-    head.zero_grad(set_to_none=True)
-    return 1000 * float(np.median(times[1:]))
+    feats, heads = {}, {}
+    for name, model in models.items():
+        model.eval()
+        with torch.no_grad():
+            feats[name] = model.forward_head(model.forward_features(batch), pre_logits=True)
+        model.train()
+        heads[name] = ml_decoder_of(model)
+    times = {name: {"model_ms": [], "head_ms": []} for name in models}
+    for rep in range(reps + 1):
+        for name, model in models.items():
+            x = feats[name].detach().requires_grad_(True)
+            t0 = time.perf_counter()
+            heads[name](x).sum().backward()
+            t1 = time.perf_counter()
+            model(batch).sum().backward()
+            t2 = time.perf_counter()
+            model.zero_grad(set_to_none=True)
+            if rep:  # the first round warms up
+                times[name]["head_ms"].append(1000 * (t1 - t0))
+                times[name]["model_ms"].append(1000 * (t2 - t1))
+    return {name: {k: float(np.median(v)) for k, v in t.items()} for name, t in times.items()}
