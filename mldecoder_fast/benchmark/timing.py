@@ -91,7 +91,9 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device, warmup: int =
     a shared machine hits them all alike and their ratios stay meaningful.
 
     ``budget_s`` is per callable: no new round starts once the rounds took longer than
-    ``budget_s * len(fns)`` and ``min_repeats`` rounds are done.
+    ``budget_s * len(fns)`` and ``min_repeats`` rounds are done, or right after the first round
+    if that one alone took longer (slow rows get one timed round: at seconds per call, noise is
+    small next to the step, and the default run has to fit in minutes).
     """
     device = torch.device(device)
     for _ in range(max(0, warmup)):
@@ -103,9 +105,11 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device, warmup: int =
     for i in range(repeats):
         for name, fn in fns.items():
             times[name].append(_timed_call(fn, device))
-        if (budget_s is not None and i + 1 >= min_repeats
-                and time.perf_counter() - start > budget_s * len(fns)):
-            break
+        if budget_s is None:
+            continue
+        elapsed, limit = time.perf_counter() - start, budget_s * len(fns)
+        if elapsed > limit and (i + 1 >= min_repeats or i == 0):
+            break  # over budget, and enough rounds, or a single round already cost the budget
     return {name: Timing(median_ms=statistics.median(t), min_ms=min(t), times_ms=t, warmup=max(0, warmup))
             for name, t in times.items()}
 
