@@ -57,6 +57,7 @@ def register(subparsers) -> None:
     p.add_argument("--json", metavar="PATH", help="write every result and the environment as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write the tables as markdown (generated from the JSON record)")
     p.add_argument("--plot", metavar="PATH", help="run the scaling study and write its PNG")
+    p.add_argument("--scaling-only", action="store_true", help="with --plot: only the scaling study, no main table")
     p.add_argument("--scaling-classes", default=None,
                    help="class counts of the scaling study (default 80,1000,10000,21843,50000,100000; quick 80,1000,10000)")
     p.add_argument("--from-json", metavar="PATH", help="no measurement: render the table/markdown/plot of a saved JSON")
@@ -101,42 +102,55 @@ def run(args) -> int:
         return 2
     if not include_compiled:
         skipped["compiled-*"] = "not requested (pass --compiled: torch.compile takes tens of seconds per case)"
+    if args.scaling_only and not args.plot:
+        print("mldecoder-fast bench: --scaling-only needs --plot PATH", file=sys.stderr)
+        return 2
+    if args.scaling_only:
+        cfgs = []
     repeats = args.repeats or (2 if args.quick else 5)
+    # On the CPU the agreement check's call and the memory measurement's call warm up enough;
+    # on CUDA one more call settles autotuning and the caching allocator.
     warmup = args.warmup if args.warmup is not None else (1 if device.type == "cuda" else 0)
     run_kwargs = dict(warmup=warmup, repeats=repeats, min_repeats=min(3, repeats),
                       budget_s=args.budget, measure_memory=not args.no_memory)
-
     threads = args.threads if args.threads is not None else (1 if args.quick and device.type == "cpu" else None)
     if threads is not None:
         torch.set_num_threads(threads)
+
     t_start = time.perf_counter()
-    load_start = report._load_average()
+    load_start = report.load_average()
     mm = matmul_rate(device, dtype)
     bw = copy_bandwidth(device)
-    total = len(cfgs) * len(batches) * len(modes) * len(impls)
-    print(f"mldecoder-fast bench: {len(cfgs)} configuration(s) x {len(modes)} mode(s) x "
-          f"{len(batches)} batch size(s) x {len(impls)} implementation(s) on {device} ({dtype}); "
-          f"implementations: {', '.join(i.name for i in impls)}", file=sys.stderr)
-    with _progress(total, args.no_progress) as bar:
-        results = run_suite(cfgs, device, dtype, batches, modes=modes, impls=impls, progress=bar, **run_kwargs)
-    fill_ratios(results, mm, bw)
+
+    results = []
+    if cfgs:
+        print(f"mldecoder-fast bench: {len(cfgs)} configuration(s) x {len(modes)} mode(s) x "
+              f"{len(batches)} batch size(s) x {len(impls)} implementation(s) on {device} ({dtype}); "
+              f"implementations: {', '.join(i.name for i in impls)}", file=sys.stderr)
+        total = len(cfgs) * len(batches) * len(modes) * len(impls)
+        with _progress(total, args.no_progress) as bar:
+            results = run_suite(cfgs, device, dtype, batches, modes=modes, impls=impls, progress=bar,
+                                **run_kwargs)
+        fill_ratios(results, mm, bw)
 
     scaling = None
     if args.plot:
-        from .scaling import run_scaling
+        from .scaling import run_scaling, scaling_impls
         classes = (_ints(args.scaling_classes) if args.scaling_classes
                    else ([80, 1000, 10000] if args.quick else list(configs_mod.SCALING_CLASSES)))
         base = configs_mod.scaling_config(80).shrunk() if args.quick else None
-        from .scaling import scaling_impls
         s_impls = scaling_impls(device)
+        s_batch = batches[-1] if device.type == "cuda" else batches[0]
+        print(f"mldecoder-fast bench: scaling study, {len(classes)} class counts x {len(modes)} mode(s), "
+              f"batch {s_batch}: {', '.join(i.name for i in s_impls)}", file=sys.stderr)
         with _progress(len(classes) * len(modes) * len(s_impls), args.no_progress) as bar:
-            scaling = run_scaling(device, dtype, batches[-1] if device.type == "cuda" else batches[0],
-                                  classes=classes, modes=modes, impls=s_impls, base=base,
-                                  progress=bar, **run_kwargs)
+            scaling = run_scaling(device, dtype, s_batch, classes=classes, modes=modes, impls=s_impls,
+                                  base=base, progress=bar, **run_kwargs)
         fill_ratios(scaling, mm, bw)
 
-    meta = report.collect_meta(device, dtype, batches, mm, bw, quick=bool(args.quick),
-                               repeats=repeats, warmup=warmup, load_average_start=load_start, memory_method=memory_method(device),
+    meta = report.collect_meta(device, dtype, batches, mm, bw, quick=bool(args.quick), repeats=repeats,
+                               warmup=warmup, threads=torch.get_num_threads(),
+                               load_average_start=load_start, memory_method=memory_method(device),
                                seconds=round(time.perf_counter() - t_start, 1))
     data = {"meta": meta, "results": [r.as_dict() for r in results], "skipped": skipped}
     if scaling is not None:
@@ -152,10 +166,14 @@ def _render(args, data: dict) -> int:
     from . import report
 
     meta, rows = data["meta"], data["results"]
-    print(report.format_table(rows, meta))
-    print()
-    for line in report.summary(rows, meta):
-        print(line)
+    if rows:
+        print(report.format_table(rows, meta))
+        print()
+        for line in report.summary(rows, meta):
+            print(line)
+    if data.get("scaling"):
+        print()
+        print(report.scaling_markdown(data["scaling"]))
     skipped = data.get("skipped") or {}
     for name, why in skipped.items():
         print(f"not run: {name}: {why}")

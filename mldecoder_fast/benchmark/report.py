@@ -66,7 +66,7 @@ def triton_version() -> str | None:
         return None
 
 
-def _load_average():
+def load_average():
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except (OSError, AttributeError):
@@ -88,7 +88,7 @@ def collect_meta(device, dtype: torch.dtype, batches, mm_rate: float | None, ban
         "batches": list(batches),
         "matmul_tflops": None if mm_rate is None else mm_rate / 1e12,
         "copy_gbps": None if bandwidth is None else bandwidth / 1e9,
-        "load_average": _load_average(),
+        "load_average": load_average(),
         "command": ("mldecoder-fast " + " ".join(sys.argv[1:])) if sys.argv[1:2] == ["bench"] else None,
     }
     try:

@@ -26,8 +26,11 @@ def scaling_impls(device, impls: list[Impl] | None = None) -> list[Impl]:
     available, _ = implementations(device, include_compiled=False)
     chosen = [i for i in available if i.name in (REFERENCE, EXPERT)]
     try:
+        from ..backends import select_ops
         from ..module import MLDecoderFast
-        chosen.append(Impl("fast-auto", lambda c: c.make_head(MLDecoderFast, backend="auto"), backend="auto"))
+        resolved = select_ops("auto", torch.device(device))[0]  # named like the main table's row
+        chosen.append(Impl(f"fast-{resolved}", lambda c: c.make_head(MLDecoderFast, backend="auto"),
+                           backend="auto"))
     except Exception:  # no fast head: baselines only
         pass
     return chosen
