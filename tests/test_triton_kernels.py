@@ -62,8 +62,10 @@ def _ref_copies(*ts):
     return [_leaf(t.detach().float()) for t in ts]
 
 
-def _check(name, ref_out, ref_grads, out, grads, dtype):
-    assert out.dtype == (dtype if dtype != torch.float32 else torch.float32), f"{name}: dtype {out.dtype}"
+def _check(name, ref_out, ref_grads, out, grads, dtype, out_dtype=None):
+    """out_dtype: the output's expected dtype when it is not ``dtype`` (logits promote with an
+    fp32 bias)."""
+    assert out.dtype == (out_dtype or dtype), f"{name}: output dtype {out.dtype}"
     assert_close(f"{name} output", ref_out, out.float(), TOL[dtype])
     for i, (rg, g) in enumerate(zip(ref_grads, grads)):
         assert_close(f"{name} grad {i}", rg, g.float(), GRAD_TOL[dtype])
@@ -254,7 +256,8 @@ def test_group_fc(dtype, shape, poison_empty):
     grads = _grads(out, [h, w, bias], g)
     hr, wr, br = _ref_copies(h, w, bias)
     ref = TORCH.group_fc(hr, wr, br, c)
-    _check(f"group_fc{shape}", ref, _grads(ref, [hr, wr, br], g.float()), out, grads, dtype)
+    _check(f"group_fc{shape}", ref, _grads(ref, [hr, wr, br], g.float()), out, grads, dtype,
+           out_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -270,7 +273,8 @@ def test_decode(dtype, shape, poison_empty):
     grads = _grads(out, inputs, g)
     ref_inputs = _ref_copies(*inputs)
     ref = TORCH.decode(ref_inputs[0], ref_inputs[1], 0.0, *ref_inputs[2:4], 1e-5, *ref_inputs[4:], c)
-    _check(f"decode{shape}", ref, _grads(ref, ref_inputs, g.float()), out, grads, dtype)
+    _check(f"decode{shape}", ref, _grads(ref, ref_inputs, g.float()), out, grads, dtype,
+           out_dtype=torch.float32)
 
 
 def test_decode_dropout_matches_mask(poison_empty):
@@ -314,6 +318,24 @@ def test_no_grad_direct_path_matches_custom_ops():
             direct = fn(*args)
         via_op = fn(*[a.detach().requires_grad_(True) for a in args])
         assert torch.equal(direct, via_op.detach()), f"call {i}: direct path differs"
+
+
+def test_autocast_dtypes_match_torch_backend():
+    """Under autocast the fused ops return what the PyTorch ops return: attention in the autocast
+    dtype, logits promoted to fp32 by the fp32 bias (as the reference's fp32 buffer)."""
+    dt = torch.bfloat16 if CUDA else torch.float16   # the interpreter cannot run bf16
+    b, k, n, h, d, gs, c = 2, 5, 19, 2, 16, 3, 14
+    q, kv = torch.randn(b, k, d, device=DEV), torch.randn(b, n, 2 * d, device=DEV)
+    r, x = torch.randn(b, k, d, device=DEV), torch.randn(b, k, d, device=DEV)
+    lw, lb = torch.randn(d, device=DEV), torch.randn(d, device=DEV)
+    w, bias = torch.randn(k, d, gs, device=DEV) / 4, torch.randn(c, device=DEV)
+    with torch.autocast(DEV, dtype=dt):
+        for name, fn in [("attention", lambda ops: ops.attention(q, kv, h, 0.0)),
+                         ("group_fc", lambda ops: ops.group_fc(r, w, bias, c)),
+                         ("decode", lambda ops: ops.decode(r, x, 0.0, lw, lb, 1e-5, w, bias, c))]:
+            want, got = fn(TORCH), fn(TRITON)
+            assert got.dtype == want.dtype, f"{name}: {got.dtype} vs PyTorch's {want.dtype}"
+            assert_close(f"{name} under autocast", want.float(), got.float(), 1e-2)
 
 
 def test_zsl_decode_falls_back():
@@ -433,14 +455,16 @@ def test_opcheck_group_fc_and_decode():
     b, k, d, gs, c = 3, 4, 20, 3, 10
     h, w, bias = _leaf(torch.randn(b, k, d)), _leaf(torch.randn(k, d, gs)), _leaf(torch.randn(c))
     _opcheck(T.triton_group_fc, (h, w, bias, c, torch.float32))
-    _opcheck(T.triton_group_fc_backward, (torch.randn(b, c, device=DEV), h.detach(), w.detach()))
+    _opcheck(T.triton_group_fc_backward, (torch.randn(b, c, device=DEV), h.detach(), w.detach(),
+                                          torch.float32))
     r, x, lw, lb = _leaf(torch.randn(b, k, d)), _leaf(torch.randn(b, k, d)), _leaf(torch.randn(d)), _leaf(torch.randn(d))
     seed = _seed(4)
     _opcheck(T.triton_decode, (r, x, seed, 0.1, lw, lb, 1e-5, w, bias, c, torch.float32))
     _out, mean, rstd = T.triton_decode(r.detach(), x.detach(), seed, 0.1, lw.detach(), lb.detach(),
                                        1e-5, w.detach(), bias.detach(), c, torch.float32)
     _opcheck(T.triton_decode_backward, (torch.randn(b, c, device=DEV), r.detach(), x.detach(), seed,
-                                        0.1, lw.detach(), lb.detach(), mean, rstd, w.detach()))
+                                        0.1, lw.detach(), lb.detach(), mean, rstd, w.detach(),
+                                        torch.float32))
 
 
 @pytest.fixture

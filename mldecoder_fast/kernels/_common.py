@@ -119,6 +119,11 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def tl_dtype(dtype: torch.dtype):
+    """Triton's dtype for a torch floating dtype (a constexpr argument of the kernels)."""
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
+
+
 def tensor_3d(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """``t`` broadcast to ``shape`` ([..., R, D]) and seen as [L, R, D] (a view where possible,
     stride 0 along broadcast dimensions)."""

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotune, dot_precision, dropout_keep, size_class, tensor_3d
+from ._common import autotune, dot_precision, dropout_keep, size_class, tensor_3d, tl_dtype
 from .layer_norm import ln_backward, ln_forward
 
 _FWD_CONFIGS = [
@@ -85,14 +85,15 @@ def _group_fc_fwd_kernel(R, X, MEAN, RSTD, LNW, LNB, SEED, W, BIAS, OUT,
                          B, K, D, G, C, SIZE_CLASS,
                          s_rb, s_rk, s_rd, s_xb, s_xk, s_xd, s_wk, s_wd, s_wg,
                          p, drop_scale,
-                         APPLY_LN: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+                         APPLY_LN: tl.constexpr, DROPOUT: tl.constexpr, DOT: tl.constexpr,
+                         PREC: tl.constexpr,
                          BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     k = tl.program_id(1)
     nb = tl.cdiv(B, BLOCK_B)
     pid_b = pid % nb     # neighbouring programs share a W[k] tile (L2 reuse)
     pid_g = pid // nb
-    dt = OUT.dtype.element_ty
+    dt: tl.constexpr = DOT  # the products' dtype; the logits are stored in OUT's dtype
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
     gmask = offs_g < G
@@ -109,7 +110,7 @@ def _group_fc_fwd_kernel(R, X, MEAN, RSTD, LNW, LNB, SEED, W, BIAS, OUT,
     cmask = gmask & (cls < C)
     acc += tl.load(BIAS + cls, mask=cmask, other=0.0).to(tl.float32)[None, :]
     out_ptrs = OUT + offs_b.to(tl.int64)[:, None] * C + cls[None, :]
-    tl.store(out_ptrs, acc.to(dt), mask=(offs_b < B)[:, None] & cmask[None, :])
+    tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=(offs_b < B)[:, None] & cmask[None, :])
 
 
 @autotune(_DGRAD_CONFIGS, _INTERP_DGRAD, key=["K", "D", "G", "SIZE_CLASS"],
@@ -117,7 +118,7 @@ def _group_fc_fwd_kernel(R, X, MEAN, RSTD, LNW, LNB, SEED, W, BIAS, OUT,
 @triton.jit(do_not_specialize=["SIZE_CLASS"])
 def _group_fc_dgrad_kernel(DOUT, W, DH, B, K, D, G, C, SIZE_CLASS,
                            s_ob, s_wk, s_wd, s_wg,
-                           PREC: tl.constexpr,
+                           DOT: tl.constexpr, PREC: tl.constexpr,
                            BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr):
     """dh[b, k, :] = sum_g dlogits[b, k*G + g] W[k, :, g], written as [B, K, D]."""
     pid = tl.program_id(0)
@@ -125,7 +126,7 @@ def _group_fc_dgrad_kernel(DOUT, W, DH, B, K, D, G, C, SIZE_CLASS,
     nb = tl.cdiv(B, BLOCK_B)
     pid_b = pid % nb
     pid_d = pid // nb
-    dt = DH.dtype.element_ty
+    dt: tl.constexpr = DOT
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     bmask = offs_b < B
@@ -142,7 +143,7 @@ def _group_fc_dgrad_kernel(DOUT, W, DH, B, K, D, G, C, SIZE_CLASS,
                     mask=(offs_g < G)[:, None] & dmask[None, :], other=0.0)
         acc = tl.dot(dy.to(dt), w.to(dt), acc, input_precision=PREC)
     dh_ptrs = DH + (b64 * K + k)[:, None] * D + offs_d[None, :]
-    tl.store(dh_ptrs, acc.to(dt), mask=bmask[:, None] & dmask[None, :])
+    tl.store(dh_ptrs, acc.to(DH.dtype.element_ty), mask=bmask[:, None] & dmask[None, :])
 
 
 @autotune(_WGRAD_CONFIGS, _INTERP_WGRAD, key=["K", "D", "G", "SIZE_CLASS", "APPLY_LN", "DROPOUT"],
@@ -152,7 +153,8 @@ def _group_fc_wgrad_kernel(R, X, MEAN, RSTD, LNW, LNB, SEED, DOUT, DW,
                            B, K, D, G, C, SIZE_CLASS,
                            s_rb, s_rk, s_rd, s_xb, s_xk, s_xd, s_ob,
                            p, drop_scale,
-                           APPLY_LN: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+                           APPLY_LN: tl.constexpr, DROPOUT: tl.constexpr, DOT: tl.constexpr,
+                           PREC: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_B: tl.constexpr):
     """dW[k] = h_k^T dlogits_k over the batch; padded-tail columns get 0. DW is contiguous."""
     pid = tl.program_id(0)
@@ -160,7 +162,7 @@ def _group_fc_wgrad_kernel(R, X, MEAN, RSTD, LNW, LNB, SEED, DOUT, DW,
     nd = tl.cdiv(D, BLOCK_D)
     pid_d = pid % nd
     pid_g = pid // nd
-    dt = DOUT.dtype.element_ty
+    dt: tl.constexpr = DOT
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
     gmask = offs_g < G
@@ -205,10 +207,16 @@ class _Input:
         return (*self.r3.stride(), *self.x3.stride())
 
 
-def _fwd(inp: _Input, weight, bias, num_classes, out_dtype):
+def logits_dtype(compute_dtype: torch.dtype, bias: torch.Tensor) -> torch.dtype:
+    """The logits' dtype: the products' dtype promoted with the bias (fp32 logits under autocast
+    with fp32 parameters, as the reference's fp32 buffer gives)."""
+    return torch.promote_types(compute_dtype, bias.dtype)
+
+
+def _fwd(inp: _Input, weight, bias, num_classes, compute_dtype):
     b, k, d = inp.x3.shape
     g = weight.shape[2]
-    out = torch.empty(b, num_classes, dtype=out_dtype, device=inp.x3.device)
+    out = torch.empty(b, num_classes, dtype=logits_dtype(compute_dtype, bias), device=inp.x3.device)
     if b == 0 or num_classes == 0:
         return out
 
@@ -218,13 +226,14 @@ def _fwd(inp: _Input, weight, bias, num_classes, out_dtype):
     _group_fc_fwd_kernel[grid](
         *inp.pointers(), weight, bias, out, b, k, d, g, num_classes, size_class(b),
         *inp.strides(), *weight.stride(), inp.p, inp.drop_scale,
-        APPLY_LN=inp.apply_ln, DROPOUT=inp.dropout, PREC=dot_precision(out_dtype))
+        APPLY_LN=inp.apply_ln, DROPOUT=inp.dropout, DOT=tl_dtype(compute_dtype),
+        PREC=dot_precision(compute_dtype))
     return out
 
 
-def _dgrad(dout, weight, b, k, d):
+def _dgrad(dout, weight, b, k, d, compute_dtype):
     g = weight.shape[2]
-    dh = torch.empty(b, k, d, dtype=dout.dtype, device=dout.device)
+    dh = torch.empty(b, k, d, dtype=compute_dtype, device=dout.device)
     if b == 0:
         return dh
 
@@ -233,11 +242,12 @@ def _dgrad(dout, weight, b, k, d):
 
     _group_fc_dgrad_kernel[grid](
         dout, weight, dh, b, k, d, g, dout.shape[1], size_class(b),
-        dout.stride(0), *weight.stride(), PREC=dot_precision(dout.dtype))
+        dout.stride(0), *weight.stride(), DOT=tl_dtype(compute_dtype),
+        PREC=dot_precision(compute_dtype))
     return dh
 
 
-def _wgrad(inp: _Input, dout, weight):
+def _wgrad(inp: _Input, dout, weight, compute_dtype):
     b, k, d = inp.x3.shape
     g = weight.shape[2]
     dw = torch.empty(k, d, g, dtype=weight.dtype, device=weight.device)
@@ -250,7 +260,8 @@ def _wgrad(inp: _Input, dout, weight):
     _group_fc_wgrad_kernel[grid](
         *inp.pointers(), dout, dw, b, k, d, g, dout.shape[1], size_class(b),
         *inp.strides(), dout.stride(0), inp.p, inp.drop_scale,
-        APPLY_LN=inp.apply_ln, DROPOUT=inp.dropout, PREC=dot_precision(dout.dtype))
+        APPLY_LN=inp.apply_ln, DROPOUT=inp.dropout, DOT=tl_dtype(compute_dtype),
+        PREC=dot_precision(compute_dtype))
     return dw
 
 
@@ -259,38 +270,42 @@ def _contiguous_cols(dout: torch.Tensor) -> torch.Tensor:
 
 
 def group_fc_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_classes: int,
-                     out_dtype: torch.dtype) -> torch.Tensor:
-    """h [B, K, D], weight [K, D, G], bias [num_classes] -> logits [B, num_classes]."""
-    return _fwd(_Input(h), weight, bias, num_classes, out_dtype)
+                     compute_dtype: torch.dtype) -> torch.Tensor:
+    """h [B, K, D], weight [K, D, G], bias [num_classes] -> logits [B, num_classes], products in
+    ``compute_dtype`` (fp32 accumulation), logits in ``logits_dtype``."""
+    return _fwd(_Input(h), weight, bias, num_classes, compute_dtype)
 
 
-def group_fc_backward(dout: torch.Tensor, h: torch.Tensor, weight: torch.Tensor):
-    """Returns (dh [B, K, D] in dout's dtype, dW [K, D, G] in weight's dtype)."""
+def group_fc_backward(dout: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
+                      compute_dtype: torch.dtype):
+    """Returns (dh [B, K, D] in ``compute_dtype``, dW [K, D, G] in weight's dtype)."""
     dout = _contiguous_cols(dout)
     b, k, d = h.shape
-    return _dgrad(dout, weight, b, k, d), _wgrad(_Input(h), dout, weight)
+    return (_dgrad(dout, weight, b, k, d, compute_dtype),
+            _wgrad(_Input(h), dout, weight, compute_dtype))
 
 
 def decode_forward(residual, x, seed, p, ln_weight, ln_bias, eps, weight, bias, num_classes,
-                   out_dtype):
+                   compute_dtype):
     """logits of LN(residual + dropout(x)) [B, K, D] through the group FC, without storing the
     normalized rows. Returns (logits, mean, rstd), the statistics fp32 [B*K] for the backward."""
     shape = torch.broadcast_shapes(residual.shape, x.shape)
     _, mean, rstd = ln_forward(residual, x, seed, p, None, None, eps, store_y=False)
     inp = _Input(tensor_3d(x, shape), tensor_3d(residual, shape), mean, rstd, ln_weight, ln_bias,
                  seed, p)
-    return _fwd(inp, weight, bias, num_classes, out_dtype), mean, rstd
+    return _fwd(inp, weight, bias, num_classes, compute_dtype), mean, rstd
 
 
-def decode_backward(dout, residual, x, seed, p, ln_weight, ln_bias, mean, rstd, weight):
+def decode_backward(dout, residual, x, seed, p, ln_weight, ln_bias, mean, rstd, weight,
+                    compute_dtype):
     """Returns (dz, dx or None, d ln_weight, d ln_bias, dW) with dz = dL/d(residual + dropout(x))
     shaped [B, K, D] (dx None when p == 0: then dx == dz); the LN affine grads are fp32."""
     shape = torch.broadcast_shapes(residual.shape, x.shape)
     dout = _contiguous_cols(dout)
     b, k, d = shape
-    dh = _dgrad(dout, weight, b, k, d)
+    dh = _dgrad(dout, weight, b, k, d, compute_dtype)
     dz, dx, dlnw, dlnb = ln_backward(dh, residual, x, seed, p, ln_weight, mean, rstd,
                                      torch.result_type(residual, x))
     inp = _Input(tensor_3d(x, shape), tensor_3d(residual, shape), mean, rstd, ln_weight, ln_bias,
                  seed, p)
-    return dz, dx, dlnw, dlnb, _wgrad(inp, dout, weight)
+    return dz, dx, dlnw, dlnb, _wgrad(inp, dout, weight, compute_dtype)

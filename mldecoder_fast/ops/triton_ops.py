@@ -244,41 +244,49 @@ triton_shared_query_attention.register_autograd(_sqa_backward, setup_context=_sq
 
 # group FC --------------------------------------------------------------------------------------
 
+def _logits_dtype(compute_dtype: torch.dtype, bias: Tensor) -> torch.dtype:
+    # as kernels.group_fc_decode.logits_dtype (importable without Triton)
+    return torch.promote_types(compute_dtype, bias.dtype)
+
+
 @torch.library.custom_op("mldecoder_fast::triton_group_fc", mutates_args=())
 def triton_group_fc(h: Tensor, weight: Tensor, bias: Tensor, num_classes: int,
-                    out_dtype: torch.dtype) -> Tensor:
-    """h [B, K, D], weight [K, D, G], bias [num_classes] -> logits [B, num_classes]."""
+                    compute_dtype: torch.dtype) -> Tensor:
+    """h [B, K, D], weight [K, D, G], bias [num_classes] -> logits [B, num_classes]: products in
+    ``compute_dtype``, logits in promote(compute_dtype, bias dtype)."""
     from ..kernels.group_fc_decode import group_fc_forward
     with _on_device(h):
-        return group_fc_forward(h, weight, bias, num_classes, out_dtype)
+        return group_fc_forward(h, weight, bias, num_classes, compute_dtype)
 
 
 @triton_group_fc.register_fake
-def _(h, weight, bias, num_classes, out_dtype):
-    return h.new_empty(h.shape[0], num_classes, dtype=out_dtype)
+def _(h, weight, bias, num_classes, compute_dtype):
+    return h.new_empty(h.shape[0], num_classes, dtype=_logits_dtype(compute_dtype, bias))
 
 
 @torch.library.custom_op("mldecoder_fast::triton_group_fc_backward", mutates_args=())
-def triton_group_fc_backward(dout: Tensor, h: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """(dh in dout's dtype, dW in weight's dtype)."""
+def triton_group_fc_backward(dout: Tensor, h: Tensor, weight: Tensor,
+                             compute_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(dh in ``compute_dtype``, dW in weight's dtype)."""
     from ..kernels.group_fc_decode import group_fc_backward
     with _on_device(h):
-        return group_fc_backward(dout, h, weight)
+        return group_fc_backward(dout, h, weight, compute_dtype)
 
 
 @triton_group_fc_backward.register_fake
-def _(dout, h, weight):
-    return h.new_empty(h.shape, dtype=dout.dtype), weight.new_empty(weight.shape)
+def _(dout, h, weight, compute_dtype):
+    return h.new_empty(h.shape, dtype=compute_dtype), weight.new_empty(weight.shape)
 
 
 def _gfc_setup(ctx, inputs, output):
-    h, weight, bias, _num_classes, _out_dtype = inputs
+    h, weight, bias, _num_classes, compute_dtype = inputs
     ctx.save_for_backward(h, weight, bias)
+    ctx.compute_dtype = compute_dtype
 
 
 def _gfc_backward(ctx, dout):
     h, weight, bias = ctx.saved_tensors
-    dh, dw = triton_group_fc_backward(dout, h, weight)
+    dh, dw = triton_group_fc_backward(dout, h, weight, ctx.compute_dtype)
     db = dout.sum(0, dtype=torch.float32).to(bias.dtype)
     return dh.to(h.dtype), dw, db, None, None
 
@@ -291,38 +299,40 @@ triton_group_fc.register_autograd(_gfc_backward, setup_context=_gfc_setup)
 @torch.library.custom_op("mldecoder_fast::triton_decode", mutates_args=())
 def triton_decode(residual: Tensor, x: Tensor, seed: Optional[Tensor], p: float,
                   ln_weight: Tensor, ln_bias: Tensor, eps: float, weight: Tensor, bias: Tensor,
-                  num_classes: int, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """(group FC of LN(residual + dropout(x)) [B, num_classes], row mean, row rstd)."""
+                  num_classes: int, compute_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(group FC of LN(residual + dropout(x)) [B, num_classes], row mean, row rstd); dtypes as
+    ``triton_group_fc``."""
     from ..kernels.group_fc_decode import decode_forward
     with _on_device(x):
         return decode_forward(residual, x, seed, p, ln_weight, ln_bias, eps, weight, bias,
-                              num_classes, out_dtype)
+                              num_classes, compute_dtype)
 
 
 @triton_decode.register_fake
-def _(residual, x, seed, p, ln_weight, ln_bias, eps, weight, bias, num_classes, out_dtype):
+def _(residual, x, seed, p, ln_weight, ln_bias, eps, weight, bias, num_classes, compute_dtype):
     shape = torch.broadcast_shapes(residual.shape, x.shape)
     m = _rows(shape)
-    return (x.new_empty(shape[0], num_classes, dtype=out_dtype),
+    return (x.new_empty(shape[0], num_classes, dtype=_logits_dtype(compute_dtype, bias)),
             x.new_empty(m, dtype=torch.float32), x.new_empty(m, dtype=torch.float32))
 
 
 @torch.library.custom_op("mldecoder_fast::triton_decode_backward", mutates_args=())
 def triton_decode_backward(dout: Tensor, residual: Tensor, x: Tensor, seed: Optional[Tensor],
                            p: float, ln_weight: Tensor, ln_bias: Tensor, mean: Tensor,
-                           rstd: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                           rstd: Tensor, weight: Tensor,
+                           compute_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dz, dx, d ln_weight, d ln_bias, dW); dz shaped [B, K, D]; dx empty when p == 0 (= dz)."""
     from ..kernels.group_fc_decode import decode_backward
     with _on_device(x):
         dz, dx, dlnw, dlnb, dw = decode_backward(dout, residual, x, seed, p, ln_weight, ln_bias,
-                                                 mean, rstd, weight)
+                                                 mean, rstd, weight, compute_dtype)
     if dx is None:
         dx = dz.new_empty(0, dtype=x.dtype)
     return dz, dx, dlnw.to(ln_weight.dtype), dlnb.to(ln_bias.dtype), dw
 
 
 @triton_decode_backward.register_fake
-def _(dout, residual, x, seed, p, ln_weight, ln_bias, mean, rstd, weight):
+def _(dout, residual, x, seed, p, ln_weight, ln_bias, mean, rstd, weight, compute_dtype):
     shape = torch.broadcast_shapes(residual.shape, x.shape)
     dz = x.new_empty(shape, dtype=torch.result_type(residual, x))
     dx = x.new_empty(shape) if p > 0 else x.new_empty(0)
@@ -331,16 +341,17 @@ def _(dout, residual, x, seed, p, ln_weight, ln_bias, mean, rstd, weight):
 
 
 def _decode_setup(ctx, inputs, output):
-    residual, x, seed, p, ln_weight, ln_bias, _eps, weight, bias, _nc, _dt = inputs
+    residual, x, seed, p, ln_weight, ln_bias, _eps, weight, bias, _nc, compute_dtype = inputs
     _out, mean, rstd = output
     ctx.save_for_backward(residual, x, seed, ln_weight, ln_bias, mean, rstd, weight, bias)
     ctx.p = p
+    ctx.compute_dtype = compute_dtype
 
 
 def _decode_backward(ctx, dout, _dmean, _drstd):
     residual, x, seed, ln_weight, ln_bias, mean, rstd, weight, bias = ctx.saved_tensors
     dz, dx, dlnw, dlnb, dw = triton_decode_backward(dout, residual, x, seed, ctx.p, ln_weight,
-                                                    ln_bias, mean, rstd, weight)
+                                                    ln_bias, mean, rstd, weight, ctx.compute_dtype)
     if ctx.p <= 0:
         dx = dz
     db = dout.sum(0, dtype=torch.float32).to(bias.dtype)
