@@ -20,7 +20,7 @@ CLASS_NAMES = [str(d) for d in range(10)]
 # The demo's defaults: a small timm backbone and a head small enough for a CPU.
 # test_resnet is timm's smallest ResNet (4 basic blocks, 0.37M parameters): a real architecture
 # at a size a CPU trains in minutes. 48 px mosaics give it a 2 x 2 feature map (4 tokens).
-DEMO_DEFAULTS = dict(model="test_resnet", image_size=48, grid=3, epochs=6, batch_size=64, lr=3e-3,
+DEMO_DEFAULTS = dict(model="test_resnet", image_size=48, grid=3, epochs=5, batch_size=64, lr=3e-3,
                      weight_decay=1e-4, ema_decay=0.99, ema_warmup=True, decoder_embedding=256,
                      num_of_groups=-1, workers=0, train_size=2048, val_size=512)
 
