@@ -68,7 +68,9 @@ def add_ml_decoder_head(model: nn.Module, num_classes: int = -1, num_of_groups: 
         input_size: (C, H, W) for the one probe forward, when the model's own configuration
             does not give a size it accepts.
 
-    Returns the same ``model`` object.
+    Returns the same ``model`` object. Raises ``TypeError`` for an object without timm's feature
+    API (the model is then untouched) and ``ValueError`` for a timm model whose features or forward
+    cannot feed the head (its classifier may then already be gone: create the model again).
     """
     _check_timm_model(model)
     if num_classes == -1:

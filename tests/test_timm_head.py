@@ -144,6 +144,18 @@ def test_unsupported_models_fail_clearly():
     with pytest.raises(ValueError, match="cannot take an ML-Decoder head.*unpooled"):
         add_ml_decoder_head(Pooled(), num_classes=3)
 
+    class Bypass(Pooled):
+        """Features are fine, but forward never calls forward_head."""
+
+        def forward_features(self, x):
+            return x.repeat(1, 3, 1, 1)[:, :8]
+
+        def forward(self, x):
+            return self.forward_features(x).mean((2, 3))
+
+    with pytest.raises(ValueError, match="does not go through forward_head"):
+        add_ml_decoder_head(Bypass(), num_classes=3, decoder_embedding=16)
+
     model = add_ml_decoder_head(timm.create_model("test_resnet"), num_classes=3, decoder_embedding=16)
     with pytest.raises(ValueError, match="already has an ML-Decoder head"):
         add_ml_decoder_head(model, num_classes=3)
