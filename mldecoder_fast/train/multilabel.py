@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .checkpoint import check_classes, load_checkpoint, save_checkpoint, set_rng_state
+from .checkpoint import CheckpointError, check_classes, load_checkpoint, save_checkpoint, set_rng_state
 from .ema import ModelEma
 from .losses import AsymmetricLoss
 from .metrics import chance_map, mean_average_precision
@@ -177,6 +177,14 @@ class MultiLabelTrainer:
             if key not in ckpt:
                 raise ValueError(f"{path}: not a training checkpoint (no '{key}' entry): use it as "
                                  "initial weights instead of resuming from it")
+        saved_total = ckpt["scheduler"].get("total_steps")
+        if saved_total is not None and saved_total != self.scheduler.total_steps:
+            saved_cfg = (ckpt.get("history") or {}).get("config", {})
+            raise CheckpointError(
+                f"{path}: its OneCycle schedule has {saved_total} steps ({saved_cfg.get('epochs', '?')} "
+                f"epochs), this run's has {self.scheduler.total_steps} ({self.cfg.epochs} epochs of "
+                f"{self.steps_per_epoch} steps): an exact resume needs the same epochs, batch size and "
+                "data; to train on from these weights, start a new run with --init-checkpoint")
         self.model.load_state_dict(ckpt["model"])
         self.ema.load_state_dict(ckpt["ema"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -250,6 +258,8 @@ class MultiLabelTrainer:
         os.makedirs(out, exist_ok=True)
         end = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, self.epoch + stop_after_epochs)
         t_start = time.perf_counter()
+        if self.epoch >= end:
+            self.log(f"nothing to train: {self.epoch} of {cfg.epochs} epochs are done")
         while self.epoch < end:
             loss, ips, train_s = self.train_one_epoch()
             self.epoch += 1
