@@ -303,10 +303,15 @@ def test_csv_errors(tmp_path):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    # The CI-sized demo: 48 steps on 32 px mosaics of 2 x 2 cells (the full demo: 192 steps at 48 px).
-    rc = main(["train", "multilabel", "--demo", "--epochs", "3", "--train-size", "512", "--val-size", "128",
-               "--batch-size", "32", "--image-size", "32", "--grid", "2", "--decoder-embedding", "64",
-               "--out", str(out), "--no-progress"])
+    # The CI-sized demo: 48 steps on 32 px mosaics of 2 x 2 cells (the full demo: 160 steps at 48 px).
+    # One thread: on a shared 2-core runner, torch's two threads wait on each other (several x slower).
+    threads = torch.get_num_threads()
+    try:
+        rc = main(["train", "multilabel", "--demo", "--epochs", "3", "--train-size", "512", "--val-size", "128",
+                   "--batch-size", "32", "--image-size", "32", "--grid", "2", "--decoder-embedding", "64",
+                   "--threads", "1", "--out", str(out), "--no-progress"])
+    finally:
+        torch.set_num_threads(threads)
     assert rc == 0
     return out
 
