@@ -294,6 +294,12 @@ def test_csv_errors(tmp_path):
     path2, _ = write_csv_set(tmp_path, ["cat", "['dog', 'bird']"])
     with pytest.raises(DataError, match=r"line 3: unknown class 'bird'"):
         load_csv(path2, class_names=["cat", "dog"])
+    with pytest.raises(DataError, match=r"set\.csv line 2: no split column"):
+        load_csv(path2, split="train")
+    (tmp_path / "split.csv").write_text("path,labels,split\ni0.png,cat,train\ni1.png,dog,val\ni0.png,dog,train\n")
+    train, names = load_csv(str(tmp_path / "split.csv"), split="train")
+    val, _ = load_csv(str(tmp_path / "split.csv"), class_names=names, split="val")
+    assert names == ["cat", "dog"] and len(train) == 2 and [s.where for s in val] == ["split.csv line 3"]
     os.remove(tmp_path / "i0.png")
     with pytest.raises(DataError, match=r"set\.csv line 2: .*i0\.png"):
         load_csv(path2)

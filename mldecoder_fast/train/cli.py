@@ -215,8 +215,13 @@ def train_once(args, head: str, out: str) -> dict:
     model_kwargs = _model_kwargs(args.model_arg)
     # The class list decides the head's size, so read the data first (with the backbone's
     # normalisation, which only needs the model's config).
-    import timm
-    probe_cfg = timm.get_pretrained_cfg(s["model"]) if hasattr(timm, "get_pretrained_cfg") else None
+    try:
+        import timm
+    except ImportError:
+        raise SystemExit("training needs timm: pip install 'mldecoder-fast[timm]'") from None
+    if not timm.is_model(s["model"]):
+        raise SystemExit(f"unknown timm model {s['model']!r} (see timm.list_models())")
+    probe_cfg = timm.get_pretrained_cfg(s["model"])
     mean = tuple(getattr(probe_cfg, "mean", None) or (0.485, 0.456, 0.406))
     std = tuple(getattr(probe_cfg, "std", None) or (0.229, 0.224, 0.225))
     train_set, val_set, class_names = _datasets(args, s, mean, std)

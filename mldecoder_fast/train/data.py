@@ -158,8 +158,12 @@ def load_csv(csv_path: str, images_root: str | None = None, class_names=None, sp
                                         "closing ']'")
                     row = [row[0], ",".join(row[1:end + 1])] + row[end + 1:]
                 row_split = row[2].strip() if len(row) > 2 else None
-                if split is not None and row_split is not None and row_split != split:
-                    continue
+                if split is not None:
+                    if not row_split:
+                        raise DataError(f"{csv_path} line {lineno}: no split column (train or val), "
+                                        "which a single CSV for training and validation needs")
+                    if row_split != split:
+                        continue
                 labels = _parse_labels(row[1])
                 if not labels and not allow_empty:
                     raise DataError(f"{csv_path} line {lineno}: image {row[0]!r} has an empty label list "
