@@ -1,10 +1,12 @@
 """Group FC speed, side by side: the compiled op vs the bmm expression vs the reference loop.
 
     python bench/group_fc_speed.py [--device cpu|cuda] [--dtype float32|bfloat16|...]
-        [--batch 16 64] [--classes 21843] [--groups 100] [--dim 768] [--reps 7] [--json PATH]
+        [--batch 16 64] [--classes 21843] [--groups 100] [--dim 768] [--reps 7] [--threads N]
+        [--h-layout contiguous|transposed] [--no-loop] [--json PATH]
 
 Times forward + backward (grads of h, weight and bias) of one group FC on random data,
-median of --reps runs after warm-up, every provider on the same tensors in the same run.
+median of --reps runs after warm-up, every provider on the same tensors in the same run,
+taking turns within each repetition.
 Ratios are provider time / extension time (> 1: the extension is faster). On CUDA it also
 times cuBLAS's strided-batched bmm alone (forward + the two backward bmms, no bias, no
 slice) as the floor the issue asks to be within 1.1x of, and reports TFLOP/s.
@@ -45,7 +47,8 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_fwd_bwd(fn, h, weight, bias, num_classes, reps, device):
+def make_step(fn, h, weight, bias, num_classes):
+    """One forward + backward of ``fn`` (grads of h, weight and bias) on fixed random data."""
     grad = None
 
     def step():
@@ -53,26 +56,35 @@ def time_fwd_bwd(fn, h, weight, bias, num_classes, reps, device):
         for t in (h, weight, bias):
             t.grad = None
         out = fn(h, weight, bias, num_classes)
-        if grad is None or grad.shape != out.shape:
+        if grad is None:
             grad = torch.randn_like(out)
         out.backward(grad)
 
-    for _ in range(2):
-        step()
-    times = []
+    return step
+
+
+def time_interleaved(steps, reps, device, warmup=2):
+    """Median ms per step; the providers take turns within each repetition, so a shared,
+    noisy machine slows them alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps}
     for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for name, step in steps.items():
+            if device.type == "cuda":
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                step()
+                end.record()
+                torch.cuda.synchronize()
+                times[name].append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                step()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main(argv=None):
@@ -85,9 +97,14 @@ def main(argv=None):
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--no-loop", action="store_true", help="skip the (slow) reference loop")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--h-layout", choices=["contiguous", "transposed"], default="contiguous",
+                   help="h [B, K, D] as the head's LayerNorm gives it, or a transposed [K, B, D]")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ok, detail = extension_status()
     if not ok:
         raise SystemExit(f"extension unavailable: {detail}")
@@ -98,8 +115,6 @@ def main(argv=None):
     weight = (torch.randn(k, d, g, device=device) * d ** -0.5).to(dtype).requires_grad_()
     bias = torch.randn(c, device=device, dtype=dtype).requires_grad_()
     providers = {"extension": group_fc, "bmm_expr": group_fc_torch}
-    if not args.no_loop:
-        providers["reference_loop"] = reference_loop
     if device.type == "cuda":
         providers["bmm_only"] = bmm_only
     mm_rate = None
@@ -118,19 +133,26 @@ def main(argv=None):
         del a
     rows = []
     for b in args.batch:
-        h = torch.randn(k, b, d, device=device, dtype=dtype).transpose(0, 1).requires_grad_()
-        times = {name: time_fwd_bwd(fn, h, weight, bias, c, args.reps, device)
-                 for name, fn in providers.items()}
+        if args.h_layout == "transposed":
+            h = torch.randn(k, b, d, device=device, dtype=dtype).transpose(0, 1).requires_grad_()
+        else:
+            h = torch.randn(b, k, d, device=device, dtype=dtype).requires_grad_()
+        steps = {name: make_step(fn, h, weight, bias, c) for name, fn in providers.items()}
+        times = time_interleaved(steps, args.reps, device)
+        if not args.no_loop:  # seconds per step on a CPU: a couple of runs, no warm-up
+            loop = {"reference_loop": make_step(reference_loop, h, weight, bias, c)}
+            times.update(time_interleaved(loop, min(args.reps, 2), device, warmup=0))
         flops = 3 * 2 * b * k * d * g
         for name, ms in times.items():
             rows.append({"device": str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
                          "threads": torch.get_num_threads(), "dtype": args.dtype, "batch": b,
-                         "classes": c, "K": k, "G": g, "D": d, "provider": name,
+                         "classes": c, "K": k, "G": g, "D": d, "h_layout": args.h_layout,
+                         "provider": name,
                          "ms_fwd_bwd": round(ms, 3),
                          "ratio_vs_extension": round(ms / times["extension"], 2),
                          "tflops": round(flops / (ms * 1e-3) / 1e12, 2)})
     print(f"group FC forward+backward, {args.device} ({torch.get_num_threads()} threads), "
-          f"{args.dtype}, C={c} K={k} G={g} D={d}; median of {args.reps}"
+          f"{args.dtype}, C={c} K={k} G={g} D={d}, {args.h_layout} h; median of {args.reps}"
           + (f"; matmul rate {mm_rate:.0f} TFLOP/s" if mm_rate else ""))
     print(f"{'B':>5} {'provider':>15} {'ms':>10} {'x ext':>8} {'TFLOP/s':>8}")
     for r in rows:

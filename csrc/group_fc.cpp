@@ -1,20 +1,29 @@
 // Op schemas of the mldecoder_fast namespace and the CPU kernels of the group FC.
 //
-// The CPU kernels run one BLAS product per group on strided views, so every product reads
-// and writes the final tensors in place: the forward writes the class-sliced logits
-// directly (no padded [B, K*G] buffer, no zero fill, no copy into class order), and the
-// backward reads the unpadded gradient. Groups are spread over threads with
-// at::parallel_for; each product is then single-threaded, whose order of operations does not
-// depend on the thread count, so results are the same bits run to run.
+// Every product reads and writes the final tensors in place: the forward writes the
+// class-sliced logits directly (no padded [B, K*G] buffer, no zero fill, no copy into class
+// order), and the backward reads the unpadded gradient. The layout is that of the CUDA
+// kernels (see group_fc_cuda.cu): group k is a column-major G x B block of the logits at
+// column offset k*G, so all full groups form one strided batch and the partial last group a
+// second, smaller one.
+//
+// fp32/fp64 run as one call of MKL's batched GEMM (the one torch.bmm uses) when torch's MKL
+// exports it; otherwise, and for half types, one BLAS product per group on strided views,
+// groups spread over threads with at::parallel_for. Either way each output element is
+// computed by one product in a fixed order: results repeat bit for bit.
 #include <Python.h>
 
 #include <ATen/ATen.h>
 #include <ATen/CPUFunctions.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <array>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "group_fc.h"
 
@@ -29,6 +38,19 @@ extern "C" PyObject* PyInit__C(void) {
 // own on top of ours. MKL's thread-local setting prevents that; the symbol is weak so builds
 // of torch without MKL (it is then null) load the extension all the same.
 extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+// MKL's batched GEMM, ILP64 Fortran interface (column-major, every argument by pointer, 64-bit
+// integers), exported by torch's x86 builds; weak like the above.
+extern "C" void sgemm_batch_64(const char*, const char*, const int64_t*, const int64_t*,
+                               const int64_t*, const float*, const float**, const int64_t*,
+                               const float**, const int64_t*, const float*, float**,
+                               const int64_t*, const int64_t*, const int64_t*)
+    __attribute__((weak));
+extern "C" void dgemm_batch_64(const char*, const char*, const int64_t*, const int64_t*,
+                               const int64_t*, const double*, const double**, const int64_t*,
+                               const double**, const int64_t*, const double*, double**,
+                               const int64_t*, const int64_t*, const int64_t*)
+    __attribute__((weak));
 
 namespace mldecoder_fast {
 
@@ -102,6 +124,11 @@ void check_h(GroupFcShape& s, const at::Tensor& h, const at::Tensor& weight, con
   s.batch = h.size(0);
 }
 
+bool poison_outputs() {
+  const char* poison = std::getenv("MLDECODER_FAST_POISON_OUTPUTS");
+  return poison != nullptr && std::strcmp(poison, "1") == 0;
+}
+
 template <typename F>
 void for_each_group(int64_t n, const F& f) {
   // One group per task when there are enough groups to keep every thread busy; otherwise
@@ -116,6 +143,102 @@ void for_each_group(int64_t n, const F& f) {
   }
 }
 
+// ---- the batched (MKL) path ----------------------------------------------------------------
+
+bool has_batched_gemm(at::ScalarType t) {
+  if (t == at::kFloat) return sgemm_batch_64 != nullptr;
+  if (t == at::kDouble) return dgemm_batch_64 != nullptr;
+  return false;
+}
+
+void call_batched_gemm(const char* ta, const char* tb, const int64_t* m, const int64_t* n,
+                       const int64_t* k, const float* alpha, const float** a, const int64_t* lda,
+                       const float** b, const int64_t* ldb, const float* beta, float** c,
+                       const int64_t* ldc, const int64_t* groups, const int64_t* sizes) {
+  sgemm_batch_64(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, groups, sizes);
+}
+
+void call_batched_gemm(const char* ta, const char* tb, const int64_t* m, const int64_t* n,
+                       const int64_t* k, const double* alpha, const double** a,
+                       const int64_t* lda, const double** b, const int64_t* ldb,
+                       const double* beta, double** c, const int64_t* ldc, const int64_t* groups,
+                       const int64_t* sizes) {
+  dgemm_batch_64(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, groups, sizes);
+}
+
+// C_i = op(A_i) * op(B_i) (+ C_i with accumulate), column-major, for the full groups
+// (m x n x k) and the partial last group (tail_m x n x k, or tail_k for grad_h's reduction).
+// A_i, B_i, C_i start at a + i*stride_a etc. (element offsets), for i < full (+1 with a tail).
+template <typename T>
+void batched_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, int64_t full,
+                  int64_t tail_m, int64_t tail_k, const T* a, int64_t lda, int64_t stride_a,
+                  const T* b, int64_t ldb, int64_t stride_b, bool accumulate, T* c, int64_t ldc,
+                  int64_t stride_c) {
+  std::vector<const T*> pa, pb;
+  std::vector<T*> pc;
+  std::vector<std::array<int64_t, 4>> shapes;  // m, n, k, count
+  const bool has_tail = tail_m > 0 && tail_k > 0;
+  const int64_t count = full + (has_tail ? 1 : 0);
+  for (int64_t i = 0; i < count; ++i) {
+    pa.push_back(a + i * stride_a);
+    pb.push_back(b + i * stride_b);
+    pc.push_back(c + i * stride_c);
+  }
+  if (full > 0) shapes.push_back({m, n, k, full});
+  if (has_tail) shapes.push_back({tail_m, n, tail_k, 1});
+  const int64_t ng = static_cast<int64_t>(shapes.size());
+  if (ng == 0 || n == 0) return;
+  std::vector<char> vta(ng, ta), vtb(ng, tb);
+  std::vector<int64_t> vm(ng), vn(ng), vk(ng), size(ng), vlda(ng, lda), vldb(ng, ldb),
+      vldc(ng, ldc);
+  std::vector<T> alpha(ng, T(1)), beta(ng, accumulate ? T(1) : T(0));
+  for (int64_t g = 0; g < ng; ++g) {
+    vm[g] = shapes[g][0];
+    vn[g] = shapes[g][1];
+    vk[g] = shapes[g][2];
+    size[g] = shapes[g][3];
+  }
+  call_batched_gemm(vta.data(), vtb.data(), vm.data(), vn.data(), vk.data(), alpha.data(),
+                    pa.data(), vlda.data(), pb.data(), vldb.data(), beta.data(), pc.data(),
+                    vldc.data(), &ng, size.data());
+}
+
+// out (prefilled with the bias) += the group products; the same GEMMs as the CUDA forward.
+template <typename T>
+void forward_batched(const GroupFcShape& s, const at::Tensor& h, const at::Tensor& weight,
+                     at::Tensor& out) {
+  const HLayout hl = h_layout(h);
+  const at::Tensor w = weight.contiguous();
+  const int64_t G = s.group_size, D = s.dim;
+  batched_gemm<T>('N', 'N', G, s.batch, D, s.full_groups(), s.tail(), D, w.const_data_ptr<T>(),
+                  G, D * G, hl.t.const_data_ptr<T>(), hl.ld, hl.group_stride, true,
+                  out.data_ptr<T>(), s.num_classes, G);
+}
+
+template <typename T>
+void grad_h_batched(const GroupFcShape& s, const at::Tensor& grad, const at::Tensor& weight,
+                    const GradHTarget& target) {
+  const GradLayout gl = grad_layout(grad);
+  const at::Tensor w = weight.contiguous();
+  const int64_t G = s.group_size, D = s.dim;
+  batched_gemm<T>('T', 'N', D, s.batch, G, s.full_groups(), D, s.tail(), w.const_data_ptr<T>(),
+                  G, D * G, gl.t.const_data_ptr<T>(), gl.ld, G, false, target.t.data_ptr<T>(),
+                  target.ld, target.group_stride);
+}
+
+template <typename T>
+void grad_weight_batched(const GroupFcShape& s, const at::Tensor& grad, const at::Tensor& h,
+                         at::Tensor& grad_w) {
+  const GradLayout gl = grad_layout(grad);
+  const HLayout hl = h_layout(h);
+  const int64_t G = s.group_size, D = s.dim;
+  batched_gemm<T>('N', 'T', G, D, s.batch, s.full_groups(), s.tail(), s.batch,
+                  gl.t.const_data_ptr<T>(), gl.ld, G, hl.t.const_data_ptr<T>(), hl.ld,
+                  hl.group_stride, false, grad_w.data_ptr<T>(), G, D * G);
+}
+
+// ---- the per-group path -------------------------------------------------------------------
+
 // h/grad with unit stride on the last dimension, or a contiguous copy (BLAS needs one unit
 // stride; strided rows would be copied by every per-group product otherwise).
 at::Tensor unit_inner_stride(const at::Tensor& t) {
@@ -129,6 +252,13 @@ at::Tensor group_fc_cpu(const at::Tensor& h, const at::Tensor& weight, const at:
   const at::ScalarType out_type = forward_output_type(h, bias);
   at::Tensor out = empty_output({s.batch, s.num_classes}, h.options().dtype(out_type));
   if (s.batch == 0) return out;
+  if (out_type == h.scalar_type() && has_batched_gemm(out_type) && s.dim > 0) {
+    out.copy_(bias.to(out_type).unsqueeze(0).expand_as(out));
+    AT_DISPATCH_FLOATING_TYPES(out_type, "group_fc", [&] {
+      forward_batched<scalar_t>(s, h, weight, out);
+    });
+    return out;
+  }
   // A wider output (a half-precision product plus an fp32 bias, as under autocast) is computed
   // from upcast inputs: exact products, accumulated and rounded once in the output type.
   const at::Tensor hu = unit_inner_stride(h).to(out_type);
@@ -144,25 +274,29 @@ at::Tensor group_fc_cpu(const at::Tensor& h, const at::Tensor& weight, const at:
   return out;
 }
 
-at::Tensor group_fc_grad_h_cpu(const at::Tensor& grad, const at::Tensor& weight,
-                               int64_t num_classes) {
-  const GroupFcShape s = check_grad_args(grad, weight, num_classes, nullptr, "group_fc_grad_h");
-  if (s.zsl) return zsl_grad_h(grad, weight, s.dim);
-  at::Tensor grad_h = empty_output({s.batch, s.groups, s.dim}, weight.options());
+at::Tensor group_fc_grad_h_cpu(const at::Tensor& grad, const at::Tensor& h,
+                               const at::Tensor& weight, int64_t num_classes) {
+  const GroupFcShape s = check_grad_args(grad, weight, num_classes, &h, "group_fc_grad_h");
+  if (s.zsl) return zsl_grad_h(grad, h, weight);
+  at::Tensor grad_h = empty_grad_h(h, weight);
   if (grad_h.numel() == 0) return grad_h;
-  const at::Tensor g = unit_inner_stride(grad.to(weight.scalar_type()));
-  const at::Tensor w = weight.contiguous();
+  const GradHTarget target = grad_h_target(grad_h);
   const int64_t used = s.used_groups();
-  for_each_group(s.groups, [&](int64_t k) {
-    at::Tensor grad_h_k = grad_h.select(1, k);  // [B, D], row stride K*D
-    if (k >= used) {
-      grad_h_k.zero_();  // a group made only of padding receives no gradient
-      return;
-    }
-    const int64_t c0 = k * s.group_size;
-    const int64_t width = std::min(s.group_size, s.num_classes - c0);
-    at::cpu::mm_out(grad_h_k, g.narrow(1, c0, width), w.select(0, k).narrow(1, 0, width).t());
-  });
+  if (has_batched_gemm(weight.scalar_type())) {
+    AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "group_fc_grad_h", [&] {
+      grad_h_batched<scalar_t>(s, grad.to(weight.scalar_type()), weight, target);
+    });
+  } else {
+    const at::Tensor g = unit_inner_stride(grad.to(weight.scalar_type()));
+    const at::Tensor w = weight.contiguous();
+    for_each_group(used, [&](int64_t k) {
+      at::Tensor grad_h_k = target.t.select(1, k);  // [B, D]
+      const int64_t c0 = k * s.group_size;
+      const int64_t width = std::min(s.group_size, s.num_classes - c0);
+      at::cpu::mm_out(grad_h_k, g.narrow(1, c0, width), w.select(0, k).narrow(1, 0, width).t());
+    });
+  }
+  finish_grad_h(target, grad_h, used);
   return grad_h;
 }
 
@@ -173,9 +307,20 @@ at::Tensor group_fc_grad_weight_cpu(const at::Tensor& grad, const at::Tensor& h,
   at::Tensor grad_w = empty_output({s.groups, s.dim, s.group_size}, h.options());
   if (grad_w.numel() == 0) return grad_w;
   if (s.batch == 0) return grad_w.zero_();
+  const int64_t used = s.used_groups();
+  if (has_batched_gemm(weight.scalar_type())) {
+    AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "group_fc_grad_weight", [&] {
+      grad_weight_batched<scalar_t>(s, grad.to(weight.scalar_type()), h, grad_w);
+    });
+    const int64_t tail = s.tail();
+    if (tail > 0) {  // padded columns of the partial group get no gradient
+      grad_w.select(0, s.full_groups()).narrow(1, tail, s.group_size - tail).zero_();
+    }
+    if (used < s.groups) grad_w.narrow(0, used, s.groups - used).zero_();
+    return grad_w;
+  }
   const at::Tensor g = unit_inner_stride(grad.to(weight.scalar_type()));
   const at::Tensor hu = unit_inner_stride(h);
-  const int64_t used = s.used_groups();
   for_each_group(s.groups, [&](int64_t k) {
     at::Tensor grad_w_k = grad_w.select(0, k);  // [D, G]
     const int64_t c0 = k * s.group_size;
@@ -249,8 +394,7 @@ bool check_grad_bias_args(const at::Tensor& grad, const at::Tensor& bias) {
 
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   at::Tensor t = at::empty(sizes, options);
-  const char* poison = std::getenv("MLDECODER_FAST_POISON_OUTPUTS");
-  if (poison != nullptr && std::strcmp(poison, "1") == 0) t.fill_(NAN);
+  if (poison_outputs()) t.fill_(NAN);
   return t;
 }
 
@@ -265,8 +409,33 @@ at::Tensor zsl_forward(const at::Tensor& h, const at::Tensor& weight, const at::
   return at::add(out, bias).to(forward_output_type(h, bias));
 }
 
-at::Tensor zsl_grad_h(const at::Tensor& grad, const at::Tensor& weight, int64_t dim) {
-  return grad.to(weight.scalar_type()).unsqueeze(-1) * weight.reshape({1, 1, dim});
+at::Tensor empty_grad_h(const at::Tensor& h, const at::Tensor& weight) {
+  // The same rule as torch.empty_like(h, dtype=weight.dtype), which the fake kernel uses.
+  at::Tensor t = at::empty_like(h, weight.options().memory_format(at::MemoryFormat::Preserve));
+  if (poison_outputs()) t.fill_(NAN);
+  return t;
+}
+
+GradHTarget grad_h_target(const at::Tensor& grad_h) {
+  const int64_t B = grad_h.size(0), K = grad_h.size(1), D = grad_h.size(2);
+  GradHTarget target;
+  target.t = (D <= 1 || grad_h.stride(2) == 1) ? grad_h : at::empty({B, K, D}, grad_h.options());
+  target.ld = B <= 1 ? std::max<int64_t>(D, 1) : target.t.stride(0);
+  target.group_stride = K <= 1 ? 0 : target.t.stride(1);
+  return target;
+}
+
+void finish_grad_h(const GradHTarget& target, at::Tensor& grad_h, int64_t used_groups) {
+  const int64_t K = grad_h.size(1);
+  if (used_groups < K) target.t.narrow(1, used_groups, K - used_groups).zero_();  // all padding
+  if (!target.t.is_same(grad_h)) grad_h.copy_(target.t);
+}
+
+at::Tensor zsl_grad_h(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& weight) {
+  at::Tensor grad_h = empty_grad_h(h, weight);
+  at::mul_out(grad_h, grad.to(weight.scalar_type()).unsqueeze(-1),
+              weight.reshape({1, 1, weight.size(0)}));
+  return grad_h;
 }
 
 at::Tensor zsl_grad_weight(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& weight) {
@@ -290,9 +459,9 @@ TORCH_LIBRARY(mldecoder_fast, m) {
   // ZSL form: weight [D, 1], bias [1] -> [B, K] (num_classes is then ignored). h and weight
   // share the product's dtype; the logits have dtype promote(h, bias); fp32 accumulation.
   m.def("group_fc(Tensor h, Tensor weight, Tensor bias, int num_classes) -> Tensor");
-  // Backward pieces, each run only when its gradient is needed: grad_h and grad_weight in
-  // weight's dtype, grad_bias in bias's dtype.
-  m.def("group_fc_grad_h(Tensor grad, Tensor weight, int num_classes) -> Tensor");
+  // Backward pieces, each run only when its gradient is needed: grad_h (laid out like h) and
+  // grad_weight in weight's dtype, grad_bias in bias's dtype. grad_h reads h's layout only.
+  m.def("group_fc_grad_h(Tensor grad, Tensor h, Tensor weight, int num_classes) -> Tensor");
   m.def("group_fc_grad_weight(Tensor grad, Tensor h, Tensor weight, int num_classes) -> Tensor");
   m.def("group_fc_grad_bias(Tensor grad, Tensor bias) -> Tensor");
 }

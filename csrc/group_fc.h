@@ -14,6 +14,8 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+
 namespace mldecoder_fast {
 
 struct GroupFcShape {
@@ -46,9 +48,61 @@ at::ScalarType forward_output_type(const at::Tensor& h, const at::Tensor& bias);
 // memory is filled with NaN first, so a kernel that forgets an element fails the tests.
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
+// Operands as column-major BLAS matrices (cuBLAS, MKL): unit stride on the last dimension and
+// a leading dimension that BLAS accepts (>= the row length); anything else, and size-1
+// dimensions (whose strides are arbitrary), is normalised, by a contiguous copy if need be.
+struct HLayout {   // h [B, K, D]: K column-major D x B matrices
+  at::Tensor t;
+  int64_t ld = 0;            // between rows b
+  int64_t group_stride = 0;  // between groups k
+};
+
+inline HLayout h_layout(const at::Tensor& h) {
+  const int64_t B = h.size(0), K = h.size(1), D = h.size(2);
+  auto ok = [&](const at::Tensor& t) {
+    return (D <= 1 || t.stride(2) == 1) && (B <= 1 || t.stride(0) >= std::max<int64_t>(D, 1));
+  };
+  HLayout l;
+  l.t = ok(h) ? h : h.contiguous();
+  l.ld = B <= 1 ? std::max<int64_t>(D, 1) : l.t.stride(0);
+  l.group_stride = K <= 1 ? 0 : l.t.stride(1);
+  return l;
+}
+
+struct GradLayout {  // grad [B, C]: a column-major C x B matrix (an expanded grad is copied)
+  at::Tensor t;
+  int64_t ld = 0;
+};
+
+inline GradLayout grad_layout(const at::Tensor& grad) {
+  const int64_t B = grad.size(0), C = grad.size(1);
+  auto ok = [&](const at::Tensor& t) {
+    return (C <= 1 || t.stride(1) == 1) && (B <= 1 || t.stride(0) >= std::max<int64_t>(C, 1));
+  };
+  GradLayout l;
+  l.t = ok(grad) ? grad : grad.contiguous();
+  l.ld = B <= 1 ? std::max<int64_t>(C, 1) : l.t.stride(0);
+  return l;
+}
+
+// grad_h: laid out like h when h is dense (a transposed h gets a transposed gradient, so
+// AccumulateGrad and the ops upstream need no copy), contiguous otherwise; in weight's dtype.
+at::Tensor empty_grad_h(const at::Tensor& h, const at::Tensor& weight);
+
+// Where the GEMMs write grad_h: grad_h itself when its D dimension has unit stride, else a
+// contiguous buffer (copied into grad_h by finish_grad_h). ld: between rows b; group_stride:
+// between groups k.
+struct GradHTarget {
+  at::Tensor t;
+  int64_t ld = 0;
+  int64_t group_stride = 0;
+};
+GradHTarget grad_h_target(const at::Tensor& grad_h);
+void finish_grad_h(const GradHTarget& target, at::Tensor& grad_h, int64_t used_groups);
+
 // The ZSL form is a matrix-vector product; these run on any device through ATen.
 at::Tensor zsl_forward(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias);
-at::Tensor zsl_grad_h(const at::Tensor& grad, const at::Tensor& weight, int64_t dim);
+at::Tensor zsl_grad_h(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& weight);
 at::Tensor zsl_grad_weight(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& weight);
 
 // Checks grad_bias's arguments; true when bias has one element (the ZSL form: a sum of all

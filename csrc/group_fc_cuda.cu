@@ -83,43 +83,6 @@ void strided_gemm(at::ScalarType ab_type, at::ScalarType c_type, bool trans_a, b
       &beta, c, ctype, ildc, stride_c, ibatch, compute, CUBLAS_GEMM_DEFAULT));
 }
 
-// Strides of h [B, K, D] as seen by cuBLAS: unit stride on D and a valid leading dimension
-// (>= D); anything else (and size-1 dimensions, whose strides are arbitrary) is normalised.
-struct HLayout {
-  at::Tensor t;
-  int64_t ld = 0;            // between rows b
-  int64_t group_stride = 0;  // between groups k
-};
-
-HLayout h_layout(const at::Tensor& h) {
-  const int64_t B = h.size(0), K = h.size(1), D = h.size(2);
-  auto ok = [&](const at::Tensor& t) {
-    return (D <= 1 || t.stride(2) == 1) && (B <= 1 || t.stride(0) >= std::max<int64_t>(D, 1));
-  };
-  HLayout l;
-  l.t = ok(h) ? h : h.contiguous();
-  l.ld = B <= 1 ? std::max<int64_t>(D, 1) : l.t.stride(0);
-  l.group_stride = K <= 1 ? 0 : l.t.stride(1);
-  return l;
-}
-
-// grad [B, C] with unit inner stride and ld >= C (an expanded grad, e.g. of .sum(), is copied).
-struct GradLayout {
-  at::Tensor t;
-  int64_t ld = 0;
-};
-
-GradLayout grad_layout(const at::Tensor& grad) {
-  const int64_t B = grad.size(0), C = grad.size(1);
-  auto ok = [&](const at::Tensor& t) {
-    return (C <= 1 || t.stride(1) == 1) && (B <= 1 || t.stride(0) >= std::max<int64_t>(C, 1));
-  };
-  GradLayout l;
-  l.t = ok(grad) ? grad : grad.contiguous();
-  l.ld = B <= 1 ? std::max<int64_t>(C, 1) : l.t.stride(0);
-  return l;
-}
-
 // out[r, c] = bias[c] for r < rows: the GEMMs then accumulate onto it (beta = 1), so the bias
 // is added in the GEMM's own fp32 epilogue with a single rounding to the output dtype.
 template <typename out_t, typename bias_t>
@@ -210,30 +173,32 @@ at::Tensor group_fc_cuda(const at::Tensor& h, const at::Tensor& weight, const at
   return out;
 }
 
-at::Tensor group_fc_grad_h_cuda(const at::Tensor& grad, const at::Tensor& weight,
-                                int64_t num_classes) {
-  const GroupFcShape s = check_grad_args(grad, weight, num_classes, nullptr, "group_fc_grad_h");
+at::Tensor group_fc_grad_h_cuda(const at::Tensor& grad, const at::Tensor& h,
+                                const at::Tensor& weight, int64_t num_classes) {
+  const GroupFcShape s = check_grad_args(grad, weight, num_classes, &h, "group_fc_grad_h");
   const c10::cuda::CUDAGuard guard(grad.device());
-  if (s.zsl) return zsl_grad_h(grad, weight, s.dim);
-  at::Tensor grad_h = empty_output({s.batch, s.groups, s.dim}, weight.options());
+  if (s.zsl) return zsl_grad_h(grad, h, weight);
+  at::Tensor grad_h = empty_grad_h(h, weight);
   if (grad_h.numel() == 0) return grad_h;
+  const GradHTarget target = grad_h_target(grad_h);
   const GradLayout gl = grad_layout(grad.to(weight.scalar_type()));
   const at::Tensor w = weight.contiguous();
-  const int64_t G = s.group_size, D = s.dim, K = s.groups;
-  const int64_t full = s.full_groups(), tail = s.tail(), used = s.used_groups();
+  const int64_t G = s.group_size, D = s.dim;
+  const int64_t full = s.full_groups(), tail = s.tail();
   const auto* w_ptr = static_cast<const char*>(w.const_data_ptr());
   const auto* g_ptr = static_cast<const char*>(gl.t.const_data_ptr());
-  auto* gh_ptr = static_cast<char*>(grad_h.data_ptr());
+  auto* gh_ptr = static_cast<char*>(target.t.data_ptr());
   const int64_t es = weight.element_size();
   const at::ScalarType type = weight.scalar_type();
-  // grad_h_k (D x B, ld K*D) = W_k^T (D x G) * grad_k (G x B, ld C)
-  strided_gemm(type, type, true, false, D, s.batch, G, w_ptr, G, D * G, g_ptr, gl.ld, G,
-               false, gh_ptr, K * D, D, full);
+  // grad_h_k (D x B, ld = row stride of grad_h) = W_k^T (D x G) * grad_k (G x B, ld C)
+  strided_gemm(type, type, true, false, D, s.batch, G, w_ptr, G, D * G, g_ptr, gl.ld, G, false,
+               gh_ptr, target.ld, target.group_stride, full);
   if (tail > 0) {
     strided_gemm(type, type, true, false, D, s.batch, tail, w_ptr + full * D * G * es, G, 0,
-                 g_ptr + full * G * es, gl.ld, 0, false, gh_ptr + full * D * es, K * D, 0, 1);
+                 g_ptr + full * G * es, gl.ld, 0, false,
+                 gh_ptr + full * target.group_stride * es, target.ld, 0, 1);
   }
-  if (used < K) grad_h.narrow(1, used, K - used).zero_();  // groups made only of padding
+  finish_grad_h(target, grad_h, s.used_groups());
   return grad_h;
 }
 

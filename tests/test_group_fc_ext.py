@@ -139,6 +139,16 @@ def test_input_layouts(layout, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("zsl", [False, True], ids=["grouped", "zsl"])
+def test_grad_h_is_laid_out_like_h(zsl, device):
+    """A transposed h (as from a [K, B, D] producer) gets a transposed gradient: no copy in
+    AccumulateGrad or upstream."""
+    h, weight, bias = _make(SHAPES["padded-tail"], torch.float32, device, "transposed", zsl)
+    ext.group_fc(h, weight, bias, 47).sum().backward()
+    assert h.grad.stride() == h.stride()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("shape", ["padded-tail", "D60", "unused-groups"])
 def test_half_types(shape, dtype, device):
@@ -226,7 +236,7 @@ def test_opcheck(device):
             out = OPS.group_fc(h, weight, bias, c)
         grad = torch.randn_like(out)
         hd, wd, bd = h.detach(), weight.detach(), bias.detach()
-        torch.library.opcheck(OPS.group_fc_grad_h.default, (grad, wd, c))
+        torch.library.opcheck(OPS.group_fc_grad_h.default, (grad, hd, wd, c))
         torch.library.opcheck(OPS.group_fc_grad_weight.default, (grad, hd, wd, c))
         torch.library.opcheck(OPS.group_fc_grad_bias.default, (grad, bd))
 

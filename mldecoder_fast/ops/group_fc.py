@@ -8,7 +8,7 @@ extension lazily (importing the package never fails because of it), registers th
 
 Ops (namespace ``mldecoder_fast``); h and weight share the product's dtype:
   group_fc(h, weight, bias, num_classes)        -> logits [B, C] (ZSL: [B, K]), dtype promote(h, bias)
-  group_fc_grad_h(grad, weight, num_classes)    -> [B, K, D], weight.dtype
+  group_fc_grad_h(grad, h, weight, num_classes) -> [B, K, D] laid out like h, weight.dtype
   group_fc_grad_weight(grad, h, weight, num_classes) -> weight.shape, weight.dtype
   group_fc_grad_bias(grad, bias)                -> bias.shape, bias.dtype
 """
@@ -169,9 +169,11 @@ def _check_grad(grad, weight, num_classes):
     return zsl, k, d
 
 
-def _fake_grad_h(grad, weight, num_classes):
+def _fake_grad_h(grad, h, weight, num_classes):
     zsl, k, d = _check_grad(grad, weight, num_classes)
-    return weight.new_empty((grad.shape[0], grad.shape[1] if zsl else k, d))
+    _check_h(h, weight, k, d)
+    torch._check(h.shape[0] == grad.shape[0], lambda: "group_fc backward: h and grad batch sizes differ")
+    return torch.empty_like(h, dtype=weight.dtype)
 
 
 def _fake_grad_weight(grad, h, weight, num_classes):
@@ -199,7 +201,7 @@ def _backward(ctx, grad):
     h, weight, bias = ctx.saved_tensors
     ops = torch.ops.mldecoder_fast
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
-    grad_h = ops.group_fc_grad_h(grad, weight, ctx.num_classes) if need_h else None
+    grad_h = ops.group_fc_grad_h(grad, h, weight, ctx.num_classes) if need_h else None
     grad_w = ops.group_fc_grad_weight(grad, h, weight, ctx.num_classes) if need_w else None
     grad_b = ops.group_fc_grad_bias(grad, bias) if need_b else None
     return grad_h, grad_w, grad_b, None
