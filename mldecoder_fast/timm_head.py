@@ -59,10 +59,12 @@ def add_ml_decoder_head(model: nn.Module, num_classes: int = -1, num_of_groups: 
     """Replace the pooling + classifier of a timm ``model`` by an ML-Decoder head (in place).
 
     Args:
-        model: a timm model (anything with ``forward_features``, ``reset_classifier`` and
-            ``num_features``), random or pretrained.
+        model: a timm model (anything with ``forward_features``, ``forward_head``,
+            ``reset_classifier`` and ``num_features``), random or pretrained.
         num_classes: outputs of the new head; -1 keeps ``model.num_classes``.
-        num_of_groups, decoder_embedding, zsl: as the ML-Decoder constructor.
+        num_of_groups, decoder_embedding, zsl: as the ML-Decoder constructor. A ZSL head needs its
+            word vectors before the first forward: ``ml_decoder_of(model).set_word_vectors(v)``,
+            v of shape [n, 300]; the model then returns [B, n].
         fast: ``MLDecoderFast`` (default) or the reference ``MLDecoder``.
         backend: backend of ``MLDecoderFast`` (ignored when ``fast=False``).
         input_size: (C, H, W) for the one probe forward, when the model's own configuration

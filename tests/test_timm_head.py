@@ -113,6 +113,13 @@ def test_default_num_classes_reset_and_deepcopy():
         model.reset_classifier(3, global_pool="avg")
 
 
+def test_zsl_head():
+    model = add_ml_decoder_head(timm.create_model("test_resnet"), num_classes=925, zsl=1, decoder_embedding=16)
+    ml_decoder_of(model).set_word_vectors(torch.randn(81, 300))
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 81)
+    assert "fc.wordvec_proj.weight" in model.state_dict()
+
+
 def test_unsupported_models_fail_clearly():
     with pytest.raises(TypeError, match="forward_features"):
         add_ml_decoder_head(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten()), num_classes=3)
