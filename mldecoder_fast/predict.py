@@ -17,7 +17,8 @@ def register(subparsers) -> None:
                               description=__doc__.split("\n\n")[1])
     p.add_argument("--checkpoint", required=True, help="a .pth written by mldecoder-fast train")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--threshold", type=float, default=0.5, help="minimum score (official infer: 0.75)")
+    p.add_argument("--threshold", type=float, default=0.75,
+                   help="minimum score (the official infer.py's; Asymmetric Loss lifts the scores)")
     p.add_argument("--top-k", type=int, default=20, help="at most this many classes per image")
     p.add_argument("--weights", choices=["auto", "model", "ema"], default="auto",
                    help="auto: the EMA weights when they validated better, else the model's")
