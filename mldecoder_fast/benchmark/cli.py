@@ -78,7 +78,7 @@ def run(args) -> int:
 
     from . import configs as configs_mod
     from .runner import MODES, fill_ratios, implementations, run_suite
-    from .timing import copy_bandwidth, matmul_rate, memory_method
+    from .timing import copy_bandwidth, matmul_probe, matmul_rate, memory_method
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -112,7 +112,8 @@ def run(args) -> int:
     # on CUDA one more call settles autotuning and the caching allocator.
     warmup = args.warmup if args.warmup is not None else (1 if device.type == "cuda" else 0)
     run_kwargs = dict(warmup=warmup, repeats=repeats, min_repeats=min(3, repeats),
-                      budget_s=args.budget, measure_memory=not args.no_memory)
+                      budget_s=args.budget, measure_memory=not args.no_memory,
+                      matmul_probe_fn=matmul_probe(device, dtype))
     threads = args.threads if args.threads is not None else (1 if args.quick and device.type == "cpu" else None)
     if threads is not None:
         torch.set_num_threads(threads)

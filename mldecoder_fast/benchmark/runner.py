@@ -28,9 +28,10 @@ from ..reference import MLDecoder
 from .configs import BenchConfig
 from .expert import ExpertMLDecoder
 from .flops import step_bytes, step_flops
-from .timing import peak_memory_bytes, synchronize, time_interleaved
+from .timing import matmul_probe, peak_memory_bytes, synchronize, time_interleaved
 
 MODES = ("eval", "train")
+_MATMUL = "__matmul__"
 REFERENCE = "reference"
 EXPERT = "eager-expert"
 
@@ -81,6 +82,7 @@ class Result:
     speedup_vs_reference: float | None = None
     speedup_vs_expert: float | None = None
     roofline: float | None = None
+    matmul_flops_per_s: float | None = None  # large torch.mm rate timed in the same rounds
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -313,13 +315,15 @@ def check_agreement(model: nn.Module, case: Case) -> tuple[bool, float, str]:
 
 def run_case(case: Case, impls: list[Impl], warmup: int = 1, repeats: int = 5,
              budget_s: float | None = None, min_repeats: int = 1, measure_memory: bool = True,
-             strict: bool = False, on_result: Callable[[Result], None] | None = None) -> list[Result]:
+             strict: bool = False, on_result: Callable[[Result], None] | None = None,
+             matmul_probe_fn: tuple[Callable[[], object], float] | None = None) -> list[Result]:
     """Check, time and measure every implementation on one case.
 
     The reference runs first and provides the expected outputs. Each other implementation is
     built, checked and warmed up (the check's own call already warms the kernels); then the peak
     memory of one step of each is measured on its own; then all are timed in interleaved rounds
-    (``time_interleaved``).
+    (``time_interleaved``), together with a large ``torch.mm`` (``matmul_probe_fn``, by default
+    one in the case's dtype) whose rate, measured under the same load, is the roofline's.
     An implementation that fails to build or run (e.g. torch.compile errors) gets a skipped row
     with the reason; a reference failure propagates.
     """
@@ -378,11 +382,15 @@ def run_case(case: Case, impls: list[Impl], warmup: int = 1, repeats: int = 5,
                 except Exception as exc:
                     fail(next(i for i in ordered if i.name == name), exc)
 
-        timings = time_interleaved(steps, case.device, warmup=0, repeats=repeats,
+        probe, probe_flops = matmul_probe_fn or matmul_probe(case.device, case.dtype)
+        probe()
+        timings = time_interleaved({**steps, _MATMUL: probe}, case.device, warmup=0, repeats=repeats,
                                    min_repeats=min_repeats, budget_s=budget_s)
+        mm_rate = probe_flops / (timings.pop(_MATMUL).median_ms * 1e-3)
         for name, t in timings.items():
             res = results[name]
             res.median_ms, res.min_ms, res.times_ms = t.median_ms, t.min_ms, t.times_ms
+            res.matmul_flops_per_s = mm_rate
 
     finally:
         steps.clear()
@@ -399,7 +407,8 @@ def run_case(case: Case, impls: list[Impl], warmup: int = 1, repeats: int = 5,
 
 
 def fill_ratios(results: list[Result], mm_rate: float | None = None, bandwidth: float | None = None) -> None:
-    """Speedups vs reference and eager-expert within each case; roofline when rates are known."""
+    """Speedups vs reference and eager-expert within each case; the roofline fraction from the
+    matmul rate measured with the case (else ``mm_rate``)."""
     groups: dict = {}
     for r in results:
         groups.setdefault((r.config, r.mode, r.device, r.dtype, r.batch), []).append(r)
@@ -413,11 +422,12 @@ def fill_ratios(results: list[Result], mm_rate: float | None = None, bandwidth: 
                 r.speedup_vs_reference = ref.median_ms / r.median_ms
             if exp is not None and exp.median_ms:
                 r.speedup_vs_expert = exp.median_ms / r.median_ms
-            if mm_rate:
+            rate = r.matmul_flops_per_s or mm_rate
+            if rate:
                 # The floor is FLOPs over the matmul rate; on a GPU also bytes over copy bandwidth
                 # (small batches there are bound by bytes and launches). CPU caches hold most of
                 # the head's weights at small sizes, so a byte floor would not be one there.
-                floor_s = r.flops / mm_rate
+                floor_s = r.flops / rate
                 if bandwidth and r.device.startswith("cuda"):
                     floor_s = max(floor_s, r.bytes / bandwidth)
                 r.roofline = floor_s / (r.median_ms * 1e-3)

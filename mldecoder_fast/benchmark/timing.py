@@ -170,16 +170,23 @@ def memory_method(device) -> str:
     return "torch.profiler CPU allocator events: max running sum during the step"
 
 
-def matmul_rate(device, dtype: torch.dtype, size: int | None = None, repeats: int = 3) -> float:
-    """FLOP/s of a large square ``torch.mm`` in ``dtype`` on ``device`` (median of ``repeats``)."""
+def matmul_probe(device, dtype: torch.dtype, size: int | None = None) -> tuple[Callable[[], object], float]:
+    """A large square ``torch.mm`` in ``dtype`` on ``device`` and its FLOPs: timed beside the
+    implementations (one call per round) it gives the matmul rate under the same load."""
     device = torch.device(device)
     if size is None:
         size = 8192 if device.type == "cuda" else 1536
     g = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
     b = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
-    t = time_step(lambda: torch.mm(a, b), device, warmup=1, repeats=repeats)
-    return 2.0 * size ** 3 / (t.median_ms * 1e-3)
+    return (lambda: torch.mm(a, b)), 2.0 * size ** 3
+
+
+def matmul_rate(device, dtype: torch.dtype, size: int | None = None, repeats: int = 3) -> float:
+    """FLOP/s of a large square ``torch.mm`` in ``dtype`` on ``device`` (median of ``repeats``)."""
+    fn, flops = matmul_probe(device, dtype, size)
+    t = time_step(fn, device, warmup=1, repeats=repeats)
+    return flops / (t.median_ms * 1e-3)
 
 
 def copy_bandwidth(device, nbytes: int | None = None, repeats: int = 3) -> float:
