@@ -24,6 +24,7 @@ from mldecoder_fast.ops.torch_ops import TorchOps, group_fc_torch
 if os.environ.get("MLDECODER_FAST_NO_EXT", "") not in ("", "0"):
     pytestmark = pytest.mark.skip(reason="MLDECODER_FAST_NO_EXT=1: installed without the extension")
 
+ext.extension_status()  # load the extension (if built) so that torch.ops.mldecoder_fast has its ops
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device"))]
 OPS = torch.ops.mldecoder_fast
@@ -317,6 +318,22 @@ def test_status_and_backend_ops():
     meta = [t.detach().to("meta") for t in (h, weight, bias)]
     assert not ext.supports(*meta)
     assert ops.group_fc(*meta, 47).shape == (5, 47)
+
+
+def test_load_failure_is_reported_not_raised(monkeypatch):
+    """An extension that fails to import (e.g. built against another torch) leaves the package
+    working: extension_status says why, ExtensionOps runs the PyTorch path."""
+    import sys
+
+    monkeypatch.setattr(ext, "_state", {"loaded": None, "detail": "not loaded yet"})
+    monkeypatch.setitem(sys.modules, "mldecoder_fast._C", None)  # import raises ImportError
+    ok, detail = ext.extension_status()
+    assert not ok and "failed to load" in detail and "ModuleNotFoundError" in detail
+    assert not ext.cuda_kernels_available()
+    h, weight, bias = _make(SHAPES["padded-tail"], torch.float32)
+    assert_close("fallback", group_fc_torch(h, weight, bias, 47), ExtensionOps().group_fc(h, weight, bias, 47), 1e-6)
+    with pytest.raises(RuntimeError, match="unavailable"):
+        ext.group_fc(h, weight, bias, 47)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")

@@ -14,6 +14,7 @@ Ops (namespace ``mldecoder_fast``); h and weight share the product's dtype:
 """
 from __future__ import annotations
 
+import importlib
 import threading
 
 import torch
@@ -34,7 +35,7 @@ def _load() -> bool:
         if _state["loaded"] is not None:
             return _state["loaded"]
         try:
-            from .. import _C  # noqa: F401  (registers the ops with the dispatcher)
+            importlib.import_module("mldecoder_fast._C")  # registers the ops with the dispatcher
             _register_python_side()
         except Exception as e:  # ImportError, OSError (undefined symbol: built for another torch), ...
             _state["detail"] = f"mldecoder_fast._C failed to load: {type(e).__name__}: {e}"
