@@ -1,6 +1,6 @@
 """Group FC speed, side by side: the compiled op vs the bmm expression vs the reference loop.
 
-    python bench/group_fc_speed.py [--device cpu|cuda] [--dtype float32|bfloat16|...]
+    python bench/group_fc_speed.py [--device cpu|cuda] [--dtype float32|bfloat16|...] [--autocast bfloat16]
         [--batch 16 64] [--classes 21843] [--groups 100] [--dim 768] [--reps 7] [--threads N]
         [--h-layout contiguous|transposed] [--no-loop] [--json PATH]
 
@@ -47,15 +47,17 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def make_step(fn, h, weight, bias, num_classes):
-    """One forward + backward of ``fn`` (grads of h, weight and bias) on fixed random data."""
+def make_step(fn, h, weight, bias, num_classes, autocast=None):
+    """One forward + backward of ``fn`` (grads of h, weight and bias) on fixed random data,
+    under autocast to ``autocast`` (a dtype) if given."""
     grad = None
 
     def step():
         nonlocal grad
         for t in (h, weight, bias):
             t.grad = None
-        out = fn(h, weight, bias, num_classes)
+        with torch.autocast(h.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            out = fn(h, weight, bias, num_classes)
         if grad is None:
             grad = torch.randn_like(out)
         out.backward(grad)
@@ -91,6 +93,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--autocast", default=None, metavar="DTYPE",
+                   help="fp32 tensors under torch.autocast(DTYPE), as in mixed-precision training")
     p.add_argument("--batch", type=int, nargs="+", default=[16, 64])
     p.add_argument("--classes", type=int, default=21843)
     p.add_argument("--groups", type=int, default=100)
@@ -109,6 +113,7 @@ def main(argv=None):
     if not ok:
         raise SystemExit(f"extension unavailable: {detail}")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    amp = getattr(torch, args.autocast) if args.autocast else None
     k, c, d = args.groups, args.classes, args.dim
     g = -(-c // k)
     torch.manual_seed(0)
@@ -119,7 +124,7 @@ def main(argv=None):
         providers["bmm_only"] = bmm_only
     mm_rate = None
     if device.type == "cuda":
-        a = torch.randn(8192, 8192, device=device, dtype=dtype)
+        a = torch.randn(8192, 8192, device=device, dtype=amp or dtype)
         for _ in range(3):
             a @ a
         _sync(device)
@@ -137,22 +142,23 @@ def main(argv=None):
             h = torch.randn(k, b, d, device=device, dtype=dtype).transpose(0, 1).requires_grad_()
         else:
             h = torch.randn(b, k, d, device=device, dtype=dtype).requires_grad_()
-        steps = {name: make_step(fn, h, weight, bias, c) for name, fn in providers.items()}
+        steps = {name: make_step(fn, h, weight, bias, c, amp) for name, fn in providers.items()}
         times = time_interleaved(steps, args.reps, device)
         if not args.no_loop:  # seconds per step on a CPU: a couple of runs, no warm-up
-            loop = {"reference_loop": make_step(reference_loop, h, weight, bias, c)}
+            loop = {"reference_loop": make_step(reference_loop, h, weight, bias, c, amp)}
             times.update(time_interleaved(loop, min(args.reps, 2), device, warmup=0))
         flops = 3 * 2 * b * k * d * g
         for name, ms in times.items():
             rows.append({"device": str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
-                         "threads": torch.get_num_threads(), "dtype": args.dtype, "batch": b,
+                         "threads": torch.get_num_threads(), "dtype": args.dtype,
+                         "autocast": args.autocast, "batch": b,
                          "classes": c, "K": k, "G": g, "D": d, "h_layout": args.h_layout,
                          "provider": name,
                          "ms_fwd_bwd": round(ms, 3),
                          "ratio_vs_extension": round(ms / times["extension"], 2),
                          "tflops": round(flops / (ms * 1e-3) / 1e12, 2)})
     print(f"group FC forward+backward, {args.device} ({torch.get_num_threads()} threads), "
-          f"{args.dtype}, C={c} K={k} G={g} D={d}, {args.h_layout} h; median of {args.reps}"
+          f"{args.dtype}{f' (autocast {args.autocast})' if amp else ''}, C={c} K={k} G={g} D={d}, {args.h_layout} h; median of {args.reps}"
           + (f"; matmul rate {mm_rate:.0f} TFLOP/s" if mm_rate else ""))
     print(f"{'B':>5} {'provider':>15} {'ms':>10} {'x ext':>8} {'TFLOP/s':>8}")
     for r in rows:
