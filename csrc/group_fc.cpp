@@ -124,10 +124,12 @@ void check_h(GroupFcShape& s, const at::Tensor& h, const at::Tensor& weight, con
   s.batch = h.size(0);
 }
 
-bool poison_outputs() {
-  const char* poison = std::getenv("MLDECODER_FAST_POISON_OUTPUTS");
-  return poison != nullptr && std::strcmp(poison, "1") == 0;
+bool env_flag(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, "1") == 0;
 }
+
+bool poison_outputs() { return env_flag("MLDECODER_FAST_POISON_OUTPUTS"); }
 
 template <typename F>
 void for_each_group(int64_t n, const F& f) {
@@ -145,7 +147,10 @@ void for_each_group(int64_t n, const F& f) {
 
 // ---- the batched (MKL) path ----------------------------------------------------------------
 
+// MLDECODER_FAST_PER_GROUP_BLAS=1 forces the per-group path (what builds of torch without MKL
+// run), so the tests cover it here too.
 bool has_batched_gemm(at::ScalarType t) {
+  if (env_flag("MLDECODER_FAST_PER_GROUP_BLAS")) return false;
   if (t == at::kFloat) return sgemm_batch_64 != nullptr;
   if (t == at::kDouble) return dgemm_batch_64 != nullptr;
   return false;

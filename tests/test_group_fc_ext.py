@@ -207,6 +207,16 @@ def test_every_output_element_is_written(shape, device, monkeypatch):
     _check_against_reference(SHAPES[shape], torch.float32, device)  # still right when poisoned
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("shape", ["padded-tail", "unused-groups", "B1", "imagenet21k-21843"])
+def test_cpu_per_group_path(shape, dtype, monkeypatch):
+    """The per-group BLAS path (torch builds without MKL's batched GEMM), poisoned outputs."""
+    monkeypatch.setenv("MLDECODER_FAST_PER_GROUP_BLAS", "1")
+    monkeypatch.setenv("MLDECODER_FAST_POISON_OUTPUTS", "1")
+    _check_against_reference(SHAPES[shape], dtype, "cpu")
+    _check_against_reference(SHAPES[shape], dtype, "cpu", layout="strided-inner")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_deterministic_backward(device):
     h, weight, bias = _make(SHAPES["imagenet21k-21843"], torch.float32, device)
