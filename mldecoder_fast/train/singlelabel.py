@@ -64,7 +64,8 @@ class SampleTable:
     numpy arrays, not Python objects, so data-loader workers share them without copying).
     ``where(i)`` says where sample i came from (list file and line, or the folder)."""
 
-    def __init__(self, paths, labels, lines, source: str):
+    def __init__(self, root: str, paths, labels, lines, source: str):
+        self.root = root  # paths are stored relative to it
         self.paths = np.asarray([p.encode("utf-8") for p in paths], dtype=np.bytes_)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.lines = np.asarray(lines, dtype=np.int64)
@@ -74,7 +75,7 @@ class SampleTable:
         return len(self.labels)
 
     def path(self, i: int) -> str:
-        return self.paths[i].decode("utf-8")
+        return os.path.join(self.root, self.paths[i].decode("utf-8"))
 
     def where(self, i: int) -> str:
         line = int(self.lines[i])
@@ -133,12 +134,12 @@ def read_list_file(path: str, num_classes: int, images_root: str | None = None) 
             if not 0 <= c < num_classes:
                 raise DataError(f"{path} line {lineno}: class index {c} is out of range: the run has "
                                 f"{num_classes} classes (indices 0..{num_classes - 1})")
-            paths.append(os.path.join(root, img))
+            paths.append(img)
             labels.append(c)
             lines.append(lineno)
     if not paths:
         raise DataError(f"{path}: no samples")
-    return SampleTable(paths, labels, lines, name if images_root is None else path)
+    return SampleTable(root, paths, labels, lines, name if images_root is None else path)
 
 
 def scan_image_folder(split_dir: str, class_names=None):
@@ -160,13 +161,14 @@ def scan_image_folder(split_dir: str, class_names=None):
     paths, labels = [], []
     for c in found:
         for dirpath, _, files in os.walk(os.path.join(split_dir, c)):
+            rel = os.path.relpath(dirpath, split_dir)
             for fn in sorted(files):
                 if fn.lower().endswith(IMAGE_EXTENSIONS):
-                    paths.append(os.path.join(dirpath, fn))
+                    paths.append(os.path.join(rel, fn))
                     labels.append(index[c])
     if not paths:
         raise DataError(f"{split_dir}: no images (extensions {', '.join(IMAGE_EXTENSIONS)})")
-    return SampleTable(paths, labels, [0] * len(paths), split_dir), list(class_names)
+    return SampleTable(split_dir, paths, labels, [0] * len(paths), split_dir), list(class_names)
 
 
 class SingleLabelDataset(Dataset):
