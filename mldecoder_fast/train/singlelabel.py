@@ -547,9 +547,12 @@ class SingleLabelTrainer:
         w = max(1, min(20, len(losses) // 4))
         train_s = sum(r["train_s"] for r in rows)
         imgs = sum(r["steps"] for r in rows) * self.global_batch
+        head = getattr(D.unwrap(self.model), "ml_decoder_cfg", None)
+        head = D.unwrap(self.model).get_submodule(head.path) if head is not None else None
         return {"steps": self.step, "epochs": self.epoch, "wall_s": wall_s,
                 "world_size": self.info.world_size, "global_batch": self.global_batch,
                 "device": str(self.device), "head": self.model_args.get("head"),
+                "head_backend": getattr(head, "active_backend", None),
                 "images_per_s": imgs / train_s if train_s else None,
                 "images_per_s_steady": rows[-1].get("images_per_s_steady") if rows else None,
                 "peak_memory_mb": max((r["peak_memory_mb"] for r in rows), default=None),
@@ -779,7 +782,8 @@ def _run(args, info: D.DistInfo) -> int:
     if args.resume:
         trainer.resume(args.resume)
     s = trainer.fit()
-    trainer.log(f"done: {s['steps']} steps, loss {s['loss_first']:.5g} -> {s['loss_last']:.5g} (means "
+    trainer.log(f"done ({args.head} head" + (f", {s['head_backend']} backend" if s["head_backend"] else "")
+                + f"): {s['steps']} steps, loss {s['loss_first']:.5g} -> {s['loss_last']:.5g} (means "
                 f"of the first/last {s['loss_window']} steps), {s['images_per_s'] or 0:.1f} img/s, "
                 f"peak memory {s['peak_memory_mb']:.0f} MiB per process; outputs in {cfg.out_dir}")
     return 0
