@@ -75,7 +75,7 @@ def _extensions():
     from torch.utils import cpp_extension
 
     here = os.path.dirname(os.path.abspath(__file__))
-    csrc = os.path.join("csrc")
+    csrc = "csrc"
     cpp_sources = [os.path.join(csrc, "group_fc.cpp")]
     cxx_flags = ["-O3"]
     use_cuda = (not _flag("MLDECODER_FAST_NO_CUDA") and torch.version.cuda is not None
@@ -87,6 +87,7 @@ def _extensions():
             "mldecoder_fast._C",
             cpp_sources + [os.path.join(csrc, "group_fc_cuda.cu")],
             include_dirs=[os.path.join(here, csrc)] + includes,
+            depends=[os.path.join(csrc, "group_fc.h")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
             extra_link_args=_cublas_link_args(cpp_extension.CUDA_HOME, lib_dirs),
         )
@@ -94,6 +95,7 @@ def _extensions():
         ext = cpp_extension.CppExtension(
             "mldecoder_fast._C", cpp_sources,
             include_dirs=[os.path.join(here, csrc)],
+            depends=[os.path.join(csrc, "group_fc.h")],
             extra_compile_args={"cxx": cxx_flags},
         )
     print(f"mldecoder_fast._C: building the {'CPU+CUDA' if use_cuda else 'CPU-only'} extension",
