@@ -208,10 +208,17 @@ def _backward(ctx, grad):
     return grad_h, grad_w, grad_b, None
 
 
+_registered = False
+
+
 def _register_python_side() -> None:
+    global _registered
+    if _registered:  # once per process, even if the load state is reset
+        return
     lib = "mldecoder_fast::"
     torch.library.register_fake(lib + "group_fc", _fake_group_fc)
     torch.library.register_fake(lib + "group_fc_grad_h", _fake_grad_h)
     torch.library.register_fake(lib + "group_fc_grad_weight", _fake_grad_weight)
     torch.library.register_fake(lib + "group_fc_grad_bias", _fake_grad_bias)
     torch.library.register_autograd(lib + "group_fc", _backward, setup_context=_setup_context)
+    _registered = True
