@@ -92,8 +92,8 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device, warmup: int =
 
     ``budget_s`` is per callable: no new round starts once the rounds took longer than
     ``budget_s * len(fns)`` and ``min_repeats`` rounds are done, or right after the first round
-    if that one alone took longer (slow rows get one timed round: at seconds per call, noise is
-    small next to the step, and the default run has to fit in minutes).
+    if that one alone took 4x longer (a case of tens of seconds per call gets one timed round, so
+    that the default run fits in minutes; its row then rests on one sample).
     """
     device = torch.device(device)
     for _ in range(max(0, warmup)):
@@ -102,14 +102,16 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device, warmup: int =
     synchronize(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
+    names = list(fns)
     for i in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(_timed_call(fn, device))
+        # Alternate the order, so that no callable always runs right after the same neighbour.
+        for name in (names if i % 2 == 0 else names[::-1]):
+            times[name].append(_timed_call(fns[name], device))
         if budget_s is None:
             continue
         elapsed, limit = time.perf_counter() - start, budget_s * len(fns)
-        if elapsed > limit and (i + 1 >= min_repeats or i == 0):
-            break  # over budget, and enough rounds, or a single round already cost the budget
+        if elapsed > limit and (i + 1 >= min_repeats or (i == 0 and elapsed > 4 * limit)):
+            break  # over budget and enough rounds, or one round alone cost 4x the budget
     return {name: Timing(median_ms=statistics.median(t), min_ms=min(t), times_ms=t, warmup=max(0, warmup))
             for name, t in times.items()}
 
