@@ -241,6 +241,13 @@ def test_bench_command_writes_table_json_markdown_png(tmp_path, capsys):
     assert main(["bench", "--from-json", str(js), "--markdown", str(md2)]) == 0
     assert md2.read_text() == text
 
+    # BENCHMARKS.md is generated from such records.
+    bm = tmp_path / "BENCHMARKS.md"
+    assert report.main(["--out", str(bm), "--section", f"CPU tiny={js}={png.name}"]) == 0
+    doc = bm.read_text()
+    assert doc.startswith("# Benchmarks") and "## CPU tiny" in doc and f"![CPU tiny]({png.name})" in doc
+    assert text[:300] in doc  # the section is the record's markdown
+
 
 def test_bench_command_rejects_unknown_names(capsys):
     assert main(["bench", "--configs", "nope", "--no-progress"]) == 2

@@ -143,7 +143,7 @@ def _status(r: dict) -> str:
     return "ok"
 
 
-TABLE_COLUMNS = ("config", "mode", "batch", "impl", "ms (median)", "x ref", "x expert",
+TABLE_COLUMNS = ("config", "mode", "batch", "impl", "ms (median)", "n", "x ref", "x expert",
                  "peak MB", "mem / ref", "roofline", "agrees")
 
 
@@ -155,7 +155,9 @@ def table_rows(results) -> list[list[str]]:
     for r in rows:
         base = ref_mem.get((r["config"], r["mode"], r["batch"]))
         mem_ratio = (r["peak_bytes"] / base) if (r.get("peak_bytes") is not None and base) else None
+        n = len(r.get("times_ms") or [])
         out.append([r["config"], r["mode"], str(r["batch"]), r["impl"], _fmt(r.get("median_ms"), ".1f"),
+                    str(n) if n else "-",
                     _fmt(r.get("speedup_vs_reference"), ".2f"), _fmt(r.get("speedup_vs_expert"), ".2f"),
                     _mb(r.get("peak_bytes")), _fmt(mem_ratio, ".2f"), _fmt(r.get("roofline"), ".0%"),
                     _status(r)])
@@ -330,8 +332,8 @@ What is measured (see `mldecoder_fast/benchmark/`):
   logits; in training with every dropout at p = 0, the logits, the input gradient and every
   parameter gradient), relative RMS error <= 2e-4 (outputs) / 2e-3 (gradients) in fp32.
   A mismatch is printed as MISMATCH and makes the command exit 1.
-- **Time**: median of up to 5 timed calls after warm-up, the implementations of one case timed in
-  interleaved rounds (so a change of load from other processes hits them alike). Ratios
+- **Time**: median of up to 5 timed calls (`n`) after warm-up, the implementations of one case
+  timed in interleaved rounds (so a change of load from other processes hits them alike). Ratios
   (`x ref` = reference time / this time, `x expert` likewise) are what to read: these machines
   are shared.
 - **Peak memory**: bytes allocated during one step beyond what existed before it (weights,
@@ -344,9 +346,11 @@ What is measured (see `mldecoder_fast/benchmark/`):
 """
 
 
-def benchmarks_markdown(sections: list[tuple[str, dict, str | None]]) -> str:
+def benchmarks_markdown(sections: list[tuple[str, dict, str | None]], regenerate: str | None = None) -> str:
     """BENCHMARKS.md: the intro, then one generated section per (title, JSON record, PNG or None)."""
     out = [BENCHMARKS_INTRO]
+    if regenerate:
+        out.append(f"Regenerate this file from the records with\n\n```\n{regenerate}\n```\n")
     for title, data, image in sections:
         out.append(to_markdown(data, title=title))
         if image:
@@ -369,7 +373,10 @@ def main(argv=None) -> int:
         if len(parts) not in (2, 3):
             p.error(f"--section wants TITLE=JSON[=PNG], got {spec!r}")
         sections.append((parts[0], load_json(parts[1]), parts[2] if len(parts) == 3 else None))
-    Path(args.out).write_text(benchmarks_markdown(sections))
+    import shlex
+    regenerate = " \\\n    ".join(["python -m mldecoder_fast.benchmark.report --out " + shlex.quote(args.out)]
+                                  + [f"--section {shlex.quote(spec)}" for spec in args.section])
+    Path(args.out).write_text(benchmarks_markdown(sections, regenerate))
     print(f"wrote {args.out} ({len(sections)} section(s))")
     return 0
 
