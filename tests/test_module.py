@@ -1,6 +1,8 @@
 """MLDecoderFast (torch backend) against the reference MLDecoder on identical weights."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -9,7 +11,19 @@ from heads import SPEC_CONFIGS, disable_dropout_, make_input, make_pair
 
 from mldecoder_fast import MLDecoder, MLDecoderFast
 
-BACKEND = "torch"
+# Every CPU backend runs the whole comparison; "cpp" needs the compiled extension, which CI builds
+# (MLDECODER_FAST_NO_EXT=1 opts out, for a pure-Python install).
+CPU_BACKENDS = ["torch"] + ([] if os.environ.get("MLDECODER_FAST_NO_EXT") == "1" else ["cpp"])
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def backend(request):
+    return request.param
+
+
+def _ran(fast, backend):
+    assert fast.active_backend == backend, (
+        f"backend {backend!r} requested but {fast.active_backend!r} ran: see mldecoder_fast.backends()")
 
 
 def _params(module):
@@ -39,11 +53,11 @@ def _check_train_grads(ref, fast, x, ratio, loss_fn=None):
 
 
 @pytest.mark.parametrize("name", list(SPEC_CONFIGS))
-def test_spec_configs_eval_and_train(name):
+def test_spec_configs_eval_and_train(name, backend):
     c, n, classes, k, kind = SPEC_CONFIGS[name]
     # Full-size configurations at batch 2 with a few tokens: exercises the real K, G, D and C.
     zsl = kind == "zsl"
-    ref, fast = make_pair(classes, k, 768, c, zsl=int(zsl))
+    ref, fast = make_pair(classes, k, 768, c, zsl=int(zsl), backend=backend)
     if zsl:
         v = torch.randn(classes, 300)
         ref.set_word_vectors(v), fast.set_word_vectors(v)
@@ -51,6 +65,7 @@ def test_spec_configs_eval_and_train(name):
     ref.eval(), fast.eval()
     with torch.no_grad():
         assert_close(f"{name} eval", ref(x), fast(x), 1e-5)
+    _ran(fast, backend)
     _check_train_grads(ref, fast, x, 1e-4)
 
 
@@ -61,11 +76,12 @@ def test_spec_configs_eval_and_train(name):
     (20, 3, "tokens", 1),    # [B, N, C] input, B = 1
     (33, 4, "map", 4),
 ])
-def test_odd_shapes_fp64(classes, groups, kind, batch):
-    ref, fast = make_pair(classes, groups, dtype=torch.float64)
+def test_odd_shapes_fp64(classes, groups, kind, batch, backend):
+    ref, fast = make_pair(classes, groups, dtype=torch.float64, backend=backend)
     x = make_input(kind, batch, 24, tokens=10, dtype=torch.float64)
     ref.eval(), fast.eval()
     assert_close("eval fp64", ref(x), fast(x), 1e-12)
+    _ran(fast, backend)
     _check_train_grads(ref, fast, x, 1e-10)
 
 
@@ -75,8 +91,8 @@ def test_padded_tail_and_shapes():
     assert fast(torch.randn(2, 24, 3, 3)).shape == (2, 101)
 
 
-def test_zsl_two_word_vector_sets():
-    ref, fast = make_pair(1, zsl=1, dtype=torch.float64)
+def test_zsl_two_word_vector_sets(backend):
+    ref, fast = make_pair(1, zsl=1, dtype=torch.float64, backend=backend)
     for n in (5, 11):
         v = torch.randn(n, 300, dtype=torch.float64)
         ref.set_word_vectors(v), fast.set_word_vectors(v)
@@ -100,8 +116,8 @@ def test_zsl_official_assignment_style():
     assert fast.num_classes == 9
 
 
-def test_non_contiguous_and_channels_last_inputs():
-    ref, fast = make_pair(50, 10)
+def test_non_contiguous_and_channels_last_inputs(backend):
+    ref, fast = make_pair(50, 10, backend=backend)
     ref.eval(), fast.eval()
     base = torch.randn(2, 24, 4, 6)
     for x in (base.to(memory_format=torch.channels_last), base.transpose(2, 3),
@@ -111,8 +127,8 @@ def test_non_contiguous_and_channels_last_inputs():
     assert_close("strided tokens", ref(tokens), fast(tokens), 1e-5)
 
 
-def test_batch_zero():
-    ref, fast = make_pair(30, 4)
+def test_batch_zero(backend):
+    ref, fast = make_pair(30, 4, backend=backend)
     for mode in ("eval", "train"):
         getattr(fast, mode)()
         out = fast(torch.randn(0, 24, 3, 3))
@@ -120,10 +136,10 @@ def test_batch_zero():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_autocast_matches_within_dtype_error(dtype):
+def test_autocast_matches_within_dtype_error(dtype, backend):
     """Under autocast the fast head may differ from an fp64 reference by at most ~2x what the
     reference itself does under the same autocast."""
-    ref, fast = make_pair(101, 10, 64, 48)
+    ref, fast = make_pair(101, 10, 64, 48, backend=backend)
     ref64, _ = make_pair(101, 10, 64, 48)
     ref64.load_state_dict(ref.state_dict())
     ref64.double()
@@ -142,9 +158,9 @@ def test_autocast_matches_within_dtype_error(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_parameters(dtype):
+def test_low_precision_parameters(dtype, backend):
     """The whole head converted to a low-precision dtype (no autocast) runs and stays close."""
-    ref, fast = make_pair(40, 8, 64, 48)
+    ref, fast = make_pair(40, 8, 64, 48, backend=backend)
     ref64 = MLDecoder(40, 8, 64, 48).double()
     ref64.load_state_dict(ref.state_dict())
     ref.to(dtype).eval(), fast.to(dtype).eval(), ref64.eval()
@@ -157,8 +173,8 @@ def test_low_precision_parameters(dtype):
     assert_close(f"{dtype} params", exact, out_fast, 2 * base + 1e-6)
 
 
-def test_nan_and_inf_propagate_like_reference():
-    ref, fast = make_pair(20, 5)
+def test_nan_and_inf_propagate_like_reference(backend):
+    ref, fast = make_pair(20, 5, backend=backend)
     ref.eval(), fast.eval()
     x = torch.randn(3, 24, 3, 3)
     x[1, 0, 0, 0] = float("nan")
