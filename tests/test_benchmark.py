@@ -224,6 +224,9 @@ def test_bench_command_writes_table_json_markdown_png(tmp_path, capsys):
         assert r["median_ms"] > 0 and r["agree"] is True and r["peak_bytes"] >= 0
         assert r["speedup_vs_reference"] > 0 and r["roofline"] > 0
     assert {r["classes"] for r in data["scaling"]} == {80, 1000}
+    scaled = {r["impl"] for r in data["scaling"] if not r["skipped"]}
+    assert {"reference", "eager-expert"} <= scaled and any(n.startswith("fast-") for n in scaled), scaled
+    assert meta["auto_backend"] in {"torch", "cpp"}
 
     text = md.read_text()
     assert text.count("| imagenet1k-resnet50-224-tiny |") >= 4 and "| config |" in text

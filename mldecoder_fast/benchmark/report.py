@@ -97,6 +97,8 @@ def collect_meta(device, dtype: torch.dtype, batches, mm_rate: float | None, ban
                             for k, v in backends().items()}
     except Exception as exc:  # the fast head is optional here
         meta["backends"] = {"error": repr(exc)}
+    from .runner import auto_backend
+    meta["auto_backend"] = auto_backend(device)
     meta.update(extra)
     return meta
 
@@ -200,20 +202,16 @@ def _meta_line(meta: dict) -> str:
     return " | ".join(parts)
 
 
-def headline_impl(results) -> str | None:
-    """The MLDecoderFast row a user gets by default (backend "auto"), else the fastest fast row."""
+def headline_impl(results, meta: dict | None = None) -> str | None:
+    """The MLDecoderFast row a user gets by default (backend "auto", as recorded in ``meta``),
+    else the first measured fast row."""
     rows = _rows(results)
     names = {r["impl"] for r in rows if r["impl"].startswith("fast-") and r.get("median_ms") is not None}
     if not names:
         return None
-    try:
-        from ..backends import select_ops
-        dev = torch.device(rows[0]["device"])
-        auto = "fast-" + select_ops("auto", dev)[0]
-        if auto in names:
-            return auto
-    except Exception:
-        pass
+    auto = (meta or {}).get("auto_backend")
+    if auto and f"fast-{auto}" in names:
+        return f"fast-{auto}"
     return sorted(names)[0]
 
 
@@ -221,12 +219,13 @@ def summary(results, meta: dict | None = None) -> list[str]:
     """One line per (config, mode, batch): the headline fast implementation's ratios, and the
     issue-2 CPU goals where this run measured them (CPU, float32, batch 16)."""
     rows = _rows(results)
-    fast = headline_impl(rows)
+    fast = headline_impl(rows, meta)
     if fast is None:
         return ["no MLDecoderFast implementation was measured"]
     by = {(r["config"], r["mode"], r["batch"], r["impl"]): r for r in rows}
     cpu_goal_run = bool(meta) and meta.get("device") == "cpu" and meta.get("dtype") == "float32"
-    lines = [f"MLDecoderFast ({fast}) vs reference:"]
+    how = "what backend=\"auto\" runs" if (meta or {}).get("auto_backend") and fast.endswith(meta["auto_backend"]) else "first measured backend"
+    lines = [f"MLDecoderFast ({fast}, {how}) vs reference:"]
     for (cfg, mode, batch, impl), r in by.items():
         if impl != fast or r.get("speedup_vs_reference") is None:
             continue
@@ -264,7 +263,8 @@ def to_markdown(data: dict, title: str | None = None, command: str | None = None
     backends = meta.get("backends") or {}
     if backends and "error" not in backends:
         present = [k for k, v in backends.items() if v.get("available")]
-        out.append(f"- MLDecoderFast backends available: {', '.join(present) or 'none'}")
+        auto = f" (backend=\"auto\" runs {meta['auto_backend']})" if meta.get("auto_backend") else ""
+        out.append(f"- MLDecoderFast backends available: {', '.join(present) or 'none'}{auto}")
     cmd = command or meta.get("command")
     if cmd:
         out.append(f"- reproduce: `{cmd}`")

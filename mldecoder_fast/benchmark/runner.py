@@ -98,6 +98,23 @@ def _fast_class():
         return None, f"MLDecoderFast unavailable: {exc!r}"
 
 
+def auto_backend(device) -> str | None:
+    """The backend MLDecoderFast(backend="auto") runs on ``device`` (public API only: a tiny head
+    runs one forward and reports ``active_backend``); None without the fast head."""
+    fast, _ = _fast_class()
+    if fast is None:
+        return None
+    import warnings
+    try:
+        head = fast(2, decoder_embedding=8, initial_num_features=4).to(device).eval()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            head(torch.rand(1, 3, 4, device=device))
+        return getattr(head, "active_backend", None)
+    except Exception:
+        return None
+
+
 def _compiled(build):
     def make(cfg):
         return torch.compile(build(cfg))

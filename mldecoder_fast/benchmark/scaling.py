@@ -13,7 +13,8 @@ from typing import Iterable
 import torch
 
 from .configs import SCALING_CLASSES, BenchConfig, scaling_config
-from .runner import EXPERT, MODES, REFERENCE, Impl, Result, fill_ratios, implementations, make_case, run_case
+from .runner import (EXPERT, MODES, REFERENCE, Impl, Result, auto_backend, fill_ratios, implementations,
+                     make_case, run_case)
 
 _STYLE = {REFERENCE: dict(color="#7f7f7f", marker="o"), EXPERT: dict(color="#1f77b4", marker="s")}
 _FAST_COLORS = ["#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
@@ -25,14 +26,12 @@ def scaling_impls(device, impls: list[Impl] | None = None) -> list[Impl]:
         return impls
     available, _ = implementations(device, include_compiled=False)
     chosen = [i for i in available if i.name in (REFERENCE, EXPERT)]
-    try:
-        from ..backends import select_ops
+    resolved = auto_backend(device)
+    if resolved is not None:
         from ..module import MLDecoderFast
-        resolved = select_ops("auto", torch.device(device))[0]  # named like the main table's row
+        # Named like the main table's row of the backend that "auto" resolves to.
         chosen.append(Impl(f"fast-{resolved}", lambda c: c.make_head(MLDecoderFast, backend="auto"),
                            backend="auto"))
-    except Exception:  # no fast head: baselines only
-        pass
     return chosen
 
 
