@@ -10,7 +10,12 @@ The forward is the SPEC computation rearranged for speed:
 - the queries' path (T1 = LN1(2 T0) and q = T1 W_q + b_q) does not depend on the input: outside
   training-mode query dropout it is computed once per forward for the whole batch, and with no
   gradient needed it is cached until any tensor it depends on changes (in-place updates, loads,
-  device or dtype moves, new word vectors).
+  device or dtype moves, new word vectors) or the head switches between train and eval mode.
+
+The cache tracks tensors through their version counters. Writes that bypass them (``p.data``
+edits, FSDP re-materialising parameters in place) are invisible to it: call
+``clear_query_cache()`` after such a write, or construct/set ``cache_queries = False``
+(``mldecoder_fast.train.distributed`` does this for FSDP-wrapped heads).
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ class MLDecoderFast(_HeadBase):
         super().__init__(num_classes, num_of_groups, decoder_embedding, initial_num_features, zsl)
         self.backend = check_backend_name(backend)
         self.active_backend = None
+        self.cache_queries = True
         self._query_cache = None
 
     # construction from existing heads ------------------------------------------------------------
@@ -109,7 +115,7 @@ class MLDecoderFast(_HeadBase):
 
         inputs = self._query_inputs()
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-        if needs_grad or torch.compiler.is_compiling():
+        if needs_grad or not self.cache_queries or torch.compiler.is_compiling():
             return compute()
         key = tuple(_tensor_key(t) for t in inputs)
         if self._query_cache is None or self._query_cache[0] != key:
@@ -124,6 +130,13 @@ class MLDecoderFast(_HeadBase):
     def _apply(self, fn, *args, **kwargs):
         self._query_cache = None
         return super()._apply(fn, *args, **kwargs)
+
+    def train(self, mode: bool = True):
+        # A mode switch marks the end of a training phase: start eval from the current weights
+        # even if they were written behind the version counters' back (FSDP, p.data edits).
+        if mode != self.training:
+            self._query_cache = None
+        return super().train(mode)
 
     # forward -------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

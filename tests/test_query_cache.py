@@ -81,3 +81,24 @@ def test_eval_with_grad_reaches_query_path_parameters():
         g_fast = dict(fast.named_parameters())[name].grad
         assert g_fast is not None
         assert_close(name, g_ref, g_fast, 1e-4)
+
+
+def test_writes_behind_version_counters():
+    """p.data edits do not bump version counters: a mode switch or clear_query_cache() refreshes,
+    and cache_queries = False never caches."""
+    ref, fast = make_pair(40, 8)
+    x = torch.randn(2, 24, 3, 3)
+    _agree(ref, fast, x, "before")
+    for m in (ref, fast):
+        m.decoder.layers[0].norm1.weight.data.mul_(3.0)
+    fast.train()
+    _agree(ref, fast, x, "after .data edit and a train/eval switch")
+    for m in (ref, fast):
+        m.decoder.layers[0].norm1.bias.data.add_(1.0)
+    fast.clear_query_cache()
+    _agree(ref, fast, x, "after .data edit and clear_query_cache()")
+    fast.cache_queries = False
+    fast(x)  # fill nothing
+    for m in (ref, fast):
+        m.decoder.query_embed.weight.data.mul_(-1.0)
+    _agree(ref, fast, x, "after .data edit with caching off")
