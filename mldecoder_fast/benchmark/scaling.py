@@ -58,12 +58,18 @@ def run_scaling(device, dtype: torch.dtype = torch.float32, batch: int = 16,
     return out
 
 
+def _yscale(ax) -> str:
+    """Log y where the curves span a wide range (growth with classes), linear otherwise."""
+    ys = [y for line in ax.get_lines() for y in line.get_ydata() if y > 0]
+    return "log" if ys and max(ys) / min(ys) >= 5 else "linear"
+
+
 def plot_scaling(rows, path, title: str | None = None) -> None:
     """Write the scaling PNG (see module docstring). ``rows``: Results or their dicts."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     rows = [r.as_dict() if isinstance(r, Result) else r for r in rows]
     impls = sorted({r["impl"] for r in rows}, key=lambda n: (n != REFERENCE, n != EXPERT, n))
@@ -93,16 +99,18 @@ def plot_scaling(rows, path, title: str | None = None) -> None:
             if sp:
                 ax_s.plot([c for c, _ in sp], [s for _, s in sp], label=name, **styles[name])
         what = "training step (fwd + bwd + zero grads)" if mode == "train" else "eval forward"
-        ax_t.set(xscale="log", yscale="log", xlabel="classes", ylabel="ms (median)", title=f"time, {what}")
-        ax_m.set(xscale="log", yscale="log", xlabel="classes", ylabel="peak MB (above weights + input)",
-                 title=f"peak memory, {what}")
+        ax_t.set(xscale="log", yscale=_yscale(ax_t), xlabel="classes", ylabel="ms (median)",
+                 title=f"time, {what}")
+        ax_m.set(xscale="log", yscale=_yscale(ax_m), xlabel="classes",
+                 ylabel="peak MB (above weights + input)", title=f"peak memory, {what}")
         ax_s.set(xscale="log", xlabel="classes", ylabel="speedup over reference (x)",
                  title=f"speedup, {what}")
         ax_s.axhline(1.0, color="black", linewidth=0.8, linestyle=":")
         for ax in (ax_t, ax_m, ax_s):
-            for axis in (ax.yaxis,) if ax is not ax_s else ():
-                axis.set_major_formatter(ScalarFormatter())
-                axis.set_minor_formatter(NullFormatter())
+            if ax.get_yscale() == "log":  # ticks at 1, 2, 5 x 10^k, printed as plain numbers
+                ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                ax.yaxis.set_minor_formatter(NullFormatter())
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
     if title:
