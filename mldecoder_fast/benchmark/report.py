@@ -254,12 +254,18 @@ def to_markdown(data: dict, title: str | None = None, command: str | None = None
     out.append(f"- device: {meta.get('device_name')} (`{meta.get('device')}`), dtype {meta.get('dtype')}, "
                f"batch {', '.join(str(b) for b in meta.get('batches', []))}")
     out.append(f"- torch {meta.get('torch')}, triton {meta.get('triton')}, Python {meta.get('python')}")
-    out.append(f"- commit `{meta.get('commit')}`, {meta.get('date')}"
-               + (f", load average {meta['load_average'][0]:.1f} at the end of the run (other processes "
-                  f"shared the cores)" if meta.get("load_average") else ""))
+    run = f"- commit `{meta.get('commit')}`, {meta.get('date')}"
+    if meta.get("seconds") is not None:
+        run += f", the run took {meta['seconds']:.0f} s"
+    loads = [meta.get("load_average_start"), meta.get("load_average")]
+    if all(loads):
+        run += (f"; 1-minute load average {loads[0][0]:.1f} at its start, {loads[1][0]:.1f} at its end "
+                f"(other processes share these cores)")
+    out.append(run)
     if meta.get("matmul_tflops"):
-        out.append(f"- measured in the same run: matmul {meta['matmul_tflops'] * 1e3:.0f} GFLOP/s"
-                   + (f", copy {meta['copy_gbps']:.1f} GB/s" if meta.get("copy_gbps") else ""))
+        out.append(f"- measured at the start of the run: matmul {meta['matmul_tflops'] * 1e3:.0f} GFLOP/s"
+                   + (f", copy {meta['copy_gbps']:.1f} GB/s" if meta.get("copy_gbps") else "")
+                   + " (each row's roofline uses the matmul rate timed in its own rounds)")
     backends = meta.get("backends") or {}
     if backends and "error" not in backends:
         present = [k for k, v in backends.items() if v.get("available")]
@@ -355,6 +361,10 @@ def benchmarks_markdown(sections: list[tuple[str, dict, str | None]], regenerate
         out.append(to_markdown(data, title=title))
         if image:
             out.append(f"![{title}]({image})\n")
+    if not any(str(d["meta"].get("device", "")).startswith("cuda") for _, d, _ in sections):
+        out.append("## GPU\n\nNo GPU record yet. On a GPU machine, `bench/gpu_check.sh` (or "
+                   "`mldecoder-fast bench --device cuda --json PATH`) writes the records; add each "
+                   "as a `--section` of the command above.\n")
     return "\n".join(out).rstrip() + "\n"
 
 
