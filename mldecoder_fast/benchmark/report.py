@@ -276,7 +276,7 @@ def to_markdown(data: dict, title: str | None = None, command: str | None = None
         out.append(f"- reproduce: `{cmd}`")
     skipped = data.get("skipped") or {}
     if skipped:
-        out.append("- not run: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()))
+        out.append("- not run: " + "; ".join(f"`{k}`: {v}" for k, v in skipped.items()))
     out.append("")
     if rows:
         out.append("| " + " | ".join(TABLE_COLUMNS) + " |")
@@ -347,8 +347,17 @@ What is measured (see `mldecoder_fast/benchmark/`):
   allocations and frees of PyTorch's CPU allocator recorded by `torch.profiler`
   (`profile_memory=True`).
 - **Roofline**: the head's FLOPs (PERFORMANCE.md formula; a training step counts 3x the forward)
-  over the rate of a large `torch.mm` in the same dtype measured in the same run; on a GPU the
-  floor is the larger of that and the bytes that must move over the measured copy bandwidth.
+  over the rate of a large `torch.mm` in the same dtype, timed in the same interleaved rounds;
+  on a GPU the floor is the larger of that and the bytes that must move over the measured copy
+  bandwidth.
+- **Reading the CPU numbers**: the CPU records come from a 2-core machine shared with other
+  jobs (the load average is recorded with each run). Compare ratios within one run, not
+  milliseconds across runs. The reference's training step at many classes is bound by page
+  faults: its group-FC loop materialises a full [K, D, G] weight gradient per group (67 MB x 100
+  per step at 21,843 classes), so its time, and every `x ref` of those rows, moves with how fast
+  the kernel hands out fresh pages at that moment (it differed by ~3x between runs here).
+  `pytest bench/` (pytest-benchmark) times implementations one after another, not interleaved:
+  use `mldecoder-fast bench` for ratios.
 """
 
 
