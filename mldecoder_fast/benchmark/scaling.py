@@ -26,12 +26,14 @@ def scaling_impls(device, impls: list[Impl] | None = None) -> list[Impl]:
         return impls
     available, _ = implementations(device, include_compiled=False)
     chosen = [i for i in available if i.name in (REFERENCE, EXPERT)]
-    resolved = auto_backend(device)
-    if resolved is not None:
+    try:
         from ..module import MLDecoderFast
-        # Named like the main table's row of the backend that "auto" resolves to.
-        chosen.append(Impl(f"fast-{resolved}", lambda c: c.make_head(MLDecoderFast, backend="auto"),
-                           backend="auto"))
+    except Exception:  # no fast head: baselines only
+        return chosen
+    # Named like the main table's row of the backend that "auto" resolves to.
+    resolved = auto_backend(device) or "auto"
+    chosen.append(Impl(f"fast-{resolved}", lambda c: c.make_head(MLDecoderFast, backend="auto"),
+                       backend="auto"))
     return chosen
 
 
