@@ -110,7 +110,11 @@ class MLDecoderFast(_HeadBase):
             q = F.linear(t1, attn.in_proj_weight[:d], attn.in_proj_bias[:d])
             hd = d // NUM_HEADS
             w_k = attn.in_proj_weight[d:2 * d].view(NUM_HEADS, hd, d)
-            qk = torch.einsum("khc,hcd->hkd", q.view(-1, NUM_HEADS, hd), w_k) / math.sqrt(hd)
+            acc = torch.promote_types(w_k.dtype, torch.float32)
+            with torch.autocast(w_k.device.type, enabled=False):  # fold in full precision
+                qk = torch.einsum("khc,hcd->hkd", q.to(acc).view(-1, NUM_HEADS, hd),
+                                  w_k.to(acc)) / math.sqrt(hd)
+            qk = qk.to(w_k.dtype)
             return t1, q, qk
 
         inputs = self._query_inputs()
