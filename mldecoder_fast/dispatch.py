@@ -15,7 +15,9 @@ from .ops.torch_ops import TorchOps
 BACKENDS = ("torch", "cpp", "cuda", "triton")
 # "auto" tries these in order, per device type: the fastest measured first (see BENCHMARKS.md).
 AUTO_ORDER = {
-    "cpu": ("cpp", "torch"),
+    # CPU: the extension's group FC measured level with torch's bmm at batch 16 and slower at
+    # batch 1 (BENCHMARKS.md), so plain torch runs; backend="cpp" selects the extension.
+    "cpu": ("torch", "cpp"),
     "cuda": ("triton", "cuda", "torch"),
 }
 # Devices each backend serves.
