@@ -390,6 +390,13 @@ def _spawn_entry(rank, world_size, port, fn, args):
     torch.set_num_threads(1)
     try:
         fn(rank, world_size, *args)
+        # Tear down in step: free the DDP/FSDP objects (their gloo work and threads) first, and
+        # let every rank arrive before the group goes; a rank destroying the group while another
+        # still talks to it can abort the process ("terminate called without an active exception").
+        import gc
+        gc.collect()
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
     finally:
         destroy_distributed()
 
