@@ -2,7 +2,6 @@
 in conftest.py (``pytest_generate_tests``)."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 from mldecoder_fast.benchmark.runner import REFERENCE, Impl, comparison_outputs, check_agreement, make_case, make_step, prepare

@@ -35,6 +35,29 @@ def disable_dropout_(module: nn.Module) -> nn.Module:
     return module
 
 
+def check_train_grads(ref, fast, x, ratio):
+    """Training mode, dropout off: outputs, input gradient and every parameter gradient agree."""
+    from helpers import assert_close
+    ref.train(), fast.train()
+    disable_dropout_(ref), disable_dropout_(fast)
+    xr = x.detach().clone().requires_grad_(True)
+    xf = x.detach().clone().requires_grad_(True)
+    out_r, out_f = ref(xr), fast(xf)
+    assert_close("train output", out_r, out_f, ratio)
+    g = torch.randn_like(out_r)
+    (out_r * g).sum().backward()
+    (out_f * g).sum().backward()
+    assert_close("input grad", xr.grad, xf.grad, ratio)
+    pr, pf = dict(ref.named_parameters()), dict(fast.named_parameters())
+    assert pr.keys() == pf.keys()
+    for name, p in pr.items():
+        if not p.requires_grad:
+            assert not pf[name].requires_grad, f"{name} should stay frozen"
+            continue
+        assert pf[name].grad is not None, f"no gradient reached {name}"
+        assert_close(f"grad of {name}", p.grad, pf[name].grad, ratio)
+
+
 def make_pair(num_classes, num_of_groups=-1, decoder_embedding=32, initial_num_features=24, zsl=0,
               backend="torch", dtype=torch.float32, device="cpu", word_vectors=None):
     ref = MLDecoder(num_classes, num_of_groups, decoder_embedding, initial_num_features, zsl)

@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from heads import disable_dropout_
+
 from mldecoder_fast import MLDecoderFast
 from mldecoder_fast.train import distributed as D
 
@@ -16,13 +18,6 @@ WORLD = 2
 GLOBAL_BATCH = 8
 
 
-def _no_dropout(module: nn.Module) -> nn.Module:
-    for m in module.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-        if isinstance(m, nn.MultiheadAttention):
-            m.dropout = 0.0
-    return module
 
 
 def _models():
@@ -39,9 +34,9 @@ def _models():
         if isinstance(m, nn.BatchNorm2d):  # freeze them (SyncBatchNorm needs GPUs)
             m.eval()
     zsl = MLDecoderFast(num_classes=1, decoder_embedding=32, initial_num_features=24, zsl=1)
-    zsl = _no_dropout(zsl).double()
+    zsl = disable_dropout_(zsl).double()
     zsl.set_word_vectors(torch.randn(11, 300, dtype=torch.float64))
-    return _no_dropout(net).double(), zsl
+    return disable_dropout_(net).double(), zsl
 
 
 def _data():

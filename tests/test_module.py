@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from helpers import assert_close
-from heads import SPEC_CONFIGS, disable_dropout_, make_input, make_pair
+from heads import SPEC_CONFIGS, check_train_grads, disable_dropout_, make_input, make_pair
 
-from mldecoder_fast import MLDecoder, MLDecoderFast
+from mldecoder_fast import MLDecoder
 
 # Every CPU backend runs the whole comparison; "cpp" needs the compiled extension, which CI builds
 # (MLDECODER_FAST_NO_EXT=1 opts out, for a pure-Python install).
@@ -26,32 +26,6 @@ def _ran(fast, backend):
         f"backend {backend!r} requested but {fast.active_backend!r} ran: see mldecoder_fast.backends()")
 
 
-def _params(module):
-    return dict(module.named_parameters())
-
-
-def _check_train_grads(ref, fast, x, ratio, loss_fn=None):
-    """Training mode, dropout off: outputs, input gradient and every parameter gradient agree."""
-    ref.train(), fast.train()
-    disable_dropout_(ref), disable_dropout_(fast)
-    xr = x.detach().clone().requires_grad_(True)
-    xf = x.detach().clone().requires_grad_(True)
-    out_r, out_f = ref(xr), fast(xf)
-    assert_close("train output", out_r, out_f, ratio)
-    g = torch.randn_like(out_r)
-    (out_r * g).sum().backward()
-    (out_f * g).sum().backward()
-    assert_close("input grad", xr.grad, xf.grad, ratio)
-    pr, pf = _params(ref), _params(fast)
-    assert pr.keys() == pf.keys()
-    for name, p in pr.items():
-        if not p.requires_grad:
-            assert not pf[name].requires_grad, f"{name} should stay frozen"
-            continue
-        assert pf[name].grad is not None, f"no gradient reached {name}"
-        assert_close(f"grad of {name}", p.grad, pf[name].grad, ratio)
-
-
 @pytest.mark.parametrize("name", list(SPEC_CONFIGS))
 def test_spec_configs_eval_and_train(name, backend):
     c, n, classes, k, kind = SPEC_CONFIGS[name]
@@ -66,7 +40,7 @@ def test_spec_configs_eval_and_train(name, backend):
     with torch.no_grad():
         assert_close(f"{name} eval", ref(x), fast(x), 1e-5)
     _ran(fast, backend)
-    _check_train_grads(ref, fast, x, 1e-4)
+    check_train_grads(ref, fast, x, 1e-4)
 
 
 @pytest.mark.parametrize("classes,groups,kind,batch", [
@@ -82,7 +56,7 @@ def test_odd_shapes_fp64(classes, groups, kind, batch, backend):
     ref.eval(), fast.eval()
     assert_close("eval fp64", ref(x), fast(x), 1e-12)
     _ran(fast, backend)
-    _check_train_grads(ref, fast, x, 1e-10)
+    check_train_grads(ref, fast, x, 1e-10)
 
 
 def test_padded_tail_and_shapes():
@@ -101,7 +75,7 @@ def test_zsl_two_word_vector_sets(backend):
         out = fast(x)
         assert out.shape == (3, n)
         assert_close(f"zsl n={n}", ref(x), out, 1e-12)
-        _check_train_grads(ref, fast, x, 1e-10)
+        check_train_grads(ref, fast, x, 1e-10)
 
 
 def test_zsl_official_assignment_style():

@@ -94,7 +94,7 @@ def test_whole_model_checkpoints_with_prefix():
     x = torch.randn(2, 24, 3, 3)
     expected = ref.eval()(x)
     for prefix in ("head.", "fc."):
-        ckpt = {"model": {**{f"body.conv.weight": torch.randn(3)},
+        ckpt = {"model": {**{"body.conv.weight": torch.randn(3)},
                           **{prefix + k: v for k, v in ref.state_dict().items()}}, "epoch": 3}
         fast = MLDecoderFast(50, 7, 32, 24)
         fast.load_state_dict(head_state_dict(ckpt))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import assert_close
-from heads import disable_dropout_, make_input, make_pair
+from heads import check_train_grads, disable_dropout_, make_input, make_pair
 
 from mldecoder_fast.ops import triton_ops as T
 
@@ -60,21 +60,8 @@ def test_eval_matches_reference(classes, groups, dim, kernel_calls):
 def test_train_grads_match_reference(classes, groups, dim):
     """Training mode with dropout off: logits, input gradient and every parameter gradient."""
     ref, fast = make_pair(classes, groups, dim, 24, backend="triton", device=DEV)
-    ref.train(), fast.train()
-    disable_dropout_(ref), disable_dropout_(fast)
     x = make_input("tokens", 2, 24, tokens=19, device=DEV)
-    xr, xf = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    out_r, out_f = ref(xr), fast(xf)
-    assert_close("train logits", out_r, out_f, RATIO)
-    g = torch.randn_like(out_r)
-    (out_r * g).sum().backward()
-    (out_f * g).sum().backward()
-    assert_close("input grad", xr.grad, xf.grad, RATIO)
-    fast_params = dict(fast.named_parameters())
-    for name, p in ref.named_parameters():
-        if p.requires_grad:
-            assert fast_params[name].grad is not None, f"no gradient reached {name}"
-            assert_close(f"grad of {name}", p.grad, fast_params[name].grad, RATIO)
+    check_train_grads(ref, fast, x, RATIO)
 
 
 def test_train_with_dropout(kernel_calls):

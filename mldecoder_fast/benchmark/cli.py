@@ -10,7 +10,6 @@ Exit status: 0 when every implementation agreed with the reference, 1 otherwise.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 

@@ -117,3 +117,31 @@ def check_classes(ckpt: dict, class_names, what: str = "the data") -> None:
         diff = next(i for i, (a, b) in enumerate(zip(saved, class_names)) if a != b)
         raise CheckpointError(f"{path}: class {diff} is {saved[diff]!r} in the checkpoint but "
                               f"{class_names[diff]!r} in {what}: the class lists differ")
+
+
+def restore_training_state(ckpt: dict, optimizer, scheduler, scaler):
+    """Load the optimizer, scheduler and (when saved) grad-scaler state of a training checkpoint.
+
+    Returns ``(epoch, step, history, saved_history)``: ``history`` holds fresh ``steps``/``epochs``
+    lists, ``saved_history`` is the checkpoint's whole history dict (best, run, ...)."""
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if "scaler" in ckpt:
+        scaler.load_state_dict(ckpt["scaler"])
+    saved = ckpt.get("history") or {}
+    history = {"steps": list(saved.get("steps", [])), "epochs": list(saved.get("epochs", []))}
+    return int(ckpt["epoch"]), int(ckpt["step"]), history, saved
+
+
+def write_csv_log(path: str, rows) -> None:
+    """One CSV row per dict; the columns are every key seen, in first-seen order."""
+    if not rows:
+        return
+    keys: list = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    import csv
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)

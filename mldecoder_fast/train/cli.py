@@ -206,8 +206,6 @@ def run_multilabel(args) -> int:
 
 
 def train_once(args, head: str, out: str) -> dict:
-    import torch
-
     from .multilabel import (MultiLabelTrainer, TrainConfig, build_model, data_config,
                              init_from_checkpoint, seed_everything)
     s = _settings(args)

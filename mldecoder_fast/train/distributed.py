@@ -214,21 +214,22 @@ def _comm_device(info: DistInfo) -> torch.device:
     return info.device if info.backend == "nccl" else torch.device("cpu")
 
 
-def all_reduce_sum(values, info: DistInfo) -> torch.Tensor:
-    """Sum a list of numbers (or a tensor) over ranks; returns a float64 CPU tensor."""
+def _all_reduce(values, info: DistInfo, op) -> torch.Tensor:
     t = torch.as_tensor(values, dtype=torch.float64)
     if info.distributed:
         t = t.to(_comm_device(info))
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=op)
     return t.cpu()
+
+
+def all_reduce_sum(values, info: DistInfo) -> torch.Tensor:
+    """Sum a list of numbers (or a tensor) over ranks; returns a float64 CPU tensor."""
+    return _all_reduce(values, info, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(values, info: DistInfo) -> torch.Tensor:
-    t = torch.as_tensor(values, dtype=torch.float64)
-    if info.distributed:
-        t = t.to(_comm_device(info))
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.cpu()
+    """Element-wise maximum over ranks; returns a float64 CPU tensor."""
+    return _all_reduce(values, info, dist.ReduceOp.MAX)
 
 
 def all_gather_object(obj, info: DistInfo) -> list:

@@ -11,7 +11,6 @@ so a run resumed from ``last.pth`` continues as the uninterrupted run would have
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import random
@@ -22,7 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .checkpoint import CheckpointError, check_classes, load_checkpoint, save_checkpoint, set_rng_state
+from .checkpoint import (CheckpointError, check_classes, load_checkpoint, restore_training_state,
+                         save_checkpoint, set_rng_state, write_csv_log)
 from .ema import ModelEma
 from .losses import AsymmetricLoss
 from .metrics import chance_map, mean_average_precision
@@ -187,13 +187,8 @@ class MultiLabelTrainer:
                 "data; to train on from these weights, start a new run with --init-checkpoint")
         self.model.load_state_dict(ckpt["model"])
         self.ema.load_state_dict(ckpt["ema"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        if "scaler" in ckpt:
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
-        hist = ckpt.get("history") or {}
-        self.history = {"steps": list(hist.get("steps", [])), "epochs": list(hist.get("epochs", []))}
+        self.epoch, self.step, self.history, hist = restore_training_state(
+            ckpt, self.optimizer, self.scheduler, self.scaler)
         self.best = dict(hist.get("best", self.best))
         set_rng_state(ckpt["rng"])
         self.log(f"resumed from {path} after epoch {self.epoch} (step {self.step})")
@@ -292,11 +287,7 @@ class MultiLabelTrainer:
     def write_logs(self) -> None:
         out = self.cfg.out_dir
         rows = self.history["epochs"]
-        if rows:
-            with open(os.path.join(out, "log.csv"), "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(rows[0]))
-                w.writeheader()
-                w.writerows(rows)
+        write_csv_log(os.path.join(out, "log.csv"), rows)
         with open(os.path.join(out, "log.json"), "w") as f:
             json.dump({"config": asdict(self.cfg), "model_args": self.model_args,
                        "class_names": self.class_names, "best": self.best,

@@ -32,7 +32,6 @@ uninterrupted run).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -45,7 +44,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import distributed as D
-from .checkpoint import CheckpointError, check_classes, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (CheckpointError, check_classes, load_checkpoint, restore_training_state,
+                         rng_state, save_checkpoint, set_rng_state, write_csv_log)
 from .data import BadImageError, DataError, Sample, load_rgb
 
 A2_DEFAULTS = dict(model="resnet50", image_size=224, epochs=300, batch_size=256, lr=4e-3,
@@ -335,14 +335,9 @@ class SingleLabelTrainer:
             if key not in ckpt:
                 raise CheckpointError(f"{path}: not a training checkpoint (no '{key}' entry)")
         D.unwrap(self.model).load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        if "scaler" in ckpt:
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
-        hist = ckpt.get("history") or {}
+        self.epoch, self.step, self.history, hist = restore_training_state(
+            ckpt, self.optimizer, self.scheduler, self.scaler)
         run = hist.get("run") or {}
-        self.history = {"steps": list(hist.get("steps", [])), "epochs": list(hist.get("epochs", []))}
         self.best = dict(hist.get("best", self.best))
         old_batch = int(run.get("global_batch", self.global_batch))
         self.step_in_epoch = int(run.get("step_in_epoch", 0)) * old_batch // self.global_batch
@@ -563,14 +558,7 @@ class SingleLabelTrainer:
     def write_logs(self) -> None:
         out = self.cfg.out_dir
         rows = self.history["epochs"]
-        if rows:
-            keys = []
-            for r in rows:
-                keys += [k for k in r if k not in keys]
-            with open(os.path.join(out, "log.csv"), "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=keys)
-                w.writeheader()
-                w.writerows(rows)
+        write_csv_log(os.path.join(out, "log.csv"), rows)
         with open(os.path.join(out, "log.json"), "w") as f:
             json.dump({"config": asdict(self.cfg), "model_args": self.model_args,
                        "world_size": self.info.world_size, "global_batch": self.global_batch,
@@ -668,15 +656,8 @@ def register(recipes) -> None:
 
 
 def _model_kwargs(args) -> dict:
-    out = {}
-    for item in args.model_arg:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--model-arg expects KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
+    from .cli import _model_kwargs as parse_model_args
+    out = parse_model_args(args.model_arg)
     if args.drop_path and "drop_path_rate" not in out:
         out["drop_path_rate"] = args.drop_path
     return out

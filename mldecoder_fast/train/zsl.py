@@ -53,7 +53,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import distributed as D
-from .checkpoint import CheckpointError, check_classes, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (CheckpointError, check_classes, load_checkpoint, restore_training_state,
+                         rng_state, save_checkpoint, set_rng_state, write_csv_log)
 from .data import BadImageError, DataError, MultiLabelDataset, Sample, build_transforms, check_image_files
 
 WORDVEC_DIM = 300
@@ -390,13 +391,8 @@ class ZSLTrainer:
                                   "--batch-size and --max-steps-per-epoch")
         D.unwrap(self.model).load_state_dict(ckpt["model"])
         self.ema.load_state_dict(ckpt["ema"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        if "scaler" in ckpt:
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
-        hist = ckpt.get("history") or {}
-        self.history = {"steps": list(hist.get("steps", [])), "epochs": list(hist.get("epochs", []))}
+        self.epoch, self.step, self.history, hist = restore_training_state(
+            ckpt, self.optimizer, self.scheduler, self.scaler)
         self.best = dict(hist.get("best", self.best))
         run = hist.get("run") or {}
         if run.get("world_size") == self.info.world_size and len(run.get("rank_rng", [])) == self.info.world_size:
@@ -530,11 +526,7 @@ class ZSLTrainer:
     def write_logs(self) -> None:
         out = self.cfg.out_dir
         rows = self.history["epochs"]
-        if rows:
-            with open(os.path.join(out, "log.csv"), "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(rows[0]))
-                w.writeheader()
-                w.writerows(rows)
+        write_csv_log(os.path.join(out, "log.csv"), rows)
         with open(os.path.join(out, "log.json"), "w") as f:
             json.dump({"config": asdict(self.cfg), "model_args": self.model_args,
                        "seen": len(self.data.seen), "unseen": len(self.data.unseen),
