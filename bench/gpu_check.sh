@@ -9,7 +9,7 @@
 # under 8 minutes on an H100):
 #   build -> Triton tests on the GPU -> bench bf16 (COCO, 21K; B = 1, 32, 256) -> bench vs
 #   torch.compile (train, B = 256) -> the other CUDA tests -> bench bf16 (other configurations)
-#   -> bench fp32 (COCO + 21K)
+#   -> training demo (reference vs fast head) -> bench fp32 (COCO + 21K)
 # A failing stage does not stop the later ones; the exit status is non-zero if any stage failed or
 # was skipped. The last thing printed is a short table of the results and the issue's speed
 # targets; commit those numbers (summary.txt, the bench_*.md tables) with the device, commit and date
@@ -99,6 +99,8 @@ EOF
 
 # ---- 2. Triton tests (kernels and head, bf16/full-size CUDA tests included) -------------------
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfEs)
+# pytest-xdist, where installed: Triton's compiles of the kernel variants then run in parallel.
+if [[ "$DEVICE" == cuda ]] && "$PY" -c "import xdist" 2>/dev/null; then PYTEST+=(-n "${GPU_CHECK_TEST_WORKERS:-8}"); fi
 # MLDECODER_FAST_AUTOTUNE=0: one (safe) config per kernel, so the tests compile each kernel variant
 # once instead of once per config; the benchmark below autotunes and checks agreement per row.
 stage test_triton 150 "0" -- env MLDECODER_FAST_AUTOTUNE=0 "${PYTEST[@]}" tests/test_triton_kernels.py tests/test_triton_module.py \
@@ -124,7 +126,11 @@ stage test_cuda_other 90 "0 5" -- "${PYTEST[@]}" tests -k cuda \
   --ignore=tests/test_triton_kernels.py --ignore=tests/test_triton_module.py \
   --junitxml="$OUT/test_cuda_other.xml"
 
-# ---- 6. benchmark: the other configurations, then fp32 ----------------------------------------
+# ---- 6. the training demo, reference vs fast head (issue: "the fast one gets there faster") ----
+stage demo 100 "0" -- "$PY" -m mldecoder_fast.cli train multilabel --demo --head both --device "$DEVICE" \
+  --workers 4 --no-progress --out "$OUT/demo"
+
+# ---- 7. benchmark: the other configurations, then fp32 ----------------------------------------
 stage bench_bf16_rest 90 "0" -- "${BENCH[@]}" --dtype bf16 --batch 1,32,256 \
   --configs imagenet1k-resnet50-224,openimages-tresnet_m-224,vit-b16-224,zsl-nus-wide-224 \
   --modes eval,train --impls "$IMPLS" --json "$OUT/bench_bf16_rest.json" --markdown "$OUT/bench_bf16_rest.md"
@@ -208,4 +214,10 @@ if checks:
 json.dump({"meta": meta, "rows": summary}, open(os.path.join(out, "summary.json"), "w"), indent=1)
 EOF
 log "done in $(( $(date +%s) - T0 ))s, exit status $STATUS; logs and JSON in $OUT"
+# GPU_CHECK_PACK=DIR: everything above as one DIR/gpu_check.tgz (+ summary.txt and the log), for
+# transports that bring back only a few files.
+if [[ -n "${GPU_CHECK_PACK:-}" ]]; then
+  mkdir -p "$GPU_CHECK_PACK"
+  tar czf "$GPU_CHECK_PACK/gpu_check.tgz" -C "$OUT" . && cp "$OUT/summary.txt" "$OUT/gpu_check.log" "$GPU_CHECK_PACK/"
+fi
 exit $STATUS

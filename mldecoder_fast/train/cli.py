@@ -279,7 +279,7 @@ def _compare(results: dict, out: str) -> None:
     trainer = f["trainer"]
     x, _ = next(iter(torch.utils.data.DataLoader(trainer.val_set, batch_size=trainer.cfg.batch_size)))
     t = time_training_steps({"fast": f["trainer"].model, "reference": r["trainer"].model},
-                            x.to(trainer.device))
+                            x.to(trainer.device), amp_dtype=trainer.amp_dtype)
     print("\nhead        best mAP   last mAP   last EMA   train s   step ms (fwd+bwd)   head ms (fwd+bwd)")
     for name, s in (("fast", f), ("reference", r)):
         print(f"{name:10s} {s['best_mAP']:9.2f} {s['last']['mAP']:10.2f} {s['last']['mAP_ema']:10.2f} "

@@ -103,16 +103,28 @@ def demo_datasets(train_size: int, val_size: int, image_size: int, mean, std, se
     return MosaicDataset(*train, mean, std), MosaicDataset(*val, mean, std)
 
 
-def time_training_steps(models: dict, batch: torch.Tensor, reps: int = 7) -> dict:
+def time_training_steps(models: dict, batch: torch.Tensor, reps: int = 7, amp_dtype=None) -> dict:
     """Median milliseconds of one training-mode forward + backward, for each model and for its
     ML-Decoder head alone (on the head's real input), timed in turns so that a busy machine slows
-    every candidate alike. Returns {name: {"model_ms": ..., "head_ms": ...}}."""
+    every candidate alike; under ``torch.autocast(amp_dtype)`` when given (as the trainer runs),
+    with the device synchronised around each timed region on CUDA.
+    Returns {name: {"model_ms": ..., "head_ms": ...}}."""
     import time
     from ..timm_head import ml_decoder_of
+    dev = batch.device
+
+    def now():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter()
+
+    def autocast():
+        return torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
     feats, heads = {}, {}
     for name, model in models.items():
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             feats[name] = model.forward_head(model.forward_features(batch), pre_logits=True)
         model.train()
         heads[name] = ml_decoder_of(model)
@@ -120,11 +132,15 @@ def time_training_steps(models: dict, batch: torch.Tensor, reps: int = 7) -> dic
     for rep in range(reps + 1):
         for name, model in models.items():
             x = feats[name].detach().requires_grad_(True)
-            t0 = time.perf_counter()
-            heads[name](x).sum().backward()
-            t1 = time.perf_counter()
-            model(batch).sum().backward()
-            t2 = time.perf_counter()
+            t0 = now()
+            with autocast():
+                y = heads[name](x)
+            y.float().sum().backward()
+            t1 = now()
+            with autocast():
+                y = model(batch)
+            y.float().sum().backward()
+            t2 = now()
             model.zero_grad(set_to_none=True)
             if rep:  # the first round warms up
                 times[name]["head_ms"].append(1000 * (t1 - t0))
