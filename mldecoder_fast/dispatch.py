@@ -18,7 +18,11 @@ AUTO_ORDER = {
     # CPU: the extension's group FC measured level with torch's bmm at batch 16 and slower at
     # batch 1 (BENCHMARKS.md), so plain torch runs; backend="cpp" selects the extension.
     "cpu": ("torch", "cpp"),
-    "cuda": ("triton", "cuda", "torch"),
+    # CUDA: measured on an H100 (bf16 autocast, BENCHMARKS.md "GPU"), the torch backend was the
+    # fastest or level in most rows: training steps at B = 256 ran 7.8 ms (COCO) and 6.4 ms
+    # (21K) against 10.5 / 9.5 ms for the Triton kernels and 8.0 ms for the extension's group
+    # FC; Triton won only eval at B = 256. So auto runs torch; "triton"/"cuda" are opt-in.
+    "cuda": ("torch",),
 }
 # Devices each backend serves.
 BACKEND_DEVICES = {"torch": None, "cpp": ("cpu",), "cuda": ("cuda",), "triton": ("cuda",)}

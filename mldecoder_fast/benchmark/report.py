@@ -367,10 +367,14 @@ def benchmarks_markdown(sections: list[tuple[str, dict, str | None]], regenerate
     if regenerate:
         out.append(f"Regenerate this file from the records with\n\n```\n{regenerate}\n```\n")
     for title, data, image in sections:
+        if isinstance(data, str):  # a text record (e.g. bench/gpu_check.sh's summary), verbatim
+            out.append(f"## {title}\n\n```\n{data.rstrip()}\n```\n")
+            continue
         out.append(to_markdown(data, title=title))
         if image:
             out.append(f"![{title}]({image})\n")
-    if not any(str(d["meta"].get("device", "")).startswith("cuda") for _, d, _ in sections):
+    if not any(isinstance(d, str) or str(d["meta"].get("device", "")).startswith("cuda")
+               for _, d, _ in sections):
         out.append("## GPU\n\nNo GPU record yet. On a GPU machine, `bench/gpu_check.sh` (or "
                    "`mldecoder-fast bench --device cuda --json PATH`) writes the records; add each "
                    "as a `--section` of the command above.\n")
@@ -384,14 +388,16 @@ def main(argv=None) -> int:
                                 description="Write BENCHMARKS.md from saved `mldecoder-fast bench --json` records.")
     p.add_argument("--out", default="BENCHMARKS.md")
     p.add_argument("--section", action="append", default=[], metavar="TITLE=JSON[=PNG]",
-                   help="one section per record, in order; PNG (relative to the output) is shown below it")
+                   help="one section per record, in order; PNG (relative to the output) is shown below it; "
+                        "a .txt record (bench/gpu_check.sh's summary.txt) is shown verbatim")
     args = p.parse_args(argv)
     sections = []
     for spec in args.section:
         parts = spec.split("=")
         if len(parts) not in (2, 3):
             p.error(f"--section wants TITLE=JSON[=PNG], got {spec!r}")
-        sections.append((parts[0], load_json(parts[1]), parts[2] if len(parts) == 3 else None))
+        record = Path(parts[1]).read_text() if parts[1].endswith(".txt") else load_json(parts[1])
+        sections.append((parts[0], record, parts[2] if len(parts) == 3 else None))
     import shlex
     regenerate = " \\\n    ".join(["python -m mldecoder_fast.benchmark.report --out " + shlex.quote(args.out)]
                                   + [f"--section {shlex.quote(spec)}" for spec in args.section])
