@@ -85,7 +85,7 @@ def _fwd_bwd(fn, h, weight, bias, num_classes, grad=None):
     out = fn(h, weight, bias, num_classes)
     if grad is None:
         grad = torch.randn(out.shape, device=out.device, dtype=torch.float64)
-    out.backward(grad.to(out.dtype))
+    out.backward(grad.to(device=out.device, dtype=out.dtype))
     return out, h.grad, weight.grad, bias.grad, grad
 
 
