@@ -51,6 +51,10 @@ class MLDecoderFast(_HeadBase):
         self.backend = check_backend_name(backend)
         self.active_backend = None
         self.cache_queries = True
+        # Training steps of the torch backend on the CPU run as one autograd function with a
+        # hand-written backward (ops/fused_train.py); False runs them op by op (e.g. for double
+        # backward, which that function does not support).
+        self.fused_training = True
         self._query_cache = None
 
     # construction from existing heads ------------------------------------------------------------
@@ -142,6 +146,34 @@ class MLDecoderFast(_HeadBase):
             self._query_cache = None
         return super().train(mode)
 
+    # the fused training step (CPU) -------------------------------------------------------------
+    def _fused_parameters(self):
+        dec = self.decoder
+        layer = dec.layers[0]
+        attn = layer.multihead_attn
+        return (dec.embed_standart.weight, dec.embed_standart.bias, layer.norm1.weight, layer.norm1.bias,
+                attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias,
+                layer.norm2.weight, layer.norm2.bias, layer.linear1.weight, layer.linear1.bias,
+                layer.linear2.weight, layer.linear2.bias, layer.norm3.weight, layer.norm3.bias,
+                dec.duplicate_pooling, dec.duplicate_pooling_bias)
+
+    def _use_fused_training(self, x: torch.Tensor) -> bool:
+        if not (self.fused_training and x.device.type == "cpu" and x.shape[0] > 0
+                and torch.is_grad_enabled() and x.dtype in (torch.float32, torch.float64)):
+            return False
+        if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+            return False
+        return all(p.dtype == x.dtype for p in self._fused_parameters())
+
+    def _fused_training_forward(self, tokens, p_query, p_attn, p_out, p_ff, p_res):
+        from .ops.fused_train import HeadTrainStep
+        layer = self.decoder.layers[0]
+        t0 = self._base_queries()
+        num_out = t0.shape[0] if self.config.zsl else self.config.num_classes
+        cfg = (NUM_HEADS, (layer.norm1.eps, layer.norm2.eps, layer.norm3.eps),
+               (p_query, p_attn, p_out, p_ff, p_res), num_out, bool(self.config.zsl))
+        return HeadTrainStep.apply(cfg, tokens, t0, *self._fused_parameters())
+
     # forward -------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(self, x)
@@ -160,6 +192,8 @@ class MLDecoderFast(_HeadBase):
         p_res = layer.dropout3.p if training else 0.0
 
         tokens = tokens_from_input(x)                                               # [B, N, C]
+        if training and name == "torch" and self._use_fused_training(x):
+            return self._fused_training_forward(tokens, p_query, p_attn, p_out, p_ff, p_res)
         memory = F.relu(F.linear(tokens, dec.embed_standart.weight, dec.embed_standart.bias))
 
         if p_query > 0:
