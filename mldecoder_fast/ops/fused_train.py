@@ -98,7 +98,8 @@ class HeadTrainStep(torch.autograd.Function):
         s_q, s_a, s_o, s_f, s_r = (_scale(p) for p in (p_q, p_a, p_o, p_f, p_r))
 
         # input projection and keys/values
-        mem = torch.addmm(be, tokens.reshape(B * N, C), We.t()).clamp_min_(0)    # [BN, D]
+        rows = tokens.reshape(B * N, C)          # a copy for [B, C, H, W] maps, kept for dW_e
+        mem = torch.addmm(be, rows, We.t()).clamp_min_(0)                          # [BN, D]
         kv = torch.addmm(bin_[D:], mem, Win[D:].t())                             # [BN, 2D]
         # queries: per sample with query dropout, else shared by the batch
         u1 = _queries_input(t0, masks["q"], s_q)
@@ -129,7 +130,7 @@ class HeadTrainStep(torch.autograd.Function):
         ctx.save_for_backward(tokens, t0, We, ln1w, ln1b, Win, Wo, ln2w, ln2b, W1, W2, ln3w, ln3b, Wg)
         # Intermediates live on ctx (not save_for_backward) so that the backward can free each
         # one as soon as it has been used.
-        ctx.acts = dict(mem=mem, kv=kv, mean1=mean1, rstd1=rstd1, q=q, attn=attn, o=o, u2=u2,
+        ctx.acts = dict(rows=rows, mem=mem, kv=kv, mean1=mean1, rstd1=rstd1, q=q, attn=attn, o=o, u2=u2,
                         mean2=mean2, rstd2=rstd2, f1=f1, u3=u3, mean3=mean3, rstd3=rstd3)
         ctx.masks = masks
         ctx.scales = (s_q, s_a, s_o, s_f, s_r)
@@ -265,7 +266,9 @@ class HeadTrainStep(torch.autograd.Function):
         # ---- input projection -----------------------------------------------------------------------
         g_pre = torch.ops.aten.threshold_backward(g_mem, mem, 0)
         del g_mem, mem
-        g_We = g_pre.t().mm(tokens.reshape(B * N, C)) if needs[3] else None
+        rows = pop("rows")
+        g_We = g_pre.t().mm(rows) if needs[3] else None
+        del rows
         g_be = g_pre.sum(0) if needs[4] else None
         g_tokens = g_pre.mm(We).view(B, N, C) if need_tokens else None
         del g_pre
