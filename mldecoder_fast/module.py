@@ -165,13 +165,13 @@ class MLDecoderFast(_HeadBase):
             return False
         return all(p.dtype == x.dtype for p in self._fused_parameters())
 
-    def _fused_training_forward(self, tokens, p_query, p_attn, p_out, p_ff, p_res):
+    def _fused_training_forward(self, tokens, p_query, p_attn, p_out, p_ff, p_res, ext=False):
         from .ops.fused_train import HeadTrainStep
         layer = self.decoder.layers[0]
         t0 = self._base_queries()
         num_out = t0.shape[0] if self.config.zsl else self.config.num_classes
         cfg = (NUM_HEADS, (layer.norm1.eps, layer.norm2.eps, layer.norm3.eps),
-               (p_query, p_attn, p_out, p_ff, p_res), num_out, bool(self.config.zsl))
+               (p_query, p_attn, p_out, p_ff, p_res), num_out, bool(self.config.zsl), ext)
         return HeadTrainStep.apply(cfg, tokens, t0, *self._fused_parameters())
 
     # forward -------------------------------------------------------------------------------------
@@ -192,8 +192,9 @@ class MLDecoderFast(_HeadBase):
         p_res = layer.dropout3.p if training else 0.0
 
         tokens = tokens_from_input(x)                                               # [B, N, C]
-        if training and name == "torch" and self._use_fused_training(x):
-            return self._fused_training_forward(tokens, p_query, p_attn, p_out, p_ff, p_res)
+        if training and name in ("torch", "cpp") and self._use_fused_training(x):
+            return self._fused_training_forward(tokens, p_query, p_attn, p_out, p_ff, p_res,
+                                                ext=name == "cpp" and not self.config.zsl)
         memory = F.relu(F.linear(tokens, dec.embed_standart.weight, dec.embed_standart.bias))
 
         if p_query > 0:

@@ -23,9 +23,10 @@ def _fused_ran(out: torch.Tensor) -> bool:
     (5, 9, "map", 2, "contiguous"),         # groups > classes
     (40, 8, "tokens", 2, "strided"),        # [B, N, C], non-contiguous
 ])
-def test_fused_step_matches_reference(classes, groups, kind, batch, layout):
+@pytest.mark.parametrize("backend", ["torch", "cpp"])   # cpp: the extension's group FC inside
+def test_fused_step_matches_reference(classes, groups, kind, batch, layout, backend):
     torch.manual_seed(0)
-    ref, fast = make_pair(classes, groups, dtype=torch.float64)
+    ref, fast = make_pair(classes, groups, dtype=torch.float64, backend=backend)
     x = make_input(kind, batch, 24, tokens=6, dtype=torch.float64)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -33,6 +34,7 @@ def test_fused_step_matches_reference(classes, groups, kind, batch, layout):
         x = torch.randn(batch, 12, 48, dtype=torch.float64)[:, ::2, ::2]
     disable_dropout_(fast).train()
     assert _fused_ran(fast(x.requires_grad_(False)))
+    assert fast.active_backend == backend
     check_train_grads(ref, fast, x, 1e-10)
 
 
@@ -80,8 +82,8 @@ def test_frozen_parameters_and_input_without_grad():
             assert_close(f"grad of {name}", pr[name].grad, p.grad, 1e-10)
 
 
-@pytest.mark.parametrize("per_sample_queries", [True, False])
-def test_backward_is_the_derivative_with_dropout_on(monkeypatch, per_sample_queries):
+@pytest.mark.parametrize("per_sample_queries,ext", [(True, False), (False, False), (True, True)])
+def test_backward_is_the_derivative_with_dropout_on(monkeypatch, per_sample_queries, ext):
     """Finite differences (fp64, fixed masks) of the whole function, every input at once."""
     torch.manual_seed(4)
     gen = torch.Generator().manual_seed(5)
@@ -97,7 +99,8 @@ def test_backward_is_the_derivative_with_dropout_on(monkeypatch, per_sample_quer
     _, fast = make_pair(23, 4, decoder_embedding=16, dtype=torch.float64)
     layer = fast.decoder.layers[0]
     p_query = 0.3 if per_sample_queries else 0.0
-    cfg = (8, (layer.norm1.eps, layer.norm2.eps, layer.norm3.eps), (p_query, 0.25, 0.2, 0.35, 0.15), 23, False)
+    cfg = (8, (layer.norm1.eps, layer.norm2.eps, layer.norm3.eps), (p_query, 0.25, 0.2, 0.35, 0.15), 23, False,
+           ext)
     tokens = torch.randn(2, 5, 24, dtype=torch.float64, requires_grad=True)
     t0 = torch.randn(4, 16, dtype=torch.float64, requires_grad=True)
     params = [p.detach().clone().requires_grad_(True) for p in fast._fused_parameters()]

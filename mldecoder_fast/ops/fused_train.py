@@ -80,14 +80,14 @@ def _keep_graph() -> bool:
 
 class HeadTrainStep(torch.autograd.Function):
     """Inputs: ``cfg`` (num_heads, (eps1, eps2, eps3), (p_query, p_attn, p_out, p_ff, p_res),
-    num_out, zsl), tokens [B, N, C], T0 [K, D] (the learned queries or relu(wordvec_proj(V))),
+    num_out, zsl, ext: the compiled extension's group-FC ops instead of bmm), tokens [B, N, C], T0 [K, D] (the learned queries or relu(wordvec_proj(V))),
     then the head's parameters in the order of ``MLDecoderFast._fused_parameters``.
     Output: logits [B, num_out]."""
 
     @staticmethod
     def forward(ctx, cfg, tokens, t0, We, be, ln1w, ln1b, Win, bin_, Wo, bo, ln2w, ln2b,
                 W1, b1, W2, b2, ln3w, ln3b, Wg, bg):
-        num_heads, (eps1, eps2, eps3), (p_q, p_a, p_o, p_f, p_r), num_out, zsl = cfg
+        num_heads, (eps1, eps2, eps3), (p_q, p_a, p_o, p_f, p_r), num_out, zsl, ext = cfg
         B, N, C = tokens.shape
         K, D = t0.shape
         H, d = num_heads, D // num_heads
@@ -123,8 +123,11 @@ class HeadTrainStep(torch.autograd.Function):
         del t2
         h, mean3, rstd3 = _layer_norm(u3, ln3w, ln3b, eps3)
         # group FC (ZSL: one projection shared by the queries)
-        from .torch_ops import group_fc_torch
-        logits = group_fc_torch(h, Wg, bg, num_out)
+        if ext:
+            logits = torch.ops.mldecoder_fast.group_fc(h, Wg, bg, num_out)
+        else:
+            from .torch_ops import group_fc_torch
+            logits = group_fc_torch(h, Wg, bg, num_out)
 
         ctx.cfg = cfg
         ctx.save_for_backward(tokens, t0, We, ln1w, ln1b, Win, Wo, ln2w, ln2b, W1, W2, ln3w, ln3b, Wg)
@@ -140,7 +143,7 @@ class HeadTrainStep(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_logits):
         (tokens, t0, We, ln1w, ln1b, Win, Wo, ln2w, ln2b, W1, W2, ln3w, ln3b, Wg) = ctx.saved_tensors
-        num_heads, (eps1, eps2, eps3), _, num_out, zsl = ctx.cfg
+        num_heads, (eps1, eps2, eps3), _, num_out, zsl, ext = ctx.cfg
         a, m = ctx.acts, ctx.masks
         if a is None:
             raise RuntimeError("mldecoder_fast: this training step's graph was already used by a backward "
@@ -162,10 +165,15 @@ class HeadTrainStep(torch.autograd.Function):
 
         # ---- group FC: input gradient now, weight gradient at the very end -----------------------
         u3, mean3, rstd3 = pop("u3"), pop("mean3"), pop("rstd3")
+        h = None
         if zsl:
             g_h = g.unsqueeze(-1) * Wg[:, 0]                                         # [B, K, D]
             g_bg = g.sum().reshape(1) if needs[20] else None
             g_pad = None
+        elif ext:
+            h = _layer_norm(u3, ln3w, ln3b, eps3)[0]                                   # recomputed
+            g_h = torch.ops.mldecoder_fast.group_fc_grad_h(g, h, Wg, num_out)
+            g_bg = g.sum(0) if needs[20] else None
         else:
             k, _, G = Wg.shape
             g_pad = g if k * G == num_out else F.pad(g, (0, k * G - num_out))
@@ -275,10 +283,12 @@ class HeadTrainStep(torch.autograd.Function):
         # ---- the group-FC weight gradient, last ---------------------------------------------------
         g_Wg = None
         if needs[19]:
-            u3, mean3, rstd3 = keep_u3
-            h = _layer_norm(u3, ln3w, ln3b, eps3)[0]                                   # recomputed
-            del keep_u3, u3
-            if zsl:
+            if h is None:
+                h = _layer_norm(keep_u3[0], ln3w, ln3b, eps3)[0]                       # recomputed
+            del keep_u3
+            if ext:
+                g_Wg = torch.ops.mldecoder_fast.group_fc_grad_weight(g, h, Wg, num_out)
+            elif zsl:
                 g_Wg = g.reshape(1, B * K).mm(h.reshape(B * K, D)).t()                  # [D, 1]
             else:
                 g_Wg = torch.bmm(h.transpose(0, 1).transpose(1, 2), g_pad)             # [K, D, G]
