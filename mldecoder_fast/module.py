@@ -163,6 +163,8 @@ class MLDecoderFast(_HeadBase):
             return False
         if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
             return False
+        if getattr(torch._C, "_are_functorch_transforms_active", lambda: False)():
+            return False  # torch.func.grad/vmap/jvp: the op-by-op path composes with them
         return all(p.dtype == x.dtype for p in self._fused_parameters())
 
     def _fused_training_forward(self, tokens, p_query, p_attn, p_out, p_ff, p_res, ext=False):

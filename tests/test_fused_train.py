@@ -203,3 +203,20 @@ def test_retain_graph_backward_twice():
     assert_close("twice input", 2 * gx, x.grad, 1e-12)
     with pytest.raises(RuntimeError, match="second time|already used"):
         out.backward(g)
+
+
+def test_torch_func_transforms_use_the_op_path():
+    """torch.func.grad over a training-mode head gives the same gradients as autograd."""
+    from torch.func import functional_call, grad
+    torch.manual_seed(10)
+    _, fast = make_pair(12, 3, dtype=torch.float64)
+    disable_dropout_(fast).train()
+    x = torch.randn(2, 24, 2, 2, dtype=torch.float64)
+    params = {k: v.detach() for k, v in fast.named_parameters() if v.requires_grad}
+    grads = grad(lambda p: functional_call(fast, p, (x,)).square().sum())(params)
+    out = fast(x)
+    assert _fused_ran(out)
+    out.square().sum().backward()
+    for name, p in fast.named_parameters():
+        if p.requires_grad:
+            assert_close(f"torch.func grad of {name}", p.grad, grads[name], 1e-10)
