@@ -8,7 +8,8 @@
 # GPU_CHECK_BUDGET_S seconds, default 540, skips stages that no longer fit, so the whole run stays
 # under 10 minutes on an H100):
 #   build -> Triton tests on the GPU -> the other CUDA tests -> bench bf16 (COCO, 21K; B = 1, 32,
-#   256) -> training demo (reference vs fast head) -> bench vs torch.compile (train, B = 256)
+#   256) -> per-kernel profile of the backends (COCO train) -> training demo (reference vs fast
+#   head) -> bench vs torch.compile (train, B = 256)
 #   -> bench bf16 (other configurations) -> bench fp32 (COCO + 21K)
 # A failing stage does not stop the later ones; the exit status is non-zero if any stage failed or
 # was skipped. The last thing printed is a short table of the results and the issue's speed
@@ -121,6 +122,10 @@ stage bench_bf16_coco 120 "0" -- "${BENCH[@]}" --dtype bf16 --batch 1,32,256 --c
   --modes eval,train --impls "$IMPLS" --json "$OUT/bench_bf16_coco.json" --markdown "$OUT/bench_bf16_coco.md"
 stage bench_bf16_21k 150 "0" -- "${BENCH[@]}" --dtype bf16 --batch 1,32,256 --configs imagenet21k-resnet50-224 \
   --modes eval,train --impls "$IMPLS" --json "$OUT/bench_bf16_21k.json" --markdown "$OUT/bench_bf16_21k.md"
+
+# ---- 3a. where the time goes: top kernels per backend (COCO train, B = 256, bf16) -------------
+stage profile_coco 60 "0" -- "$PY" bench/profile_backends.py --device "$DEVICE" --config coco --mode train \
+  --batch 256 --impls eager-expert,fast-torch,fast-triton --top 10 --json "$OUT/profile_coco.json"
 
 # ---- 3b. the training demo, reference vs fast head (issue: "the fast one gets there faster") ----
 stage demo 100 "0" -- "$PY" -m mldecoder_fast.cli train multilabel --demo --head both --device "$DEVICE" \

@@ -256,3 +256,24 @@ def test_bench_command_rejects_unknown_names(capsys):
     assert main(["bench", "--configs", "nope", "--no-progress"]) == 2
     assert main(["bench", "--quick", "--impls", "fastest-ever", "--no-progress"]) == 2
     assert "unknown" in capsys.readouterr().err
+
+
+def test_profile_backends_script(tmp_path, capsys):
+    """bench/profile_backends.py (the per-kernel breakdown for GPU sessions) runs and reports."""
+    import importlib.util
+    import json
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / "profile_backends.py"
+    spec = importlib.util.spec_from_file_location("profile_backends", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "p.json"
+    assert mod.main(["--device", "cpu", "--config", "imagenet21k", "--quick", "--steps", "2",
+                     "--impls", "reference,fast-torch", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["impl"] for r in data["results"]] == ["reference", "fast-torch"]
+    for r in data["results"]:
+        assert r["busy_ms_per_step"] > 0 and r["top"] and r["top"][0]["ms_per_step"] > 0
+    fast_ops = {t["name"] for t in data["results"][1]["top"]}
+    assert any("mm" in name for name in fast_ops), fast_ops
+    assert "fast-torch" in capsys.readouterr().out
