@@ -124,7 +124,7 @@ stage bench_bf16_21k 150 "0" -- "${BENCH[@]}" --dtype bf16 --batch 1,32,256 --co
   --modes eval,train --impls "$IMPLS" --json "$OUT/bench_bf16_21k.json" --markdown "$OUT/bench_bf16_21k.md"
 
 # ---- 3a. where the time goes: top kernels per backend (COCO train, B = 256, bf16) -------------
-stage profile_coco 60 "0" -- "$PY" bench/profile_backends.py --device "$DEVICE" --config coco --mode train \
+stage profile_coco 60 "0" -- "$PY" bench/profile_backends.py --device "$DEVICE" "${QUICK[@]}" --config coco --mode train \
   --batch 256 --impls eager-expert,fast-torch,fast-triton --top 10 --json "$OUT/profile_coco.json"
 
 # ---- 3b. the training demo, reference vs fast head (issue: "the fast one gets there faster") ----
