@@ -46,6 +46,12 @@ def main(argv=None) -> int:
         print(f"mldecoder-fast {__version__}")
         for name, info in backends().items():
             print(f"  {name:7s} {'available' if info['available'] else 'unavailable'}: {info['detail']}")
+        import torch
+
+        from .dispatch import select_ops
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        print("  backend='auto' runs: " + ", ".join(
+            f"{select_ops('auto', torch.device(d))[0]} on {d}" for d in devices))
         return 0
     if not getattr(args, "func", None):
         parser.print_help()

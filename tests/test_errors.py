@@ -83,3 +83,13 @@ def test_unavailable_backend_warns_once_and_falls_back(recwarn):
     head(x)
     assert head.active_backend == "torch"
     assert not [w for w in recwarn if "falling back" in str(w.message)]
+
+
+def test_version_lists_backends_and_what_auto_runs(capsys):
+    from mldecoder_fast.cli import main
+    from mldecoder_fast.dispatch import select_ops
+    assert main(["--version"]) == 0
+    out = capsys.readouterr().out
+    for name in ("torch", "cpp", "cuda", "triton"):
+        assert f"  {name} " in out
+    assert f"backend='auto' runs: {select_ops('auto', torch.device('cpu'))[0]} on cpu" in out
