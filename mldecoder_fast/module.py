@@ -161,7 +161,7 @@ class MLDecoderFast(_HeadBase):
                 layer.linear2.weight, layer.linear2.bias, layer.norm3.weight, layer.norm3.bias,
                 dec.duplicate_pooling, dec.duplicate_pooling_bias)
 
-    def _use_fused_training(self, x: torch.Tensor) -> bool:
+    def _use_fused_training(self, x: torch.Tensor, params) -> bool:
         if not (self.fused_training and x.device.type == "cpu" and x.shape[0] > 0
                 and torch.is_grad_enabled() and x.dtype in (torch.float32, torch.float64)):
             return False
@@ -169,16 +169,16 @@ class MLDecoderFast(_HeadBase):
             return False
         if getattr(torch._C, "_are_functorch_transforms_active", lambda: False)():
             return False  # torch.func.grad/vmap/jvp: the op-by-op path composes with them
-        return all(p.dtype == x.dtype for p in self._fused_parameters())
+        return all(p.dtype == x.dtype for p in params)
 
-    def _fused_training_forward(self, tokens, p_query, p_attn, p_out, p_ff, p_res, ext=False):
+    def _fused_training_forward(self, tokens, params, p_query, p_attn, p_out, p_ff, p_res, ext=False):
         from .ops.fused_train import HeadTrainStep
         layer = self.decoder.layers[0]
         t0 = self._base_queries()
         num_out = t0.shape[0] if self.config.zsl else self.config.num_classes
         cfg = (NUM_HEADS, (layer.norm1.eps, layer.norm2.eps, layer.norm3.eps),
                (p_query, p_attn, p_out, p_ff, p_res), num_out, bool(self.config.zsl), ext)
-        return HeadTrainStep.apply(cfg, tokens, t0, *self._fused_parameters())
+        return HeadTrainStep.apply(cfg, tokens, t0, *params)
 
     # forward -------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -198,9 +198,11 @@ class MLDecoderFast(_HeadBase):
         p_res = layer.dropout3.p if training else 0.0
 
         tokens = tokens_from_input(x)                                               # [B, N, C]
-        if training and name in ("torch", "cpp") and self._use_fused_training(x):
-            return self._fused_training_forward(tokens, p_query, p_attn, p_out, p_ff, p_res,
-                                                ext=name == "cpp" and not self.config.zsl)
+        if training and name in ("torch", "cpp"):
+            params = self._fused_parameters()
+            if self._use_fused_training(x, params):
+                return self._fused_training_forward(tokens, params, p_query, p_attn, p_out, p_ff, p_res,
+                                                    ext=name == "cpp" and not self.config.zsl)
         memory = F.relu(F.linear(tokens, dec.embed_standart.weight, dec.embed_standart.bias))
 
         if p_query > 0:

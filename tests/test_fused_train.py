@@ -153,15 +153,22 @@ def test_switch_off_and_double_backward():
     assert fast.decoder.embed_standart.weight.grad is not None
 
 
-def test_low_precision_and_autocast_use_the_op_path():
+def test_low_precision_autocast_no_grad_and_empty_batch_use_the_op_path(monkeypatch):
+    calls = []
+    apply = HeadTrainStep.apply
+    monkeypatch.setattr(HeadTrainStep, "apply", lambda *a: calls.append(1) or apply(*a))
     _, fast = make_pair(12, 3)
     fast.train()
     x = torch.randn(2, 24, 2, 2)
+    fast(x)
+    assert len(calls) == 1                     # the spy sees the fused path when it runs
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not _fused_ran(fast(x))
-    assert not _fused_ran(fast.bfloat16()(x.bfloat16()))
     with torch.no_grad():
-        assert fast.float()(x).grad_fn is None
+        fast(x)
+    assert fast(x[:0]).shape == (0, 12)
+    assert not _fused_ran(fast.bfloat16()(x.bfloat16()))
+    assert len(calls) == 1
 
 
 def test_fused_step_keeps_less_memory():

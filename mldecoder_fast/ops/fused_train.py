@@ -160,8 +160,7 @@ class HeadTrainStep(torch.autograd.Function):
         shared = m["q"] is None
         g = g_logits.contiguous()
 
-        def pop(name):
-            return a.pop(name)
+        pop = a.pop
 
         # ---- group FC: input gradient now, weight gradient at the very end -----------------------
         u3, mean3, rstd3 = pop("u3"), pop("mean3"), pop("rstd3")
@@ -184,8 +183,7 @@ class HeadTrainStep(torch.autograd.Function):
         g_u3, g_ln3w, g_ln3b = _layer_norm_backward(g_h, u3, mean3, rstd3, ln3w, ln3b,
                                                     (True, needs[17], needs[18]))
         del g_h
-        keep_u3 = (u3, mean3, rstd3)      # h is recomputed for the group-FC weight gradient
-        del u3
+        del mean3, rstd3                  # u3 stays: h is recomputed for the group-FC weight gradient
         g_f2 = _drop(g_u3, m.pop("r"), s_r).view(B * K, D)
         # ---- feed-forward -------------------------------------------------------------------------
         f1 = pop("f1")
@@ -284,8 +282,8 @@ class HeadTrainStep(torch.autograd.Function):
         g_Wg = None
         if needs[19]:
             if h is None:
-                h = _layer_norm(keep_u3[0], ln3w, ln3b, eps3)[0]                       # recomputed
-            del keep_u3
+                h = _layer_norm(u3, ln3w, ln3b, eps3)[0]                               # recomputed
+            del u3
             if ext:
                 g_Wg = torch.ops.mldecoder_fast.group_fc_grad_weight(g, h, Wg, num_out)
             elif zsl:

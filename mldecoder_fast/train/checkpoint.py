@@ -133,6 +133,16 @@ def restore_training_state(ckpt: dict, optimizer, scheduler, scaler):
     return int(ckpt["epoch"]), int(ckpt["step"]), history, saved
 
 
+def write_run_logs(out_dir: str, history: dict, indent: int | None = 1, **fields) -> None:
+    """A run's logs in ``out_dir``: log.csv (one row per epoch) and log.json (``fields``, then
+    the epoch rows and the per-step records of ``history``)."""
+    import json
+    rows = history["epochs"]
+    write_csv_log(os.path.join(out_dir, "log.csv"), rows)
+    with open(os.path.join(out_dir, "log.json"), "w") as f:
+        json.dump({**fields, "epochs": rows, "steps": history["steps"]}, f, indent=indent)
+
+
 def write_csv_log(path: str, rows) -> None:
     """One CSV row per dict; the columns are every key seen, in first-seen order."""
     if not rows:

@@ -54,6 +54,7 @@ def _unavailable(recipes, name, exc) -> None:
 
 
 def register_multilabel(recipes) -> None:
+    from .amp import AMP_CHOICES
     p = recipes.add_parser(
         "multilabel", help="multi-label training (the ML-Decoder MS-COCO recipe)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -107,7 +108,7 @@ def register_multilabel(recipes) -> None:
     t.add_argument("--gamma-neg", type=float, default=4)
     t.add_argument("--gamma-pos", type=float, default=0)
     t.add_argument("--clip", type=float, default=0.05)
-    t.add_argument("--amp", choices=["auto", "fp16", "bf16", "off"], default="auto",
+    t.add_argument("--amp", choices=AMP_CHOICES, default="auto",
                    help="auto: fp16 autocast + GradScaler on CUDA, off on CPU")
     t.add_argument("--no-randaugment", action="store_true")
     t.add_argument("--cutout", type=float, default=0.5, help="cutout size factor (0: off)")

@@ -110,21 +110,20 @@ def time_training_steps(models: dict, batch: torch.Tensor, reps: int = 7, amp_dt
     with the device synchronised around each timed region on CUDA.
     Returns {name: {"model_ms": ..., "head_ms": ...}}."""
     import time
+
+    from ..benchmark.timing import synchronize
     from ..timm_head import ml_decoder_of
+    from .amp import autocast
     dev = batch.device
 
     def now():
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        synchronize(dev)
         return time.perf_counter()
-
-    def autocast():
-        return torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
     feats, heads = {}, {}
     for name, model in models.items():
         model.eval()
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), autocast(dev.type, amp_dtype):
             feats[name] = model.forward_head(model.forward_features(batch), pre_logits=True)
         model.train()
         heads[name] = ml_decoder_of(model)
@@ -133,11 +132,11 @@ def time_training_steps(models: dict, batch: torch.Tensor, reps: int = 7, amp_dt
         for name, model in models.items():
             x = feats[name].detach().requires_grad_(True)
             t0 = now()
-            with autocast():
+            with autocast(dev.type, amp_dtype):
                 y = heads[name](x)
             y.float().sum().backward()
             t1 = now()
-            with autocast():
+            with autocast(dev.type, amp_dtype):
                 y = model(batch)
             y.float().sum().backward()
             t2 = now()

@@ -11,7 +11,6 @@ so a run resumed from ``last.pth`` continues as the uninterrupted run would have
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
@@ -21,8 +20,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from .amp import autocast, resolve_amp_dtype
 from .checkpoint import (CheckpointError, check_classes, load_checkpoint, restore_training_state,
-                         save_checkpoint, set_rng_state, write_csv_log)
+                         save_checkpoint, set_rng_state, write_run_logs)
 from .ema import ModelEma
 from .losses import AsymmetricLoss
 from .metrics import chance_map, mean_average_precision
@@ -95,12 +95,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _autocast_dtype(amp: str, device: torch.device):
-    if amp == "auto":
-        return torch.float16 if device.type == "cuda" else None
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "off": None}[amp]
-
-
 def _seed_worker(worker_id):
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
@@ -122,7 +116,7 @@ def predict_scores(model, loader, device, amp_dtype=None):
     scores, targets = [], []
     for x, y in loader:
         x = x.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(device.type, amp_dtype):
             out = model(x)
         scores.append(torch.sigmoid(out.float()).cpu())
         targets.append(y.cpu())
@@ -142,7 +136,7 @@ class MultiLabelTrainer:
         self.train_set, self.val_set = train_set, val_set
         self.class_names = list(class_names)
         self.model_args = dict(model_args)
-        self.amp_dtype = _autocast_dtype(cfg.amp, self.device)
+        self.amp_dtype = resolve_amp_dtype(cfg.amp, self.device)
         self.criterion = AsymmetricLoss(cfg.gamma_neg, cfg.gamma_pos, cfg.clip)
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.weight_decay_mode)
         self.steps_per_epoch = self._steps_per_epoch()
@@ -210,8 +204,7 @@ class MultiLabelTrainer:
                 break
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None):
+            with autocast(self.device.type, self.amp_dtype):
                 out = self.model(x)
             loss = self.criterion(out.float(), y)
             if not torch.isfinite(loss):
@@ -285,15 +278,10 @@ class MultiLabelTrainer:
 
     # logs -----------------------------------------------------------------------------------------
     def write_logs(self) -> None:
-        out = self.cfg.out_dir
-        rows = self.history["epochs"]
-        write_csv_log(os.path.join(out, "log.csv"), rows)
-        with open(os.path.join(out, "log.json"), "w") as f:
-            json.dump({"config": asdict(self.cfg), "model_args": self.model_args,
-                       "class_names": self.class_names, "best": self.best,
-                       "epochs": rows, "steps": self.history["steps"]}, f, indent=1)
+        write_run_logs(self.cfg.out_dir, self.history, config=asdict(self.cfg), model_args=self.model_args,
+                       class_names=self.class_names, best=self.best)
         if self.cfg.plot:
-            plot_curves(self.history, os.path.join(out, "curves.png"), self.log)
+            plot_curves(self.history, os.path.join(self.cfg.out_dir, "curves.png"), self.log)
 
 
 def plot_curves(history: dict, path: str, log=print) -> bool:

@@ -44,8 +44,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import distributed as D
+from .amp import AMP_CHOICES, autocast, resolve_amp_dtype
 from .checkpoint import (CheckpointError, check_classes, load_checkpoint, restore_training_state,
-                         rng_state, save_checkpoint, set_rng_state, write_csv_log)
+                         rng_state, save_checkpoint, set_rng_state, write_run_logs)
 from .data import BadImageError, DataError, Sample, load_rgb
 
 A2_DEFAULTS = dict(model="resnet50", image_size=224, epochs=300, batch_size=256, lr=4e-3,
@@ -236,15 +237,6 @@ class SingleLabelConfig:
     extra: dict = field(default_factory=dict)
 
 
-def _autocast_dtype(amp: str, device: torch.device):
-    if amp == "auto":
-        return torch.float16 if device.type == "cuda" else None
-    try:
-        return {"fp16": torch.float16, "bf16": torch.bfloat16, "off": None}[amp]
-    except KeyError:
-        raise ValueError(f"--amp must be auto, fp16, bf16 or off, got {amp!r}") from None
-
-
 def build_criterion(cfg: SingleLabelConfig, mixing: bool) -> nn.Module:
     from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
     if cfg.loss == "bce":
@@ -270,7 +262,7 @@ class SingleLabelTrainer:
         self.class_names = list(class_names)
         self.model_args = dict(model_args)
         self.train_set, self.val_set = train_set, val_set
-        self.amp_dtype = _autocast_dtype(cfg.amp, self.device)
+        self.amp_dtype = resolve_amp_dtype(cfg.amp, self.device)
         if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
             raise ValueError(f"mixup/cutmix need an even batch size per process, got {cfg.batch_size}")
 
@@ -395,8 +387,7 @@ class SingleLabelTrainer:
             y = y.to(self.device, non_blocking=True)
             if self.mixup is not None:
                 x, y = self.mixup(x, y)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None):
+            with autocast(self.device.type, self.amp_dtype):
                 out = model(x)
             loss = self.criterion(out.float(), y)
             self.optimizer.zero_grad(set_to_none=True)
@@ -469,8 +460,7 @@ class SingleLabelTrainer:
         sums = torch.zeros(4, dtype=torch.float64)   # top1, top5, loss, count
         for x, y in loader:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None):
+            with autocast(self.device.type, self.amp_dtype):
                 out = model(x)
             out = out.float()
             topk = out.topk(k, dim=1).indices
@@ -556,14 +546,10 @@ class SingleLabelTrainer:
                 "resumed_from": self.resumed_from}
 
     def write_logs(self) -> None:
-        out = self.cfg.out_dir
-        rows = self.history["epochs"]
-        write_csv_log(os.path.join(out, "log.csv"), rows)
-        with open(os.path.join(out, "log.json"), "w") as f:
-            json.dump({"config": asdict(self.cfg), "model_args": self.model_args,
-                       "world_size": self.info.world_size, "global_batch": self.global_batch,
-                       "num_classes": len(self.class_names), "best": self.best,
-                       "epochs": rows, "steps": self.history["steps"]}, f)
+        # no indentation: a long run's per-step records would triple the file
+        write_run_logs(self.cfg.out_dir, self.history, indent=None, config=asdict(self.cfg),
+                       model_args=self.model_args, world_size=self.info.world_size,
+                       global_batch=self.global_batch, num_classes=len(self.class_names), best=self.best)
 
 
 def _loader_generator(seed: int) -> torch.Generator:
@@ -635,7 +621,7 @@ def register(recipes) -> None:
     t.add_argument("--image-size", type=int, default=A2_DEFAULTS["image_size"])
     t.add_argument("--interpolation", default=A2_DEFAULTS["interpolation"])
     t.add_argument("--crop-pct", type=float, default=A2_DEFAULTS["crop_pct"], help="validation crop")
-    t.add_argument("--amp", choices=["auto", "fp16", "bf16", "off"], default="auto",
+    t.add_argument("--amp", choices=AMP_CHOICES, default="auto",
                    help="auto: fp16 autocast + GradScaler on CUDA, off on CPU")
     t.add_argument("--clip-grad", type=float, default=0.0, help="max gradient norm (0: off; LAMB clips at 1 itself)")
     r = p.add_argument_group("run")

@@ -53,8 +53,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import distributed as D
+from .amp import AMP_CHOICES, autocast, resolve_amp_dtype
 from .checkpoint import (CheckpointError, check_classes, load_checkpoint, restore_training_state,
-                         rng_state, save_checkpoint, set_rng_state, write_csv_log)
+                         rng_state, save_checkpoint, set_rng_state, write_run_logs)
 from .data import BadImageError, DataError, MultiLabelDataset, Sample, build_transforms, check_image_files
 
 WORDVEC_DIM = 300
@@ -323,8 +324,7 @@ class ZSLTrainer:
         self.train_set, self.val_set = train_set, val_set
         self.model_args = dict(model_args)
         self.model = model.to(self.device)
-        self.amp_dtype = ({"auto": torch.float16 if self.device.type == "cuda" else None,
-                           "fp16": torch.float16, "bf16": torch.bfloat16, "off": None})[cfg.amp]
+        self.amp_dtype = resolve_amp_dtype(cfg.amp, self.device)
         self.wv = data.word_vectors.to(self.device)
         n_extra = cfg.extra_queries if cfg.extra_queries >= 0 else int(round(0.1 * len(data.seen)))
         self.augment = QueryAugment(cfg.query_noise, n_extra)
@@ -426,8 +426,7 @@ class ZSLTrainer:
             zsl_head(model).set_word_vectors(queries)
             if n_extra:
                 y = torch.cat([y, y.new_zeros(y.shape[0], n_extra)], dim=1)   # extra queries: negatives
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None):
+            with autocast(self.device.type, self.amp_dtype):
                 out = model(x)
             loss = self.criterion(out.float(), y)
             if not torch.isfinite(loss):
@@ -465,8 +464,7 @@ class ZSLTrainer:
                             num_workers=self.cfg.workers, generator=torch.Generator())
         scores, targets = [], []
         for x, y in loader:
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None):
+            with autocast(self.device.type, self.amp_dtype):
                 out = model(x.to(self.device, non_blocking=True))
             scores.append(torch.sigmoid(out.float()).cpu())
             targets.append(y[:, ids])
@@ -524,14 +522,9 @@ class ZSLTrainer:
                 "wall_s": time.perf_counter() - t_start}
 
     def write_logs(self) -> None:
-        out = self.cfg.out_dir
-        rows = self.history["epochs"]
-        write_csv_log(os.path.join(out, "log.csv"), rows)
-        with open(os.path.join(out, "log.json"), "w") as f:
-            json.dump({"config": asdict(self.cfg), "model_args": self.model_args,
-                       "seen": len(self.data.seen), "unseen": len(self.data.unseen),
-                       "query_augment": asdict(self.augment), "best": self.best,
-                       "epochs": rows, "steps": self.history["steps"]}, f, indent=1)
+        write_run_logs(self.cfg.out_dir, self.history, config=asdict(self.cfg), model_args=self.model_args,
+                       seen=len(self.data.seen), unseen=len(self.data.unseen),
+                       query_augment=asdict(self.augment), best=self.best)
 
 
 # the miniature -----------------------------------------------------------------------------------
@@ -632,7 +625,7 @@ def register(recipes) -> None:
     t.add_argument("--weight-decay-mode", choices=["l2", "decoupled"], default=ZSL_DEFAULTS["weight_decay_mode"])
     t.add_argument("--pct-start", type=float, default=ZSL_DEFAULTS["pct_start"])
     t.add_argument("--ema-decay", type=float, default=ZSL_DEFAULTS["ema_decay"])
-    t.add_argument("--amp", choices=["auto", "fp16", "bf16", "off"], default="auto")
+    t.add_argument("--amp", choices=AMP_CHOICES, default="auto")
     t.add_argument("--no-randaugment", action="store_true")
     t.add_argument("--cutout", type=float, default=0.5)
     q = p.add_argument_group("query augmentation (training only)")
