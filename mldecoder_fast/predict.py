@@ -11,38 +11,44 @@ from __future__ import annotations
 import json
 import sys
 
+from ._cli_types import float_range, int_range
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("predict", help="classes of images, from a training checkpoint",
                               description=__doc__.split("\n\n")[1])
     p.add_argument("--checkpoint", required=True, help="a .pth written by mldecoder-fast train")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--threshold", type=float, default=0.75,
+    p.add_argument("--threshold", type=float_range(ge=0, le=1), default=0.75,
                    help="minimum score (the official infer.py's; Asymmetric Loss lifts the scores)")
-    p.add_argument("--top-k", type=int, default=20, help="at most this many classes per image")
+    p.add_argument("--top-k", type=int_range(1), default=20, help="at most this many classes per image")
     p.add_argument("--weights", choices=["auto", "model", "ema"], default="auto",
                    help="auto: the EMA weights when they validated better, else the model's")
     p.add_argument("--head", choices=["fast", "reference"], default="fast")
     p.add_argument("--backend", default="auto")
     p.add_argument("--device", default=None)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int_range(1), default=32)
     p.add_argument("--json", action="store_true", help="one JSON object per image instead of text")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="read a checkpoint that needs full unpickling (it can run any code: only for "
+                        "a file from a source you trust); without it such a file is refused")
     g = p.add_argument_group("for checkpoints without model_args (e.g. official ML-Decoder files)")
     g.add_argument("--model", help="timm model name")
-    g.add_argument("--image-size", type=int, help="input side (default: the checkpoint's, else 448)")
-    g.add_argument("--num-of-groups", type=int, default=-1)
-    g.add_argument("--decoder-embedding", type=int, default=768)
+    g.add_argument("--image-size", type=int_range(1), help="input side (default: the checkpoint's, else 448)")
+    g.add_argument("--num-of-groups", type=int_range(1, also=(-1,)), default=-1)
+    g.add_argument("--decoder-embedding", type=int_range(1), default=768)
     p.set_defaults(func=run)
 
 
 def load_predictor(path: str, head: str = "fast", backend: str = "auto", weights: str = "auto",
-                   device=None, overrides=None):
-    """(model in eval mode, class names, model_args) from a checkpoint."""
+                   device=None, overrides=None, trust_pickle: bool = False):
+    """(model in eval mode, class names, model_args) from a checkpoint (``trust_pickle``: see
+    ``mldecoder_fast.files.load_file``)."""
     import torch
 
     from .train.checkpoint import CheckpointError, check_classes, head_num_classes, load_checkpoint
     from .train.multilabel import model_from_args
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, trust_pickle=trust_pickle)
     names = ckpt.get("class_names")
     if names is None and "idx_to_class" in ckpt:
         idx = ckpt["idx_to_class"]
@@ -93,7 +99,8 @@ def run(args) -> int:
             args.checkpoint, args.head, args.backend, args.weights, args.device,
             overrides={"model": args.model, "image_size": args.image_size,
                        **({"num_of_groups": args.num_of_groups, "decoder_embedding": args.decoder_embedding}
-                          if args.model else {})})
+                          if args.model else {})},
+            trust_pickle=args.trust_pickle)
     except (CheckpointError, FileNotFoundError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -78,18 +78,27 @@ def save_checkpoint(path: str, *, model, class_names, model_args: dict, ema=None
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str, map_location="cpu") -> dict:
+def load_checkpoint(path: str, map_location="cpu", trust_pickle: bool = False) -> dict:
+    """A checkpoint as ``{'model': state_dict, ...}``, read by ``mldecoder_fast.files.load_file``
+    (tensors and plain Python values only, unless ``trust_pickle``)."""
+    from ..files import FileReadError, load_file
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} not found")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"{path}: cannot read this checkpoint ({type(exc).__name__}: {exc})") from None
+        ckpt = load_file(path, what="checkpoint", map_location=map_location, trust_pickle=trust_pickle)
+    except FileReadError as exc:
+        raise CheckpointError(str(exc)) from None
     if isinstance(ckpt, dict) and "model" not in ckpt and "state_dict" in ckpt:
         ckpt = dict(ckpt, model=ckpt["state_dict"])
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         # a bare state_dict
         ckpt = {"model": ckpt}
+    state = ckpt["model"]
+    if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in state.items())):
+        raise CheckpointError(f"{path}: expected a checkpoint with a state_dict (a mapping of "
+                              f"parameter names to tensors), got {type(state).__name__}"
+                              + ("" if not isinstance(state, dict) else " with other values"))
     ckpt.setdefault("path", path)
     return ckpt
 

@@ -54,6 +54,7 @@ def _unavailable(recipes, name, exc) -> None:
 
 
 def register_multilabel(recipes) -> None:
+    from .._cli_types import SEED, float_range, int_range
     from .amp import AMP_CHOICES
     p = recipes.add_parser(
         "multilabel", help="multi-label training (the ML-Decoder MS-COCO recipe)",
@@ -76,9 +77,9 @@ def register_multilabel(recipes) -> None:
                       help="train on CSV rows with no label (all-negative) instead of failing")
     data.add_argument("--demo", action="store_true",
                       help="no download: digit mosaics from scikit-learn, small backbone, CPU-sized")
-    data.add_argument("--train-size", type=int, default=None, help="demo: training mosaics")
-    data.add_argument("--val-size", type=int, default=None, help="demo: held-out mosaics")
-    data.add_argument("--grid", type=int, default=None, help="demo: mosaics of grid x grid cells")
+    data.add_argument("--train-size", type=int_range(1), default=None, help="demo: training mosaics")
+    data.add_argument("--val-size", type=int_range(1), default=None, help="demo: held-out mosaics")
+    data.add_argument("--grid", type=int_range(1), default=None, help="demo: mosaics of grid x grid cells")
 
     m = p.add_argument_group("model")
     m.add_argument("--model", default=None, help="timm model name")
@@ -86,38 +87,42 @@ def register_multilabel(recipes) -> None:
     m.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="extra timm.create_model argument (JSON value), e.g. drop_path_rate=0.1")
     m.add_argument("--init-checkpoint", help="initial weights from a checkpoint (not its training state)")
+    m.add_argument("--trust-pickle", action="store_true",
+                   help="read an --init-checkpoint that needs full unpickling (it can run any code: "
+                        "only for a file from a source you trust); without it such a file is refused")
     m.add_argument("--head", choices=["fast", "reference", "both"], default="fast",
                    help="MLDecoderFast, the reference MLDecoder, or both one after the other (same "
                         "seed) with a comparison")
     m.add_argument("--backend", default="auto", help="MLDecoderFast backend")
-    m.add_argument("--num-of-groups", type=int, default=None)
-    m.add_argument("--decoder-embedding", type=int, default=None)
+    m.add_argument("--num-of-groups", type=int_range(1, also=(-1,)), default=None,
+                   help="queries K (-1: 100)")
+    m.add_argument("--decoder-embedding", type=int_range(1), default=None)
 
     t = p.add_argument_group("training")
-    t.add_argument("--image-size", type=int, default=None)
-    t.add_argument("--batch-size", type=int, default=None)
-    t.add_argument("--epochs", type=int, default=None)
-    t.add_argument("--lr", type=float, default=None, help="peak (OneCycle max) learning rate")
-    t.add_argument("--weight-decay", type=float, default=None)
+    t.add_argument("--image-size", type=int_range(1), default=None)
+    t.add_argument("--batch-size", type=int_range(1), default=None)
+    t.add_argument("--epochs", type=int_range(1), default=None)
+    t.add_argument("--lr", type=float_range(gt=0), default=None, help="peak (OneCycle max) learning rate")
+    t.add_argument("--weight-decay", type=float_range(ge=0), default=None)
     t.add_argument("--weight-decay-mode", choices=["decoupled", "l2"], default="decoupled",
                    help="decoupled (AdamW, the SPEC recipe) or l2 (Adam + L2, as the official train.py)")
-    t.add_argument("--pct-start", type=float, default=0.2)
-    t.add_argument("--ema-decay", type=float, default=None)
+    t.add_argument("--pct-start", type=float_range(gt=0, lt=1), default=0.2)
+    t.add_argument("--ema-decay", type=float_range(ge=0, le=1), default=None)
     t.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=None,
                    help="EMA decay min(decay, (1+t)/(10+t)) at update t (recipe: off; demo: on)")
-    t.add_argument("--gamma-neg", type=float, default=4)
-    t.add_argument("--gamma-pos", type=float, default=0)
-    t.add_argument("--clip", type=float, default=0.05)
+    t.add_argument("--gamma-neg", type=float_range(ge=0), default=4)
+    t.add_argument("--gamma-pos", type=float_range(ge=0), default=0)
+    t.add_argument("--clip", type=float_range(ge=0, lt=1), default=0.05)
     t.add_argument("--amp", choices=AMP_CHOICES, default="auto",
                    help="auto: fp16 autocast + GradScaler on CUDA, off on CPU")
     t.add_argument("--no-randaugment", action="store_true")
-    t.add_argument("--cutout", type=float, default=0.5, help="cutout size factor (0: off)")
-    t.add_argument("--workers", type=int, default=None)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--cutout", type=float_range(ge=0, le=1), default=0.5, help="cutout size factor (0: off)")
+    t.add_argument("--workers", type=int_range(0), default=None)
+    t.add_argument("--seed", type=SEED, default=0)
     t.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    t.add_argument("--threads", type=int, default=None,
+    t.add_argument("--threads", type=int_range(1), default=None,
                    help="CPU threads for torch (default: torch's; 1 is faster on a busy machine)")
-    t.add_argument("--max-steps-per-epoch", type=int, default=0, help="0: whole epochs")
+    t.add_argument("--max-steps-per-epoch", type=int_range(0), default=0, help="0: whole epochs")
     t.add_argument("--out", default=None, help="output folder (default runs/multilabel or runs/demo)")
     t.add_argument("--resume", help="continue exactly from a last.pth/best.pth of this run")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -232,7 +237,7 @@ def train_once(args, head: str, out: str) -> dict:
     if tuple(dc["mean"]) != mean or tuple(dc["std"]) != std:
         print(f"note: normalisation {mean}/{std} differs from the model's {dc}", file=sys.stderr)
     if args.init_checkpoint:
-        init_from_checkpoint(model, args.init_checkpoint, class_names)
+        init_from_checkpoint(model, args.init_checkpoint, class_names, trust_pickle=args.trust_pickle)
     model_args = {"model": s["model"], "num_classes": len(class_names), "head": head,
                   "num_of_groups": s["num_of_groups"], "decoder_embedding": s["decoder_embedding"],
                   "model_kwargs": model_kwargs, "image_size": s["image_size"],

@@ -324,9 +324,10 @@ def plot_curves(history: dict, path: str, log=print) -> bool:
     return True
 
 
-def init_from_checkpoint(model, path: str, class_names, log=print) -> None:
-    """Load weights (not training state) from ``path``; the head must have as many classes."""
-    ckpt = load_checkpoint(path)
+def init_from_checkpoint(model, path: str, class_names, log=print, trust_pickle: bool = False) -> None:
+    """Load weights (not training state) from ``path``; the head must have as many classes.
+    ``trust_pickle``: see ``mldecoder_fast.files.load_file``."""
+    ckpt = load_checkpoint(path, trust_pickle=trust_pickle)
     check_classes(ckpt, class_names, "the training data")
     own = model.state_dict()
     usable = {k: v for k, v in ckpt["model"].items() if k in own and own[k].shape == v.shape}

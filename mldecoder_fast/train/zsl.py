@@ -10,7 +10,10 @@ Files in ``--data`` (the formats the official ``train_zsl_nus.py`` reads):
 - ``benchmark_81_v0.json``: ``{"train class": [...], "test class": [...]}``, the seen (925) and
   unseen (81) class names; without ``train class`` every class that is not a test class is seen.
 - ``wordvec_array.pth``: a tensor [300, C] (one 300-d word vector per column, columns in the
-  sorted class order of data.csv; [C, 300] is accepted too).
+  sorted class order of data.csv; [C, 300] is accepted too), or the official file's pickled numpy
+  array; ``wordvec_array.npy`` or ``wordvec_array.pt`` instead are read too. Nothing in it is
+  executed: a file that would import anything beyond a numeric array is refused, with a message
+  naming what it imports, unless ``--trust-pickle`` is given (only for files you trust).
 
 Training sees the seen classes only: the head's queries are the seen classes' word vectors and the
 targets are the seen columns. Evaluation swaps the queries: ZSL scores the unseen classes only
@@ -52,14 +55,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .._cli_types import SEED, float_range, int_range
 from . import distributed as D
 from .amp import AMP_CHOICES, autocast, resolve_amp_dtype
 from .checkpoint import (CheckpointError, check_classes, load_checkpoint, restore_training_state,
                          rng_state, save_checkpoint, set_rng_state, write_run_logs)
-from .data import BadImageError, DataError, MultiLabelDataset, Sample, build_transforms, check_image_files
+from .data import (BadImageError, DataError, MultiLabelDataset, Sample, build_transforms, check_image_files,
+                   image_path, open_text, read_json)
 
 WORDVEC_DIM = 300
 CSV_NAME, SPLIT_NAME, WORDVEC_NAME = "data.csv", "benchmark_81_v0.json", "wordvec_array.pth"
+# Read in this order when WORDVEC_NAME is not there.
+WORDVEC_NAMES = (WORDVEC_NAME, "wordvec_array.npy", "wordvec_array.pt")
 
 ZSL_DEFAULTS = dict(model="tresnet_l", image_size=224, epochs=40, batch_size=56, lr=1e-4,
                     weight_decay=1e-4, weight_decay_mode="l2", pct_start=0.2, ema_decay=0.9997,
@@ -98,32 +105,13 @@ def read_data_csv(path: str, images_root: str):
     """(rows [(line, path, labels, split)], sorted class names)."""
     name = os.path.basename(path)
     rows = []
-    try:
-        f = open(path, newline="", encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: not found (the NUS-WIDE ZSL folder needs {CSV_NAME}, {SPLIT_NAME} "
-                        f"and {WORDVEC_NAME})") from None
-    with f:
+    with open_text(path, f"not found (the NUS-WIDE ZSL folder needs {CSV_NAME}, {SPLIT_NAME} and "
+                         f"{WORDVEC_NAME})", newline="") as f:
         reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise DataError(f"{path}: empty file")
-        for lineno, row in enumerate(reader, start=2):
-            if not row or all(not c.strip() for c in row):
-                continue
-            if len(row) > 3 and row[1].lstrip().startswith("["):
-                # an unquoted list: its commas split it over several cells
-                end = next((j for j in range(1, len(row)) if row[j].rstrip().endswith("]")), None)
-                if end is None:
-                    raise DataError(f"{path} line {lineno}: the label list has no closing ']'")
-                row = [row[0], ",".join(row[1:end + 1])] + row[end + 1:]
-            if len(row) < 3:
-                raise DataError(f"{path} line {lineno}: expected 'image, labels, split' (3 columns), "
-                                f"got {len(row)}: {row!r}")
-            split = row[2].strip()
-            if split not in ("train", "val"):
-                raise DataError(f"{path} line {lineno}: split {split!r} is neither 'train' nor 'val'")
-            rows.append((lineno, os.path.join(images_root, row[0].strip()), parse_label_list(row[1]), split))
+        try:
+            rows = _data_csv_rows(path, reader, images_root)
+        except csv.Error as exc:  # e.g. a field over csv.field_size_limit()
+            raise DataError(f"{path} line {reader.line_num}: not valid CSV ({exc})") from None
     if not rows:
         raise DataError(f"{path}: no rows after the header")
     names = sorted({lab for _, _, labs, _ in rows for lab in labs})
@@ -132,27 +120,50 @@ def read_data_csv(path: str, images_root: str):
     return rows, names, name
 
 
+def _data_csv_rows(path: str, reader, images_root: str) -> list:
+    header = next(reader, None)
+    if header is None:
+        raise DataError(f"{path}: empty file")
+    rows = []
+    for lineno, row in enumerate(reader, start=2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) > 3 and row[1].lstrip().startswith("["):
+            # an unquoted list: its commas split it over several cells
+            end = next((j for j in range(1, len(row)) if row[j].rstrip().endswith("]")), None)
+            if end is None:
+                raise DataError(f"{path} line {lineno}: the label list has no closing ']'")
+            row = [row[0], ",".join(row[1:end + 1])] + row[end + 1:]
+        if len(row) < 3:
+            raise DataError(f"{path} line {lineno}: expected 'image, labels, split' (3 columns), "
+                            f"got {len(row)}: {row!r}"[:400])
+        split = row[2].strip()
+        if split not in ("train", "val"):
+            raise DataError(f"{path} line {lineno}: split {split!r} is neither 'train' nor 'val'"[:400])
+        image = image_path(row[0], f"{path} line {lineno}")
+        rows.append((lineno, os.path.join(images_root, image), parse_label_list(row[1]), split))
+    return rows
+
+
 def read_split_json(path: str, class_names):
     """(seen indices, unseen indices) from benchmark_81_v0.json."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            split = json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{path}: not found") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    split = read_json(path)
     if not isinstance(split, dict) or not isinstance(split.get("test class"), list):
         raise DataError(f"{path}: expected an object with a 'test class' list (and optionally "
                         "'train class')")
+    for key in ("test class", "train class"):
+        names = split.get(key, [])
+        if not isinstance(names, list) or not all(isinstance(c, str) for c in names):
+            raise DataError(f"{path}: '{key}' must be a list of class names (strings)")
     index = {c: i for i, c in enumerate(class_names)}
-    test = [_clean_label(str(c)) for c in split["test class"]]
+    test = [_clean_label(c) for c in split["test class"]]
     missing = [c for c in test if c not in index]
     if missing:
         raise DataError(f"{path}: test class {missing[0]!r} does not occur in {CSV_NAME} "
                         f"({len(missing)} of {len(test)} test classes are missing)")
     unseen = np.array(sorted({index[c] for c in test}), dtype=np.int64)
-    if isinstance(split.get("train class"), list):
-        train = [_clean_label(str(c)) for c in split["train class"]]
+    if "train class" in split:
+        train = [_clean_label(c) for c in split["train class"]]
         missing = [c for c in train if c not in index]
         if missing:
             raise DataError(f"{path}: train class {missing[0]!r} does not occur in {CSV_NAME}")
@@ -167,17 +178,17 @@ def read_split_json(path: str, class_names):
     return seen, unseen
 
 
-def read_word_vectors(path: str, num_classes: int) -> torch.Tensor:
-    """[C, 300] float32 from wordvec_array.pth ([300, C] officially)."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: not found")
+def read_word_vectors(path: str, num_classes: int, trust_pickle: bool = False) -> torch.Tensor:
+    """[C, 300] float32 from wordvec_array.pth ([300, C] officially): a tensor, a pickled numeric
+    numpy array (the official file) or a ``.npy``, read by ``mldecoder_fast.files.load_file``
+    (no code runs unless ``trust_pickle``)."""
+    from ..files import FileReadError, load_file
     try:
-        wv = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - e.g. a pickled numpy array: a data file the user gave us
-        try:
-            wv = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # noqa: BLE001
-            raise DataError(f"{path}: cannot read it ({type(exc).__name__}: {exc})") from None
+        wv = load_file(path, what="word vectors", allow_numpy=True, trust_pickle=trust_pickle)
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found") from None
+    except FileReadError as exc:
+        raise DataError(str(exc)) from None
     if isinstance(wv, dict) and len(wv) == 1:
         wv = next(iter(wv.values()))
     try:
@@ -200,11 +211,22 @@ def read_word_vectors(path: str, num_classes: int) -> torch.Tensor:
     return wv
 
 
-def load_zsl_data(root: str, images_root: str | None = None, check_files: bool = True) -> ZSLData:
+def word_vector_path(root: str) -> str:
+    """The word-vector file of ``root``: the first of ``WORDVEC_NAMES`` that exists."""
+    for name in WORDVEC_NAMES:
+        if os.path.isfile(os.path.join(root, name)):
+            return os.path.join(root, name)
+    return os.path.join(root, WORDVEC_NAME)  # reported as not found
+
+
+def load_zsl_data(root: str, images_root: str | None = None, check_files: bool = True,
+                  trust_pickle: bool = False) -> ZSLData:
+    """The data set in ``root``. ``trust_pickle`` lets the word-vector file unpickle anything
+    (it can run code: only for files you trust)."""
     images_root = images_root if images_root is not None else root
     rows, names, csv_name = read_data_csv(os.path.join(root, CSV_NAME), images_root)
     seen, unseen = read_split_json(os.path.join(root, SPLIT_NAME), names)
-    wv = read_word_vectors(os.path.join(root, WORDVEC_NAME), len(names))
+    wv = read_word_vectors(word_vector_path(root), len(names), trust_pickle=trust_pickle)
     index = {c: i for i, c in enumerate(names)}
     samples = {"train": [], "val": []}
     for lineno, path, labels, split in rows:
@@ -610,43 +632,46 @@ def register(recipes) -> None:
     d.add_argument("--images-root", help="root of data.csv's image paths (default: --data)")
     d.add_argument("--make-miniature", metavar="DIR", help="write a miniature dataset in these formats to DIR and exit")
     d.add_argument("--no-file-check", action="store_true", help="do not check every image exists first")
+    d.add_argument("--trust-pickle", action="store_true",
+                   help="read a word-vector file that needs full unpickling (it can run any code: "
+                        "only for a file from a source you trust); without it such a file is refused")
     m = p.add_argument_group("model")
     m.add_argument("--model", default=ZSL_DEFAULTS["model"])
     m.add_argument("--pretrained", action="store_true")
     m.add_argument("--head", choices=["fast", "reference"], default="fast")
     m.add_argument("--backend", default="auto")
-    m.add_argument("--decoder-embedding", type=int, default=ZSL_DEFAULTS["decoder_embedding"])
+    m.add_argument("--decoder-embedding", type=int_range(1), default=ZSL_DEFAULTS["decoder_embedding"])
     t = p.add_argument_group("recipe")
-    t.add_argument("--image-size", type=int, default=ZSL_DEFAULTS["image_size"])
-    t.add_argument("--epochs", type=int, default=ZSL_DEFAULTS["epochs"])
-    t.add_argument("--batch-size", type=int, default=ZSL_DEFAULTS["batch_size"], help="per process")
-    t.add_argument("--lr", type=float, default=ZSL_DEFAULTS["lr"])
-    t.add_argument("--weight-decay", type=float, default=ZSL_DEFAULTS["weight_decay"])
+    t.add_argument("--image-size", type=int_range(1), default=ZSL_DEFAULTS["image_size"])
+    t.add_argument("--epochs", type=int_range(1), default=ZSL_DEFAULTS["epochs"])
+    t.add_argument("--batch-size", type=int_range(1), default=ZSL_DEFAULTS["batch_size"], help="per process")
+    t.add_argument("--lr", type=float_range(gt=0), default=ZSL_DEFAULTS["lr"])
+    t.add_argument("--weight-decay", type=float_range(ge=0), default=ZSL_DEFAULTS["weight_decay"])
     t.add_argument("--weight-decay-mode", choices=["l2", "decoupled"], default=ZSL_DEFAULTS["weight_decay_mode"])
-    t.add_argument("--pct-start", type=float, default=ZSL_DEFAULTS["pct_start"])
-    t.add_argument("--ema-decay", type=float, default=ZSL_DEFAULTS["ema_decay"])
+    t.add_argument("--pct-start", type=float_range(gt=0, lt=1), default=ZSL_DEFAULTS["pct_start"])
+    t.add_argument("--ema-decay", type=float_range(ge=0, le=1), default=ZSL_DEFAULTS["ema_decay"])
     t.add_argument("--amp", choices=AMP_CHOICES, default="auto")
     t.add_argument("--no-randaugment", action="store_true")
-    t.add_argument("--cutout", type=float, default=0.5)
+    t.add_argument("--cutout", type=float_range(ge=0, le=1), default=0.5)
     q = p.add_argument_group("query augmentation (training only)")
-    q.add_argument("--query-noise", type=float, default=ZSL_DEFAULTS["query_noise"],
+    q.add_argument("--query-noise", type=float_range(ge=0), default=ZSL_DEFAULTS["query_noise"],
                    help="std of the Gaussian noise added to the word queries, relative to each "
                         "vector's RMS entry (0: off)")
-    q.add_argument("--extra-queries", type=int, default=ZSL_DEFAULTS["extra_queries"],
+    q.add_argument("--extra-queries", type=int_range(0, also=(-1,)), default=ZSL_DEFAULTS["extra_queries"],
                    help="random extra queries per step, trained as negatives (-1: 10%% of the seen "
                         "classes; 0: off)")
     q.add_argument("--no-query-augment", action="store_true", help="both off")
     e = p.add_argument_group("evaluation")
-    e.add_argument("--top-k", type=int, nargs="+", default=[3, 5])
+    e.add_argument("--top-k", type=int_range(1), nargs="+", default=[3, 5])
     e.add_argument("--no-gzsl", action="store_true", help="ZSL metrics only")
     r = p.add_argument_group("run")
-    r.add_argument("--workers", type=int, default=ZSL_DEFAULTS["workers"])
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--workers", type=int_range(0), default=ZSL_DEFAULTS["workers"])
+    r.add_argument("--seed", type=SEED, default=0)
     r.add_argument("--device", default=None)
-    r.add_argument("--max-steps-per-epoch", type=int, default=0)
+    r.add_argument("--max-steps-per-epoch", type=int_range(0), default=0)
     r.add_argument("--out", default="runs/zsl")
     r.add_argument("--resume", help="continue from a last.pth of this run")
-    r.add_argument("--stop-after-epochs", type=int, default=0,
+    r.add_argument("--stop-after-epochs", type=int_range(0), default=0,
                    help="stop after N epochs of this invocation (the schedule still spans --epochs)")
     r.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_zsl)
@@ -673,7 +698,8 @@ def run_zsl(args) -> int:
 def _run(args, info: D.DistInfo) -> int:
     error, data = None, None
     try:
-        data = load_zsl_data(args.data, args.images_root, check_files=info.is_main and not args.no_file_check)
+        data = load_zsl_data(args.data, args.images_root, check_files=info.is_main and not args.no_file_check,
+                             trust_pickle=args.trust_pickle)
     except DataError as exc:
         error = str(exc)
     error = D.broadcast_object(error, info)
