@@ -9,17 +9,19 @@ The forward is the SPEC computation rearranged for speed:
   residual + dropout + LayerNorm, and LayerNorm-3 + group-FC decoding;
 - the queries' path (T1 = LN1(2 T0) and q = T1 W_q + b_q) does not depend on the input: outside
   training-mode query dropout it is computed once per forward for the whole batch, and with no
-  gradient needed it is cached until any tensor it depends on changes (in-place updates, loads,
-  device or dtype moves, new word vectors) or the head switches between train and eval mode;
+  gradient needed it is cached (``caches.py``) until any tensor it depends on changes (in-place
+  updates, loads, device or dtype moves, new word vectors) or the head switches between train
+  and eval mode;
 - training steps on the CPU (fp32/fp64, no autocast) run as one autograd function with a
   hand-written backward (``ops/fused_train.py``): bool dropout masks, activations recomputed or freed
   as early as possible, under half the reference's peak memory at 21,843 classes;
   ``fused_training = False`` runs them op by op instead.
 
-The cache tracks tensors through their version counters. Writes that bypass them (``p.data``
-edits, FSDP re-materialising parameters in place) are invisible to it: call
-``clear_query_cache()`` after such a write, or construct/set ``cache_queries = False``
-(``mldecoder_fast.train.distributed`` does this for FSDP-wrapped heads).
+The caches (``head.caches``: the eval queries, autocast weight copies, packed oneDNN weights)
+track tensors through their version counters. Writes that bypass them (``p.data`` edits, FSDP
+re-materialising parameters in place) are invisible to them: call ``clear_caches()`` after such a
+write, or set ``head.caches.enabled = False`` (``mldecoder_fast.train.distributed`` clears them
+before every forward of FSDP-wrapped heads).
 """
 from __future__ import annotations
 
@@ -31,12 +33,9 @@ from torch import nn
 
 from ._config import NUM_HEADS
 from ._inputs import check_input, tokens_from_input
+from .caches import HeadCaches
 from .dispatch import check_backend_name, select_ops
 from .reference import _HeadBase
-
-
-def _tensor_key(t: torch.Tensor):
-    return (id(t), t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
 
 
 class MLDecoderFast(_HeadBase):
@@ -54,12 +53,12 @@ class MLDecoderFast(_HeadBase):
         super().__init__(num_classes, num_of_groups, decoder_embedding, initial_num_features, zsl)
         self.backend = check_backend_name(backend)
         self.active_backend = None
-        self.cache_queries = True
         # Training steps of the torch backend on the CPU run as one autograd function with a
         # hand-written backward (ops/fused_train.py); False runs them op by op (e.g. for double
         # backward, which that function does not support).
         self.fused_training = True
-        self._query_cache = None
+        self.caches = HeadCaches()
+        self.register_load_state_dict_post_hook(_clear_caches_after_load)
 
     # construction from existing heads ------------------------------------------------------------
     @classmethod
@@ -127,27 +126,27 @@ class MLDecoderFast(_HeadBase):
 
         inputs = self._query_inputs()
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-        if needs_grad or not self.cache_queries or torch.compiler.is_compiling():
+        if needs_grad:
             return compute()
-        key = tuple(_tensor_key(t) for t in inputs)
-        if self._query_cache is None or self._query_cache[0] != key:
-            device_type = inputs[0].device.type
-            with torch.autocast(device_type, enabled=False):
-                self._query_cache = (key, compute())
-        return self._query_cache[1]
 
-    def clear_query_cache(self) -> None:
-        self._query_cache = None
+        def compute_full_precision():
+            with torch.autocast(inputs[0].device.type, enabled=False):
+                return compute()
+        return self.caches.get("queries", inputs, compute_full_precision)
+
+    def clear_caches(self) -> None:
+        """Drop everything derived from the parameters (recomputed on the next forward)."""
+        self.caches.clear()
 
     def _apply(self, fn, *args, **kwargs):
-        self._query_cache = None
+        self.caches.clear()
         return super()._apply(fn, *args, **kwargs)
 
     def train(self, mode: bool = True):
         # A mode switch marks the end of a training phase: start eval from the current weights
         # even if they were written behind the version counters' back (FSDP, p.data edits).
         if mode != self.training:
-            self._query_cache = None
+            self.caches.clear()
         return super().train(mode)
 
     # the fused training step (CPU) -------------------------------------------------------------
@@ -234,3 +233,7 @@ class MLDecoderFast(_HeadBase):
         num_out = k_queries if cfg.zsl else cfg.num_classes
         return ops.decode(t2, f, p_res, layer.norm3.weight, layer.norm3.bias, layer.norm3.eps,
                           dec.duplicate_pooling, dec.duplicate_pooling_bias, num_out)
+
+
+def _clear_caches_after_load(module: MLDecoderFast, incompatible_keys) -> None:
+    module.clear_caches()

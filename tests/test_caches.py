@@ -1,4 +1,5 @@
-"""The eval-mode query cache never serves stale queries."""
+"""The head's caches (eval queries, autocast weight copies, packed oneDNN weights) never serve
+stale values."""
 from __future__ import annotations
 
 import torch
@@ -17,16 +18,17 @@ def test_cache_reused_and_refreshed_after_optimizer_step():
     ref, fast = make_pair(40, 8)
     x = torch.randn(2, 24, 3, 3)
     _agree(ref, fast, x, "before")
-    cached = fast._query_cache
+    cached = fast.caches.held("queries")
+    assert cached is not None
     _agree(ref, fast, x, "again")
-    assert fast._query_cache is cached  # no recomputation without a change
+    assert fast.caches.held("queries") is cached  # no recomputation without a change
     for m in (ref, fast):  # an in-place optimizer update of the query-path parameters
         m.eval()  # (no dropout: both heads must take the same step)
         opt = torch.optim.SGD(m.parameters(), lr=0.5)
         m(x).square().sum().backward()
         opt.step()
     _agree(ref, fast, x, "after optimizer.step")
-    assert fast._query_cache is not cached
+    assert fast.caches.held("queries") is not cached
 
 
 def test_cache_refreshed_after_load_state_dict_and_frozen_query_edit():
@@ -84,8 +86,8 @@ def test_eval_with_grad_reaches_query_path_parameters():
 
 
 def test_writes_behind_version_counters():
-    """p.data edits do not bump version counters: a mode switch or clear_query_cache() refreshes,
-    and cache_queries = False never caches."""
+    """p.data edits do not bump version counters: a mode switch or clear_caches() refreshes,
+    and caches.enabled = False never caches."""
     ref, fast = make_pair(40, 8)
     x = torch.randn(2, 24, 3, 3)
     _agree(ref, fast, x, "before")
@@ -95,9 +97,9 @@ def test_writes_behind_version_counters():
     _agree(ref, fast, x, "after .data edit and a train/eval switch")
     for m in (ref, fast):
         m.decoder.layers[0].norm1.bias.data.add_(1.0)
-    fast.clear_query_cache()
-    _agree(ref, fast, x, "after .data edit and clear_query_cache()")
-    fast.cache_queries = False
+    fast.clear_caches()
+    _agree(ref, fast, x, "after .data edit and clear_caches()")
+    fast.caches.enabled = False
     fast(x)  # fill nothing
     for m in (ref, fast):
         m.decoder.query_embed.weight.data.mul_(-1.0)

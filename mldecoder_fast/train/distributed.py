@@ -140,7 +140,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _clear_query_cache(module, args) -> None:
-    module.clear_query_cache()
+    module.clear_caches()
 
 
 def drop_query_cache_each_forward(model: torch.nn.Module) -> int:

@@ -1,0 +1,86 @@
+"""What an ``MLDecoderFast`` head derives from its parameters and keeps between calls.
+
+Three kinds of entries, each computed once per version of the tensors it is derived from:
+
+- the eval queries (T1, q and the key-folded queries of the batch-independent query path);
+- low-precision copies of the weights for autocast (bf16/fp16 casts made once per weight
+  version instead of once per call);
+- oneDNN-packed (reordered) weights for the CPU eval forward.
+
+An entry is keyed on the source tensors' identity, storage address, version counter, dtype,
+device and shape: in-place updates (optimizer steps, ``load_state_dict``'s copies, ``mul_``)
+bump the version and so refresh it. Writes that bypass version counters (``p.data`` edits,
+FSDP re-materialising parameters in place) are invisible: the head clears its caches on
+``.to()``/dtype moves, ``load_state_dict`` and train/eval switches, and ``clear_caches()``
+does it on demand. Nothing is cached (every call computes afresh) while ``enabled`` is False,
+while torch.compile traces (the graph must compute the values itself), or while a CUDA graph is
+being captured (a tensor made during capture holds no values until the graph replays, and a
+cached tensor read by the graph would go stale when the weights change).
+
+The cached tensors are ordinary allocations of the head's device: memory measurements see them.
+"""
+from __future__ import annotations
+
+from typing import Callable, Hashable, Sequence
+
+import torch
+
+
+def tensor_key(t: torch.Tensor) -> tuple:
+    """What identifies one version of a tensor's values."""
+    return (id(t), t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
+
+
+def caching_possible() -> bool:
+    """False while torch.compile traces or a CUDA graph is being captured on this stream."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+class HeadCaches:
+    """One head's derived tensors: ``get(name, sources, compute)`` returns ``compute()``'s
+    value, computed once per version of ``sources``."""
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self._entries: dict = {}
+
+    def get(self, name: Hashable, sources: Sequence[torch.Tensor], compute: Callable[[], object]):
+        if not (self.enabled and caching_possible()):
+            return compute()
+        key = tuple(tensor_key(t) for t in sources)
+        entry = self._entries.get(name)
+        if entry is not None and entry[0] == key:
+            return entry[1]
+        # Drop the stale value before computing the new one: never two versions held at once.
+        self._entries.pop(name, None)
+        value = compute()
+        self._entries[name] = (key, value)
+        return value
+
+    def cast(self, name: Hashable, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``weight`` (detached) in ``dtype``; the weight itself when it already has that dtype."""
+        if weight.dtype == dtype:
+            return weight.detach()
+        return self.get(("cast", name, dtype), (weight,), lambda: weight.detach().to(dtype))
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def held(self, name: Hashable):
+        """The value held under ``name`` (of whichever version it was computed for), or None."""
+        entry = self._entries.get(name)
+        return None if entry is None else entry[1]
+
+    def names(self) -> list:
+        return list(self._entries)
+
+    # Copies of the head (deepcopy for EMA, pickling with torch.save) start with empty caches:
+    # the entries are keyed on the original's tensors, and packed oneDNN tensors do not pickle.
+    def __getstate__(self) -> dict:
+        return {"enabled": self.enabled}
+
+    def __setstate__(self, state: dict) -> None:
+        self.enabled = state["enabled"]
+        self._entries = {}
