@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from .._cli_types import float_range, int_list, int_range
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float64": torch.float64, "fp64": torch.float64}
@@ -30,7 +32,7 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="float32/float64: weights and input in that dtype; float16/bfloat16: fp32 "
                         "weights under torch.autocast (default: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--batch", default=None, help="batch size(s), comma-separated (default: 16 on CPU, 32,256 on CUDA)")
+    p.add_argument("--batch", type=int_list(1), default=None, help="batch size(s), comma-separated (default: 16 on CPU, 32,256 on CUDA)")
     p.add_argument("--configs", default=None, help="comma-separated configuration names or prefixes (default: all)")
     p.add_argument("--modes", default="eval,train", help="eval, train or both (default: eval,train)")
     p.add_argument("--impls", default=None,
@@ -42,14 +44,14 @@ def register(subparsers) -> None:
     p.add_argument("--quick", action="store_true",
                    help="shrunken configurations (same structure, ~20x smaller) and 2 repetitions: "
                         "checks that everything runs, in seconds")
-    p.add_argument("--repeats", type=int, default=None, help="timed repetitions per row (default 5, quick 2)")
-    p.add_argument("--warmup", type=int, default=None,
+    p.add_argument("--repeats", type=int_range(1), default=None, help="timed repetitions per row (default 5, quick 2)")
+    p.add_argument("--warmup", type=int_range(0), default=None,
                    help="untimed calls per implementation before timing, besides the agreement check's "
                         "call and the memory measurement's (default: 0 on CPU, 1 on CUDA)")
-    p.add_argument("--budget", type=float, default=2.0,
+    p.add_argument("--budget", type=float_range(gt=0), default=2.0,
                    help="seconds of timed repetitions per row after which no more are started, "
                         "once 3 are done (default 2)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=int_range(1), default=None,
                    help="CPU threads (torch.set_num_threads); default: torch's default, 1 with --quick "
                         "(tiny shapes on a busy machine drown in OpenMP synchronisation otherwise)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -57,15 +59,11 @@ def register(subparsers) -> None:
     p.add_argument("--markdown", metavar="PATH", help="write the tables as markdown (generated from the JSON record)")
     p.add_argument("--plot", metavar="PATH", help="run the scaling study and write its PNG")
     p.add_argument("--scaling-only", action="store_true", help="with --plot: only the scaling study, no main table")
-    p.add_argument("--scaling-classes", default=None,
+    p.add_argument("--scaling-classes", type=int_list(1), default=None,
                    help="class counts of the scaling study (default 80,1000,10000,21843,50000,100000; quick 80,1000,10000)")
     p.add_argument("--from-json", metavar="PATH", help="no measurement: render the table/markdown/plot of a saved JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
-
-
-def _ints(text: str) -> list[int]:
-    return [int(t) for t in text.split(",") if t.strip()]
 
 
 def run(args) -> int:
@@ -84,7 +82,7 @@ def run(args) -> int:
         print("mldecoder-fast bench: --device cuda but no CUDA device is visible", file=sys.stderr)
         return 2
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    batches = _ints(args.batch) if args.batch else ([16] if device.type == "cpu" else [32, 256])
+    batches = args.batch or ([16] if device.type == "cpu" else [32, 256])
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     if bad:
@@ -136,7 +134,7 @@ def run(args) -> int:
     scaling = None
     if args.plot:
         from .scaling import run_scaling, scaling_impls
-        classes = (_ints(args.scaling_classes) if args.scaling_classes
+        classes = (args.scaling_classes if args.scaling_classes
                    else ([80, 1000, 10000] if args.quick else list(configs_mod.SCALING_CLASSES)))
         base = configs_mod.scaling_config(80).shrunk() if args.quick else None
         s_impls = scaling_impls(device)

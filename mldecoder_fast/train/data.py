@@ -5,6 +5,13 @@ training), an image that cannot be decoded (when it is read, naming the file and
 CSV line), an empty label list in a CSV, an unknown category id or class name. Nothing is skipped
 silently except what the official recipe skips: COCO images without any annotation.
 
+Every text parser of the package (these, and the list, class and ZSL files of ``singlelabel`` and
+``zsl``) reads its file with ``open_text``/``read_json`` below: any malformed input (bytes that are
+not UTF-8, broken JSON or CSV, a value of the wrong JSON type, a duplicate id, an empty image path)
+stops the load with a ``DataError`` naming the file, and the line where there is one; nothing is
+returned from a file with a bad row. ``tests/test_parsers_fuzz.py`` feeds them random and mutated
+files to hold them to that.
+
 CSV format (one row per image, header optional):
 
     path,labels[,split]
@@ -18,6 +25,7 @@ relative to ``images_root`` (default: the CSV's folder).
 from __future__ import annotations
 
 import ast
+import contextlib
 import csv
 import json
 import os
@@ -45,6 +53,73 @@ class Sample:
     where: str         # "instances_val2014.json image id 42" or "train.csv line 7"
 
 
+# reading text files -----------------------------------------------------------------------------
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _first_non_utf8(path: str) -> str:
+    """" line N" of the first line of ``path`` that is not UTF-8 ("" if every line is)."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return f" line {lineno} (byte {exc.start + 1}: {raw[exc.start:exc.start + 1]!r})"
+    return ""
+
+
+@contextlib.contextmanager
+def open_text(path: str, not_found: str = "not found", newline=None):
+    """``path`` opened as UTF-8 text for a parser. A file that does not exist is a ``DataError``
+    "path: {not_found}"; one that cannot be read, or has bytes that are not UTF-8 (raised while the
+    ``with`` body reads it), a ``DataError`` naming the file and the line of the first bad byte."""
+    try:
+        f = open(path, encoding="utf-8", newline=newline)
+    except FileNotFoundError:
+        raise DataError(f"{path}: {not_found}") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    with f:
+        try:
+            yield f
+        except UnicodeDecodeError:
+            raise DataError(f"{path}{_first_non_utf8(path)}: not UTF-8 text") from None
+
+
+def read_json(path: str, not_found: str = "not found"):
+    """The JSON value in ``path``; malformed JSON is a ``DataError`` with the file and line."""
+    with open_text(path, not_found) as f:
+        text = f.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+    except (ValueError, RecursionError) as exc:  # an integer of > 4300 digits, nesting too deep
+        raise DataError(f"{path}: not valid JSON for this reader ({type(exc).__name__}: {exc})") from None
+
+
+def image_path(text, where: str) -> str:
+    """An image path of a data file, stripped; ``where`` ("file line N") names the entry."""
+    if not isinstance(text, str):
+        raise DataError(f"{where}: the image path is {_short(text)}, expected a string")
+    path = text.strip()
+    if not path or "\0" in path:
+        raise DataError(f"{where}: image path {text!r} is " + ("empty" if not path else "not a path (NUL byte)"))
+    return path
+
+
+def _coco_id(entry, key: str, path: str, where: str):
+    """``entry[key]`` of a COCO json entry: an integer or a string (what a dict can key on)."""
+    if not isinstance(entry, dict):
+        raise DataError(f"{path}: {where} is {_short(entry)}, expected an object")
+    value = entry.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise DataError(f"{path}: {where} has {key} {_short(value)}, expected an integer or a string")
+    return value
+
+
 # COCO -------------------------------------------------------------------------------------------
 def find_coco(root: str):
     """The (train, val) pairs (images_dir, instances_json) of a COCO 2014 or 2017 folder."""
@@ -58,45 +133,41 @@ def find_coco(root: str):
                     f"instances_val2014.json with train2014/ and val2014/, or the 2017 names)")
 
 
-def _read_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{path}: annotation file not found") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
-
-
 def load_coco(images_dir: str, instances_json: str, class_names=None, check_files: bool = True):
     """Samples and class names of a COCO instances file (category ids mapped to 0..n-1 in the
     json's category order). Images without annotations are left out, as in the official recipe.
 
     ``class_names``: the training set's classes, which this file's categories must equal."""
-    data = _read_json(instances_json)
+    data = read_json(instances_json, "annotation file not found")
     name = os.path.basename(instances_json)
     for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
+        if not isinstance(data, dict) or not isinstance(data.get(key), list):
             raise DataError(f"{instances_json}: no '{key}' list: not a COCO instances file")
     cat_index, names = {}, []
-    for cat in data["categories"]:
-        if cat.get("id") in cat_index:
-            raise DataError(f"{instances_json}: category id {cat.get('id')} appears twice")
-        cat_index[cat.get("id")] = len(names)
-        names.append(str(cat.get("name", cat.get("id"))))
+    for i, cat in enumerate(data["categories"]):
+        cid = _coco_id(cat, "id", instances_json, f"categories[{i}]")
+        if cid in cat_index:
+            raise DataError(f"{instances_json}: category id {cid} appears twice")
+        label = cat.get("name", str(cid))
+        if not isinstance(label, str):
+            raise DataError(f"{instances_json}: categories[{i}] has name {_short(label)}, expected a string")
+        cat_index[cid] = len(names)
+        names.append(label)
     if not names:
         raise DataError(f"{instances_json}: the 'categories' list is empty")
     if class_names is not None and list(class_names) != names:
         raise DataError(f"{instances_json}: its {len(names)} categories differ from the "
                         f"{len(class_names)} training classes")
     files = {}
-    for img in data["images"]:
-        if "id" not in img or "file_name" not in img:
-            raise DataError(f"{instances_json}: an entry of 'images' has no id or file_name: {img!r}"[:300])
-        files[img["id"]] = img["file_name"]
+    for i, img in enumerate(data["images"]):
+        iid = _coco_id(img, "id", instances_json, f"images[{i}]")
+        if iid in files:
+            raise DataError(f"{instances_json}: image id {iid} appears twice")
+        files[iid] = image_path(img.get("file_name"), f"{instances_json}: images[{i}] (id {iid})")
     labels = {}
-    for ann in data["annotations"]:
-        iid, cid = ann.get("image_id"), ann.get("category_id")
+    for i, ann in enumerate(data["annotations"]):
+        iid = _coco_id(ann, "image_id", instances_json, f"annotations[{i}]")
+        cid = _coco_id(ann, "category_id", instances_json, f"annotations[{i}]")
         if iid not in files:
             raise DataError(f"{instances_json}: annotation id {ann.get('id')} refers to image id {iid}, "
                             "which is not in 'images'")
@@ -123,7 +194,7 @@ def _parse_labels(text: str):
     if text.startswith("["):
         try:
             value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, TypeError, RecursionError):  # not a literal: split it
             value = [t.strip().strip("'\"") for t in text.strip("[]").split(",")]
         return [str(v).strip() for v in value if str(v).strip()]
     sep = ";" if ";" in text else "|"
@@ -141,15 +212,16 @@ def load_csv(csv_path: str, images_root: str | None = None, class_names=None, sp
     root = images_root if images_root is not None else os.path.dirname(os.path.abspath(csv_path))
     name = os.path.basename(csv_path)
     rows = []
-    try:
-        with open(csv_path, newline="", encoding="utf-8") as f:
-            for lineno, row in enumerate(csv.reader(f), start=1):
+    with open_text(csv_path, "CSV file not found", newline="") as f:
+        reader = csv.reader(f)
+        try:
+            for lineno, row in enumerate(reader, start=1):
                 if not row or all(not c.strip() for c in row):
                     continue
                 if lineno == 1 and row[0].strip().lower() in ("path", "image", "image_path", "filename", "file"):
                     continue  # header
                 if len(row) < 2:
-                    raise DataError(f"{csv_path} line {lineno}: expected 'path,labels[,split]', got {row!r}")
+                    raise DataError(f"{csv_path} line {lineno}: expected 'path,labels[,split]', got {_short(row)}")
                 if row[1].lstrip().startswith("[") and not row[1].rstrip().endswith("]"):
                     # an unquoted Python-style list: its commas split it over several cells
                     end = next((j for j in range(2, len(row)) if row[j].rstrip().endswith("]")), None)
@@ -168,9 +240,9 @@ def load_csv(csv_path: str, images_root: str | None = None, class_names=None, sp
                 if not labels and not allow_empty:
                     raise DataError(f"{csv_path} line {lineno}: image {row[0]!r} has an empty label list "
                                     "(pass allow_empty / --allow-empty-labels to train on all-negative images)")
-                rows.append((lineno, row[0].strip(), labels))
-    except FileNotFoundError:
-        raise DataError(f"{csv_path}: CSV file not found") from None
+                rows.append((lineno, image_path(row[0], f"{csv_path} line {lineno}"), labels))
+        except csv.Error as exc:  # e.g. a field over csv.field_size_limit()
+            raise DataError(f"{csv_path} line {reader.line_num}: not valid CSV ({exc})") from None
     if not rows:
         raise DataError(f"{csv_path}: no rows" + (f" with split {split!r}" if split else ""))
     if class_names is None:

@@ -29,6 +29,8 @@ import sys
 
 import numpy as np
 
+from .._cli_types import SEED, int_range
+
 IMAGENET21K_CLASSES = 21843
 _BITS = 16
 
@@ -103,17 +105,21 @@ def generate_imagenet21k(out_dir: str, num_classes: int = IMAGENET21K_CLASSES,
     return meta
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mldecoder_fast.train.imagenet21k",
                                 description="Generate an ImageNet-21K-style dataset (list files + PNGs).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("out", help="output folder")
-    p.add_argument("--num-classes", type=int, default=IMAGENET21K_CLASSES)
-    p.add_argument("--train-images", type=int, default=None, help="default: one per class")
-    p.add_argument("--val-images", type=int, default=2000)
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
+    p.add_argument("--num-classes", type=int_range(1), default=IMAGENET21K_CLASSES)
+    p.add_argument("--train-images", type=int_range(1), default=None, help="default: one per class")
+    p.add_argument("--val-images", type=int_range(0), default=2000)
+    p.add_argument("--image-size", type=int_range(8), default=32)
+    p.add_argument("--seed", type=SEED, default=0)
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
     meta = generate_imagenet21k(a.out, a.num_classes, a.train_images, a.val_images, a.image_size,
                                 a.seed, progress=True)
     print(json.dumps(meta, indent=1))

@@ -43,11 +43,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .._cli_types import SEED, float_range, int_range
 from . import distributed as D
 from .amp import AMP_CHOICES, autocast, resolve_amp_dtype
 from .checkpoint import (CheckpointError, check_classes, load_checkpoint, restore_training_state,
                          rng_state, save_checkpoint, set_rng_state, write_run_logs)
-from .data import BadImageError, DataError, Sample, load_rgb
+from .data import BadImageError, DataError, Sample, image_path, load_rgb, open_text
 
 A2_DEFAULTS = dict(model="resnet50", image_size=224, epochs=300, batch_size=256, lr=4e-3,
                    opt="lamb", weight_decay=0.02, warmup_epochs=5, warmup_lr=1e-4, min_lr=1e-6,
@@ -94,17 +95,20 @@ class SampleTable:
 
 
 def read_class_names(path: str) -> list:
-    try:
-        with open(path, encoding="utf-8") as f:
-            names = [line.strip() for line in f if line.strip() and not line.startswith("#")]
-    except FileNotFoundError:
-        raise DataError(f"{path}: class list not found") from None
-    if not names:
+    """One class name per line (blank lines and ``#`` comments skipped); no name twice."""
+    line_of = {}
+    with open_text(path, "class list not found") as f:
+        for lineno, line in enumerate(f, start=1):
+            name = line.strip()
+            if not name or line.startswith("#"):
+                continue
+            if name in line_of:
+                raise DataError(f"{path} line {lineno}: class {name!r} is listed twice (first on "
+                                f"line {line_of[name]})")
+            line_of[name] = lineno
+    if not line_of:
         raise DataError(f"{path}: the class list is empty")
-    if len(set(names)) != len(names):
-        dup = next(n for i, n in enumerate(names) if n in names[:i])
-        raise DataError(f"{path}: class {dup!r} is listed twice")
-    return names
+    return list(line_of)
 
 
 def read_list_file(path: str, num_classes: int, images_root: str | None = None) -> SampleTable:
@@ -112,11 +116,7 @@ def read_list_file(path: str, num_classes: int, images_root: str | None = None) 
     root = images_root if images_root is not None else os.path.dirname(os.path.abspath(path))
     name = os.path.basename(path)
     paths, labels, lines = [], [], []
-    try:
-        f = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: list file not found") from None
-    with f:
+    with open_text(path, "list file not found") as f:
         for lineno, raw in enumerate(f, start=1):
             line = raw.strip()
             if not line or line.startswith("#"):
@@ -124,7 +124,7 @@ def read_list_file(path: str, num_classes: int, images_root: str | None = None) 
             parts = line.rsplit(",", 1) if "," in line else line.rsplit(None, 1)
             if len(parts) != 2 or not parts[0].strip():
                 raise DataError(f"{path} line {lineno}: expected 'image_path class_index', got {line!r}")
-            img, idx = parts[0].strip(), parts[1].strip()
+            img, idx = image_path(parts[0], f"{path} line {lineno}"), parts[1].strip()
             try:
                 c = int(idx)
             except ValueError:
@@ -581,7 +581,7 @@ def register(recipes) -> None:
     d.add_argument("--train-list", help="list file of 'path class_index' lines for training")
     d.add_argument("--val-list", help="list file for validation")
     d.add_argument("--images-root", help="root of the list files' relative paths (default: each list's folder)")
-    d.add_argument("--num-classes", type=int, help="class count of list files")
+    d.add_argument("--num-classes", type=int_range(1), help="class count of list files")
     d.add_argument("--classes", help="class names, one per line (gives the class count of list files)")
     d.add_argument("--no-file-check", action="store_true",
                    help="do not check that every image exists before training (ImageNet-21K: saves minutes)")
@@ -593,48 +593,49 @@ def register(recipes) -> None:
     m.add_argument("--head", choices=["fast", "reference"], default="fast",
                    help="MLDecoderFast or the reference MLDecoder")
     m.add_argument("--backend", default="auto", help="MLDecoderFast backend")
-    m.add_argument("--num-of-groups", type=int, default=-1, help="queries K (-1: 100)")
-    m.add_argument("--decoder-embedding", type=int, default=768)
-    m.add_argument("--drop-path", type=float, default=A2_DEFAULTS["drop_path"],
+    m.add_argument("--num-of-groups", type=int_range(1, also=(-1,)), default=-1, help="queries K (-1: 100)")
+    m.add_argument("--decoder-embedding", type=int_range(1), default=768)
+    m.add_argument("--drop-path", type=float_range(ge=0, lt=1), default=A2_DEFAULTS["drop_path"],
                    help="backbone drop-path rate (0: not passed to the model)")
     t = p.add_argument_group("recipe")
-    t.add_argument("--epochs", type=int, default=A2_DEFAULTS["epochs"])
-    t.add_argument("--batch-size", type=int, default=None,
+    t.add_argument("--epochs", type=int_range(1), default=A2_DEFAULTS["epochs"])
+    t.add_argument("--batch-size", type=int_range(1), default=None,
                    help=f"per process (default {A2_DEFAULTS['batch_size']}; on --resume: the "
                         "checkpoint's global batch / processes)")
-    t.add_argument("--lr", type=float, default=A2_DEFAULTS["lr"], help="peak learning rate (not scaled by batch)")
+    t.add_argument("--lr", type=float_range(gt=0), default=A2_DEFAULTS["lr"], help="peak learning rate (not scaled by batch)")
     t.add_argument("--opt", default=A2_DEFAULTS["opt"], help="timm optimizer: lamb, adamw, ...")
-    t.add_argument("--weight-decay", type=float, default=A2_DEFAULTS["weight_decay"])
-    t.add_argument("--warmup-epochs", type=float, default=A2_DEFAULTS["warmup_epochs"])
-    t.add_argument("--warmup-lr", type=float, default=A2_DEFAULTS["warmup_lr"])
-    t.add_argument("--min-lr", type=float, default=A2_DEFAULTS["min_lr"])
+    t.add_argument("--weight-decay", type=float_range(ge=0), default=A2_DEFAULTS["weight_decay"])
+    t.add_argument("--warmup-epochs", type=float_range(ge=0), default=A2_DEFAULTS["warmup_epochs"])
+    t.add_argument("--warmup-lr", type=float_range(ge=0), default=A2_DEFAULTS["warmup_lr"])
+    t.add_argument("--min-lr", type=float_range(ge=0), default=A2_DEFAULTS["min_lr"])
     t.add_argument("--loss", choices=["bce", "ce"], default=A2_DEFAULTS["loss"],
                    help="binary cross-entropy with target threshold, or softmax cross-entropy")
-    t.add_argument("--bce-target-thresh", type=float, default=A2_DEFAULTS["bce_target_thresh"],
+    t.add_argument("--bce-target-thresh", type=float_range(le=1), default=A2_DEFAULTS["bce_target_thresh"],
                    help="BCE targets above it become 1, the rest 0 (negative: off)")
-    t.add_argument("--smoothing", type=float, default=A2_DEFAULTS["smoothing"])
-    t.add_argument("--mixup", type=float, default=A2_DEFAULTS["mixup"], help="mixup alpha (0: off)")
-    t.add_argument("--cutmix", type=float, default=A2_DEFAULTS["cutmix"], help="cutmix alpha (0: off)")
+    t.add_argument("--smoothing", type=float_range(ge=0, lt=1), default=A2_DEFAULTS["smoothing"])
+    t.add_argument("--mixup", type=float_range(ge=0), default=A2_DEFAULTS["mixup"], help="mixup alpha (0: off)")
+    t.add_argument("--cutmix", type=float_range(ge=0), default=A2_DEFAULTS["cutmix"], help="cutmix alpha (0: off)")
     t.add_argument("--aa", default=A2_DEFAULTS["aa"], help="timm RandAugment policy ('none': off)")
-    t.add_argument("--aug-repeats", type=int, default=A2_DEFAULTS["aug_repeats"],
+    t.add_argument("--aug-repeats", type=int_range(1), default=A2_DEFAULTS["aug_repeats"],
                    help="repeated augmentation (timm RepeatAugSampler); 1: off")
-    t.add_argument("--image-size", type=int, default=A2_DEFAULTS["image_size"])
+    t.add_argument("--image-size", type=int_range(1), default=A2_DEFAULTS["image_size"])
     t.add_argument("--interpolation", default=A2_DEFAULTS["interpolation"])
-    t.add_argument("--crop-pct", type=float, default=A2_DEFAULTS["crop_pct"], help="validation crop")
+    t.add_argument("--crop-pct", type=float_range(gt=0), default=A2_DEFAULTS["crop_pct"], help="validation crop")
     t.add_argument("--amp", choices=AMP_CHOICES, default="auto",
                    help="auto: fp16 autocast + GradScaler on CUDA, off on CPU")
-    t.add_argument("--clip-grad", type=float, default=0.0, help="max gradient norm (0: off; LAMB clips at 1 itself)")
+    t.add_argument("--clip-grad", type=float_range(ge=0), default=0.0, help="max gradient norm (0: off; LAMB clips at 1 itself)")
     r = p.add_argument_group("run")
-    r.add_argument("--workers", type=int, default=A2_DEFAULTS["workers"], help="data-loader workers per process")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--workers", type=int_range(0), default=A2_DEFAULTS["workers"], help="data-loader workers per process")
+    r.add_argument("--seed", type=SEED, default=0)
     r.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available); "
                    "under torchrun each process takes GPU LOCAL_RANK")
-    r.add_argument("--val-batch-size", type=int, default=0)
-    r.add_argument("--val-every", type=int, default=1, help="validate every N epochs")
-    r.add_argument("--max-steps", type=int, default=0,
+    r.add_argument("--val-batch-size", type=int_range(0), default=0,
+                   help="0: --batch-size")
+    r.add_argument("--val-every", type=int_range(1), default=1, help="validate every N epochs")
+    r.add_argument("--max-steps", type=int_range(0), default=0,
                    help="stop after N optimizer steps in all, schedule unchanged (0: full schedule)")
-    r.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps")
-    r.add_argument("--log-every", type=int, default=20, help="steps between loss reductions/log lines")
+    r.add_argument("--save-every", type=int_range(0), default=0, help="also checkpoint every N steps")
+    r.add_argument("--log-every", type=int_range(1), default=20, help="steps between loss reductions/log lines")
     r.add_argument("--out", default="runs/singlelabel", help="output folder")
     r.add_argument("--resume", help="continue exactly from a last.pth of this run")
     r.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
@@ -665,8 +666,6 @@ def load_tables(args, check_files: bool):
                 raise DataError(f"--num-classes {args.num_classes} but {args.classes} lists "
                                 f"{len(names)} classes")
         elif args.num_classes is not None:
-            if args.num_classes < 1:
-                raise DataError(f"--num-classes must be >= 1, got {args.num_classes}")
             names = [str(i) for i in range(args.num_classes)]
         else:
             raise DataError("a list file needs the class count: --num-classes N or --classes FILE")

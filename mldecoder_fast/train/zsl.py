@@ -104,7 +104,6 @@ def parse_label_list(text: str) -> list:
 def read_data_csv(path: str, images_root: str):
     """(rows [(line, path, labels, split)], sorted class names)."""
     name = os.path.basename(path)
-    rows = []
     with open_text(path, f"not found (the NUS-WIDE ZSL folder needs {CSV_NAME}, {SPLIT_NAME} and "
                          f"{WORDVEC_NAME})", newline="") as f:
         reader = csv.reader(f)
