@@ -84,7 +84,7 @@ def backends() -> dict:
 def _warn_once(key, message):
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        warnings.warn(message, RuntimeWarning, stacklevel=5)
 
 
 def _make_ops(name: str):
@@ -112,9 +112,20 @@ def check_backend_name(backend: str) -> str:
 
 def select_ops(backend: str, device: torch.device):
     """Resolve ``backend`` for ``device``: returns (name, ops). Warns once per fallback."""
-    key = (backend, device.type)
+    name = _resolve(backend, device.type)
+    return name, _ops_cache[name]
+
+
+@torch.compiler.assume_constant_result
+def _resolve(backend: str, device_type: str) -> str:
+    """The backend that runs ``backend`` on ``device_type``, its ops object made.
+
+    Resolution loads the compiled extension (behind a lock) and warns: work that torch.compile
+    cannot trace. Marked as a constant result, it runs eagerly once when a traced forward meets it
+    and the graph keeps only the name; the ops object is then read from ``_ops_cache``."""
+    key = (backend, device_type)
     if key not in _selected:
-        _selected[key] = _select(backend, device.type)
+        _selected[key] = _select(backend, device_type)[0]
     return _selected[key]
 
 
