@@ -10,6 +10,7 @@ SUBCOMMANDS = {
     "bench": "mldecoder_fast.benchmark.cli",
     "train": "mldecoder_fast.train.cli",
     "predict": "mldecoder_fast.predict",
+    "export": "mldecoder_fast.export",
 }
 
 

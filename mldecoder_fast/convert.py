@@ -20,6 +20,23 @@ def is_ml_decoder_head(module: nn.Module) -> bool:
             and isinstance(dec, nn.Module))  # timm layout
 
 
+def head_kwargs(state_dict) -> dict:
+    """Constructor kwargs of the head whose official-layout ``state_dict`` is given."""
+    embed = state_dict["decoder.embed_standart.weight"]
+    zsl = "wordvec_proj.weight" in state_dict
+    kwargs = dict(decoder_embedding=embed.shape[0], initial_num_features=embed.shape[1], zsl=int(zsl))
+    if zsl:
+        kwargs.update(num_classes=1, num_of_groups=-1)
+        return kwargs
+    num_classes = state_dict["decoder.duplicate_pooling_bias"].shape[0]
+    k, _, g = state_dict["decoder.duplicate_pooling"].shape
+    kwargs.update(num_classes=num_classes, num_of_groups=k)
+    if (num_classes + k - 1) // k != g:
+        raise ValueError(f"head has {k} groups of {g} classes for {num_classes} classes; this "
+                         f"package computes ceil({num_classes}/{k}) = {(num_classes + k - 1) // k}")
+    return kwargs
+
+
 def head_arguments(module: nn.Module):
     """(constructor kwargs, official-layout state_dict, word vectors or None) of an existing head."""
     if not is_ml_decoder_head(module):
@@ -28,24 +45,12 @@ def head_arguments(module: nn.Module):
     sd = module.state_dict()
     if is_timm_layout(sd):
         sd = timm_to_official(sd)
-    embed = sd["decoder.embed_standart.weight"]
-    pooling = sd["decoder.duplicate_pooling"]
-    zsl = bool(getattr(module, "zsl", 0)) or "wordvec_proj.weight" in sd
-    kwargs = dict(decoder_embedding=embed.shape[0], initial_num_features=embed.shape[1], zsl=int(zsl))
+    kwargs = head_kwargs(sd)
     word_vectors = None
-    if zsl:
-        kwargs.update(num_classes=1, num_of_groups=-1)
-        dec = getattr(module, "decoder", None)
-        wv = getattr(dec, "query_embed", None)
+    if kwargs["zsl"]:
+        wv = getattr(getattr(module, "decoder", None), "query_embed", None)
         if isinstance(wv, torch.Tensor):
             word_vectors = wv
-    else:
-        num_classes = sd["decoder.duplicate_pooling_bias"].shape[0]
-        k, _, g = pooling.shape
-        kwargs.update(num_classes=num_classes, num_of_groups=k)
-        if (num_classes + k - 1) // k != g:
-            raise ValueError(f"head has {k} groups of {g} classes for {num_classes} classes; this "
-                             f"package computes ceil({num_classes}/{k}) = {(num_classes + k - 1) // k}")
     return kwargs, sd, word_vectors
 
 
