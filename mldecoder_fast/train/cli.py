@@ -106,7 +106,7 @@ def register_multilabel(recipes) -> None:
     t.add_argument("--weight-decay", type=float_range(ge=0), default=None)
     t.add_argument("--weight-decay-mode", choices=["decoupled", "l2"], default="decoupled",
                    help="decoupled (AdamW, the SPEC recipe) or l2 (Adam + L2, as the official train.py)")
-    t.add_argument("--pct-start", type=float_range(gt=0, lt=1), default=0.2)
+    t.add_argument("--pct-start", type=float_range(ge=0, lt=1), default=0.2)
     t.add_argument("--ema-decay", type=float_range(ge=0, le=1), default=None)
     t.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=None,
                    help="EMA decay min(decay, (1+t)/(10+t)) at update t (recipe: off; demo: on)")

@@ -647,7 +647,7 @@ def register(recipes) -> None:
     t.add_argument("--lr", type=float_range(gt=0), default=ZSL_DEFAULTS["lr"])
     t.add_argument("--weight-decay", type=float_range(ge=0), default=ZSL_DEFAULTS["weight_decay"])
     t.add_argument("--weight-decay-mode", choices=["l2", "decoupled"], default=ZSL_DEFAULTS["weight_decay_mode"])
-    t.add_argument("--pct-start", type=float_range(gt=0, lt=1), default=ZSL_DEFAULTS["pct_start"])
+    t.add_argument("--pct-start", type=float_range(ge=0, lt=1), default=ZSL_DEFAULTS["pct_start"])
     t.add_argument("--ema-decay", type=float_range(ge=0, le=1), default=ZSL_DEFAULTS["ema_decay"])
     t.add_argument("--amp", choices=AMP_CHOICES, default="auto")
     t.add_argument("--no-randaugment", action="store_true")
