@@ -70,11 +70,13 @@ def _cases(config):
     s = bench_settings(config)
     out = []
     for device in s["devices"]:
-        impls, skipped = implementations(device, include_compiled=s["compiled"])
+        impls, skipped = implementations(device, include_compiled=s["compiled"], dtype=torch.float32)
         for cfg in configs_mod.select(s["configs"], quick=s["quick"]):
             for mode in ("eval", "train"):
                 for batch in s["batches"][device]:
                     for impl in impls:
+                        if mode not in impl.modes:
+                            continue
                         out.append(pytest.param((cfg, mode, device, batch), impl,
                                                 id=f"{cfg.name}-{mode}-{device}-b{batch}-{impl.name}"))
         # One skipped entry per implementation that cannot run here, with the reason.

@@ -37,7 +37,8 @@ def register(subparsers) -> None:
     p.add_argument("--modes", default="eval,train", help="eval, train or both (default: eval,train)")
     p.add_argument("--impls", default=None,
                    help="comma-separated implementations (reference, eager-expert, compiled-reference, "
-                        "compiled-expert, fast-torch, fast-cpp, fast-cuda, fast-triton); default: all available")
+                        "compiled-expert, fast-torch, fast-cpp, fast-cuda, fast-triton, onnxruntime); "
+                        "default: all available")
     p.add_argument("--compiled", action="store_true",
                    help="also time torch.compile of the reference and of the eager-expert (each "
                         "compile takes tens of seconds on a CPU)")
@@ -75,7 +76,7 @@ def run(args) -> int:
 
     from . import configs as configs_mod
     from .runner import MODES, fill_ratios, implementations, run_suite
-    from .timing import copy_bandwidth, matmul_probe, matmul_rate, memory_method
+    from .timing import copy_bandwidth, matmul_probes, matmul_rates, memory_method
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -93,7 +94,8 @@ def run(args) -> int:
         impl_names = [s.strip() for s in args.impls.split(",")] if args.impls else None
         include_compiled = args.compiled or bool(impl_names and any(n.startswith("compiled") for n in impl_names))
         impls, skipped = implementations(device, include_compiled=include_compiled, names=impl_names,
-                                         allow_interpreted_triton=bool(impl_names and "fast-triton" in impl_names))
+                                         allow_interpreted_triton=bool(impl_names and "fast-triton" in impl_names),
+                                         dtype=dtype)
     except ValueError as exc:
         print(f"mldecoder-fast bench: {exc}", file=sys.stderr)
         return 2
@@ -110,14 +112,15 @@ def run(args) -> int:
     warmup = args.warmup if args.warmup is not None else (1 if device.type == "cuda" else 0)
     run_kwargs = dict(warmup=warmup, repeats=repeats, min_repeats=min(3, repeats),
                       budget_s=args.budget, measure_memory=not args.no_memory,
-                      matmul_probe_fn=matmul_probe(device, dtype))
+                      probes=matmul_probes(device, dtype))
     threads = args.threads if args.threads is not None else (1 if args.quick and device.type == "cpu" else None)
     if threads is not None:
         torch.set_num_threads(threads)
 
     t_start = time.perf_counter()
     load_start = report.load_average()
-    mm = matmul_rate(device, dtype)
+    mm_rates = matmul_rates(device, dtype)
+    mm = max(mm_rates.values())
     bw = copy_bandwidth(device)
 
     results = []
@@ -125,7 +128,7 @@ def run(args) -> int:
         print(f"mldecoder-fast bench: {len(cfgs)} configuration(s) x {len(modes)} mode(s) x "
               f"{len(batches)} batch size(s) x {len(impls)} implementation(s) on {device} ({dtype}); "
               f"implementations: {', '.join(i.name for i in impls)}", file=sys.stderr)
-        total = len(cfgs) * len(batches) * len(modes) * len(impls)
+        total = len(cfgs) * len(batches) * sum(m in i.modes for m in modes for i in impls)
         with _progress(total, args.no_progress) as bar:
             results = run_suite(cfgs, device, dtype, batches, modes=modes, impls=impls, progress=bar,
                                 **run_kwargs)
@@ -146,7 +149,7 @@ def run(args) -> int:
                                   base=base, progress=bar, **run_kwargs)
         fill_ratios(scaling, mm, bw)
 
-    meta = report.collect_meta(device, dtype, batches, mm, bw, quick=bool(args.quick), repeats=repeats,
+    meta = report.collect_meta(device, dtype, batches, mm_rates, bw, quick=bool(args.quick), repeats=repeats,
                                warmup=warmup, threads=torch.get_num_threads(),
                                load_average_start=load_start, memory_method=memory_method(device),
                                seconds=round(time.perf_counter() - t_start, 1))

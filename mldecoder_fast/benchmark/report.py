@@ -1,13 +1,16 @@
 """Results as a text table, JSON and markdown.
 
 The JSON file is the record: ``meta`` (device, versions, commit, date, dtype, batches, the
-measured matmul rate and copy bandwidth, the command), ``results`` (one row per configuration,
-mode, batch and implementation), ``skipped`` (implementations not run, and why) and optionally
-``scaling``. The markdown of BENCHMARKS.md is generated from that file, never typed.
+measured GEMM rates and copy bandwidth, the command), ``results`` (one row per configuration,
+mode, batch and implementation: times, memory, the GEMM rates of its rounds, and per compared
+tensor the error vs the float64 reference and the bound allowed), ``skipped`` (implementations
+not run, and why) and optionally ``scaling``. The markdown of BENCHMARKS.md is generated from
+that file, never typed.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import importlib
 import json
 import os
 import platform
@@ -18,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .configs import SPEC_CONFIGS
-from .runner import EXPERT, REFERENCE, Result
+from .runner import ERROR_FLOOR, EXPERT, REFERENCE, Result
 
 # Speed goals of issue 2 (CPU, fp32, batch 16): (config, mode) -> minimum speedup vs reference.
 CPU_GOALS = {
@@ -58,12 +61,16 @@ def git_commit() -> str | None:
         return None
 
 
-def triton_version() -> str | None:
+def module_version(name: str) -> str | None:
+    """``name.__version__`` when the module imports, else None."""
     try:
-        import triton
-        return triton.__version__
+        return importlib.import_module(name).__version__
     except Exception:
         return None
+
+
+def triton_version() -> str | None:
+    return module_version("triton")
 
 
 def load_average():
@@ -73,20 +80,26 @@ def load_average():
         return None
 
 
-def collect_meta(device, dtype: torch.dtype, batches, mm_rate: float | None, bandwidth: float | None,
+def collect_meta(device, dtype: torch.dtype, batches, mm_rates: dict | None, bandwidth: float | None,
                  **extra) -> dict:
+    """``mm_rates``: FLOP/s of each GEMM probe (``timing.matmul_rates``); the fastest is recorded
+    as ``matmul_tflops``."""
     device = torch.device(device)
+    mm_rate = max(mm_rates.values()) if mm_rates else None
     meta = {
         "device": str(device),
         "device_name": device_name(device),
         "torch": torch.__version__,
         "triton": triton_version(),
+        "onnx": module_version("onnx"),
+        "onnxruntime": module_version("onnxruntime"),
         "python": platform.python_version(),
         "commit": git_commit(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "dtype": str(dtype).replace("torch.", ""),
         "batches": list(batches),
         "matmul_tflops": None if mm_rate is None else mm_rate / 1e12,
+        "matmul_gflops": {k: v / 1e9 for k, v in (mm_rates or {}).items()},
         "copy_gbps": None if bandwidth is None else bandwidth / 1e9,
         "load_average": load_average(),
         "command": ("mldecoder-fast " + " ".join(sys.argv[1:])) if sys.argv[1:2] == ["bench"] else None,
@@ -194,12 +207,18 @@ def _meta_line(meta: dict) -> str:
     if meta.get("triton"):
         parts.append(f"triton {meta['triton']}")
     if meta.get("matmul_tflops"):
-        parts.append(f"matmul {meta['matmul_tflops'] * 1e3:.0f} GFLOP/s")
+        parts.append(f"GEMM {_gemm_rates(meta)}")
     if meta.get("copy_gbps"):
         parts.append(f"copy {meta['copy_gbps']:.1f} GB/s")
     if meta.get("commit"):
         parts.append(f"commit {meta['commit']}")
     return " | ".join(parts)
+
+
+def _gemm_rates(meta: dict) -> str:
+    """"torch.mm 210, onednn 440 GFLOP/s" (older records: their one matmul rate)."""
+    rates = meta.get("matmul_gflops") or {"matmul": meta["matmul_tflops"] * 1e3}
+    return ", ".join(f"{k} {v:.0f}" for k, v in rates.items()) + " GFLOP/s"
 
 
 def headline_impl(results, meta: dict | None = None) -> str | None:
@@ -253,7 +272,8 @@ def to_markdown(data: dict, title: str | None = None, command: str | None = None
         out += [f"## {title}", ""]
     out.append(f"- device: {meta.get('device_name')} (`{meta.get('device')}`), dtype {meta.get('dtype')}, "
                f"batch {', '.join(str(b) for b in meta.get('batches', []))}")
-    out.append(f"- torch {meta.get('torch')}, triton {meta.get('triton')}, Python {meta.get('python')}")
+    out.append(f"- torch {meta.get('torch')}, triton {meta.get('triton')}, onnx {meta.get('onnx')}, "
+               f"onnxruntime {meta.get('onnxruntime')}, Python {meta.get('python')}")
     run = f"- commit `{meta.get('commit')}`, {meta.get('date')}"
     if meta.get("seconds") is not None:
         run += f", the run took {meta['seconds']:.0f} s"
@@ -263,9 +283,9 @@ def to_markdown(data: dict, title: str | None = None, command: str | None = None
                 f"(other processes share these cores)")
     out.append(run)
     if meta.get("matmul_tflops"):
-        out.append(f"- measured at the start of the run: matmul {meta['matmul_tflops'] * 1e3:.0f} GFLOP/s"
+        out.append(f"- measured at the start of the run: GEMM {_gemm_rates(meta)}"
                    + (f", copy {meta['copy_gbps']:.1f} GB/s" if meta.get("copy_gbps") else "")
-                   + " (each row's roofline uses the matmul rate timed in its own rounds)")
+                   + " (each row's roofline uses the fastest GEMM rate timed in its own rounds)")
     backends = meta.get("backends") or {}
     if backends and "error" not in backends:
         present = [k for k, v in backends.items() if v.get("available")]
@@ -317,6 +337,8 @@ def scaling_markdown(rows) -> str:
 
 # -- BENCHMARKS.md -------------------------------------------------------------------------------
 
+_FLOORS = ", ".join(f"{o:.0e} / {g:.0e} in {str(dt).replace('torch.', '')}"
+                    for dt, (o, g) in ERROR_FLOOR.items() if dt != torch.float64)
 BENCHMARKS_INTRO = """\
 # Benchmarks
 
@@ -330,14 +352,20 @@ What is measured (see `mldecoder_fast/benchmark/`):
   faithful MLDecoder: nn.MultiheadAttention, per-sample query path, K-step group-FC loop into a
   zero buffer), `eager-expert` (hand-written plain PyTorch: one k/v GEMM, SDPA, one q projection
   per batch in eval, bmm group FC), `compiled-*` (torch.compile of those two, when requested),
-  and every available MLDecoderFast backend (`fast-torch`, `fast-cpp`, `fast-cuda`, `fast-triton`).
+  every available MLDecoderFast backend (`fast-torch`, `fast-cpp`, `fast-cuda`, `fast-triton`),
+  and `onnxruntime` (eval, CPU, float32): MLDecoderFast exported by `mldecoder_fast.export_onnx`
+  (`torch.onnx.export(..., dynamo=True)`, dynamic batch) run by ONNX Runtime with the benchmark's
+  threads intra-op, one inter-op thread, sequential execution, no spinning.
 - **Modes**: `eval` = forward under `torch.no_grad` in eval mode; `train` = one training step:
   forward, BCE-with-logits against fixed random targets, backward (input gradient included),
   zeroing the gradients; dropout p = 0.1 as in the head.
-- **Agreement**: before timing, every implementation is compared with the reference (eval
-  logits; in training with every dropout at p = 0, the logits, the input gradient and every
-  parameter gradient), relative RMS error <= 2e-4 (outputs) / 2e-3 (gradients) in fp32.
-  A mismatch is printed as MISMATCH and makes the command exit 1.
+- **Agreement**: before timing, every implementation is compared, tensor by tensor (eval logits;
+  in training with every dropout at p = 0, the logits, the input gradient and every parameter
+  gradient), with the reference run in float64 on the same weights and inputs. The relative RMS
+  error of each tensor may be up to max(2x the reference's own error in the run's dtype, a floor):
+  floors (outputs / gradients) {floors}.
+  The JSON keeps, per row, each tensor's error (`errors`) and bound (`allowed`); the reference's
+  row holds its own errors. A mismatch is printed as MISMATCH and makes the command exit 1.
 - **Time**: median of up to 5 timed calls (`n`) after warm-up, the implementations of one case
   timed in interleaved rounds (so a change of load from other processes hits them alike). Ratios
   (`x ref` = reference time / this time, `x expert` likewise) are what to read: these machines
@@ -347,9 +375,11 @@ What is measured (see `mldecoder_fast/benchmark/`):
   allocations and frees of PyTorch's CPU allocator recorded by `torch.profiler`
   (`profile_memory=True`).
 - **Roofline**: the head's FLOPs (PERFORMANCE.md formula; a training step counts 3x the forward)
-  over the rate of a large `torch.mm` in the same dtype, timed in the same interleaved rounds;
-  on a GPU the floor is the larger of that and the bytes that must move over the measured copy
-  bandwidth.
+  over the fastest GEMM rate measured in the same dtype, in the same interleaved rounds: a large
+  square `torch.mm`, and on the CPU also oneDNN's inner product
+  (`torch.ops.mkldnn._linear_pointwise` on dense tensors, about 2x `torch.mm` in fp32 on AVX-512
+  machines); each row records the rates (`matmul_rates`). On a GPU the floor is the larger of that
+  and the bytes that must move over the measured copy bandwidth.
 - **Reading the CPU numbers**: the CPU records come from a 2-core machine shared with other
   jobs (the load average is recorded with each run). Compare ratios within one run, not
   milliseconds across runs. The reference's training step at many classes is bound by page
@@ -359,7 +389,7 @@ What is measured (see `mldecoder_fast/benchmark/`):
   in the next, minutes apart, same commit, quiet machine).
   `pytest bench/` (pytest-benchmark) times implementations one after another, not interleaved:
   use `mldecoder-fast bench` for ratios.
-"""
+""".replace("{floors}", _FLOORS)
 
 
 def benchmarks_markdown(sections: list[tuple[str, dict, str | None]], regenerate: str | None = None) -> str:

@@ -2,9 +2,13 @@
 
 For one (configuration, mode, device, dtype, batch) all implementations get the same weights (one
 seeded reference's state_dict), the same input and the same targets. Each implementation is first
-checked against the reference (``check_agreement``): eval outputs; in training, with every dropout
-set to p = 0, the logits, the input gradient and every parameter gradient. Only then is it timed
-(median after warm-up) and its peak memory measured. A mismatch marks the row and, with
+checked (``check_agreement``): eval outputs; in training, with every dropout set to p = 0, the
+logits, the input gradient and every parameter gradient. Each of these tensors is compared with the
+reference run in float64 on the same weights and inputs (``set_expectations``); its relative RMS
+error may be up to max(2x the reference's own error in the run's dtype, ``ERROR_FLOOR``). So a
+bf16 implementation is held to what the reference achieves in bf16, tensor by tensor, and one
+that is more accurate than the reference is never faulted for differing from it. Only then is it
+timed (median after warm-up) and its peak memory measured. A mismatch marks the row and, with
 ``strict=True``, raises ``AgreementError``: a fast wrong implementation never wins silently.
 
 Modes: ``eval`` is a forward under ``torch.no_grad`` in eval mode; ``train`` is one training step:
@@ -15,9 +19,13 @@ Low precision (float16 / bfloat16) means fp32 weights, input in that dtype, run 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
+import importlib.util
 import math
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -28,19 +36,23 @@ from ..reference import MLDecoder
 from .configs import BenchConfig
 from .expert import ExpertMLDecoder
 from .flops import step_bytes, step_flops
-from .timing import matmul_probe, peak_memory_bytes, synchronize, time_interleaved
+from .timing import matmul_probes, peak_memory_bytes, synchronize, time_interleaved
 
 MODES = ("eval", "train")
-_MATMUL = "__matmul__"
+_MATMUL = "__matmul__:"
 REFERENCE = "reference"
 EXPERT = "eager-expert"
+ONNXRUNTIME = "onnxruntime"
 
-# Relative RMS error allowed against the reference, per compute dtype: (outputs, gradients).
-TOLERANCE = {
+# Relative RMS error vs the float64 reference that every implementation may have whatever the
+# reference's own error, per run dtype: (outputs, gradients). fp32/fp64 rows: the reference's own
+# error is far below, so these are the bounds. Low precision: about what rounding the inputs of
+# the GEMMs to that dtype costs; the bound is usually 2x the reference's own error, above it.
+ERROR_FLOOR = {
     torch.float64: (1e-9, 1e-8),
     torch.float32: (2e-4, 2e-3),
-    torch.float16: (2e-2, 5e-2),
-    torch.bfloat16: (5e-2, 1e-1),
+    torch.float16: (5e-3, 1e-2),
+    torch.bfloat16: (2e-2, 4e-2),
 }
 
 
@@ -55,6 +67,10 @@ class Impl:
     build: Callable[[BenchConfig], nn.Module]
     compiled: bool = False
     backend: str | None = None  # MLDecoderFast backend, None for the baselines
+    modes: tuple[str, ...] = MODES  # a case of another mode gets no row of this implementation
+    memory: bool = True  # False: allocates outside PyTorch's allocator (no peak memory reported)
+    # Called with the head once it holds the case's weights: what to time instead (e.g. an export).
+    wrap: Callable[[nn.Module, "Case"], nn.Module] | None = None
 
     def make(self, cfg: BenchConfig) -> nn.Module:
         return self.build(cfg)
@@ -76,13 +92,16 @@ class Result:
     flops: float = 0.0
     bytes: float = 0.0
     agree: bool | None = None
-    error: float | None = None   # worst relative RMS error vs the reference
+    error: float | None = None    # worst relative RMS error vs the float64 reference
+    errors: dict = field(default_factory=dict)   # per tensor: relative RMS error vs float64
+    allowed: dict = field(default_factory=dict)  # per tensor: the bound (see module docstring)
     detail: str = ""              # why skipped / what mismatched
     skipped: bool = False
     speedup_vs_reference: float | None = None
     speedup_vs_expert: float | None = None
     roofline: float | None = None
-    matmul_flops_per_s: float | None = None  # large torch.mm rate timed in the same rounds
+    matmul_rates: dict = field(default_factory=dict)  # FLOP/s of each GEMM probe timed in the same rounds
+    matmul_flops_per_s: float | None = None  # the fastest of them: the roofline's rate
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -122,12 +141,40 @@ def _compiled(build):
     return make
 
 
+def reference_impl() -> Impl:
+    return Impl(REFERENCE, lambda c: c.make_head(MLDecoder))
+
+
+def _onnxruntime(head: nn.Module, case: "Case") -> nn.Module:
+    """``head`` exported by ``export_onnx`` (dynamic batch, as users get it) and run by ONNX Runtime
+    with the benchmark's threads (``onnxruntime_session``)."""
+    from ..export import OnnxRuntimeModule, export_onnx
+    with tempfile.TemporaryDirectory() as tmp:
+        # The benchmark's own agreement check judges the file; export_onnx's check would repeat it.
+        path = export_onnx(head, case.inputs[0], Path(tmp) / "head.onnx", check=False).path
+        return OnnxRuntimeModule(path)
+
+
+def _onnxruntime_unavailable(device: torch.device, dtype: torch.dtype | None, fast) -> str | None:
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"{', '.join(missing)} not installed (pip install 'mldecoder-fast[onnx]')"
+    if fast is None:
+        return "needs MLDecoderFast (the exported head)"
+    if device.type != "cpu":
+        return "ONNX Runtime's CPU execution provider: CPU rows only"
+    if dtype is not None and dtype != torch.float32:
+        return "float32 only (the exported graph runs in its weights' dtype, without autocast)"
+    return None
+
+
 def implementations(device, include_compiled: bool = True, names: list[str] | None = None,
-                    allow_interpreted_triton: bool = False) -> tuple[list[Impl], dict[str, str]]:
-    """Implementations runnable on ``device``, and {name: reason} for those that are not."""
+                    allow_interpreted_triton: bool = False,
+                    dtype: torch.dtype | None = None) -> tuple[list[Impl], dict[str, str]]:
+    """Implementations runnable on ``device`` (in ``dtype``, when given), and {name: reason} for
+    those that are not."""
     device = torch.device(device)
-    impls = [Impl(REFERENCE, lambda c: c.make_head(MLDecoder)),
-             Impl(EXPERT, lambda c: c.make_head(ExpertMLDecoder))]
+    impls = [reference_impl(), Impl(EXPERT, lambda c: c.make_head(ExpertMLDecoder))]
     skipped: dict[str, str] = {}
     if include_compiled:
         impls += [Impl("compiled-reference", _compiled(lambda c: c.make_head(MLDecoder)), compiled=True),
@@ -148,6 +195,12 @@ def implementations(device, include_compiled: bool = True, names: list[str] | No
                 skipped[label] = "Triton on the CPU is its interpreter (correct, far too slow to time)"
                 continue
             impls.append(Impl(label, (lambda c, n=name: c.make_head(fast, backend=n)), backend=name))
+    why_not = _onnxruntime_unavailable(device, dtype, fast)
+    if why_not:
+        skipped[ONNXRUNTIME] = why_not
+    else:
+        impls.append(Impl(ONNXRUNTIME, lambda c: c.make_head(fast), modes=("eval",), memory=False,
+                          wrap=_onnxruntime))
     if names:
         wanted = set(names)
         wanted |= {REFERENCE}  # the reference is needed for the agreement check and speedups
@@ -209,7 +262,11 @@ class Case:
     inputs: list            # one or more inputs (rotated on CUDA so L2 does not flatter)
     target: torch.Tensor | None
     word_vectors: torch.Tensor | None
-    expected: dict | None = None  # reference outputs (and grads in training)
+    # Filled by set_expectations: per compared tensor (logits, grad:input, grad:<parameter>), the
+    # float64 reference's value, the reference's own error in this case's dtype, and the bound.
+    exact: dict | None = None
+    reference_errors: dict | None = None
+    allowed: dict | None = None
 
 
 def make_case(cfg: BenchConfig, mode: str, device, dtype: torch.dtype, batch: int,
@@ -250,11 +307,27 @@ def prepare(impl: Impl, case: Case) -> nn.Module:
     if case.word_vectors is not None:
         target_module.set_word_vectors(case.word_vectors)
     model.train(case.mode == "train")
-    return model
+    return impl.wrap(model, case) if impl.wrap is not None else model
+
+
+def fp64_case(case: Case) -> Case:
+    """The same case in float64 without autocast: weights, inputs and word vectors upcast (exactly)."""
+    def up(t):
+        return t.double() if t is not None and t.is_floating_point() else t
+    return dataclasses.replace(case, dtype=torch.float64, state_dict={k: up(v) for k, v in case.state_dict.items()},
+                               inputs=[up(case.inputs[0])], word_vectors=up(case.word_vectors),
+                               exact=None, reference_errors=None, allowed=None)
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """At least fp32 (low-precision results are compared in fp32, float64 ones stay float64)."""
+    return t.detach().to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.binary_cross_entropy_with_logits(logits.float(), target)
+    """BCE in fp32 (fp64 for a float64 run, so that the fp64 reference is exact throughout)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype))
 
 
 def make_step(model: nn.Module, case: Case) -> Callable[[], None]:
@@ -289,67 +362,109 @@ def comparison_outputs(model: nn.Module, case: Case) -> dict:
     ctx = autocast_context(case.device, case.dtype)
     if case.mode == "eval":
         with torch.no_grad(), ctx:
-            return {"logits": model(x).detach().float()}
+            return {"logits": _wide(model(x))}
     x = x.detach().clone().requires_grad_(True)
     inner = getattr(model, "_orig_mod", model)
     with dropout_disabled(inner):
         with ctx:
             logits = model(x)
         _loss(logits, case.target).backward()
-    out = {"logits": logits.detach().float(), "grad:input": x.grad.float()}
+    out = {"logits": _wide(logits), "grad:input": _wide(x.grad)}
     for name, p in inner.named_parameters():
         if p.requires_grad:
-            out[f"grad:{name}"] = None if p.grad is None else p.grad.detach().float().clone()
+            out[f"grad:{name}"] = None if p.grad is None else _wide(p.grad).clone()
     model.zero_grad(set_to_none=True)
     return out
 
 
-def check_agreement(model: nn.Module, case: Case) -> tuple[bool, float, str]:
-    """Compare ``model`` with the reference outputs of ``case``: (ok, worst error, message)."""
-    assert case.expected is not None, "reference outputs missing"
-    got = comparison_outputs(model, case)
-    tol_out, tol_grad = TOLERANCE.get(case.dtype, TOLERANCE[torch.float32])
-    worst, problems = 0.0, []
-    for key, ref in case.expected.items():
-        tol = tol_out if key == "logits" else tol_grad
-        out = got.get(key)
-        if ref is None:
+def set_expectations(case: Case, reference: nn.Module) -> dict:
+    """Run the float64 reference on ``case``'s weights and inputs and set, per compared tensor,
+    ``case.exact`` (its value), ``case.reference_errors`` (the error of ``reference``, the reference
+    in the case's dtype) and ``case.allowed`` = max(2 x that error, ``ERROR_FLOOR``). Returns the
+    outputs of ``reference``."""
+    own = comparison_outputs(reference, case)
+    if case.dtype == torch.float64:
+        exact = own
+    else:
+        case64 = fp64_case(case)
+        exact = comparison_outputs(prepare(reference_impl(), case64), case64)
+    case.exact = exact
+    case.reference_errors, case.allowed = error_bounds(exact, own, case.dtype)
+    return own
+
+
+def error_bounds(exact: dict, reference: dict, dtype: torch.dtype) -> tuple[dict, dict]:
+    """Per tensor of ``exact`` (float64 values): the error of ``reference`` (the reference's values
+    in ``dtype``) and the bound max(2 x that error, ``ERROR_FLOOR[dtype]``); a tensor the
+    reference got non-finite or missing is bound by the floor alone."""
+    floor_out, floor_grad = ERROR_FLOOR.get(dtype, ERROR_FLOOR[torch.float32])
+    errors, allowed = {}, {}
+    for key, want in exact.items():
+        if want is None:
             continue
+        floor = floor_out if key == "logits" else floor_grad
+        err = errors[key] = rel_rms(want, reference[key]) if reference.get(key) is not None else math.nan
+        allowed[key] = max(2 * err, floor) if math.isfinite(err) else floor
+    return errors, allowed
+
+
+@dataclass
+class Agreement:
+    ok: bool
+    error: float   # worst relative RMS error vs the float64 reference over the compared tensors
+    errors: dict   # per tensor: relative RMS error vs the float64 reference
+    detail: str    # what is out of bounds, and by how much
+
+
+def judge(case: Case, got: dict) -> Agreement:
+    """Judge outputs ``got`` (as ``comparison_outputs`` returns them) against ``case``'s bounds."""
+    assert case.exact is not None, "set_expectations(case, reference) first"
+    errors, problems = {}, []
+    for key, want in case.exact.items():
+        if want is None:
+            continue
+        out = got.get(key)
         if out is None:
             problems.append(f"{key} missing")
             continue
-        if out.shape != ref.shape:
-            problems.append(f"{key} shape {tuple(out.shape)} != {tuple(ref.shape)}")
+        if out.shape != want.shape:
+            problems.append(f"{key} shape {tuple(out.shape)} != {tuple(want.shape)}")
             continue
-        if not torch.isfinite(out).all() and torch.isfinite(ref).all():
+        if not torch.isfinite(out).all() and torch.isfinite(want).all():
             problems.append(f"{key} has NaN/Inf")
             continue
-        err = rel_rms(ref, out)
-        worst = max(worst, err)
-        if not err <= tol:
-            problems.append(f"{key} rel. RMS error {err:.2e} > {tol:.0e}")
-    return not problems, worst, "; ".join(problems)
+        err = errors[key] = rel_rms(want, out)
+        if not err <= case.allowed[key]:
+            problems.append(f"{key} rel. RMS error vs fp64 {err:.1e} > allowed {case.allowed[key]:.1e} "
+                            f"(reference's {case.reference_errors[key]:.1e})")
+    return Agreement(not problems, max(errors.values(), default=0.0), errors, "; ".join(problems))
+
+
+def check_agreement(model: nn.Module, case: Case) -> Agreement:
+    """Judge ``model`` on ``case`` (see ``judge``)."""
+    return judge(case, comparison_outputs(model, case))
 
 
 def run_case(case: Case, impls: list[Impl], warmup: int = 1, repeats: int = 5,
              budget_s: float | None = None, min_repeats: int = 1, measure_memory: bool = True,
              strict: bool = False, on_result: Callable[[Result], None] | None = None,
-             matmul_probe_fn: tuple[Callable[[], object], float] | None = None) -> list[Result]:
+             probes: dict[str, tuple[Callable[[], object], float]] | None = None) -> list[Result]:
     """Check, time and measure every implementation on one case.
 
-    The reference runs first and provides the expected outputs. Each other implementation is
-    built, checked and warmed up (the check's own call already warms the kernels); then the peak
-    memory of one step of each is measured on its own; then all are timed in interleaved rounds
-    (``time_interleaved``), together with a large ``torch.mm`` (``matmul_probe_fn``, by default
-    one in the case's dtype) whose rate, measured under the same load, is the roofline's.
-    An implementation that fails to build or run (e.g. torch.compile errors) gets a skipped row
-    with the reason; a reference failure propagates.
+    The reference runs first and sets the expectations (``set_expectations``: the float64
+    reference and the bounds). Each implementation is built, checked and warmed up (the check's
+    own call already warms the kernels); then the peak memory of one step of each is measured on
+    its own; then all are timed in interleaved rounds (``time_interleaved``), together with large
+    GEMMs (``probes``: {name: (callable, FLOPs)}, by default ``matmul_probes`` in the case's dtype) whose
+    fastest rate, measured under the same load, is the roofline's. Implementations without this
+    case's mode get no row. An implementation that fails to build or run (e.g. torch.compile
+    errors) gets a skipped row with the reason; a reference failure propagates.
     """
     cfg = case.cfg
     flops = step_flops(cfg, case.batch, case.mode)
     nbytes = step_bytes(cfg, case.batch, case.mode, itemsize=case.inputs[0].element_size(),
                         param_itemsize=torch.empty((), dtype=param_dtype(case.dtype)).element_size())
-    ordered = sorted(impls, key=lambda i: i.name != REFERENCE)
+    ordered = sorted((i for i in impls if case.mode in i.modes), key=lambda i: i.name != REFERENCE)
     results: dict[str, Result] = {}
     steps: dict[str, Callable[[], None]] = {}
     models: dict[str, nn.Module] = {}
@@ -373,13 +488,15 @@ def run_case(case: Case, impls: list[Impl], warmup: int = 1, repeats: int = 5,
             try:
                 model = prepare(impl, case)
                 if impl.name == REFERENCE:
-                    case.expected = comparison_outputs(model, case)
-                    res.agree, res.error = True, 0.0
+                    verdict = judge(case, set_expectations(case, model))
                 else:
-                    res.agree, res.error, res.detail = check_agreement(model, case)
-                    if not res.agree and strict:
-                        raise AgreementError(f"{impl.name} disagrees with the reference on {cfg.name} "
-                                             f"{case.mode} (batch {case.batch}): {res.detail}")
+                    verdict = check_agreement(model, case)
+                res.agree, res.error, res.errors, res.detail = (verdict.ok, verdict.error, verdict.errors,
+                                                                verdict.detail)
+                res.allowed = dict(case.allowed)
+                if not res.agree and strict:
+                    raise AgreementError(f"{impl.name} disagrees with the float64 reference on {cfg.name} "
+                                         f"{case.mode} (batch {case.batch}): {res.detail}")
                 models[impl.name] = model
                 steps[impl.name] = make_step(model, case)
                 # Warm up alone, so a failing compile is caught here (and compiles untimed).
@@ -394,21 +511,26 @@ def run_case(case: Case, impls: list[Impl], warmup: int = 1, repeats: int = 5,
         if measure_memory:
             # One step of each alone under the memory measurement; it also serves as (one more)
             # warm-up before the timed rounds.
+            measured = {i.name for i in ordered if i.memory}
             for name, step in list(steps.items()):
+                if name not in measured:
+                    continue
                 try:
                     results[name].peak_bytes = peak_memory_bytes(step, case.device)
                 except Exception as exc:
                     fail(next(i for i in ordered if i.name == name), exc)
 
-        probe, probe_flops = matmul_probe_fn or matmul_probe(case.device, case.dtype)
-        probe()
-        timings = time_interleaved({**steps, _MATMUL: probe}, case.device, warmup=0, repeats=repeats,
-                                   min_repeats=min_repeats, budget_s=budget_s)
-        mm_rate = probe_flops / (timings.pop(_MATMUL).median_ms * 1e-3)
+        if probes is None:
+            probes = matmul_probes(case.device, case.dtype)
+        for fn, _ in probes.values():
+            fn()
+        timings = time_interleaved({**steps, **{_MATMUL + n: fn for n, (fn, _) in probes.items()}}, case.device,
+                                   warmup=0, repeats=repeats, min_repeats=min_repeats, budget_s=budget_s)
+        rates = {n: f / (timings.pop(_MATMUL + n).median_ms * 1e-3) for n, (_, f) in probes.items()}
         for name, t in timings.items():
             res = results[name]
             res.median_ms, res.min_ms, res.times_ms = t.median_ms, t.min_ms, t.times_ms
-            res.matmul_flops_per_s = mm_rate
+            res.matmul_rates = dict(rates)
 
     finally:
         steps.clear()
@@ -426,7 +548,8 @@ def run_case(case: Case, impls: list[Impl], warmup: int = 1, repeats: int = 5,
 
 def fill_ratios(results: list[Result], mm_rate: float | None = None, bandwidth: float | None = None) -> None:
     """Speedups vs reference and eager-expert within each case; the roofline fraction from the
-    matmul rate measured with the case (else ``mm_rate``)."""
+    fastest GEMM rate measured with the case (``matmul_rates``; else ``mm_rate``), which is also
+    recorded as the row's ``matmul_flops_per_s``."""
     groups: dict = {}
     for r in results:
         groups.setdefault((r.config, r.mode, r.device, r.dtype, r.batch), []).append(r)
@@ -440,7 +563,8 @@ def fill_ratios(results: list[Result], mm_rate: float | None = None, bandwidth: 
                 r.speedup_vs_reference = ref.median_ms / r.median_ms
             if exp is not None and exp.median_ms:
                 r.speedup_vs_expert = exp.median_ms / r.median_ms
-            rate = r.matmul_flops_per_s or mm_rate
+            rate = max(r.matmul_rates.values(), default=None) or mm_rate
+            r.matmul_flops_per_s = rate
             if rate:
                 # The floor is FLOPs over the matmul rate; on a GPU also bytes over copy bandwidth
                 # (small batches there are bound by bytes and launches). CPU caches hold most of
@@ -456,7 +580,7 @@ def run_suite(configs: list[BenchConfig], device, dtype: torch.dtype, batches: l
     """Every configuration x mode x batch; ``progress`` (a tqdm-like object) advances per row."""
     device = torch.device(device)
     if impls is None:
-        impls, _ = implementations(device)
+        impls, _ = implementations(device, dtype=dtype)
     out: list[Result] = []
     for cfg in configs:
         for batch in batches:

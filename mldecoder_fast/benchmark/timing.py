@@ -181,23 +181,42 @@ def memory_method(device) -> str:
     return "torch.profiler CPU allocator events: max running sum during the step"
 
 
-def matmul_probe(device, dtype: torch.dtype, size: int | None = None) -> tuple[Callable[[], object], float]:
-    """A large square ``torch.mm`` in ``dtype`` on ``device`` and its FLOPs: timed beside the
-    implementations (one call per round) it gives the matmul rate under the same load."""
+def matmul_probes(device, dtype: torch.dtype, size: int | None = None) -> dict[str, tuple[Callable[[], object], float]]:
+    """Large square GEMMs in ``dtype`` on ``device``, {name: (callable, FLOPs)}: timed beside the
+    implementations (one call of each per round) they give the GEMM rates under the same load; the
+    fastest is the roofline's (PERFORMANCE.md: the fastest rate the device offers, not the rate of
+    whichever GEMM an implementation calls).
+
+    - ``torch.mm`` (cuBLAS on CUDA; MKL on the CPU);
+    - CPU: ``onednn``, oneDNN's inner product through PyTorch on dense tensors
+      (``torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")``, ``x @ w.T``), about 2x
+      ``torch.mm`` in fp32 on AVX-512 machines; left out where oneDNN has no kernel for ``dtype``
+      (float16 and float64 on such machines) or PyTorch was built without it.
+    """
     device = torch.device(device)
     if size is None:
         size = 8192 if device.type == "cuda" else 1536
     g = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
     b = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
-    return (lambda: torch.mm(a, b)), 2.0 * size ** 3
+    flops = 2.0 * size ** 3
+    probes = {"torch.mm": ((lambda: torch.mm(a, b)), flops)}
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        linear = torch.ops.mkldnn._linear_pointwise
+        try:
+            linear(a[:16, :16].contiguous(), b[:16, :16].contiguous(), None, "none", [], "")
+        except RuntimeError:
+            pass  # no oneDNN kernel for this dtype
+        else:
+            probes["onednn"] = ((lambda: linear(a, b, None, "none", [], "")), flops)
+    return probes
 
 
-def matmul_rate(device, dtype: torch.dtype, size: int | None = None, repeats: int = 3) -> float:
-    """FLOP/s of a large square ``torch.mm`` in ``dtype`` on ``device`` (median of ``repeats``)."""
-    fn, flops = matmul_probe(device, dtype, size)
-    t = time_step(fn, device, warmup=1, repeats=repeats)
-    return flops / (t.median_ms * 1e-3)
+def matmul_rates(device, dtype: torch.dtype, size: int | None = None, repeats: int = 3) -> dict[str, float]:
+    """FLOP/s of each of ``matmul_probes`` (median of ``repeats`` interleaved rounds)."""
+    probes = matmul_probes(device, dtype, size)
+    timings = time_interleaved({name: fn for name, (fn, _) in probes.items()}, device, warmup=1, repeats=repeats)
+    return {name: flops / (timings[name].median_ms * 1e-3) for name, (_, flops) in probes.items()}
 
 
 def copy_bandwidth(device, nbytes: int | None = None, repeats: int = 3) -> float:
