@@ -388,3 +388,21 @@ def test_profile_backends_script(tmp_path, capsys):
     fast_ops = {t["name"] for t in data["results"][1]["top"]}
     assert any("mm" in name for name in fast_ops), fast_ops
     assert "fast-torch" in capsys.readouterr().out
+
+
+def test_timed_training_step_includes_an_optimizer_step():
+    """The timed train step runs AdamW: every trainable parameter moves, frozen ones do not, and
+    no gradient is left behind (eval steps leave the weights alone)."""
+    case = runner.make_case(TINY, "train", "cpu", torch.float32, 2)
+    model = runner.prepare(runner.reference_impl(), case)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    runner.make_step(model, case)()
+    for name, p in model.named_parameters():
+        moved = not torch.equal(before[name], p.detach())
+        assert moved == p.requires_grad, name
+        assert p.grad is None, name
+    eval_case = runner.make_case(TINY, "eval", "cpu", torch.float32, 2)
+    model = runner.prepare(runner.reference_impl(), eval_case)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    runner.make_step(model, eval_case)()
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())

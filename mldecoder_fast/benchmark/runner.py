@@ -12,7 +12,10 @@ timed (median after warm-up) and its peak memory measured. A mismatch marks the 
 ``strict=True``, raises ``AgreementError``: a fast wrong implementation never wins silently.
 
 Modes: ``eval`` is a forward under ``torch.no_grad`` in eval mode; ``train`` is one training step:
-forward, BCE-with-logits against fixed random targets, backward, then zeroing the gradients.
+forward, BCE-with-logits against fixed random targets, backward, an AdamW step, then zeroing the
+gradients (the optimizer step is timed because it is part of every real step, and because a head
+that keeps copies derived from its weights pays for refreshing them after it; the optimizer's
+state is allocated by the warm-up, so peak memory counts what a step adds to it).
 Low precision (float16 / bfloat16) means fp32 weights, input in that dtype, run under
 ``torch.autocast`` (mixed precision, as the head is trained); float32/float64 run plainly.
 """
@@ -344,6 +347,9 @@ def make_step(model: nn.Module, case: Case) -> Callable[[], None]:
         return step
     xs = [x.detach().clone().requires_grad_(True) for x in inputs]
     target = case.target
+    # A small learning rate: the weights move (every derived copy must be refreshed) but stay
+    # in range over hundreds of timed steps.
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
 
     def step():
         x = xs[counter[0] % len(xs)]
@@ -351,7 +357,8 @@ def make_step(model: nn.Module, case: Case) -> Callable[[], None]:
         with ctx():
             logits = model(x)
         _loss(logits, target).backward()
-        model.zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         x.grad = None
     return step
 
