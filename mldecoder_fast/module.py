@@ -34,6 +34,7 @@ from torch import nn
 from ._config import NUM_HEADS
 from ._inputs import check_input, tokens_from_input
 from .caches import HeadCaches
+from . import lean_eval
 from .dispatch import check_backend_name, select_ops
 from .reference import _HeadBase
 
@@ -47,6 +48,11 @@ class MLDecoderFast(_HeadBase):
     ``"triton"``. An unavailable backend falls back to ``"torch"`` with a one-time warning;
     ``active_backend`` says what ran last.
     """
+
+    # Devices where eval forwards of the torch backend without autograd take the launch-lean path
+    # (lean_eval.py). The CPU keeps its GEMM-provider path (ops/cpu_gemm.py); tests add "cpu" to
+    # check the lean path against the reference.
+    lean_eval_devices = ("cuda",)
 
     def __init__(self, num_classes: int, num_of_groups: int = -1, decoder_embedding: int = 768,
                  initial_num_features: int = 2048, zsl: int = 0, backend: str = "auto"):
@@ -179,11 +185,34 @@ class MLDecoderFast(_HeadBase):
                (p_query, p_attn, p_out, p_ff, p_res), num_out, bool(self.config.zsl), ext)
         return HeadTrainStep.apply(cfg, tokens, t0, *params)
 
+    # the launch-lean eval forward ------------------------------------------------------------------
+    def _eval_forward_lean(self, x: torch.Tensor):
+        """The logits from ``lean_eval.forward``, or None where that path does not apply (training,
+        autograd needed, another device, double-precision parameters under autocast)."""
+        if self.training or x.device.type not in self.lean_eval_devices:
+            return None
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return None
+        dtypes = lean_eval.dtypes(x, self.decoder.embed_standart.weight.dtype)
+        if dtypes is None:
+            return None
+        sources = list(self.parameters())
+        if self.config.zsl:
+            sources.append(self.decoder.query_embed)
+        weights = self.caches.get(("lean_eval",) + dtypes, sources, lambda: lean_eval.derive(self, *dtypes))
+        layer = self.decoder.layers[0]
+        num_out = weights.r2.shape[0] if self.config.zsl else self.config.num_classes
+        return lean_eval.forward(x, weights, num_out, layer.norm2.eps, layer.norm3.eps)
+
     # forward -------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(self, x)
         name, ops = select_ops(self.backend, x.device)
         self.active_backend = name
+        if name == "torch":
+            out = self._eval_forward_lean(x)
+            if out is not None:
+                return out
         cfg = self.config
         dec = self.decoder
         layer = dec.layers[0]

@@ -1,0 +1,147 @@
+"""The launch-lean eval forward (lean_eval.py) against the reference, run on the CPU.
+
+It is the CUDA eval path of the torch backend; ``lean_eval_devices`` lets the same code run here.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import assert_close, rel_rms
+from heads import make_input, make_pair
+
+
+def _lean(fast):
+    fast.lean_eval_devices = ("cpu",)
+    return fast
+
+
+def _ran_lean(fast) -> bool:
+    return any(isinstance(n, tuple) and n[0] == "lean_eval" for n in fast.caches.names())
+
+
+@pytest.mark.parametrize("classes,groups,kind,batch,zsl", [
+    (7, -1, "map", 3, 0),        # K = 7 = classes, G = 1
+    (101, 10, "map", 2, 0),      # G = 11, padded tail of 9
+    (5, 8, "map", 2, 0),         # groups > classes: K = 5
+    (20, 3, "tokens", 1, 0),     # [B, N, C] input, B = 1
+    (33, 4, "map", 1, 0),        # a [B, C, H, W] map with B = 1: one transposed matrix
+    (33, 4, "map", 4, 0),
+    (1, -1, "map", 3, 1),        # ZSL: 7 word vectors as queries
+])
+def test_fp64_matches_reference(classes, groups, kind, batch, zsl):
+    ref, fast = make_pair(classes, groups, dtype=torch.float64, zsl=zsl)
+    _lean(fast)
+    ref.eval(), fast.eval()
+    x = make_input(kind, batch, 24, tokens=10, dtype=torch.float64)
+    with torch.no_grad():
+        out = fast(x)
+        assert _ran_lean(fast)
+        assert_close("lean eval fp64", ref(x), out, 1e-12)
+
+
+def test_input_layouts():
+    ref, fast = make_pair(50, 10, dtype=torch.float64)
+    _lean(fast)
+    ref.eval(), fast.eval()
+    base = torch.randn(3, 24, 4, 6, dtype=torch.float64)
+    for x in (base, base.to(memory_format=torch.channels_last), base.transpose(2, 3),
+              base[:, :, ::2, :], torch.randn(6, 24, 4, 5, dtype=torch.float64)[::3],
+              torch.randn(2, 24, 9, dtype=torch.float64).transpose(1, 2),   # strided tokens
+              torch.randn(2, 9, 24, dtype=torch.float64)):
+        with torch.no_grad():
+            assert_close(f"layout {tuple(x.stride())}", ref(x), fast(x), 1e-12)
+
+
+def test_batch_zero_and_one():
+    ref, fast = make_pair(30, 4, dtype=torch.float64)
+    _lean(fast)
+    ref.eval(), fast.eval()
+    with torch.no_grad():
+        assert fast(torch.randn(0, 24, 3, 3, dtype=torch.float64)).shape == (0, 30)
+        x = torch.randn(1, 24, 3, 3, dtype=torch.float64)
+        assert_close("B = 1", ref(x), fast(x), 1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("zsl", [0, 1])
+def test_autocast_within_reference_error(dtype, zsl):
+    """Under autocast the lean path may differ from an fp64 reference by at most ~2x what the
+    reference itself does under the same autocast; the logits come out in fp32."""
+    ref, fast = make_pair(101 if not zsl else 1, 10, 64, 48, zsl=zsl)
+    ref64, _ = make_pair(101 if not zsl else 1, 10, 64, 48, zsl=zsl)
+    ref64.load_state_dict(ref.state_dict())
+    ref64.double()
+    if zsl:
+        v = torch.randn(9, 300)
+        for m in (ref, fast, ref64):
+            m.set_word_vectors(v.to(next(m.parameters()).dtype))
+    _lean(fast)
+    for m in (ref, fast, ref64):
+        m.eval()
+    for x in (torch.randn(4, 48, 3, 4), torch.randn(1, 48, 3, 4).to(dtype)):
+        exact = ref64(x.double())
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+            out_ref, out = ref(x), fast(x)
+        assert _ran_lean(fast)
+        assert out.dtype == torch.float32
+        base = rel_rms(exact, out_ref)
+        assert base > 0
+        assert_close(f"autocast {dtype}", exact, out, 2 * base + 1e-6)
+
+
+def test_low_precision_parameters():
+    ref, fast = make_pair(40, 8, 64, 48)
+    ref64, _ = make_pair(40, 8, 64, 48)
+    ref64.load_state_dict(ref.state_dict())
+    ref64.double().eval()
+    _lean(fast)
+    ref.bfloat16().eval(), fast.bfloat16().eval()
+    x = torch.randn(3, 48, 3, 3)
+    with torch.no_grad():
+        out = fast(x.bfloat16())
+        assert out.dtype == torch.bfloat16
+        base = rel_rms(ref64(x.double()), ref(x.bfloat16()))
+        assert_close("bf16 params", ref64(x.double()), out, 2 * base + 1e-6)
+
+
+def test_derived_weights_follow_parameter_updates():
+    """The derived weights (casts and folds) are remade after an in-place update of any parameter
+    they come from, and reused otherwise."""
+    ref, fast = make_pair(40, 8, dtype=torch.float64)
+    _lean(fast)
+    ref.eval(), fast.eval()
+    x = torch.randn(2, 24, 3, 3, dtype=torch.float64)
+    with torch.no_grad():
+        fast(x)
+        key = ("lean_eval", torch.float64, torch.float64)
+        held = fast.caches.held(key)
+        fast(x)
+        assert fast.caches.held(key) is held
+        for name in ("decoder.layers.0.linear2.bias", "decoder.layers.0.multihead_attn.in_proj_bias",
+                     "decoder.layers.0.norm1.weight", "decoder.duplicate_pooling_bias"):
+            for m in (ref, fast):
+                m.get_parameter(name).add_(0.25)
+            assert_close(f"after updating {name}", ref(x), fast(x), 1e-12)
+        assert fast.caches.held(key) is not held
+
+
+def test_not_taken_when_autograd_needs_it():
+    """Eval mode with autograd on (fine-tuning with dropout off) takes the differentiable path."""
+    ref, fast = make_pair(40, 8, dtype=torch.float64)
+    _lean(fast)
+    ref.eval(), fast.eval()
+    x = torch.randn(2, 24, 3, 3, dtype=torch.float64)
+    fast(x).sum().backward()
+    ref(x).sum().backward()
+    assert not _ran_lean(fast)
+    assert_close("grad", ref.decoder.layers[0].linear1.weight.grad,
+                 fast.decoder.layers[0].linear1.weight.grad, 1e-10)
+
+
+def test_cpu_default_is_not_lean():
+    _, fast = make_pair(40, 8)
+    fast.eval()
+    with torch.no_grad():
+        fast(torch.randn(2, 24, 3, 3))
+    assert not _ran_lean(fast)
