@@ -13,6 +13,8 @@ microseconds of Python, dispatcher and driver time whatever its size. This modul
 - ``run_backward(output)`` runs the backward by calling the autograd nodes directly, in
   topological order (the autograd engine itself needs a real CUDA context), summing the gradients
   that reach one node input from several places with one ``add`` each, as the engine does.
+- ``forbid_host_sync()`` fails on any op that makes the host wait for the device (reading a
+  value back, data-dependent shapes): one such op stalls the launch queue every call.
 
 On a GPU the same counters run on real tensors, and ``bench/launch_counts.py`` prints them beside
 the number of CUDA kernels the profiler saw for the same forward.
@@ -170,6 +172,24 @@ def fake_cuda(autocast_dtype: torch.dtype | None = torch.bfloat16) -> Iterator[N
     finally:
         torch.set_autocast_enabled("cuda", was_enabled)
         torch.set_autocast_dtype("cuda", was_dtype)
+
+
+# Ops whose result the host needs before it can go on: each one waits for the device.
+SYNCING_OPS = {aten._local_scalar_dense, aten.item, aten.nonzero, aten.is_nonzero, aten.equal,
+               aten.masked_select}
+
+
+class HostSyncError(RuntimeError):
+    pass
+
+
+class forbid_host_sync(TorchDispatchMode):
+    """Within it, an op that synchronises the host with the device raises ``HostSyncError``."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in SYNCING_OPS:
+            raise HostSyncError(f"{func} makes the host wait for the device")
+        return func(*args, **(kwargs or {}))
 
 
 def run_backward(output: torch.Tensor, grad: torch.Tensor | None = None) -> dict:
