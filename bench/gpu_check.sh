@@ -8,7 +8,7 @@
 # GPU_CHECK_BUDGET_S seconds, default 540, skips stages that no longer fit, so the whole run stays
 # under 10 minutes on an H100):
 #   build -> Triton tests on the GPU -> the other CUDA tests -> bench bf16 (COCO, 21K; B = 1, 32,
-#   256) -> per-kernel profile of the backends (COCO train) -> training demo (reference vs fast
+#   256) -> per-kernel profile (COCO train) and launch counts -> training demo (reference vs fast
 #   head) -> bench vs torch.compile (train, B = 256)
 #   -> bench bf16 (other configurations) -> bench fp32 (COCO + 21K)
 # A failing stage does not stop the later ones; the exit status is non-zero if any stage failed or
@@ -126,6 +126,11 @@ stage bench_bf16_21k 150 "0" -- "${BENCH[@]}" --dtype bf16 --batch 1,32,256 --co
 # ---- 3a. where the time goes: top kernels per backend (COCO train, B = 256, bf16) -------------
 stage profile_coco 60 "0" -- "$PY" bench/profile_backends.py --device "$DEVICE" "${QUICK[@]}" --config coco --mode train \
   --batch 256 --impls eager-expert,fast-torch,fast-triton --top 10 --json "$OUT/profile_coco.json"
+
+# ---- 3a'. kernel launches per forward of the torch backend: the count made without a GPU (fake
+# CUDA tensors; tests/test_launches.py holds its budget) beside the profiler's CUDA kernel count ---
+stage launch_counts 60 "0" -- "$PY" bench/launch_counts.py --device "$DEVICE" "${QUICK[@]}" \
+  --json "$OUT/launch_counts.json"
 
 # ---- 3b. the training demo, reference vs fast head (issue: "the fast one gets there faster") ----
 stage demo 100 "0" -- "$PY" -m mldecoder_fast.cli train multilabel --demo --head both --device "$DEVICE" \

@@ -146,3 +146,22 @@ def test_training_step_counts_are_reported(config):
     assert len(step) > len(fwd) > 0
     print(f"\n{config} training B=256: forward {len(fwd)} launches, forward+backward {len(step)} "
           f"({total_kernels(step)} kernels)")
+
+
+def test_launch_counts_script(tmp_path):
+    """bench/launch_counts.py (the GPU check's stage) runs without a GPU and reports the fake
+    counts of the rows it would compare with the profiler's."""
+    import importlib.util
+    import json
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / "launch_counts.py"
+    spec = importlib.util.spec_from_file_location("launch_counts", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "counts.json"
+    assert script.main(["--device", "cpu", "--quick", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    evals = {(r["batch"], r["layout"]): r["fake"] for r in rows if r["mode"] == "eval"}
+    assert evals == {(1, "nchw"): 12, (1, "channels_last"): 12, (256, "nchw"): 13,
+                     (256, "channels_last"): 12}
+    assert {r["mode"] for r in rows} == {"eval", "train", "train+bwd"}

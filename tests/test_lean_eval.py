@@ -145,3 +145,30 @@ def test_cpu_default_is_not_lean():
     with torch.no_grad():
         fast(torch.randn(2, 24, 3, 3))
     assert not _ran_lean(fast)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("zsl", [0, 1], ids=["plain", "zsl"])
+def test_cuda_bf16_autocast_within_reference_error(zsl):
+    """On CUDA (where the lean path is the default, cuBLASLt epilogues included): bf16 autocast
+    within ~2x the reference's own bf16 error, fp32 within 1e-5, for each input layout."""
+    ref, fast = make_pair(101 if not zsl else 1, 10, 256, 192, zsl=zsl, device="cuda")
+    ref64, _ = make_pair(101 if not zsl else 1, 10, 256, 192, zsl=zsl, device="cuda")
+    ref64.load_state_dict(ref.state_dict())
+    ref64.double()
+    if zsl:
+        v = torch.randn(9, 300, device="cuda")
+        for m in (ref, fast, ref64):
+            m.set_word_vectors(v.to(next(m.parameters()).dtype))
+    for m in (ref, fast, ref64):
+        m.eval()
+    base = torch.randn(3, 192, 5, 7, device="cuda")
+    for x in (base, base[:1], base.to(memory_format=torch.channels_last), base.flatten(2).transpose(1, 2)):
+        exact = ref64(x.double())
+        with torch.no_grad():
+            assert_close("cuda fp32", exact, fast(x), 1e-5)
+            assert _ran_lean(fast)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out_ref, out = ref(x.bfloat16()), fast(x.bfloat16())
+        assert out.dtype == torch.float32
+        assert_close("cuda bf16 autocast", exact, out, 2 * rel_rms(exact, out_ref) + 1e-6)

@@ -22,6 +22,7 @@ the number of CUDA kernels the profiler saw for the same forward.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -164,7 +165,9 @@ def fake_cuda(autocast_dtype: torch.dtype | None = torch.bfloat16) -> Iterator[N
     was_enabled = torch.is_autocast_enabled("cuda")
     was_dtype = torch.get_autocast_dtype("cuda")
     try:
-        with FakeTensorMode(allow_non_fake_inputs=False), torch.device("cuda"):
+        with warnings.catch_warnings(), FakeTensorMode(allow_non_fake_inputs=False), torch.device("cuda"):
+            # The head's caches key tensors on their data pointers, which fake tensors lack.
+            warnings.filterwarnings("ignore", "Accessing the data pointer of FakeTensor")
             if autocast_dtype is not None:
                 torch.set_autocast_enabled("cuda", True)
                 torch.set_autocast_dtype("cuda", autocast_dtype)
