@@ -7,9 +7,9 @@
 # Stages, in priority order (each under its own time limit; a global deadline of
 # GPU_CHECK_BUDGET_S seconds, default 540, skips stages that no longer fit, so the whole run stays
 # under 10 minutes on an H100):
-#   build -> Triton tests on the GPU -> the other CUDA tests -> bench bf16 (COCO, 21K; B = 1, 32,
-#   256) -> per-kernel profile (COCO train) and launch counts -> training demo (reference vs fast
-#   head) -> bench vs torch.compile (train, B = 256)
+#   build -> Triton tests on the GPU -> the other CUDA tests -> CUDA graph tests -> bench bf16
+#   (COCO, 21K; B = 1, 32, 256) -> per-kernel profile (COCO train) and launch counts -> training
+#   demo (reference vs fast head) -> bench vs torch.compile (train, B = 256)
 #   -> bench bf16 (other configurations) -> bench fp32 (COCO + 21K)
 # A failing stage does not stop the later ones; the exit status is non-zero if any stage failed or
 # was skipped. The last thing printed is a short table of the results and the speed
@@ -111,7 +111,13 @@ stage test_triton 150 "0" -- env MLDECODER_FAST_AUTOTUNE=0 "${PYTEST[@]}" tests/
 # ---- 2b. the other CUDA tests (extension, module on CUDA; ids containing "cuda") ---------------
 stage test_cuda_other 90 "0 5" -- "${PYTEST[@]}" tests -k cuda \
   --ignore=tests/test_triton_kernels.py --ignore=tests/test_triton_module.py \
-  --junitxml="$OUT/test_cuda_other.xml"
+  --ignore=tests/test_cuda_graphs.py --junitxml="$OUT/test_cuda_other.xml"
+
+# ---- 2c. CUDA graphs: cuda_graphed captures, make_graphed_callables training steps,
+# torch.compile(mode="reduce-overhead") (two inductor compiles: most of this stage's time); the
+# host time per call of cuda_graphed vs eager is a property in test_cuda_graphs.xml --------------
+stage test_cuda_graphs 120 "0" -- "${PYTEST[@]}" tests/test_cuda_graphs.py \
+  --junitxml="$OUT/test_cuda_graphs.xml"
 
 # ---- 3. benchmark: the headline rows (one configuration per call: a stage cut short by its time
 # limit loses only its own rows) ----------------------------------------------------------------
