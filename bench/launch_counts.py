@@ -23,7 +23,12 @@ import sys
 import torch
 
 from mldecoder_fast import MLDecoderFast
-from mldecoder_fast.benchmark.launches import count_launches, fake_cuda, run_backward, total_kernels
+from mldecoder_fast.benchmark.launches import (
+    count_launches,
+    fake_cuda,
+    run_backward,
+    total_kernels,
+)
 
 CONFIGS = {"coco": (80, 80, 2048, 14, 14), "imagenet21k": (21843, 100, 2048, 7, 7)}
 

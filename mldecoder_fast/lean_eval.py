@@ -1,4 +1,4 @@
-"""The launch-lean eval forward: the head's computation (docs/design.md steps 1-7) in 12 kernels.
+"""The launch-lean eval forward: the head's computation (docs/design.md steps 1-7) in 12 launches.
 
 At small batch a GPU forward is bound by the host (about 5-10 us of launch overhead per kernel
 against a few us of work), so this path is built to launch as few kernels as plain PyTorch
@@ -14,23 +14,25 @@ allows, for eval without autograd (``MLDecoderFast.lean_eval_devices`` says wher
   the scores [B, H*K, N] and the values [B, D, N] give the attention output transposed,
   [B, D, K], which the output projection reads as [B, K, D];
 - biases and residuals ride in the GEMMs (``baddbmm``/``addmm_`` accumulate onto them), which
-  takes these exact rearrangements, all made once per weight version in full precision:
-  the key projection folded into the queries (docs/design.md "What makes it fast"); the value
-  bias moved past the attention (its rows sum to one: A(MW_vᵀ + 1b_vᵀ)W_oᵀ = AMW_vᵀW_oᵀ + 1(W_o b_v)ᵀ)
-  into the out-projection's addend, with the residual T1 and b_o; linear2's bias added by LN2's
-  bias (LN2 gives T2' = T2 + b2, the step-6 residual with b2 already in it) and taken back out of
-  linear1's input through its bias (b1' = b1 − W1 b2).
+  takes these exact rearrangements, all made once per weight version in full precision: the key
+  projection folded into the queries whatever K (docs/design.md "What makes it fast"); the value
+  bias moved past the attention, whose rows sum to one (A(MW_vᵀ + 1b_vᵀ)W_oᵀ = AMW_vᵀW_oᵀ +
+  1(W_o b_v)ᵀ), into the out-projection's addend with the residual T1 and b_o; linear2's bias
+  added by LN2's bias (LN2 gives T2' = T2 + b2, the step-6 residual with b2 already in it) and
+  taken back out of linear1's input through its bias (b1' = b1 − W1 b2).
 
 Launches (dispatched ops) per forward, the input in the compute dtype:
   1 input projection + bias + relu (``_addmm_activation``); a [B, C, H, W] map with B > 1: a
-    ``baddbmm`` and an in-place relu (2)
+    ``bmm`` and an in-place clamp at -b_e (2; the bias moves into the out-projection's addend)
   2 values vᵀ = W_v Mᵀ (``bmm``)            3 scores qk Mᵀ (``bmm``)       4 softmax over N
   5 attention output Oᵀ = vᵀ Aᵀ (``bmm``)   6 out-projection + residual (``baddbmm``)
   7 LN2                                     8 linear1 + bias + relu (``_addmm_activation``)
   9 linear2 + residual, in place (``addmm_``)                              10 LN3
   11 group FC (``bmm``)                     12 bias add into the [B, classes] logits (``add``)
-The CPU GEMM choices of the other paths (``ops/cpu_gemm.py``) do not apply here; the products
-are the small functions ``_memory`` and ``_decode`` plus the inline ``bmm``s.
+On CUDA each is one kernel, but for the ``baddbmm``, which first copies its addend into the
+output. The CPU GEMM choices of the other paths (``ops/cpu_gemm.py``) do not apply here (on the
+CPU this path is slower than the oneDNN one); the products are the small functions ``_memory``
+and ``_decode`` plus the inline ``bmm``s.
 """
 from __future__ import annotations
 
@@ -49,10 +51,12 @@ class LeanWeights(NamedTuple):
     unless said otherwise)."""
     w_e: torch.Tensor      # [D, C] input projection (step 1)
     b_e: torch.Tensor      # [D]
+    neg_b_e: torch.Tensor  # [D] -b_e
     qk: torch.Tensor       # [H*K, D] queries with the key projection folded in, / sqrt(d) (step 4)
     w_v: torch.Tensor      # [D, D] value projection
     w_o: torch.Tensor      # [D, D] output projection
     r2: torch.Tensor       # [K, D] T1 + b_o + W_o b_v: the out-projection's addend (steps 4-5)
+    r2_shifted: torch.Tensor  # [K, D] r2 + W_o W_v b_e: the addend for a memory M - b_e
     ln2_w: torch.Tensor    # [D] LN2 weight (CUDA's LayerNorm takes its input's dtype only)
     ln2_b: torch.Tensor    # [D] LN2 bias + linear2's bias
     w1: torch.Tensor       # [F, D] linear1 (step 6)
@@ -99,6 +103,7 @@ def derive(head, dtype: torch.dtype, out_dtype: torch.dtype) -> LeanWeights:
         b_v = attn.in_proj_bias[2 * d:].to(acc)
         w_o = attn.out_proj.weight.to(acc)
         r2 = t1.to(acc) + attn.out_proj.bias.to(acc) + w_o @ b_v
+        r2_shifted = r2 + w_o @ (w_v @ dec.embed_standart.bias.to(acc))
         b2 = layer.linear2.bias.to(acc)
         b1 = layer.linear1.bias.to(acc) - layer.linear1.weight.to(acc) @ b2
         k, g = qk.shape[1], dec.duplicate_pooling.shape[-1]
@@ -107,8 +112,9 @@ def derive(head, dtype: torch.dtype, out_dtype: torch.dtype) -> LeanWeights:
             bias = padded_group_bias(bias, k, g)
         return LeanWeights(
             w_e=cast(dec.embed_standart.weight), b_e=cast(dec.embed_standart.bias),
+            neg_b_e=(-dec.embed_standart.bias.detach()).to(dtype),
             qk=qk.reshape(-1, d).to(dtype), w_v=w_v.to(dtype), w_o=cast(attn.out_proj.weight),
-            r2=r2.to(dtype),
+            r2=r2.to(dtype), r2_shifted=r2_shifted.to(dtype),
             ln2_w=layer.norm2.weight.detach().to(dtype), ln2_b=(layer.norm2.bias.to(acc) + b2).to(dtype),
             w1=cast(layer.linear1.weight), b1=b1.to(dtype), w2=cast(layer.linear2.weight),
             ln3_w=layer.norm3.weight.detach().to(dtype), ln3_b=layer.norm3.bias.detach().to(dtype),
@@ -126,12 +132,13 @@ def forward(x: torch.Tensor, w: LeanWeights, num_out: int, eps2: float, eps3: fl
         d_model = w.w_e.shape[0]
         hd = d_model // NUM_HEADS
         k = w.r2.shape[0]
-        m_t = _memory(tokens, w.w_e, w.b_e).transpose(1, 2)                  # Mᵀ [B, D, N]
+        memory, r2 = _memory(tokens, w)
+        m_t = memory.transpose(1, 2)                                          # Mᵀ [B, D, N]
         v_t = torch.bmm(w.w_v.expand(b, -1, -1), m_t)                         # vᵀ [B, D, N]
         attn = torch.softmax(torch.bmm(w.qk.expand(b, -1, -1), m_t), dim=-1)  # A [B, H*K, N]
         o_t = torch.bmm(v_t.view(b * NUM_HEADS, hd, n),
                         attn.view(b * NUM_HEADS, k, n).transpose(1, 2))       # Oᵀ [B*H, d, K]
-        x2 = torch.baddbmm(w.r2, o_t.view(b, d_model, k).transpose(1, 2),
+        x2 = torch.baddbmm(r2, o_t.view(b, d_model, k).transpose(1, 2),
                            w.w_o.t().expand(b, -1, -1))                       # T1 + O' [B, K, D]
         t2 = F.layer_norm(x2, (d_model,), w.ln2_w, w.ln2_b, eps2).view(b * k, d_model)  # T2 + b2
         hidden = torch._addmm_activation(w.b1, t2, w.w1.t())                 # relu(W1 T2 + b1)
@@ -140,14 +147,20 @@ def forward(x: torch.Tensor, w: LeanWeights, num_out: int, eps2: float, eps3: fl
         return _decode(t3.view(b, k, d_model), w.p, w.bias, num_out)
 
 
-def _memory(tokens: torch.Tensor, w_e: torch.Tensor, b_e: torch.Tensor) -> torch.Tensor:
-    """M = relu(tokens W_eᵀ + b_e) [B, N, D] (design step 1), without copying the tokens."""
+def _memory(tokens: torch.Tensor, w: LeanWeights):
+    """The memory of design step 1, M = relu(tokens W_eᵀ + b_e) [B, N, D], read from the tokens
+    without copying them; returned with the output projection's addend that goes with it."""
     b, n, c = tokens.shape
     if b == 1 or tokens.stride(0) == n * tokens.stride(1):
         # One [B*N, C] matrix (a view): bias and relu in the GEMM's epilogue.
-        return torch._addmm_activation(b_e, tokens.reshape(b * n, c), w_e.t()).view(b, n, -1)
-    # A [B, C, H, W] map: B transposed [N, C] matrices.
-    return torch.baddbmm(b_e, tokens, w_e.t().expand(b, -1, -1)).relu_()
+        m = torch._addmm_activation(w.b_e, tokens.reshape(b * n, c), w.w_e.t())
+        return m.view(b, n, -1), w.r2
+    # A [B, C, H, W] map: B transposed [N, C] matrices of one batched GEMM, whose bias would cost
+    # a copy into its output. Without it: relu(y + b_e) - b_e = max(y, -b_e) is one in-place
+    # clamp, and the -b_e left in the memory is constant along the softmax axis in the scores and
+    # passes through the attention's rows (which sum to one) into the addend r2_shifted.
+    m = torch.bmm(tokens, w.w_e.t().expand(b, -1, -1)).clamp_(min=w.neg_b_e)
+    return m, w.r2_shifted
 
 
 def _decode(t3: torch.Tensor, p: torch.Tensor, bias: torch.Tensor, num_out: int) -> torch.Tensor:

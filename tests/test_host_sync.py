@@ -9,11 +9,15 @@ import os
 
 import pytest
 import torch
-
 from heads import disable_dropout_, make_input, make_pair
 
 from mldecoder_fast import MLDecoderFast
-from mldecoder_fast.benchmark.launches import HostSyncError, fake_cuda, forbid_host_sync, run_backward
+from mldecoder_fast.benchmark.launches import (
+    HostSyncError,
+    fake_cuda,
+    forbid_host_sync,
+    run_backward,
+)
 
 CPU_BACKENDS = ["torch"] + ([] if os.environ.get("MLDECODER_FAST_NO_EXT") == "1" else ["cpp"])
 
@@ -28,12 +32,10 @@ def _step(head, x, train: bool, backward):
 
 
 def test_guard_catches_a_sync():
-    with pytest.raises(HostSyncError):
-        with forbid_host_sync():
-            torch.randn(3).sum().item()
-    with pytest.raises(HostSyncError):
-        with forbid_host_sync():
-            torch.nonzero(torch.randn(3) > 0)
+    with pytest.raises(HostSyncError), forbid_host_sync():
+        torch.randn(3).sum().item()
+    with pytest.raises(HostSyncError), forbid_host_sync():
+        torch.nonzero(torch.randn(3) > 0)
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])

@@ -11,17 +11,22 @@ import pytest
 import torch
 
 from mldecoder_fast import MLDecoderFast
-from mldecoder_fast.benchmark.launches import (count_launches, describe, fake_cuda, run_backward,
-                                               total_kernels)
+from mldecoder_fast.benchmark.launches import (
+    count_launches,
+    describe,
+    fake_cuda,
+    run_backward,
+    total_kernels,
+)
 
 # name -> (classes, K, C, H', W')
 CONFIGS = {"coco": (80, 80, 2048, 14, 14), "imagenet21k": (21843, 100, 2048, 7, 7)}
 
 # The eval forward, launch by launch (lean_eval.py). A [B, C, H, W] map with B > 1 is B
-# transposed matrices: its input projection is a batched GEMM with the bias copied in, then relu.
+# transposed matrices: its input projection is a batched GEMM, then relu(y + b_e) - b_e in place.
 PROJECT_ONE_MATRIX = [("aten._addmm_activation", "input projection + bias + relu (cuBLASLt epilogue)")]
-PROJECT_BATCHED = [("aten.baddbmm", "input projection + bias, batched over B transposed [N, C] inputs"),
-                   ("aten.relu_", "relu of the memory, in place")]
+PROJECT_BATCHED = [("aten.bmm", "input projection, batched over B transposed [N, C] inputs"),
+                   ("aten.clamp_", "max(y, -b_e) = relu(y + b_e) - b_e, in place")]
 AFTER_MEMORY = [
     ("aten.bmm", "values vᵀ = W_v Mᵀ"),
     ("aten.bmm", "scores: key-folded queries qk Mᵀ"),
@@ -116,7 +121,7 @@ def test_multi_kernel_ops_are_named():
 def test_run_backward_matches_autograd():
     """The node-by-node backward used on fake CUDA gives autograd's gradients (real CPU tensors:
     broadcast biases, a tensor used twice, a dtype cast, a frozen input)."""
-    from heads import make_pair, disable_dropout_
+    from heads import disable_dropout_, make_pair
     _, head = make_pair(33, 4, dtype=torch.float64)
     disable_dropout_(head)
     head.fused_training = False

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from helpers import assert_close, rel_rms
 from heads import make_input, make_pair
+from helpers import assert_close, rel_rms
 
 
 def _lean(fast):

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -86,8 +86,8 @@ def _kernels(func, args, kwargs) -> tuple[int, str]:
 
 # Ops known to launch several kernels on CUDA (whatever their arguments), with what they are.
 MULTI_KERNEL = {
-    aten.native_layer_norm_backward: (2, "LayerNorm backward: input gradient, then the "
-                                         "weight/bias gradient reduction"),
+    aten.native_layer_norm_backward: (
+        2, "LayerNorm backward: input gradient, then the weight/bias gradient reduction"),
     aten._softmax_backward_data: (2, "softmax backward: grad * output, then the row reduction"),
     aten._scaled_dot_product_efficient_attention_backward: (
         2, "attention backward (memory-efficient): preprocessing, then the fused backward"),
@@ -153,7 +153,7 @@ def describe(launches: list[Launch]) -> str:
         shape = x.shapes[0] if x.shapes else ()
         dtype = str(x.dtypes[0]).replace("torch.", "") if x.dtypes else ""
         extra = f"  [{x.kernels} kernels: {x.why}]" if x.kernels > 1 else ""
-        lines.append(f"{i + 1:3d} {x.op:<48} {str(list(shape)):<22} {dtype}{extra}")
+        lines.append(f"{i + 1:3d} {x.op:<48} {list(shape)!s:<22} {dtype}{extra}")
     return "\n".join(lines)
 
 
