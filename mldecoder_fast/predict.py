@@ -47,7 +47,7 @@ def load_predictor(path: str, head: str = "fast", backend: str = "auto", weights
     import torch
 
     from .train.checkpoint import CheckpointError, check_classes, head_num_classes, load_checkpoint
-    from .train.multilabel import model_from_args
+    from .train.models import model_from_args
     ckpt = load_checkpoint(path, trust_pickle=trust_pickle)
     names = ckpt.get("class_names")
     if names is None and "idx_to_class" in ckpt:
@@ -93,7 +93,9 @@ def run(args) -> int:
     import torch
 
     from .train.checkpoint import CheckpointError
-    from .train.data import BadImageError, Sample, build_transforms, load_rgb
+    from .train.datasets import BadImageError, load_rgb
+    from .train.formats.common import Sample
+    from .train.transforms import build_transforms
     try:
         model, names, margs = load_predictor(
             args.checkpoint, args.head, args.backend, args.weights, args.device,

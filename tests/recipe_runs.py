@@ -33,7 +33,7 @@ def _multilabel(root: str) -> list:
 
 
 def _singlelabel(root: str) -> list:
-    from mldecoder_fast.train.imagenet21k import generate_imagenet21k
+    from mldecoder_fast.train.synthetic.imagenet21k import generate_imagenet21k
     meta = generate_imagenet21k(os.path.join(root, "data"), 10, train_images=40, val_images=8,
                                 image_size=32, seed=1)
     return ["train", "singlelabel", "--train-list", meta["train_list"], "--val-list", meta["val_list"],

@@ -13,6 +13,7 @@ from heads import disable_dropout_
 
 from mldecoder_fast import MLDecoderFast
 from mldecoder_fast.train import distributed as D
+from mldecoder_fast.train import samplers as S
 
 WORLD = 2
 GLOBAL_BATCH = 8
@@ -101,7 +102,7 @@ def _ddp_worker(rank, world):
 
     # metric helpers: every validation position once, sums over ranks
     ds = list(range(11))
-    mine = list(D.EvalShardSampler(ds, rank, world))
+    mine = list(S.EvalShardSampler(ds, rank, world))
     everyone = sorted(sum(D.all_gather_object(mine, info), []))
     assert everyone == ds
     total = D.all_reduce_sum([len(mine), 1.0], info)
@@ -146,7 +147,7 @@ def test_epoch_sampler_global_order_does_not_depend_on_world_size(repeats):
     def steps(world, skip=0):
         per_rank = []
         for r in range(world):
-            s = D.EpochSampler(data, global_batch // world, r, world, seed=3, repeats=repeats)
+            s = S.EpochSampler(data, global_batch // world, r, world, seed=3, repeats=repeats)
             s.set_epoch(2, skip)
             items = list(s)
             b = global_batch // world
@@ -173,7 +174,7 @@ def test_keyed_dataset_seeds_augmentation_and_keeps_caller_rng():
         def __getitem__(self, i):
             return torch.rand(3)
 
-    ds = D.KeyedDataset(Noise(), seed=5)
+    ds = S.KeyedDataset(Noise(), seed=5)
     torch.manual_seed(0)
     state = torch.get_rng_state()
     a = ds[(1, (0, 17))]

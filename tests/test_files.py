@@ -19,8 +19,8 @@ import torch
 import mldecoder_fast
 from mldecoder_fast.files import FileReadError, UnsafeFileError, load_file
 from mldecoder_fast.train.checkpoint import CheckpointError, load_checkpoint
-from mldecoder_fast.train.data import DataError
-from mldecoder_fast.train.zsl import WORDVEC_DIM, read_word_vectors
+from mldecoder_fast.train.formats.common import DataError
+from mldecoder_fast.train.formats.nus_wide import WORDVEC_DIM, read_word_vectors
 
 PACKAGE = pathlib.Path(mldecoder_fast.__file__).parent
 
@@ -100,8 +100,9 @@ def test_npy_and_tensor_word_vectors_load(tmp_path, suffix):
 
 
 def test_zsl_data_finds_npy_word_vectors(tmp_path):
-    from mldecoder_fast.train import zsl
-    zsl.make_miniature(str(tmp_path))
+    from mldecoder_fast.train.formats import nus_wide as zsl
+    from mldecoder_fast.train.synthetic.nus_miniature import make_miniature
+    make_miniature(str(tmp_path))
     official = tmp_path / zsl.WORDVEC_NAME
     wv = torch.load(official, weights_only=True)
     official.unlink()
@@ -145,7 +146,8 @@ def test_code_in_a_pickle_never_runs(tmp_path, loader):
 
 def test_predict_and_train_commands_refuse_hostile_files(tmp_path, capsys):
     from mldecoder_fast import cli
-    from mldecoder_fast.train import zsl
+    from mldecoder_fast.train.formats import nus_wide as zsl
+    from mldecoder_fast.train.synthetic.nus_miniature import make_miniature
     (path, marker), = [_hostile_files(tmp_path)[2]]
     image = tmp_path / "x.png"
     image.write_bytes(b"not an image")
@@ -153,7 +155,7 @@ def test_predict_and_train_commands_refuse_hostile_files(tmp_path, capsys):
     assert not marker.exists()
     assert "refused" in capsys.readouterr().err
     data = tmp_path / "mini"
-    zsl.make_miniature(str(data))
+    make_miniature(str(data))
     os.replace(path, data / zsl.WORDVEC_NAME)
     assert cli.main(["train", "zsl", "--data", str(data), "--no-file-check", "--epochs", "1"]) == 2
     assert not marker.exists()

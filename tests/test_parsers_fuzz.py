@@ -15,9 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mldecoder_fast.train.data import DataError, load_coco, load_csv
-from mldecoder_fast.train.singlelabel import read_class_names, read_list_file
-from mldecoder_fast.train.zsl import read_data_csv, read_split_json
+from mldecoder_fast.train.formats.coco import load_coco
+from mldecoder_fast.train.formats.common import DataError
+from mldecoder_fast.train.formats.image_lists import read_class_names, read_list_file
+from mldecoder_fast.train.formats.label_csv import load_csv
+from mldecoder_fast.train.formats.nus_wide import read_data_csv, read_split_json
 
 FUZZ = settings(max_examples=40, deadline=timedelta(seconds=2), database=None,
                 suppress_health_check=[HealthCheck.too_slow])

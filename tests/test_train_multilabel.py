@@ -15,15 +15,19 @@ pytest.importorskip("sklearn")
 from mldecoder_fast.cli import main  # noqa: E402
 from mldecoder_fast.train.checkpoint import (CheckpointError, check_classes, load_checkpoint,  # noqa: E402
                                              save_checkpoint)
-from mldecoder_fast.train.data import (BadImageError, DataError, MultiLabelDataset, load_coco,  # noqa: E402
-                                       load_csv)
-from mldecoder_fast.train.demo import demo_datasets  # noqa: E402
+from mldecoder_fast.train.datasets import BadImageError, MultiLabelDataset  # noqa: E402
+from mldecoder_fast.train.formats.coco import load_coco  # noqa: E402
+from mldecoder_fast.train.formats.common import DataError  # noqa: E402
+from mldecoder_fast.train.formats.label_csv import load_csv  # noqa: E402
+from mldecoder_fast.train.synthetic.digits import demo_datasets  # noqa: E402
 from mldecoder_fast.train.ema import ModelEma  # noqa: E402
 from mldecoder_fast.train.losses import AsymmetricLoss  # noqa: E402
 from mldecoder_fast.train.metrics import average_precision, chance_map, mean_average_precision  # noqa: E402
-from mldecoder_fast.train.multilabel import (MultiLabelTrainer, TrainConfig, build_model,  # noqa: E402
-                                             seed_everything)
-from mldecoder_fast.train.optim import build_optimizer, build_scheduler, param_groups  # noqa: E402
+from mldecoder_fast.train.models import build_model  # noqa: E402
+from mldecoder_fast.train.multilabel import MultiLabelTrainer, TrainConfig  # noqa: E402
+from mldecoder_fast.train.optim import build_optimizer, build_scheduler  # noqa: E402
+from mldecoder_fast.train.seeding import seed_everything  # noqa: E402
+from timm.optim import param_groups_weight_decay as param_groups  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

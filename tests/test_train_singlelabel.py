@@ -10,7 +10,7 @@ import torch
 
 from mldecoder_fast.cli import main
 from mldecoder_fast.train import distributed as D
-from mldecoder_fast.train.imagenet21k import IMAGENET21K_CLASSES, generate_imagenet21k
+from mldecoder_fast.train.synthetic.imagenet21k import IMAGENET21K_CLASSES, generate_imagenet21k
 
 TINY = ["--model", "test_resnet", "--image-size", "32", "--decoder-embedding", "32",
         "--num-of-groups", "100", "--workers", "0", "--no-progress", "--log-every", "1",

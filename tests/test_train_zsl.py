@@ -12,7 +12,14 @@ import torch
 
 from mldecoder_fast.cli import main
 from mldecoder_fast.train import zsl as Z
-from mldecoder_fast.train.data import DataError, MultiLabelDataset, build_transforms
+from mldecoder_fast.train.datasets import MultiLabelDataset
+from mldecoder_fast.train.formats import nus_wide as N
+from mldecoder_fast.train.formats.common import DataError
+from mldecoder_fast.train.metrics import topk_prf, zsl_metrics
+from mldecoder_fast.train.models import build_zsl_model, zsl_head
+from mldecoder_fast.train.query_augment import QueryAugment
+from mldecoder_fast.train.synthetic.nus_miniature import make_miniature
+from mldecoder_fast.train.transforms import build_transforms
 
 TINY = ["--model", "test_resnet", "--image-size", "32", "--decoder-embedding", "32", "--workers", "0",
         "--batch-size", "8", "--no-progress", "--lr", "1e-3"]
@@ -21,7 +28,7 @@ TINY = ["--model", "test_resnet", "--image-size", "32", "--decoder-embedding", "
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("nus"))
-    Z.make_miniature(root, train_images=24, val_images=12, image_size=32, seed=0)
+    make_miniature(root, train_images=24, val_images=12, image_size=32, seed=0)
     return root
 
 
@@ -32,11 +39,11 @@ def _copy(mini, tmp_path):
 
 
 def test_miniature_in_official_formats(mini):
-    data = Z.load_zsl_data(mini)
+    data = N.load_zsl_data(mini)
     assert len(data.class_names) == 24 and data.class_names == sorted(data.class_names)
     assert len(data.seen) == 18 and len(data.unseen) == 6 and not set(data.seen) & set(data.unseen)
     assert data.word_vectors.shape == (24, 300)
-    raw = torch.load(os.path.join(mini, Z.WORDVEC_NAME), weights_only=True)
+    raw = torch.load(os.path.join(mini, N.WORDVEC_NAME), weights_only=True)
     assert raw.shape == (300, 24)                       # the official [300, C] layout
     assert torch.equal(data.word_vectors, raw.t())
     assert len(data.train) == 24 and len(data.val) == 12
@@ -44,9 +51,9 @@ def test_miniature_in_official_formats(mini):
 
 
 def _trainer(mini, tmp_path, noise=0.5, extra=3):
-    data = Z.load_zsl_data(mini)
+    data = N.load_zsl_data(mini)
     torch.manual_seed(0)
-    model = Z.build_zsl_model("test_resnet", "fast", decoder_embedding=32)
+    model = build_zsl_model("test_resnet", "fast", decoder_embedding=32)
     tr = MultiLabelDataset(data.train, data.class_names, build_transforms(32, train=True))
     va = MultiLabelDataset(data.val, data.class_names, build_transforms(32, train=False))
     cfg = Z.ZSLConfig(epochs=1, batch_size=8, lr=1e-3, query_noise=noise, extra_queries=extra,
@@ -64,7 +71,7 @@ def test_query_swap_and_augmentation_only_in_training(mini, tmp_path):
     def record(head, args, out):
         calls.append((head.training, head.word_vectors.clone(), out.shape[1]))
 
-    hooks = [Z.zsl_head(m).register_forward_hook(record) for m in (trainer.model, trainer.ema.module)]
+    hooks = [zsl_head(m).register_forward_hook(record) for m in (trainer.model, trainer.ema.module)]
     trainer.fit()
     for h in hooks:
         h.remove()
@@ -83,7 +90,7 @@ def test_query_swap_and_augmentation_only_in_training(mini, tmp_path):
         assert width in (6, 24)
         assert torch.equal(q, clean["zsl"] if width == 6 else clean["gzsl"])
     # after evaluation the head is back on the clean seen queries
-    assert torch.equal(Z.zsl_head(trainer.model).word_vectors, clean["train"])
+    assert torch.equal(zsl_head(trainer.model).word_vectors, clean["train"])
     row = trainer.history["epochs"][-1]
     for key in ("zsl_mAP", "zsl_F1@3", "zsl_P@5", "gzsl_mAP", "gzsl_R@5", "ema_zsl_mAP", "ema_gzsl_F1@3"):
         assert 0 <= row[key] <= 100, key
@@ -93,25 +100,25 @@ def test_no_augmentation_means_clean_training_queries(mini, tmp_path):
     trainer, _ = _trainer(mini, tmp_path, noise=0.0, extra=0)
     q, n_extra = trainer.training_queries()
     assert n_extra == 0 and torch.equal(q, trainer.queries("train"))
-    default = Z.QueryAugment(0.1, -1)
+    default = QueryAugment(0.1, -1)
     assert default(q)[0].shape == q.shape     # a negative count adds nothing
 
 
 def test_topk_metrics_hand_made():
     t = np.array([[1, 0, 0, 1], [0, 1, 0, 0], [0, 0, 0, 0]])
     s = np.array([[.9, .8, .1, .2], [.1, .2, .9, .3], [.5, .4, .3, .2]])
-    one = Z.topk_prf(t, s, 1)          # image 3 has no positive: left out
+    one = topk_prf(t, s, 1)          # image 3 has no positive: left out
     assert one["images"] == 2
     assert one["precision"] == pytest.approx(50.0) and one["recall"] == pytest.approx(100 / 3)
     assert one["f1"] == pytest.approx(40.0)
-    two = Z.topk_prf(t, s, 2)          # hits: image 1 -> class 0; image 2 -> none
+    two = topk_prf(t, s, 2)          # hits: image 1 -> class 0; image 2 -> none
     assert two["precision"] == pytest.approx(25.0) and two["recall"] == pytest.approx(100 / 3)
     assert two["f1"] == pytest.approx(100 * 2 / 7)
-    assert Z.topk_prf(t, s, 9)["recall"] == pytest.approx(100.0)   # k above the class count
-    m = Z.zsl_metrics(np.array([[1, 0], [0, 1], [1, 0]]), np.array([[.9, .1], [.2, .8], [.7, .3]]), ks=(1,))
+    assert topk_prf(t, s, 9)["recall"] == pytest.approx(100.0)   # k above the class count
+    m = zsl_metrics(np.array([[1, 0], [0, 1], [1, 0]]), np.array([[.9, .1], [.2, .8], [.7, .3]]), ks=(1,))
     assert m["mAP"] == pytest.approx(100.0) and m["F1@1"] == pytest.approx(100.0)
     # class 0 ranks its positives 1st and 3rd: AP = (1/1 + 2/3) / 2
-    m = Z.zsl_metrics(np.array([[1, 0], [0, 1], [1, 0]]), np.array([[.9, .1], [.8, .8], [.7, .3]]), ks=(1,))
+    m = zsl_metrics(np.array([[1, 0], [0, 1], [1, 0]]), np.array([[.9, .1], [.8, .8], [.7, .3]]), ks=(1,))
     assert m["mAP"] == pytest.approx(100 * ((1 + 2 / 3) / 2 + 1.0) / 2)
 
 
@@ -133,10 +140,10 @@ def test_cli_trains_and_resumes_on_the_miniature(mini, tmp_path, capsys):
 # bad input --------------------------------------------------------------------------------------
 def test_word_vector_width_mismatch_names_the_file(mini, tmp_path, capsys):
     root = _copy(mini, tmp_path)
-    torch.save(torch.randn(50, 24), os.path.join(root, Z.WORDVEC_NAME))
+    torch.save(torch.randn(50, 24), os.path.join(root, N.WORDVEC_NAME))
     with pytest.raises(DataError, match=r"wordvec_array\.pth: word vectors of shape \[50, 24\], expected \[300, 24\]"):
-        Z.load_zsl_data(root)
-    torch.save(torch.randn(300, 23), os.path.join(root, Z.WORDVEC_NAME))   # one class short
+        N.load_zsl_data(root)
+    torch.save(torch.randn(300, 23), os.path.join(root, N.WORDVEC_NAME))   # one class short
     assert main(["train", "zsl", "--data", root, *TINY]) == 2
     err = capsys.readouterr().err
     assert "wordvec_array.pth" in err and "24 classes" in err
@@ -146,22 +153,22 @@ def test_bad_nus_files_are_reported(mini, tmp_path):
     root = _copy(mini, tmp_path)
     os.remove(os.path.join(root, "images", "val_00003.png"))
     with pytest.raises(DataError, match=r"data\.csv line 29: .*val_00003\.png"):
-        Z.load_zsl_data(root)
-    Z.load_zsl_data(root, check_files=False)
-    with open(os.path.join(root, Z.SPLIT_NAME), "w") as f:
+        N.load_zsl_data(root)
+    N.load_zsl_data(root, check_files=False)
+    with open(os.path.join(root, N.SPLIT_NAME), "w") as f:
         json.dump({"test class": ["pink_star"]}, f)
     with pytest.raises(DataError, match=r"benchmark_81_v0\.json: test class 'pink_star' does not occur"):
-        Z.load_zsl_data(root, check_files=False)
-    with open(os.path.join(root, Z.CSV_NAME), "a") as f:
+        N.load_zsl_data(root, check_files=False)
+    with open(os.path.join(root, N.CSV_NAME), "a") as f:
         f.write("images/x.png,\"['red_square']\",test\n")
     with pytest.raises(DataError, match=r"data\.csv line 38: split 'test'"):
-        Z.load_zsl_data(root, check_files=False)
-    os.remove(os.path.join(root, Z.CSV_NAME))
+        N.load_zsl_data(root, check_files=False)
+    os.remove(os.path.join(root, N.CSV_NAME))
     with pytest.raises(DataError, match=r"data\.csv: not found"):
-        Z.load_zsl_data(root)
+        N.load_zsl_data(root)
 
 
 def test_label_list_formats():
-    assert Z.parse_label_list("['a', 'b c']") == ["a", "b c"]
-    assert Z.parse_label_list("[a, b]") == ["a", "b"]
-    assert Z.parse_label_list("[]") == []
+    assert N.parse_label_list("['a', 'b c']") == ["a", "b c"]
+    assert N.parse_label_list("[a, b]") == ["a", "b"]
+    assert N.parse_label_list("[]") == []

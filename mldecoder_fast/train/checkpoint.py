@@ -11,41 +11,24 @@ too, as the official ``infer.py`` reads it. The other entries:
     class_names, model_args, metrics, history, format
 
 Every entry is a tensor or plain Python data, so ``torch.load(..., weights_only=True)`` reads it.
+``save_run`` / ``resume_run`` write and restore a ``Trainer``'s whole state; ``history["run"]``
+holds the position in the epoch, the batch and process count and every rank's generator states.
 """
 from __future__ import annotations
 
 import os
-import random
+from dataclasses import asdict
 
-import numpy as np
 import torch
+
+from .distributed import all_gather_object, barrier, unwrap
+from .seeding import rank_seed, rng_state, seed_everything, set_rng_state
 
 FORMAT = "mldecoder-fast/1"
 
 
 class CheckpointError(ValueError):
     """A checkpoint that does not fit the run or model it is loaded into."""
-
-
-def rng_state() -> dict:
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(),
-             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(path: str, *, model, class_names, model_args: dict, ema=None, optimizer=None,
@@ -142,25 +125,63 @@ def restore_training_state(ckpt: dict, optimizer, scheduler, scaler):
     return int(ckpt["epoch"]), int(ckpt["step"]), history, saved
 
 
-def write_run_logs(out_dir: str, history: dict, indent: int | None = 1, **fields) -> None:
-    """A run's logs in ``out_dir``: log.csv (one row per epoch) and log.json (``fields``, then
-    the epoch rows and the per-step records of ``history``)."""
-    import json
-    rows = history["epochs"]
-    write_csv_log(os.path.join(out_dir, "log.csv"), rows)
-    with open(os.path.join(out_dir, "log.json"), "w") as f:
-        json.dump({**fields, "epochs": rows, "steps": history["steps"]}, f, indent=indent)
+def save_run(trainer, path: str, metrics=None) -> None:
+    """Write ``trainer``'s state to ``path``: every rank must call it (the ranks' generator states
+    are gathered into ``history["run"]``, with the position in the epoch); rank 0 writes."""
+    run = {"step_in_epoch": trainer.step_in_epoch, "world_size": trainer.info.world_size,
+           "batch_size": trainer.cfg.batch_size, "global_batch": trainer.global_batch,
+           "steps_per_epoch": trainer.steps_per_epoch, "seed": trainer.cfg.seed,
+           "rank_rng": all_gather_object(rng_state(), trainer.info)}
+    if trainer.info.is_main:
+        save_checkpoint(path, model=unwrap(trainer.model), class_names=trainer.class_names,
+                        model_args=trainer.model_args, ema=trainer.ema, optimizer=trainer.optimizer,
+                        scheduler=trainer.scheduler, scaler=trainer.scaler, epoch=trainer.epoch,
+                        step=trainer.step, metrics=metrics,
+                        history={**trainer.history, "best": trainer.best, "run": run,
+                                 "config": asdict(trainer.cfg)})
+    barrier(trainer.info)
 
 
-def write_csv_log(path: str, rows) -> None:
-    """One CSV row per dict; the columns are every key seen, in first-seen order."""
-    if not rows:
-        return
-    keys: list = []
-    for row in rows:
-        keys += [k for k in row if k not in keys]
-    import csv
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
+def resume_run(trainer, path: str) -> None:
+    """Continue ``trainer`` where the checkpoint ``path`` was written (see ``trainer.py``):
+    weights, EMA, optimizer, schedule, scaler, step and position in the epoch, generator states
+    (reseeded when the process count changed). A checkpoint that is not a training checkpoint of
+    this run (other classes, no optimizer state, another one-cycle length) is a CheckpointError."""
+    ckpt = load_checkpoint(path, map_location="cpu")
+    trainer.check_checkpoint(ckpt)
+    for key in ("optimizer", "scheduler", "rng") + (("ema",) if trainer.ema is not None else ()):
+        if key not in ckpt:
+            raise CheckpointError(f"{path}: not a training checkpoint (no '{key}' entry)")
+    saved_total, total = ckpt["scheduler"].get("total_steps"), getattr(trainer.scheduler, "total_steps", None)
+    if saved_total is not None and total is not None and saved_total != total:
+        raise CheckpointError(f"{path}: its one-cycle schedule has {saved_total} steps, this run "
+                              f"{total} ({trainer.cfg.epochs} epochs x {trainer.steps_per_epoch} steps): "
+                              "resume with the run's --epochs, --batch-size, data and "
+                              "--max-steps-per-epoch")
+    unwrap(trainer.model).load_state_dict(ckpt["model"])
+    if trainer.ema is not None:
+        trainer.ema.load_state_dict(ckpt["ema"])
+    trainer.epoch, trainer.step, trainer.history, hist = restore_training_state(
+        ckpt, trainer.optimizer, trainer.scheduler, trainer.scaler)
+    trainer.best = dict(hist.get("best", trainer.best))
+    run = hist.get("run") or {}
+    old_batch = int(run.get("global_batch", trainer.global_batch))
+    trainer.step_in_epoch = int(run.get("step_in_epoch", 0)) * old_batch // trainer.global_batch
+    if old_batch != trainer.global_batch:
+        trainer.log(f"note: the checkpoint was trained with a global batch of {old_batch}, this run "
+                    f"uses {trainer.global_batch}: the schedule continues by step count")
+    if int(run.get("steps_per_epoch", trainer.steps_per_epoch)) != trainer.steps_per_epoch:
+        trainer.log(f"note: {run.get('steps_per_epoch')} steps per epoch in the checkpoint, "
+                    f"{trainer.steps_per_epoch} here (another process count or batch)")
+    ranks = run.get("rank_rng") or [ckpt["rng"]]   # a single-process checkpoint has "rng" only
+    if int(run.get("world_size", 1)) == trainer.info.world_size and len(ranks) == trainer.info.world_size:
+        set_rng_state(ranks[trainer.info.rank])
+        how = "every rank's generator state restored"
+    else:
+        seed_everything(rank_seed(trainer.cfg.seed + 7 * trainer.step, trainer.info.rank))
+        how = (f"written by {run.get('world_size', '?')} process(es), resumed on "
+               f"{trainer.info.world_size}: data order continues exactly, generators reseeded")
+    trainer.step_schedule(advance=False)
+    trainer.resumed_from = path
+    trainer.log(f"resumed from {path}: epoch {trainer.epoch} + {trainer.step_in_epoch} steps "
+                f"(step {trainer.step}); {how}")

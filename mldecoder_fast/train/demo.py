@@ -1,21 +1,12 @@
-"""A small real multi-label dataset that needs no download: digit mosaics.
-
-scikit-learn ships 1,797 real 8x8 handwritten digits (the UCI optdigits test set). Each mosaic is
-a ``grid`` x ``grid`` board with 1 to ``max_digits`` digits put in random cells; its labels are
-the digits present (10 classes, "0" to "9"). The digits are split 60/40 into a training and a
-held-out pool first, so validation mosaics are made only of handwriting the model never saw.
-With the defaults a class is present in ~22% of the images: random scores give mAP ~22.
-"""
+"""The multi-label demo (``mldecoder-fast train multilabel --demo``, docs/training.md): its settings,
+and the fast-vs-reference comparison of ``--head both`` (mAP, training time, and the time of one
+training step of each model and of its head alone, timed in turns on the same batch)."""
 from __future__ import annotations
 
+import json
 import os
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.data import Dataset
-
-CLASS_NAMES = [str(d) for d in range(10)]
 
 # The demo's defaults: a small timm backbone and a head small enough for a CPU.
 # test_resnet is timm's smallest ResNet (4 basic blocks, 0.37M parameters): a real architecture
@@ -25,123 +16,58 @@ DEMO_DEFAULTS = dict(model="test_resnet", image_size=48, grid=3, epochs=5, batch
                      num_of_groups=-1, workers=0, train_size=2048, val_size=512)
 
 
-def load_digits():
-    """(images [1797, 8, 8] float in [0, 1], labels [1797]) from scikit-learn's bundled copy."""
-    try:
-        from sklearn.datasets import load_digits as sk_load_digits
-    except ImportError:
-        raise ImportError("the demo dataset comes from scikit-learn: pip install scikit-learn") from None
-    d = sk_load_digits()
-    return torch.tensor(d.images / 16.0, dtype=torch.float32), torch.tensor(d.target, dtype=torch.long)
-
-
-def make_mosaics(digits: torch.Tensor, labels: torch.Tensor, n: int, image_size: int = 64,
-                 grid: int = 3, max_digits: int = 4, generator: torch.Generator | None = None):
-    """``n`` mosaics: uint8 images [n, 3, S, S] and multi-hot targets [n, 10]."""
-    cell = image_size // grid
-    pad = image_size - cell * grid
-    tiles = F.interpolate(digits[:, None], size=(cell, cell), mode="bilinear", align_corners=False)
-    tiles = tiles[:, 0].clamp(0, 1)
-    images = torch.zeros(n, image_size, image_size)
-    targets = torch.zeros(n, len(CLASS_NAMES))
-    for i in range(n):
-        k = int(torch.randint(1, max_digits + 1, (), generator=generator))
-        cells = torch.randperm(grid * grid, generator=generator)[:k]
-        picks = torch.randint(len(digits), (k,), generator=generator)
-        off = torch.randint(0, pad + 1, (2,), generator=generator) if pad else (0, 0)
-        for c, p in zip(cells.tolist(), picks.tolist()):
-            r, col = divmod(c, grid)
-            y0, x0 = int(off[0]) + r * cell, int(off[1]) + col * cell
-            images[i, y0:y0 + cell, x0:x0 + cell] = tiles[p]
-            targets[i, labels[p]] = 1
-    images = (images * 255).round().to(torch.uint8)[:, None].expand(-1, 3, -1, -1).contiguous()
-    return images, targets
-
-
-class MosaicDataset(Dataset):
-    """In-memory uint8 mosaics, served as float images normalised like the backbone's input."""
-
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor, mean, std):
-        self.images, self.target_tensor = images, targets
-        self.class_names = list(CLASS_NAMES)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def targets(self) -> torch.Tensor:
-        return self.target_tensor
-
-    def __getitem__(self, i):
-        x = self.images[i].float().div_(255)
-        return (x - self.mean) / self.std, self.target_tensor[i]
-
-    def save_examples(self, folder: str, count: int = 8) -> list:
-        """Write the first ``count`` mosaics as PNGs named by their digits (for ``predict``)."""
-        from PIL import Image
-        os.makedirs(folder, exist_ok=True)
-        paths = []
-        for i in range(min(count, len(self))):
-            digits = "".join(c for c, t in zip(self.class_names, self.target_tensor[i]) if t > 0)
-            path = os.path.join(folder, f"mosaic{i:02d}_digits_{digits}.png")
-            Image.fromarray(self.images[i].permute(1, 2, 0).numpy()).save(path)
-            paths.append(path)
-        return paths
-
-
-def demo_datasets(train_size: int, val_size: int, image_size: int, mean, std, seed: int = 0,
-                  grid: int = 3, max_digits: int = 4):
-    """(train, val) mosaic datasets; the digit pools and mosaics depend only on ``seed``."""
-    digits, labels = load_digits()
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(digits), generator=g)
-    n_train = int(0.6 * len(digits))
-    tr, va = order[:n_train], order[n_train:]
-    train = make_mosaics(digits[tr], labels[tr], train_size, image_size, grid, max_digits, g)
-    val = make_mosaics(digits[va], labels[va], val_size, image_size, grid, max_digits, g)
-    return MosaicDataset(*train, mean, std), MosaicDataset(*val, mean, std)
-
-
 def time_training_steps(models: dict, batch: torch.Tensor, reps: int = 7, amp_dtype=None) -> dict:
     """Median milliseconds of one training-mode forward + backward, for each model and for its
-    ML-Decoder head alone (on the head's real input), timed in turns so that a busy machine slows
-    every candidate alike; under ``torch.autocast(amp_dtype)`` when given (as the trainer runs),
-    with the device synchronised around each timed region on CUDA.
+    ML-Decoder head alone (on the head's real input), timed in interleaved rounds by
+    ``mldecoder_fast.benchmark.timing.time_interleaved`` so that a busy machine slows every
+    candidate alike; under ``torch.autocast(amp_dtype)`` when given (as the trainer runs).
     Returns {name: {"model_ms": ..., "head_ms": ...}}."""
-    import time
-
-    from ..benchmark.timing import synchronize
+    from ..benchmark.timing import time_interleaved
     from ..timm_head import ml_decoder_of
     from .amp import autocast
     dev = batch.device
 
-    def now():
-        synchronize(dev)
-        return time.perf_counter()
+    def step(module, x):
+        def run():
+            module.zero_grad(set_to_none=True)
+            with autocast(dev.type, amp_dtype):
+                y = module(x)
+            y.float().sum().backward()
+        return run
 
-    feats, heads = {}, {}
+    fns = {}
     for name, model in models.items():
         model.eval()
         with torch.no_grad(), autocast(dev.type, amp_dtype):
-            feats[name] = model.forward_head(model.forward_features(batch), pre_logits=True)
+            feats = model.forward_head(model.forward_features(batch), pre_logits=True)
         model.train()
-        heads[name] = ml_decoder_of(model)
-    times = {name: {"model_ms": [], "head_ms": []} for name in models}
-    for rep in range(reps + 1):
-        for name, model in models.items():
-            x = feats[name].detach().requires_grad_(True)
-            t0 = now()
-            with autocast(dev.type, amp_dtype):
-                y = heads[name](x)
-            y.float().sum().backward()
-            t1 = now()
-            with autocast(dev.type, amp_dtype):
-                y = model(batch)
-            y.float().sum().backward()
-            t2 = now()
-            model.zero_grad(set_to_none=True)
-            if rep:  # the first round warms up
-                times[name]["head_ms"].append(1000 * (t1 - t0))
-                times[name]["model_ms"].append(1000 * (t2 - t1))
-    return {name: {k: float(np.median(v)) for k, v in t.items()} for name, t in times.items()}
+        fns[(name, "head_ms")] = step(ml_decoder_of(model), feats.detach().requires_grad_(True))
+        fns[(name, "model_ms")] = step(model, batch)
+    timings = time_interleaved(fns, dev, warmup=1, repeats=reps)
+    for model in models.values():
+        model.zero_grad(set_to_none=True)
+    return {name: {key: timings[(name, key)].median_ms for key in ("model_ms", "head_ms")}
+            for name in models}
+
+
+def compare_heads(results: dict, out: str) -> None:
+    """Fast vs reference after ``--head both``: print and write ``comparison.json``."""
+    f, r = results["fast"], results["reference"]
+    trainer = f["trainer"]
+    x, _ = next(iter(torch.utils.data.DataLoader(trainer.val_set, batch_size=trainer.cfg.batch_size)))
+    t = time_training_steps({"fast": f["trainer"].model, "reference": r["trainer"].model},
+                            x.to(trainer.device), amp_dtype=trainer.amp_dtype)
+    print("\nhead        best mAP   last mAP   last EMA   train s   step ms (fwd+bwd)   head ms (fwd+bwd)")
+    for name, s in (("fast", f), ("reference", r)):
+        print(f"{name:10s} {s['best_mAP']:9.2f} {s['last']['mAP']:10.2f} {s['last']['mAP_ema']:10.2f} "
+              f"{s['wall_s']:9.1f} {t[name]['model_ms']:19.1f} {t[name]['head_ms']:19.1f}")
+    report = {"best_mAP": {k: v["best_mAP"] for k, v in results.items()},
+              "best_mAP_difference": f["best_mAP"] - r["best_mAP"],
+              "train_s": {k: v["wall_s"] for k, v in results.items()}, "step_timing_ms": t,
+              "step_speedup": t["reference"]["model_ms"] / t["fast"]["model_ms"],
+              "head_speedup": t["reference"]["head_ms"] / t["fast"]["head_ms"]}
+    print(f"best mAP difference (fast - reference): {report['best_mAP_difference']:+.2f}; "
+          f"training step {report['step_speedup']:.2f}x and head {report['head_speedup']:.2f}x faster "
+          f"with MLDecoderFast (median of turns on one batch of {x.shape[0]})")
+    with open(os.path.join(out, "comparison.json"), "w") as fh:
+        json.dump(report, fh, indent=1)

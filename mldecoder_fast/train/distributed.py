@@ -7,16 +7,7 @@ torch and timm); this module only decides how the recipes use it:
   MASTER_PORT) and starts a process group: nccl on GPUs, gloo on CPUs. Without that environment it
   is a single process with no process group, and every helper below degrades to a no-op.
 - ``wrap_ddp()``: DistributedDataParallel with the settings an ML-Decoder head needs (see below).
-- ``EpochSampler``: the training order of an epoch. torch's ``DistributedSampler`` (or timm's
-  ``RepeatAugSampler`` for repeated augmentation) hands rank r the positions r, r + W, r + 2W, ...
-  of one global order, so step s of the W ranks together covers global positions
-  [s*B, (s+1)*B) for the global batch B, whatever W is. The sampler yields ``(index, key)``: the
-  key (epoch, global position) seeds that sample's augmentation (``KeyedDataset``). A run resumed
-  mid-epoch, on the same or on a different number of processes with the same global batch, skips
-  exactly the samples already seen, and every later global batch holds the same images with the
-  same augmentations.
-- ``EvalShardSampler``: validation positions r, r + W, ... without padding, so sums reduced over
-  ranks count every validation image exactly once.
+- The data order under several processes: ``samplers.py``.
 - ``all_reduce_sum`` / ``all_gather_object``: metric reduction; ``is_main`` for rank-0 logging and
   checkpointing.
 
@@ -32,24 +23,19 @@ deadlocks when ranks run different numbers of validation batches.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import os
-import random
 import resource
 import socket
 import sys
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import Dataset, Sampler
 
 __all__ = ["DistInfo", "init_distributed", "destroy_distributed", "wrap_ddp", "unwrap", "shard_with_fsdp", "reshard_all",
            "drop_query_cache_each_forward",
-           "all_reduce_sum", "all_gather_object", "broadcast_object", "barrier", "EpochSampler",
-           "EvalShardSampler", "KeyedDataset", "sample_seed", "peak_memory_mb", "free_port",
-           "spawn_local", "rank_seed"]
+           "all_reduce_sum", "all_reduce_max", "all_gather_object", "broadcast_object", "barrier",
+           "peak_memory_mb", "free_port", "spawn_local"]
 
 
 @dataclass(frozen=True)
@@ -255,117 +241,6 @@ def barrier(info: DistInfo) -> None:
             dist.barrier(device_ids=[info.device.index])
         else:
             dist.barrier()
-
-
-# samplers ----------------------------------------------------------------------------------------
-def rank_seed(seed: int, rank: int) -> int:
-    """The seed of one rank's global generators (dropout, drop-path, mixup draws)."""
-    return (int(seed) * 1_000_003 + int(rank) * 7919) % (2**63 - 1)
-
-
-def sample_seed(seed: int, epoch: int, position: int) -> int:
-    """A 63-bit seed for one sample's augmentation, from (run seed, epoch, global position)."""
-    h = hashlib.blake2b(f"{seed}/{epoch}/{position}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") >> 1
-
-
-class EpochSampler(Sampler):
-    """One rank's share of an epoch, as ``(dataset index, (epoch, global position))`` pairs.
-
-    ``repeats > 1`` uses timm's ``RepeatAugSampler`` (each image ``repeats`` times per epoch, the
-    copies on different ranks); otherwise torch's ``DistributedSampler`` (shuffled, the tail dropped
-    so every rank gets the same count). Both hand rank r the positions r, r + W, ... of one global
-    order, so the global position of the j-th sample of rank r is j*W + r.
-
-    ``set_epoch(epoch, skip_steps)`` picks the epoch (its order is seeded by ``seed`` and the epoch)
-    and skips the first ``skip_steps`` local batches, for a resume in the middle of an epoch.
-    ``steps`` is the number of full local batches per epoch.
-    """
-
-    def __init__(self, dataset, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 repeats: int = 1, shuffle: bool = True):
-        self.batch_size = int(batch_size)
-        self.rank, self.world_size = int(rank), int(world_size)
-        self.seed = int(seed)
-        self.repeats = repeats
-        if repeats and repeats > 1:
-            from timm.data.distributed_sampler import RepeatAugSampler
-            self.base = RepeatAugSampler(dataset, num_replicas=world_size, rank=rank,
-                                         shuffle=shuffle, num_repeats=repeats)
-        else:
-            from torch.utils.data import DistributedSampler
-            self.base = DistributedSampler(dataset, num_replicas=world_size, rank=rank,
-                                           shuffle=shuffle, seed=seed, drop_last=True)
-        self.steps = len(self.base) // self.batch_size
-        if self.steps == 0:
-            raise ValueError(f"the training set ({len(dataset)} images, {len(self.base)} per process "
-                             f"over {world_size} process(es)) is smaller than one batch of "
-                             f"{self.batch_size} per process")
-        self.epoch = 0
-        self.skip_steps = 0
-
-    def set_epoch(self, epoch: int, skip_steps: int = 0) -> None:
-        self.epoch = int(epoch)
-        self.skip_steps = int(skip_steps)
-        # RepeatAugSampler seeds its permutation with the epoch alone: fold the run seed in.
-        self.base.set_epoch(self.epoch if isinstance(self.base, torch.utils.data.DistributedSampler)
-                            else self.seed * 100_003 + self.epoch)
-
-    def __iter__(self):
-        start = self.skip_steps * self.batch_size
-        end = self.steps * self.batch_size
-        for j, index in enumerate(self.base):
-            if j >= end:
-                break
-            if j >= start:
-                yield int(index), (self.epoch, j * self.world_size + self.rank)
-
-    def __len__(self) -> int:
-        return (self.steps - self.skip_steps) * self.batch_size
-
-
-class EvalShardSampler(Sampler):
-    """Positions rank, rank + W, ... of a dataset, in order and without padding."""
-
-    def __init__(self, dataset, rank: int = 0, world_size: int = 1):
-        self.n, self.rank, self.world_size = len(dataset), int(rank), int(world_size)
-
-    def __iter__(self):
-        return iter(range(self.rank, self.n, self.world_size))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.n, self.world_size))
-
-
-class KeyedDataset(Dataset):
-    """Wraps a dataset so that item ``(index, (epoch, position))`` is drawn with python, numpy and
-    torch generators seeded by ``sample_seed(seed, epoch, position)``: the augmentation of a sample
-    depends on the run seed and its place in the epoch only, not on the worker, the rank, the
-    number of processes or where a run was resumed. The caller's generator states are restored
-    afterwards (the data may load in the main process, whose generators drive dropout)."""
-
-    def __init__(self, base, seed: int = 0):
-        self.base = base
-        self.seed = int(seed)
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, item):
-        if not isinstance(item, tuple):
-            return self.base[item]
-        index, (epoch, position) = item
-        s = sample_seed(self.seed, epoch, position)
-        py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            random.seed(s)
-            np.random.seed(s % 2**32)
-            torch.manual_seed(s)
-            try:
-                return self.base[index]
-            finally:
-                random.setstate(py_state)
-                np.random.set_state(np_state)
 
 
 # measurement and local launching -----------------------------------------------------------------

@@ -1,32 +1,20 @@
-"""Optimizer and schedule of the MS-COCO recipe: Adam with weight decay on weight matrices only,
-OneCycleLR with pct_start 0.2."""
+"""Optimizer and schedule of the ML-Decoder recipes (multi-label, ZSL): Adam with weight decay on
+weight matrices only, OneCycleLR with pct_start 0.2 (docs/design.md, Training recipes)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 
-def param_groups(model: nn.Module, weight_decay: float, skip=()) -> list:
-    """Two groups: decayed (weights of rank >= 2) and not decayed (biases, 1-D parameters such as
-    norm scales, names in ``skip``). Frozen parameters (requires_grad False, e.g. the decoder's
-    query embedding) are left out."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or name.endswith(".bias") or name in skip:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": no_decay, "weight_decay": 0.0},
-            {"params": decay, "weight_decay": weight_decay}]
-
-
 def build_optimizer(model: nn.Module, lr: float = 1e-4, weight_decay: float = 1e-4,
                     mode: str = "decoupled") -> torch.optim.Optimizer:
-    """``mode="decoupled"``: AdamW (the SPEC recipe). ``mode="l2"``: Adam with the decay added to
-    the gradient, which is what the official train.py's ``Adam(add_weight_decay(...))`` does."""
-    groups = param_groups(model, weight_decay)
+    """``mode="decoupled"``: AdamW (the recipe in docs/design.md). ``mode="l2"``: Adam with the
+    decay added to the gradient, which is what the official train.py's
+    ``Adam(add_weight_decay(...))`` does. No decay on biases and 1-D parameters (norm scales);
+    frozen parameters (the decoder's query embedding) are left out: timm's
+    ``param_groups_weight_decay``."""
+    from timm.optim import param_groups_weight_decay
+    groups = param_groups_weight_decay(model, weight_decay)
     if mode == "decoupled":
         return torch.optim.AdamW(groups, lr=lr)
     if mode == "l2":

@@ -29,7 +29,7 @@ import sys
 
 import numpy as np
 
-from .._cli_types import SEED, int_range
+from ..._cli_types import SEED, int_range
 
 IMAGENET21K_CLASSES = 21843
 _BITS = 16
@@ -125,6 +125,3 @@ def main(argv=None) -> int:
     print(json.dumps(meta, indent=1))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

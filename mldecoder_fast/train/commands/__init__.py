@@ -1,0 +1,2 @@
+"""The command line of each training recipe: ``multilabel``, ``singlelabel``, ``zsl``, each with
+``register(recipes)`` (its parser under ``mldecoder-fast train``) and ``run(args)``."""
