@@ -15,7 +15,7 @@ class AsymmetricLoss(nn.Module):
 
     Probabilities are clamped at ``eps`` inside the logs. With ``detach_focal_weight`` (the
     recipe's setting, the official ``disable_torch_grad_focal_loss=True``) the focusing weights
-    are constants for the backward. The loss is computed in float32 whatever the logits' dtype.
+    are constants for the backward. The loss is computed in float32, or float64 for float64 logits.
 
     Args:
         gamma_neg, gamma_pos: focusing exponents (recipe: 4 and 0).
@@ -37,7 +37,7 @@ class AsymmetricLoss(nn.Module):
         if logits.shape != targets.shape:
             raise ValueError(f"AsymmetricLoss: logits {tuple(logits.shape)} and targets "
                              f"{tuple(targets.shape)} differ in shape")
-        x = logits.float()
+        x = logits if logits.dtype == torch.float64 else logits.float()
         y = targets.to(x.dtype)
         p_pos = torch.sigmoid(x)
         p_neg = 1 - p_pos                      # probability of "absent"
