@@ -155,12 +155,16 @@ def _attention_ref(q, kv, num_heads, keep=None, p=0.0):
     return (a @ vh).transpose(1, 2).reshape(b, nq, dm)
 
 
-# K = 13: one query block; K = 20: two blocks (the backward's atomic path). N = 37: three key
-# tiles; head dim 12 padded to 16.
+# Interpreted tiles are 16 wide: K = 13 is one query block, K = 20 two (both passes of the
+# backward loop over query blocks); N = 37 is three key tiles with a masked tail. Head dims:
+# 12 (one 16-wide column block, masked), 24 (16 + a masked 16), 96 (64 + 32, the head's own).
+ATTN_SHAPES = [(True, 13, 3, 12), (False, 20, 3, 12), (False, 20, 2, 96), (True, 13, 1, 24)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("shared,k", [(True, 13), (False, 20)])
-def test_attention(dtype, shared, k, poison_empty):
-    b, n, h, d = 2, 37, 3, 12
+@pytest.mark.parametrize("shared,k,h,d", ATTN_SHAPES)
+def test_attention(dtype, shared, k, h, d, poison_empty):
+    b, n = 2, 37
     dm = h * d
     q = _leaf(torch.randn(k, dm) if shared else torch.randn(b, k, dm), dtype)
     kv = _leaf(torch.randn(b, n, 2 * dm), dtype)
@@ -169,7 +173,14 @@ def test_attention(dtype, shared, k, poison_empty):
     grads = _grads(out, [q, kv], g)
     qr, kvr = _ref_copies(q, kv)
     ref = TORCH.attention(qr, kvr, h, 0.0)
-    _check(f"attention[shared={shared}, K={k}]", ref, _grads(ref, [qr, kvr], g.float()), out, grads, dtype)
+    _check(f"attention[shared={shared}, K={k}, d={d}]", ref, _grads(ref, [qr, kvr], g.float()),
+           out, grads, dtype)
+
+
+def test_head_split():
+    from mldecoder_fast.kernels.attention import head_split
+    assert [head_split(d) for d in (96, 80, 64, 24, 12, 128)] == [
+        (64, 32), (64, 16), (64, 16), (16, 16), (16, 16), (128, 16)]
 
 
 def test_attention_strided_kv(poison_empty):
@@ -188,21 +199,23 @@ def test_attention_strided_kv(poison_empty):
     _check("attention strided", ref, _grads(ref, [qr, bigr], g), out, grads, torch.float32)
 
 
-@pytest.mark.parametrize("shared,k", [(True, 13), (False, 20)])
-def test_attention_dropout_matches_mask(shared, k, poison_empty):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shared,k,h,d", ATTN_SHAPES)
+def test_attention_dropout_matches_mask(dtype, shared, k, h, d, poison_empty):
     from mldecoder_fast.kernels._common import dropout_mask
-    b, n, h, d, p = 2, 37, 2, 8, 0.2
+    b, n, p = 2, 37, 0.2
     dm = h * d
-    q = _leaf(torch.randn(k, dm) if shared else torch.randn(b, k, dm))
-    kv = _leaf(torch.randn(b, n, 2 * dm))
+    q = _leaf(torch.randn(k, dm) if shared else torch.randn(b, k, dm), dtype)
+    kv = _leaf(torch.randn(b, n, 2 * dm), dtype)
     seed = _seed(99)
-    out, _lse = T.triton_attention(q, kv, seed, h, p, torch.float32)
+    out, _lse = T.triton_attention(q, kv, seed, h, p, dtype)
     g = torch.randn_like(out)
     grads = _grads(out, [q, kv], g)
     keep = dropout_mask(seed, b * h * k, n, p).view(b, h, k, n)
     qr, kvr = _ref_copies(q, kv)
     ref = _attention_ref(qr, kvr, h, keep, p)
-    _check("attention dropout", ref, _grads(ref, [qr, kvr], g), out, grads, torch.float32)
+    _check(f"attention dropout[shared={shared}, K={k}, d={d}]", ref,
+           _grads(ref, [qr, kvr], g.float()), out, grads, dtype)
 
 
 def _folded_ref(qk, memory, v, keep=None, p=0.0):
@@ -517,7 +530,7 @@ def _bf16_close(name, ref32, out, torch_bf16):
 @needs_cuda
 @pytest.mark.parametrize("dtype,b,k,n,shared", [
     (torch.bfloat16, 32, 100, 196, False), (torch.bfloat16, 8, 80, 400, True),
-    (torch.bfloat16, 4, 200, 49, False),   # K = 200: two query blocks, atomic dk/dv
+    (torch.bfloat16, 4, 200, 49, False),   # K = 200: several query blocks in both passes
     (torch.float16, 32, 100, 196, False), (torch.float32, 8, 80, 196, False)])
 def test_attention_full_size_cuda(dtype, b, k, n, shared):
     h, dm = 8, 768

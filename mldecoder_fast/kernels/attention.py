@@ -18,10 +18,17 @@ never projected; the kernel then reads the memory [B, N, D] for every head (head
 reduces the score dimension in chunks. Its backward (rarely needed: training without query
 dropout) is plain PyTorch using the kernel's own dropout mask.
 
-Backward: one program per (batch, head, block of queries) walks the keys once, accumulates dq in
-registers and writes its share of dk, dv per key tile. When all K queries fit one block (K <= 128,
-every standard configuration) each dk, dv element has a single writer and is stored directly;
-otherwise the blocks add into an fp32 buffer with atomics.
+Backward, in two passes (the structure of FlashAttention-2's), neither holding a whole head:
+
+1. ``_attn_bwd_dq_kernel``, one program per (b, h, block of queries): delta = rowsum(dO * O),
+   stored, then dq over tiles of keys, dS recomputed from q, k and the saved log-sum-exp.
+2. ``_attn_bwd_dkv_kernel``, one program per (b, h, block of keys): k and v stay in registers
+   while tiles of queries (q, dO, lse, delta) stream past; dk and dv are written once.
+
+Every output element has one writer: no atomics, no fp32 staging buffer for dk/dv. Head dims are
+split in two power-of-two column blocks (96 = 64 + 32) rather than padded, and query blocks are
+tuned and pruned to K (80 queries: no 128-row block), so no production config spills registers
+on sm_90 (``tests/test_triton_spills.py`` compiles them all offline).
 """
 from __future__ import annotations
 
@@ -31,83 +38,107 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, autotune, dot_precision, dropout_keep, next_pow2, num_sms, size_class
+from ._common import INTERPRET, autotune, dot_precision, dropout_keep, next_pow2, size_class
 
 LOG2E = 1.4426950408889634
 
-_FWD_CONFIGS = [
-    triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1),   # small, safe
+# Query blocks (BLOCK_K / BLOCK_M) are tuned like the key tiles and pruned to the number of
+# queries (K = 80: 64 + 16-row blocks or 16-row blocks, not one 128-row block). Head dims are split
+# in two power-of-two column blocks (96 = 64 + 32, see ``head_split``), never padded to 128. The
+# dots' row blocks are 64 per 4 warps (Hopper's warp-group MMA shape): 32-row blocks and 128-row
+# blocks at 4 warps spill registers on sm_90 (tests/test_triton_spills.py).
+FWD_CONFIGS = [
+    triton.Config({"BLOCK_K": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_K": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_K": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_K": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_K": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1),   # small, safe
 ]
-_BWD_CONFIGS = [
-    triton.Config({"BLOCK_N": 32}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1),   # small, safe
+BWD_DQ_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1),   # small, safe
 ]
-_INTERP_CONFIG = triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)
+BWD_DKV_CONFIGS = [
+    triton.Config({"BLOCK_N": 64, "BLOCK_M": 16}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 64, "BLOCK_M": 32}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_N": 64, "BLOCK_M": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_N": 128, "BLOCK_M": 32}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_N": 16, "BLOCK_M": 16}, num_warps=4, num_stages=1),   # small, safe
+]
+_INTERP_FWD = triton.Config({"BLOCK_K": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
+_INTERP_BWD = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
 
 
-@autotune(_FWD_CONFIGS, _INTERP_CONFIG,
-          key=["K", "N", "QK_DIM", "HEAD_DIM", "BLOCK_K", "SIZE_CLASS", "DROPOUT"],
-          sizes={"BLOCK_N": "N"})
+@triton.jit
+def _tile(ptr, rows, rmask, s_row, cols, s_col, HEAD_DIM: tl.constexpr):
+    """[rows, cols] of one head (``ptr`` at its first column), 0 outside ``rmask`` and HEAD_DIM."""
+    return tl.load(ptr + rows[:, None] * s_row + cols[None, :] * s_col,
+                   mask=rmask[:, None] & (cols < HEAD_DIM)[None, :], other=0.0)
+
+
+@autotune(FWD_CONFIGS, _INTERP_FWD,
+          key=["K", "N", "QK_DIM", "HEAD_DIM", "SIZE_CLASS", "DROPOUT"],
+          sizes={"BLOCK_K": "K", "BLOCK_N": "N"})
 @triton.jit(do_not_specialize=["SIZE_CLASS"])
 def _attn_fwd_kernel(Q, KEYS, VALS, O, LSE, SEED,
                      H, K, N, D_OUT,
                      s_qb, s_qh, s_qk, s_qc, s_kb, s_kh, s_kn, s_kc, s_vb, s_vh, s_vn, s_vd,
                      qk_scale, p, drop_scale, SIZE_CLASS,
                      QK_DIM: tl.constexpr, HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr,
-                     PREC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Scores q[b, h, i, :] . keys[b, h, n, :] over QK_DIM (in BLOCK_C chunks when it is wider
-    than one tile), values [b, h, n, :HEAD_DIM]; every operand addressed by (b, h, row, col)
-    strides, so the same kernel reads kv [B, N, 2D] (per-head slices) or, for the folded form,
-    queries qk [H, K, D] against the memory [B, N, D] itself (head stride 0)."""
+                     PREC: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Scores q[b, h, i, :] . keys[b, h, n, :] over QK_DIM, values [b, h, n, :HEAD_DIM]; every
+    operand addressed by (b, h, row, col) strides, so the same kernel reads kv [B, N, 2D]
+    (per-head slices) or, for the folded form, queries qk [H, K, D] against the memory [B, N, D]
+    itself (head stride 0), the score dimension then reduced in BLOCK_C chunks. Head columns:
+    [0, D_LO) and, when HEAD_DIM > D_LO, [D_LO, D_LO + D_HI) (masked to HEAD_DIM)."""
     pid_bh = tl.program_id(0)
     pid_k = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     dt = O.dtype.element_ty
-    SINGLE_CHUNK: tl.constexpr = QK_DIM <= BLOCK_C
+    SPLIT: tl.constexpr = HEAD_DIM > D_LO
+    PER_HEAD: tl.constexpr = QK_DIM == HEAD_DIM  # scores over the head's own columns
 
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
+    ca = tl.arange(0, D_LO)
+    cb = D_LO + tl.arange(0, D_HI)
     kmask = offs_k < K
-    dmask = offs_d < HEAD_DIM
 
     # Shared queries have s_qb == 0: every program of a head reads the same block.
-    q_base = Q + b * s_qb + h * s_qh + offs_k[:, None] * s_qk
+    q_base = Q + b * s_qb + h * s_qh
     k_base = KEYS + b * s_kb + h * s_kh
-    v_base = VALS + b * s_vb + h * s_vh + offs_d[None, :] * s_vd
-    if SINGLE_CHUNK:
-        q = tl.load(q_base + offs_c[None, :] * s_qc,
-                    mask=kmask[:, None] & (offs_c < QK_DIM)[None, :], other=0.0).to(dt)
+    v_base = VALS + b * s_vb + h * s_vh
+    if PER_HEAD:
+        qa = _tile(q_base, offs_k, kmask, s_qk, ca, s_qc, HEAD_DIM).to(dt)
+        if SPLIT:
+            qb = _tile(q_base, offs_k, kmask, s_qk, cb, s_qc, HEAD_DIM).to(dt)
     rows = pid_bh * K + offs_k  # dropout row id of (b, h, query)
     if DROPOUT:
         seed = tl.load(SEED)
 
     m_i = tl.full([BLOCK_K], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_K], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+    acc_a = tl.zeros([BLOCK_K, D_LO], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_K, D_HI], dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
         n = start + offs_n
         nmask = n < N
-        if SINGLE_CHUNK:
-            kt = tl.load(k_base + n[:, None] * s_kn + offs_c[None, :] * s_kc,
-                         mask=nmask[:, None] & (offs_c < QK_DIM)[None, :], other=0.0).to(dt)
-            s = tl.dot(q, tl.trans(kt), input_precision=PREC)
+        if PER_HEAD:
+            s = tl.dot(qa, tl.trans(_tile(k_base, n, nmask, s_kn, ca, s_kc, HEAD_DIM).to(dt)),
+                       input_precision=PREC)
+            if SPLIT:
+                s = tl.dot(qb, tl.trans(_tile(k_base, n, nmask, s_kn, cb, s_kc, HEAD_DIM).to(dt)),
+                           s, input_precision=PREC)
         else:
             s = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
             for c0 in range(0, QK_DIM, BLOCK_C):
-                c = c0 + offs_c
-                cmask = c < QK_DIM
-                qc = tl.load(q_base + c[None, :] * s_qc, mask=kmask[:, None] & cmask[None, :],
-                             other=0.0).to(dt)
-                kc = tl.load(k_base + n[:, None] * s_kn + c[None, :] * s_kc,
-                             mask=nmask[:, None] & cmask[None, :], other=0.0).to(dt)
+                c = c0 + tl.arange(0, BLOCK_C)
+                qc = _tile(q_base, offs_k, kmask, s_qk, c, s_qc, QK_DIM).to(dt)
+                kc = _tile(k_base, n, nmask, s_kn, c, s_kc, QK_DIM).to(dt)
                 s = tl.dot(qc, tl.trans(kc), s, input_precision=PREC)
         s = tl.where(nmask[None, :], s * qk_scale, float("-inf"))  # log2 units
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -116,89 +147,188 @@ def _attn_fwd_kernel(Q, KEYS, VALS, O, LSE, SEED,
         l_i = l_i * alpha + tl.sum(pr, axis=1)
         if DROPOUT:
             pr = tl.where(dropout_keep(seed, rows, start, p, BLOCK_N), pr, 0.0)
-        v = tl.load(v_base + n[:, None] * s_vn, mask=nmask[:, None] & dmask[None, :],
-                    other=0.0).to(dt)
-        acc = acc * alpha[:, None] + tl.dot(pr.to(dt), v, input_precision=PREC)
+        pr = pr.to(dt)
+        acc_a = tl.dot(pr, _tile(v_base, n, nmask, s_vn, ca, s_vd, HEAD_DIM).to(dt),
+                       acc_a * alpha[:, None], input_precision=PREC)
+        if SPLIT:
+            acc_b = tl.dot(pr, _tile(v_base, n, nmask, s_vn, cb, s_vd, HEAD_DIM).to(dt),
+                           acc_b * alpha[:, None], input_precision=PREC)
         m_i = m_new
 
-    acc = acc * (drop_scale / l_i)[:, None]
-    col = h * HEAD_DIM + offs_d
-    o_ptrs = O + (b * K + offs_k[:, None]) * D_OUT + col[None, :]
-    tl.store(o_ptrs, acc.to(dt), mask=kmask[:, None] & dmask[None, :])
+    out_scale = (drop_scale / l_i)[:, None]
+    o_base = O + h * HEAD_DIM
+    o_rows = b * K + offs_k
+    tl.store(o_base + o_rows[:, None] * D_OUT + ca[None, :], (acc_a * out_scale).to(dt),
+             mask=kmask[:, None] & (ca < HEAD_DIM)[None, :])
+    if SPLIT:
+        tl.store(o_base + o_rows[:, None] * D_OUT + cb[None, :], (acc_b * out_scale).to(dt),
+                 mask=kmask[:, None] & (cb < HEAD_DIM)[None, :])
     tl.store(LSE + pid_bh.to(tl.int64) * K + offs_k, m_i + tl.log2(l_i), mask=kmask)
 
 
-@autotune(_BWD_CONFIGS, _INTERP_CONFIG, key=["K", "N", "HEAD_DIM", "BLOCK_K", "SIZE_CLASS", "DROPOUT"],
-          sizes={"BLOCK_N": "N"}, reset_to_zero=["DKV"])
+@autotune(BWD_DQ_CONFIGS, _INTERP_BWD, key=["K", "N", "HEAD_DIM", "SIZE_CLASS", "DROPOUT"],
+          sizes={"BLOCK_M": "K", "BLOCK_N": "N"})
 @triton.jit(do_not_specialize=["SIZE_CLASS"])
-def _attn_bwd_kernel(Q, KV, O, DO, LSE, SEED, DQ, DKV,
-                     H, K, N, D_MODEL,
-                     s_qb, s_qk, s_qd, s_kvb, s_kvn, s_kvd,
-                     sm_scale, qk_scale, p, drop_scale, SIZE_CLASS,
-                     HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
-                     ATOMIC: tl.constexpr,
-                     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attn_bwd_dq_kernel(Q, KV, O, DO, LSE, SEED, DQ, DELTA,
+                        H, K, N, D_MODEL,
+                        s_qb, s_qk, s_qd, s_kvb, s_kvn, s_kvd,
+                        sm_scale, qk_scale, p, drop_scale, SIZE_CLASS,
+                        HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+                        D_LO: tl.constexpr, D_HI: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Pass 1 of the backward, one program per (b, h, BLOCK_M queries): delta = rowsum(dO * O)
+    (stored for pass 2), then dq = sum over key tiles of dS k, with dS recomputed from q, k and
+    the saved log-sum-exp. Each dq element has one writer."""
     pid_bh = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    b = pid_bh // H
+    pid_m = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     dt = DO.dtype.element_ty
+    SPLIT: tl.constexpr = HEAD_DIM > D_LO
 
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    kmask = offs_k < K
-    dmask = offs_d < HEAD_DIM
-    col = h * HEAD_DIM + offs_d
-    qmask = kmask[:, None] & dmask[None, :]
+    ca = tl.arange(0, D_LO)
+    cb = D_LO + tl.arange(0, D_HI)
+    mmask = offs_m < K
+    q_base = Q + b * s_qb + h * HEAD_DIM * s_qd
+    o_off = b * K * D_MODEL + h * HEAD_DIM
+    k_base = KV + b * s_kvb + h * HEAD_DIM * s_kvd
+    v_base = k_base + D_MODEL * s_kvd
 
-    q = tl.load(Q + b.to(tl.int64) * s_qb + offs_k[:, None] * s_qk + col[None, :] * s_qd,
-                mask=qmask, other=0.0).to(dt)
-    o_offs = (b.to(tl.int64) * K + offs_k[:, None]) * D_MODEL + col[None, :]
-    do = tl.load(DO + o_offs, mask=qmask, other=0.0)
-    o = tl.load(O + o_offs, mask=qmask, other=0.0).to(tl.float32)
-    # rowsum(dA * A) = dO . O, dropout included (O already carries it).
-    delta = tl.sum(do.to(tl.float32) * o, axis=1)
-    lse = tl.load(LSE + pid_bh.to(tl.int64) * K + offs_k, mask=kmask, other=0.0)
-    rows = pid_bh * K + offs_k
+    qa = _tile(q_base, offs_m, mmask, s_qk, ca, s_qd, HEAD_DIM).to(dt)
+    do_a = _tile(DO + o_off, offs_m, mmask, D_MODEL, ca, 1, HEAD_DIM)
+    delta = tl.sum(do_a.to(tl.float32) * _tile(O + o_off, offs_m, mmask, D_MODEL, ca, 1,
+                                                HEAD_DIM).to(tl.float32), axis=1)
+    if SPLIT:
+        qb = _tile(q_base, offs_m, mmask, s_qk, cb, s_qd, HEAD_DIM).to(dt)
+        do_b = _tile(DO + o_off, offs_m, mmask, D_MODEL, cb, 1, HEAD_DIM)
+        delta += tl.sum(do_b.to(tl.float32) * _tile(O + o_off, offs_m, mmask, D_MODEL, cb, 1,
+                                                     HEAD_DIM).to(tl.float32), axis=1)
+    stat = pid_bh.to(tl.int64) * K + offs_m
+    tl.store(DELTA + stat, delta, mask=mmask)
+    lse = tl.load(LSE + stat, mask=mmask, other=0.0)
+    rows = pid_bh * K + offs_m
     if DROPOUT:
         seed = tl.load(SEED)
 
-    k_base = KV + b.to(tl.int64) * s_kvb + col[None, :] * s_kvd
-    v_base = k_base + D_MODEL * s_kvd
-    dk_base = DKV + b.to(tl.int64) * N * 2 * D_MODEL + col[None, :]
-    dv_base = dk_base + D_MODEL
-    dq = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+    dq_a = tl.zeros([BLOCK_M, D_LO], dtype=tl.float32)
+    dq_b = tl.zeros([BLOCK_M, D_HI], dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
         n = start + offs_n
         nmask = n < N
-        ld_mask = nmask[:, None] & dmask[None, :]
-        k = tl.load(k_base + n[:, None] * s_kvn, mask=ld_mask, other=0.0).to(dt)
-        v = tl.load(v_base + n[:, None] * s_kvn, mask=ld_mask, other=0.0).to(dt)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        pr = tl.exp2(s - lse[:, None])
-        pr = tl.where(kmask[:, None] & nmask[None, :], pr, 0.0)          # softmax weights A
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)                # dL/d(dropped A)
-        if DROPOUT:
-            keep = dropout_keep(seed, rows, start, p, BLOCK_N)
-            pd = tl.where(keep, pr * drop_scale, 0.0)
-            dp = tl.where(keep, dp * drop_scale, 0.0)
-        else:
-            pd = pr
-        ds = pr * (dp - delta[:, None])                                   # dL/dS, S = q k^T * scale
-        dv_t = tl.dot(tl.trans(pd.to(dt)), do, input_precision=PREC)      # [BLOCK_N, BLOCK_D]
-        dk_t = tl.dot(tl.trans(ds.to(dt)), q, input_precision=PREC) * sm_scale
-        dq += tl.dot(ds.to(dt), k, input_precision=PREC)
-        dkv_offs = n[:, None].to(tl.int64) * (2 * D_MODEL)
-        if ATOMIC:
-            tl.atomic_add(dk_base + dkv_offs, dk_t, mask=ld_mask)
-            tl.atomic_add(dv_base + dkv_offs, dv_t, mask=ld_mask)
-        else:
-            tl.store(dk_base + dkv_offs, dk_t.to(DKV.dtype.element_ty), mask=ld_mask)
-            tl.store(dv_base + dkv_offs, dv_t.to(DKV.dtype.element_ty), mask=ld_mask)
+        ka = _tile(k_base, n, nmask, s_kvn, ca, s_kvd, HEAD_DIM).to(dt)
+        s = tl.dot(qa, tl.trans(ka), input_precision=PREC)
+        dp = tl.dot(do_a, tl.trans(_tile(v_base, n, nmask, s_kvn, ca, s_kvd, HEAD_DIM).to(dt)),
+                    input_precision=PREC)
+        if SPLIT:
+            kb = _tile(k_base, n, nmask, s_kvn, cb, s_kvd, HEAD_DIM).to(dt)
+            s = tl.dot(qb, tl.trans(kb), s, input_precision=PREC)
+            dp = tl.dot(do_b, tl.trans(_tile(v_base, n, nmask, s_kvn, cb, s_kvd, HEAD_DIM).to(dt)),
+                        dp, input_precision=PREC)
+        pr = tl.where(nmask[None, :], tl.exp2(s * qk_scale - lse[:, None]), 0.0)  # softmax A
+        if DROPOUT:  # dp = dL/d(dropped A); dL/dA = dp * keep / (1 - p)
+            dp = tl.where(dropout_keep(seed, rows, start, p, BLOCK_N), dp * drop_scale, 0.0)
+        ds = (pr * (dp - delta[:, None])).to(dt)                         # dL/dS, S = q k^T * scale
+        dq_a = tl.dot(ds, ka, dq_a, input_precision=PREC)
+        if SPLIT:
+            dq_b = tl.dot(ds, kb, dq_b, input_precision=PREC)
 
-    dq_ptrs = DQ + (b.to(tl.int64) * K + offs_k[:, None]) * D_MODEL + col[None, :]
-    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=qmask)
+    dq_base = DQ + o_off
+    tl.store(dq_base + offs_m[:, None] * D_MODEL + ca[None, :],
+             (dq_a * sm_scale).to(DQ.dtype.element_ty),
+             mask=mmask[:, None] & (ca < HEAD_DIM)[None, :])
+    if SPLIT:
+        tl.store(dq_base + offs_m[:, None] * D_MODEL + cb[None, :],
+                 (dq_b * sm_scale).to(DQ.dtype.element_ty),
+                 mask=mmask[:, None] & (cb < HEAD_DIM)[None, :])
+
+
+@autotune(BWD_DKV_CONFIGS, _INTERP_BWD, key=["K", "N", "HEAD_DIM", "SIZE_CLASS", "DROPOUT"],
+          sizes={"BLOCK_M": "K", "BLOCK_N": "N"})
+@triton.jit(do_not_specialize=["SIZE_CLASS"])
+def _attn_bwd_dkv_kernel(Q, KV, DO, LSE, DELTA, SEED, DKV,
+                         H, K, N, D_MODEL,
+                         s_qb, s_qk, s_qd, s_kvb, s_kvn, s_kvd,
+                         sm_scale, qk_scale, p, drop_scale, SIZE_CLASS,
+                         HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+                         D_LO: tl.constexpr, D_HI: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Pass 2, one program per (b, h, BLOCK_N keys): its k and v tiles stay in registers while
+    tiles of BLOCK_M queries (q, dO, log-sum-exp, delta) stream past; works transposed (keys by
+    queries) so the dropped weights and dS feed the dv and dk products directly. Each dk, dv
+    element has one writer: stored once, in kv's dtype."""
+    pid_bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    dt = DO.dtype.element_ty
+    SPLIT: tl.constexpr = HEAD_DIM > D_LO
+
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    ca = tl.arange(0, D_LO)
+    cb = D_LO + tl.arange(0, D_HI)
+    nmask = offs_n < N
+    q_base = Q + b * s_qb + h * HEAD_DIM * s_qd
+    o_off = b * K * D_MODEL + h * HEAD_DIM
+    k_base = KV + b * s_kvb + h * HEAD_DIM * s_kvd
+    v_base = k_base + D_MODEL * s_kvd
+    stat_base = pid_bh.to(tl.int64) * K
+
+    ka = _tile(k_base, offs_n, nmask, s_kvn, ca, s_kvd, HEAD_DIM).to(dt)
+    va = _tile(v_base, offs_n, nmask, s_kvn, ca, s_kvd, HEAD_DIM).to(dt)
+    if SPLIT:
+        kb = _tile(k_base, offs_n, nmask, s_kvn, cb, s_kvd, HEAD_DIM).to(dt)
+        vb = _tile(v_base, offs_n, nmask, s_kvn, cb, s_kvd, HEAD_DIM).to(dt)
+    if DROPOUT:
+        seed = tl.load(SEED)
+
+    dk_a = tl.zeros([BLOCK_N, D_LO], dtype=tl.float32)
+    dv_a = tl.zeros([BLOCK_N, D_LO], dtype=tl.float32)
+    dk_b = tl.zeros([BLOCK_N, D_HI], dtype=tl.float32)
+    dv_b = tl.zeros([BLOCK_N, D_HI], dtype=tl.float32)
+    for start in range(0, K, BLOCK_M):
+        m = start + offs_m
+        mmask = m < K
+        qa = _tile(q_base, m, mmask, s_qk, ca, s_qd, HEAD_DIM).to(dt)
+        do_a = _tile(DO + o_off, m, mmask, D_MODEL, ca, 1, HEAD_DIM)
+        s_t = tl.dot(ka, tl.trans(qa), input_precision=PREC)                 # [BLOCK_N, BLOCK_M]
+        dp_t = tl.dot(va, tl.trans(do_a), input_precision=PREC)
+        if SPLIT:
+            qb = _tile(q_base, m, mmask, s_qk, cb, s_qd, HEAD_DIM).to(dt)
+            do_b = _tile(DO + o_off, m, mmask, D_MODEL, cb, 1, HEAD_DIM)
+            s_t = tl.dot(kb, tl.trans(qb), s_t, input_precision=PREC)
+            dp_t = tl.dot(vb, tl.trans(do_b), dp_t, input_precision=PREC)
+        # Queries past K: lse = +inf gives weight 0 (and dO = 0, delta = 0: dS = 0).
+        lse = tl.load(LSE + stat_base + m, mask=mmask, other=float("inf"))
+        delta = tl.load(DELTA + stat_base + m, mask=mmask, other=0.0)
+        pr_t = tl.exp2(s_t * qk_scale - lse[None, :])                        # softmax A^T
+        if DROPOUT:
+            keep = tl.trans(dropout_keep(seed, pid_bh * K + m, n0, p, BLOCK_N))
+            pd_t = tl.where(keep, pr_t * drop_scale, 0.0)
+            dp_t = tl.where(keep, dp_t * drop_scale, 0.0)
+        else:
+            pd_t = pr_t
+        ds_t = (pr_t * (dp_t - delta[None, :])).to(dt)
+        pd_t = pd_t.to(dt)
+        dv_a = tl.dot(pd_t, do_a, dv_a, input_precision=PREC)
+        dk_a = tl.dot(ds_t, qa, dk_a, input_precision=PREC)
+        if SPLIT:
+            dv_b = tl.dot(pd_t, do_b, dv_b, input_precision=PREC)
+            dk_b = tl.dot(ds_t, qb, dk_b, input_precision=PREC)
+
+    out_dt = DKV.dtype.element_ty
+    dk_base = DKV + b * N * 2 * D_MODEL + h * HEAD_DIM
+    rows = offs_n[:, None].to(tl.int64) * (2 * D_MODEL)
+    amask = nmask[:, None] & (ca < HEAD_DIM)[None, :]
+    tl.store(dk_base + rows + ca[None, :], (dk_a * sm_scale).to(out_dt), mask=amask)
+    tl.store(dk_base + D_MODEL + rows + ca[None, :], dv_a.to(out_dt), mask=amask)
+    if SPLIT:
+        bmask = nmask[:, None] & (cb < HEAD_DIM)[None, :]
+        tl.store(dk_base + rows + cb[None, :], (dk_b * sm_scale).to(out_dt), mask=bmask)
+        tl.store(dk_base + D_MODEL + rows + cb[None, :], dv_b.to(out_dt), mask=bmask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -215,37 +345,30 @@ def _q_strides(q: torch.Tensor) -> tuple[int, int, int]:
     return (0, *q.stride()) if q.dim() == 2 else tuple(q.stride())
 
 
-def _block_d(head_dim: int) -> int:
-    return next_pow2(head_dim, 16)
-
-
-def _fwd_block_k(k: int, programs_per_block: int, device: torch.device) -> int:
-    """Queries per program: all of them (up to 128) unless that leaves SMs idle at small batch."""
-    cap = 16 if INTERPRET else 128
-    block = min(next_pow2(k, 16), cap)
-    while block > 16 and programs_per_block * triton.cdiv(k, block) < num_sms(device):
-        block //= 2
-    return block
-
-
-def _bwd_block_k(k: int) -> int:
-    return min(next_pow2(k, 16), 16 if INTERPRET else 128)
+def head_split(head_dim: int) -> tuple[int, int]:
+    """(D_LO, D_HI): a head's columns as two power-of-two blocks, the second masked to the head
+    dim (96 = 64 + 32, 80 = 64 + 16, 64 = 64 alone; D_HI is then unused). At least 16 each."""
+    d_lo = max(16, 1 << (max(head_dim, 1).bit_length() - 1))
+    return d_lo, next_pow2(head_dim - d_lo, 16) if head_dim > d_lo else 16
 
 
 def _launch_fwd(q4, keys4, vals4, o, lse, seed, h, k, n, qk_dim, hd, scale, p, out_dtype):
     """Strided (b, h, row, col) views: q4 of the queries, keys4 and vals4 of keys and values."""
     b = o.shape[0]
     has_drop = p > 0
-    block_k = _fwd_block_k(k, b * h, o.device)
-    chunk = 16 if INTERPRET else 64      # interpreted: small enough that tests run the chunk loop
-    block_c = next_pow2(qk_dim, 16) if qk_dim <= 4 * chunk else chunk
-    grid = (b * h, triton.cdiv(k, block_k))
+    d_lo, d_hi = head_split(hd)
+
+    def grid(meta):
+        return (b * h, triton.cdiv(k, meta["BLOCK_K"]))
+
     _attn_fwd_kernel[grid](
         q4[0], keys4[0], vals4[0], o, lse, seed if has_drop else lse,
         h, k, n, o.shape[2], *q4[1], *keys4[1], *vals4[1],
         scale * LOG2E, float(p), 1.0 / (1.0 - p) if has_drop else 1.0, size_class(b),
         QK_DIM=qk_dim, HEAD_DIM=hd, DROPOUT=has_drop, PREC=dot_precision(out_dtype),
-        BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_D=_block_d(hd))
+        D_LO=d_lo, D_HI=d_hi,
+        # score chunks of the folded form; interpreted: small enough that tests run the loop
+        BLOCK_C=16 if INTERPRET else 64)
 
 
 def attention_forward(q: torch.Tensor, kv: torch.Tensor, seed: torch.Tensor | None,
@@ -326,22 +449,22 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, o: t
     if b == 0 or k == 0 or n == 0:
         return torch.zeros_like(q), torch.zeros_like(kv)
     has_drop = p > 0
-    block_k = _bwd_block_k(k)
-    atomic = triton.cdiv(k, block_k) > 1
-    dkv = (torch.zeros(b, n, 2 * d_model, dtype=torch.float32, device=dev) if atomic
-           else torch.empty(b, n, 2 * d_model, dtype=kv.dtype, device=dev))
+    d_lo, d_hi = head_split(hd)
+    dkv = torch.empty(b, n, 2 * d_model, dtype=kv.dtype, device=dev)
+    delta = torch.empty(b, num_heads, k, dtype=torch.float32, device=dev)
     # A shared q gets per-sample gradients, summed below (no cross-program atomics).
     dq = torch.empty(b, k, d_model, dtype=torch.float32 if shared else q.dtype, device=dev)
     sm_scale = 1.0 / math.sqrt(hd)
-    grid = (b * num_heads, triton.cdiv(k, block_k))
-    _attn_bwd_kernel[grid](
-        q, kv, o, do, lse, seed if has_drop else lse, dq, dkv,
-        num_heads, k, n, d_model, *_q_strides(q), *kv.stride(),
-        sm_scale, sm_scale * LOG2E, float(p), 1.0 / (1.0 - p) if has_drop else 1.0, size_class(b),
-        HEAD_DIM=hd, DROPOUT=has_drop, PREC=dot_precision(do.dtype), ATOMIC=atomic,
-        BLOCK_K=block_k, BLOCK_D=_block_d(hd))
+    seed = seed if has_drop else lse
+    args = (num_heads, k, n, d_model, *_q_strides(q), *kv.stride(),
+            sm_scale, sm_scale * LOG2E, float(p), 1.0 / (1.0 - p) if has_drop else 1.0,
+            size_class(b))
+    consts = {"HEAD_DIM": hd, "DROPOUT": has_drop, "PREC": dot_precision(do.dtype),
+              "D_LO": d_lo, "D_HI": d_hi}
+    _attn_bwd_dq_kernel[lambda meta: (b * num_heads, triton.cdiv(k, meta["BLOCK_M"]))](
+        q, kv, o, do, lse, seed, dq, delta, *args, **consts)
+    _attn_bwd_dkv_kernel[lambda meta: (b * num_heads, triton.cdiv(n, meta["BLOCK_N"]))](
+        q, kv, do, lse, delta, seed, dkv, *args, **consts)
     if shared:
         dq = dq.sum(0).to(q.dtype)
-    if atomic:
-        dkv = dkv.to(kv.dtype)
     return dq, dkv
