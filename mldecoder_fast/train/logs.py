@@ -81,8 +81,9 @@ def run_summary(trainer, wall_s: float) -> dict:
     rows = trainer.history["epochs"]
     losses = [s[1] for s in trainer.history["steps"]]
     w = max(1, min(20, len(losses) // 4))
-    train_s = sum(r["train_s"] for r in rows)
-    imgs = sum(r["steps"] for r in rows) * trainer.global_batch
+    counted = [r for r in rows if "steps" in r]   # rows of runs before this loop lack the counts
+    train_s = sum(r["train_s"] for r in counted)
+    imgs = sum(r["steps"] for r in counted) * trainer.global_batch
     head = getattr(unwrap(trainer.model), "ml_decoder_cfg", None)
     head = unwrap(trainer.model).get_submodule(head.path) if head is not None else None
     return {"steps": trainer.step, "epochs": trainer.epoch, "wall_s": wall_s,
@@ -91,7 +92,7 @@ def run_summary(trainer, wall_s: float) -> dict:
             "head_backend": getattr(head, "active_backend", None),
             "images_per_s": imgs / train_s if train_s else None,
             "images_per_s_steady": rows[-1].get("images_per_s_steady") if rows else None,
-            "peak_memory_mb": max((r["peak_memory_mb"] for r in rows), default=None),
+            "peak_memory_mb": max((r["peak_memory_mb"] for r in rows if "peak_memory_mb" in r), default=None),
             "loss_first": float(np.mean(losses[:w])) if losses else None,
             "loss_last": float(np.mean(losses[-w:])) if losses else None,
             "loss_window": w, "best": trainer.best, "last": rows[-1] if rows else {},
