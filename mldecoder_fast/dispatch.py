@@ -10,6 +10,7 @@ import warnings
 
 import torch
 
+from .ops import cpu_gemm
 from .ops.torch_ops import TorchOps
 
 BACKENDS = ("torch", "cpp", "cuda", "triton")
@@ -57,10 +58,12 @@ def _triton_interpreting() -> bool:
 def backends() -> dict:
     """Every backend: ``{"available": bool, "devices": [...], "detail": str}``."""
     cuda = torch.cuda.is_available()
+    gemm = cpu_gemm.describe()
     out = {"torch": {"available": True, "devices": ["cpu"] + (["cuda"] if cuda else []),
-                     "detail": f"plain PyTorch {torch.__version__}"}}
+                     "detail": f"plain PyTorch {torch.__version__}; {gemm}; group FC: torch.bmm"}}
     ext_ok, ext_cuda, ext_detail = _extension_status()
-    out["cpp"] = {"available": ext_ok, "devices": ["cpu"] if ext_ok else [], "detail": ext_detail}
+    out["cpp"] = {"available": ext_ok, "devices": ["cpu"] if ext_ok else [],
+                  "detail": f"{ext_detail}; {gemm}" if ext_ok else ext_detail}
     if not ext_ok:
         cuda_detail = ext_detail
     elif not ext_cuda:

@@ -36,6 +36,7 @@ from ._inputs import check_input, tokens_from_input
 from .caches import HeadCaches
 from . import lean_eval
 from .dispatch import check_backend_name, select_ops
+from .ops import cpu_gemm
 from .reference import _HeadBase
 
 
@@ -170,8 +171,11 @@ class MLDecoderFast(_HeadBase):
         if not (self.fused_training and x.device.type == "cpu" and x.shape[0] > 0
                 and torch.is_grad_enabled() and x.dtype in (torch.float32, torch.float64)):
             return False
-        if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
             return False
+        if torch.is_autocast_enabled("cpu") and not (
+                torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype == torch.float32):
+            return False  # the fused step's low-precision products are bf16 from fp32 parameters
         if getattr(torch._C, "_are_functorch_transforms_active", lambda: False)():
             return False  # torch.func.grad/vmap/jvp: the op-by-op path composes with them
         return all(p.dtype == x.dtype for p in params)
@@ -181,9 +185,37 @@ class MLDecoderFast(_HeadBase):
         layer = self.decoder.layers[0]
         t0 = self._base_queries()
         num_out = t0.shape[0] if self.config.zsl else self.config.num_classes
+        compute = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else tokens.dtype
         cfg = (NUM_HEADS, (layer.norm1.eps, layer.norm2.eps, layer.norm3.eps),
-               (p_query, p_attn, p_out, p_ff, p_res), num_out, bool(self.config.zsl), ext)
+               (p_query, p_attn, p_out, p_ff, p_res), num_out, bool(self.config.zsl), ext,
+               cpu_gemm.provider(compute, tokens.device), compute)
         return HeadTrainStep.apply(cfg, tokens, t0, *params)
+
+    # the products of a forward ---------------------------------------------------------------------
+    def _linear(self, needs_grad: bool, device: torch.device):
+        """``linear(x, weight, bias, rows)`` = x weight[rows]^T + bias[rows] for this forward.
+
+        With autograd: ``F.linear`` (autocast casts as usual). Without: the GEMM provider
+        (``ops/cpu_gemm.py``), with the weights in the autocast dtype and, for oneDNN, packed, each
+        made once per weight version and kept in ``caches``."""
+        if needs_grad:
+            def linear(x, weight, bias, rows=slice(None)):
+                return F.linear(x, weight[rows], bias[rows])
+            return linear
+        autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        caches = self.caches
+
+        def linear(x, weight, bias, rows=slice(None)):
+            dtype = autocast or x.dtype
+            gemm = cpu_gemm.provider(dtype, device)
+            w = caches.cast(id(weight), weight, dtype)[rows]
+            b = caches.cast(id(bias), bias, dtype)[rows]
+            packed = None
+            if gemm is not cpu_gemm.TORCH:
+                packed = caches.get(("packed", id(weight), rows.start, rows.stop, dtype), (weight,),
+                                    lambda: gemm.pack(w))
+            return gemm.linear(x.to(dtype), w, b, packed)
+        return linear
 
     # the launch-lean eval forward ------------------------------------------------------------------
     def _eval_forward_lean(self, x: torch.Tensor):
@@ -231,7 +263,9 @@ class MLDecoderFast(_HeadBase):
             if self._use_fused_training(x, params):
                 return self._fused_training_forward(tokens, params, p_query, p_attn, p_out, p_ff, p_res,
                                                     ext=name == "cpp" and not self.config.zsl)
-        memory = F.relu(F.linear(tokens, dec.embed_standart.weight, dec.embed_standart.bias))
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        linear = self._linear(needs_grad, x.device)
+        memory = F.relu(linear(tokens, dec.embed_standart.weight, dec.embed_standart.bias))
 
         if p_query > 0:
             # Training: every sample draws its own dropout mask on the queries (SPEC step 3).
@@ -247,21 +281,26 @@ class MLDecoderFast(_HeadBase):
         k_queries = t1.shape[-2]
         if shared and NUM_HEADS * k_queries < d + k_queries:
             # Fewer FLOPs to fold W_k into the shared queries than to form the keys.
-            v = F.linear(memory, attn.in_proj_weight[2 * d:], attn.in_proj_bias[2 * d:])
+            v = linear(memory, attn.in_proj_weight, attn.in_proj_bias, slice(2 * d, None))
             o = ops.shared_query_attention(qk, memory, v, NUM_HEADS, p_attn)      # [B, K, D]
         else:
-            kv = F.linear(memory, attn.in_proj_weight[d:], attn.in_proj_bias[d:])  # [B, N, 2D]
+            kv = linear(memory, attn.in_proj_weight, attn.in_proj_bias, slice(d, None))  # [B, N, 2D]
             o = ops.attention(q, kv, NUM_HEADS, p_attn)                             # [B, K, D]
-        o = F.linear(o, attn.out_proj.weight, attn.out_proj.bias)
+        o = linear(o, attn.out_proj.weight, attn.out_proj.bias)
         t2 = ops.residual_dropout_layer_norm(t1, o, p_out, layer.norm2.weight, layer.norm2.bias,
                                              layer.norm2.eps)
-        f = F.relu(F.linear(t2, layer.linear1.weight, layer.linear1.bias))
+        f = F.relu(linear(t2, layer.linear1.weight, layer.linear1.bias))
         if p_ff > 0:
             f = F.dropout(f, p_ff, training=True)
-        f = F.linear(f, layer.linear2.weight, layer.linear2.bias)
+        f = linear(f, layer.linear2.weight, layer.linear2.bias)
         num_out = k_queries if cfg.zsl else cfg.num_classes
+        group_weight = dec.duplicate_pooling
+        if not needs_grad and name in ("torch", "cpp") and torch.is_autocast_enabled(x.device.type):
+            # the group-FC weight in the autocast dtype once per version, not per call
+            group_weight = self.caches.cast(id(group_weight), group_weight,
+                                            torch.get_autocast_dtype(x.device.type))
         return ops.decode(t2, f, p_res, layer.norm3.weight, layer.norm3.bias, layer.norm3.eps,
-                          dec.duplicate_pooling, dec.duplicate_pooling_bias, num_out)
+                          group_weight, dec.duplicate_pooling_bias, num_out)
 
 
 def _clear_caches_after_load(module: MLDecoderFast, incompatible_keys) -> None:

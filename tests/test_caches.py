@@ -2,10 +2,11 @@
 stale values."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from helpers import assert_close
-from heads import make_pair
+from heads import disable_dropout_, make_pair
 
 
 def _agree(ref, fast, x, what):
@@ -104,3 +105,68 @@ def test_writes_behind_version_counters():
     for m in (ref, fast):
         m.decoder.query_embed.weight.data.mul_(-1.0)
     _agree(ref, fast, x, "after .data edit with caching off")
+
+
+def _packed_and_cast(fast):
+    return {n: fast.caches.held(n) for n in fast.caches.names() if n[0] in ("packed", "cast")}
+
+
+@pytest.mark.parametrize("mode,dtype", [("onednn", None), ("onednn", torch.bfloat16), ("mkl", torch.bfloat16)])
+def test_weight_copies_follow_every_change(monkeypatch, mode, dtype):
+    """Packed oneDNN weights (fp32 and bf16) and autocast copies: made once per weight version,
+    and never stale after an optimizer step, load_state_dict, an in-place edit, a dtype move or a
+    train/eval switch."""
+    from mldecoder_fast.ops import cpu_gemm
+    monkeypatch.setitem(cpu_gemm._state, "mode", mode)
+    monkeypatch.setitem(cpu_gemm._state, "onednn_error", None)
+    ref, fast = make_pair(40, 8)
+    x = torch.randn(2, 24, 3, 3)
+
+    def agree(what):
+        ref.eval(), fast.eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            out_ref, out_fast = ref(x), fast(x)
+        assert_close(what, out_ref.float(), out_fast.float(), 1e-5 if dtype is None else 2e-2)
+        return _packed_and_cast(fast)
+
+    held = agree("before")
+    kinds = {n[0] for n in held}
+    assert kinds == ({"packed"} if dtype is None else {"cast"} | ({"packed"} if mode == "onednn" else set()))
+    assert agree("again") == held                  # reused, not recomputed
+    for m in (ref, fast):
+        disable_dropout_(m).train()
+        opt = torch.optim.SGD(m.parameters(), lr=0.5)
+        m(x).square().sum().backward()
+        opt.step()
+    after_step = agree("after optimizer.step")
+    assert all(after_step[n] is not held[n] for n in held if n in after_step)
+    other, _ = make_pair(40, 8)
+    ref.load_state_dict(other.state_dict()), fast.load_state_dict(other.state_dict())
+    agree("after load_state_dict")
+    with torch.no_grad():
+        for m in (ref, fast):
+            m.decoder.layers[0].linear1.weight.mul_(-1.0)
+            m.decoder.embed_standart.weight.add_(0.3)
+    agree("after in-place edits")
+    fast.train()
+    assert len(fast.caches.names()) == 0           # a mode switch clears everything
+    agree("after a train/eval switch")
+    fast.double()
+    assert len(fast.caches.names()) == 0           # so does a dtype move
+    with torch.no_grad():
+        assert_close("after .double()", ref.double()(x.double()), fast(x.double()), 1e-12)
+
+
+def test_copies_of_the_head_start_with_empty_caches():
+    import copy
+    import io
+    _, fast = make_pair(40, 8)
+    fast.eval()
+    with torch.no_grad():
+        fast(torch.randn(2, 24, 3, 3))
+    assert fast.caches.names()
+    assert not copy.deepcopy(fast).caches.names()
+    buf = io.BytesIO()
+    torch.save(fast, buf)
+    buf.seek(0)
+    assert not torch.load(buf, weights_only=False).caches.names()

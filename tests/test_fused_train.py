@@ -8,7 +8,7 @@ import torch
 from heads import check_train_grads, disable_dropout_, make_input, make_pair
 from helpers import assert_close
 
-from mldecoder_fast.ops import fused_train
+from mldecoder_fast.ops import cpu_gemm, fused_train
 from mldecoder_fast.ops.fused_train import HeadTrainStep, drop_mask
 
 
@@ -100,7 +100,7 @@ def test_backward_is_the_derivative_with_dropout_on(monkeypatch, per_sample_quer
     layer = fast.decoder.layers[0]
     p_query = 0.3 if per_sample_queries else 0.0
     cfg = (8, (layer.norm1.eps, layer.norm2.eps, layer.norm3.eps), (p_query, 0.25, 0.2, 0.35, 0.15), 23, False,
-           ext)
+           ext, cpu_gemm.TORCH, torch.float64)
     tokens = torch.randn(2, 5, 24, dtype=torch.float64, requires_grad=True)
     t0 = torch.randn(4, 16, dtype=torch.float64, requires_grad=True)
     params = [p.detach().clone().requires_grad_(True) for p in fast._fused_parameters()]
@@ -154,6 +154,8 @@ def test_switch_off_and_double_backward():
 
 
 def test_low_precision_autocast_no_grad_and_empty_batch_use_the_op_path(monkeypatch):
+    """fp16 autocast, low-precision parameters, no_grad and B = 0 run op by op; bf16 autocast
+    over fp32 parameters takes the fused step (with bf16 products)."""
     calls = []
     apply = HeadTrainStep.apply
     monkeypatch.setattr(HeadTrainStep, "apply", lambda *a: calls.append(1) or apply(*a))
@@ -163,12 +165,15 @@ def test_low_precision_autocast_no_grad_and_empty_batch_use_the_op_path(monkeypa
     fast(x)
     assert len(calls) == 1                     # the spy sees the fused path when it runs
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _fused_ran(fast(x))
+    assert len(calls) == 2
+    with torch.autocast("cpu", dtype=torch.float16):
         assert not _fused_ran(fast(x))
     with torch.no_grad():
         fast(x)
     assert fast(x[:0]).shape == (0, 12)
     assert not _fused_ran(fast.bfloat16()(x.bfloat16()))
-    assert len(calls) == 1
+    assert len(calls) == 2
 
 
 def test_fused_step_keeps_less_memory():

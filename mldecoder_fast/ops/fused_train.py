@@ -1,7 +1,12 @@
 """The head's training forward and backward as one autograd function with a hand-written backward.
 
-Used by the ``torch`` backend for training steps on the CPU (fp32/fp64, no autocast). Plain
-PyTorch ops, arranged so that a training step keeps little memory and makes few passes:
+Used by the ``torch`` and ``cpp`` backends for training steps on the CPU (fp32/fp64, and fp32
+parameters under bf16 autocast). Every dense product goes through a GEMM provider passed in
+``cfg`` (``cpu_gemm.py``: oneDNN or MKL on the CPU; the same function takes other providers), with
+operands in the compute dtype (the autocast dtype, else the parameters') while activations,
+elementwise steps, the attention's small batched products and the gradients stay in the
+parameters' dtype. The rest is plain PyTorch, arranged so that a training step keeps little
+memory and makes few passes:
 
 - dropout masks are ``bool`` (a quarter of the float masks ``F.dropout`` keeps on the CPU), applied
   with ``masked_fill_``, and come from one 64-bit random draw per two elements (``random_`` on int64 words compared as two
@@ -71,6 +76,24 @@ def _queries_input(t0, m1, s1):
     return torch.where(m1, t0, t0 * (1.0 + s1))
 
 
+class _Products:
+    """The step's dense products through ``gemm``: operands cast to ``compute``, results in ``acc``
+    (both casts are no-ops when the two dtypes agree)."""
+
+    def __init__(self, gemm, compute: torch.dtype, acc: torch.dtype):
+        self.gemm, self.compute, self.acc = gemm, compute, acc
+
+    def linear(self, x, w, b):
+        """x w^T + b (w already in the compute dtype)."""
+        return self.gemm.linear(x.to(self.compute), w, b.to(self.compute)).to(self.acc)
+
+    def mm(self, a, b):
+        return self.gemm.mm(a.to(self.compute), b.to(self.compute)).to(self.acc)
+
+    def bmm(self, a, b):
+        return self.gemm.bmm(a.to(self.compute), b.to(self.compute)).to(self.acc)
+
+
 def _keep_graph() -> bool:
     """Whether the running backward retains the graph (then activations must stay); True where
     this PyTorch cannot tell."""
@@ -80,14 +103,26 @@ def _keep_graph() -> bool:
 
 class HeadTrainStep(torch.autograd.Function):
     """Inputs: ``cfg`` (num_heads, (eps1, eps2, eps3), (p_query, p_attn, p_out, p_ff, p_res),
-    num_out, zsl, ext: the compiled extension's group-FC ops instead of bmm), tokens [B, N, C], T0 [K, D] (the learned queries or relu(wordvec_proj(V))),
-    then the head's parameters in the order of ``MLDecoderFast._fused_parameters``.
-    Output: logits [B, num_out]."""
+    num_out, zsl, ext: the compiled extension's group-FC ops instead of bmm, gemm: the GEMM provider,
+    compute: the products' operand dtype), tokens [B, N, C], T0 [K, D] (the learned queries or
+    relu(wordvec_proj(V))), then the head's parameters in the order of
+    ``MLDecoderFast._fused_parameters``. Output: logits [B, num_out] in the parameters' dtype."""
 
     @staticmethod
     def forward(ctx, cfg, tokens, t0, We, be, ln1w, ln1b, Win, bin_, Wo, bo, ln2w, ln2b,
                 W1, b1, W2, b2, ln3w, ln3b, Wg, bg):
-        num_heads, (eps1, eps2, eps3), (p_q, p_a, p_o, p_f, p_r), num_out, zsl, ext = cfg
+        with torch.autocast(tokens.device.type, enabled=False):  # casts are explicit here
+            return HeadTrainStep._forward(ctx, cfg, tokens, t0, We, be, ln1w, ln1b, Win, bin_, Wo, bo,
+                                          ln2w, ln2b, W1, b1, W2, b2, ln3w, ln3b, Wg, bg)
+
+    @staticmethod
+    def _forward(ctx, cfg, tokens, t0, We, be, ln1w, ln1b, Win, bin_, Wo, bo, ln2w, ln2b,
+                 W1, b1, W2, b2, ln3w, ln3b, Wg, bg):
+        num_heads, (eps1, eps2, eps3), (p_q, p_a, p_o, p_f, p_r), num_out, zsl, ext, gemm, compute = cfg
+        P = _Products(gemm, compute, tokens.dtype)
+        t0 = t0.to(tokens.dtype)  # ZSL queries made under autocast arrive in its dtype
+        # the weights as the products take them (kept for the backward's input gradients)
+        We_c, Win_c, Wo_c, W1_c, W2_c, Wg_c = (w.to(compute) for w in (We, Win, Wo, W1, W2, Wg))
         B, N, C = tokens.shape
         K, D = t0.shape
         H, d = num_heads, D // num_heads
@@ -99,13 +134,13 @@ class HeadTrainStep(torch.autograd.Function):
 
         # input projection and keys/values
         rows = tokens.reshape(B * N, C)          # a copy for [B, C, H, W] maps, kept for dW_e
-        mem = torch.addmm(be, rows, We.t()).clamp_min_(0)                          # [BN, D]
-        kv = torch.addmm(bin_[D:], mem, Win[D:].t())                             # [BN, 2D]
+        mem = P.linear(rows, We_c, be).clamp_min_(0)                               # [BN, D]
+        kv = P.linear(mem, Win_c[D:], bin_[D:])                                   # [BN, 2D]
         # queries: per sample with query dropout, else shared by the batch
         u1 = _queries_input(t0, masks["q"], s_q)
         t1, mean1, rstd1 = _layer_norm(u1, ln1w, ln1b, eps1)
         del u1
-        q = F.linear(t1, Win[:D], bin_[:D])                                      # [(B,) K, D]
+        q = P.linear(t1, Win_c[:D], bin_[:D])                                     # [(B,) K, D]
         # cross-attention
         kv5 = kv.view(B, N, 2, H, d)
         qh = q.view(*q.shape[:-1], H, d).transpose(-3, -2)                       # [(B,) H, K, d]
@@ -115,22 +150,27 @@ class HeadTrainStep(torch.autograd.Function):
         o = torch.matmul(_drop(attn, masks["a"], s_a), kv5[:, :, 1].transpose(1, 2))  # [B,H,K,d]
         o = o.transpose(1, 2).reshape(B * K, D)
         # output projection, residual + dropout + LN2
-        u2 = _drop_(torch.addmm(bo, o, Wo.t()).view(B, K, D), masks["o"], s_o).add_(t1)
+        u2 = _drop_(P.linear(o, Wo_c, bo).view(B, K, D), masks["o"], s_o).add_(t1)
         t2, mean2, rstd2 = _layer_norm(u2, ln2w, ln2b, eps2)
         # feed-forward: relu + dropout in place, only f1 kept
-        f1 = _drop_(torch.addmm(b1, t2.view(B * K, D), W1.t()).clamp_min_(0), masks["f"], s_f)
-        u3 = _drop_(torch.addmm(b2, f1, W2.t()).view(B, K, D), masks["r"], s_r).add_(t2)
+        f1 = _drop_(P.linear(t2.view(B * K, D), W1_c, b1).clamp_min_(0), masks["f"], s_f)
+        u3 = _drop_(P.linear(f1, W2_c, b2).view(B, K, D), masks["r"], s_r).add_(t2)
         del t2
         h, mean3, rstd3 = _layer_norm(u3, ln3w, ln3b, eps3)
         # group FC (ZSL: one projection shared by the queries)
         if ext:
-            logits = torch.ops.mldecoder_fast.group_fc(h, Wg, bg, num_out)
+            logits = torch.ops.mldecoder_fast.group_fc(h.to(compute), Wg_c, bg, num_out)
+        elif zsl:
+            logits = P.mm(h.view(B * K, D), Wg_c).view(B, K) + bg
         else:
-            from .torch_ops import group_fc_torch
-            logits = group_fc_torch(h, Wg, bg, num_out)
+            k, _, G = Wg.shape
+            logits = P.bmm(h.transpose(0, 1), Wg_c).transpose(0, 1).reshape(B, k * G)  # [B, K*G]
+            logits = (logits if k * G == num_out else logits[:, :num_out]) + bg
+        del h
 
         ctx.cfg = cfg
-        ctx.save_for_backward(tokens, t0, We, ln1w, ln1b, Win, Wo, ln2w, ln2b, W1, W2, ln3w, ln3b, Wg)
+        ctx.save_for_backward(tokens, t0, ln1w, ln1b, ln2w, ln2b, ln3w, ln3b,
+                              We_c, Win_c, Wo_c, W1_c, W2_c, Wg_c)
         # Intermediates live on ctx (not save_for_backward) so that the backward can free each
         # one as soon as it has been used.
         ctx.acts = dict(rows=rows, mem=mem, kv=kv, mean1=mean1, rstd1=rstd1, q=q, attn=attn, o=o, u2=u2,
@@ -142,8 +182,14 @@ class HeadTrainStep(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_logits):
-        (tokens, t0, We, ln1w, ln1b, Win, Wo, ln2w, ln2b, W1, W2, ln3w, ln3b, Wg) = ctx.saved_tensors
-        num_heads, (eps1, eps2, eps3), _, num_out, zsl, ext = ctx.cfg
+        with torch.autocast(g_logits.device.type, enabled=False):
+            return HeadTrainStep._backward(ctx, g_logits)
+
+    @staticmethod
+    def _backward(ctx, g_logits):
+        # the weights in the compute dtype (the parameters themselves when it is theirs)
+        (tokens, t0, ln1w, ln1b, ln2w, ln2b, ln3w, ln3b, We, Win, Wo, W1, W2, Wg) = ctx.saved_tensors
+        num_heads, (eps1, eps2, eps3), _, num_out, zsl, ext, gemm, compute = ctx.cfg
         a, m = ctx.acts, ctx.masks
         if a is None:
             raise RuntimeError("mldecoder_fast: this training step's graph was already used by a backward "
@@ -158,7 +204,8 @@ class HeadTrainStep(torch.autograd.Function):
         K, D = t0.shape
         H, d = num_heads, D // num_heads
         shared = m["q"] is None
-        g = g_logits.contiguous()
+        g = g_logits.contiguous().to(tokens.dtype)
+        P = _Products(gemm, compute, tokens.dtype)
 
         pop = a.pop
 
@@ -166,18 +213,18 @@ class HeadTrainStep(torch.autograd.Function):
         u3, mean3, rstd3 = pop("u3"), pop("mean3"), pop("rstd3")
         h = None
         if zsl:
-            g_h = g.unsqueeze(-1) * Wg[:, 0]                                         # [B, K, D]
+            g_h = g.unsqueeze(-1) * Wg[:, 0].to(g.dtype)                             # [B, K, D]
             g_bg = g.sum().reshape(1) if needs[20] else None
             g_pad = None
         elif ext:
-            h = _layer_norm(u3, ln3w, ln3b, eps3)[0]                                   # recomputed
-            g_h = torch.ops.mldecoder_fast.group_fc_grad_h(g, h, Wg, num_out)
+            h = _layer_norm(u3, ln3w, ln3b, eps3)[0].to(compute)                       # recomputed
+            g_h = torch.ops.mldecoder_fast.group_fc_grad_h(g, h, Wg, num_out).to(g.dtype)
             g_bg = g.sum(0) if needs[20] else None
         else:
             k, _, G = Wg.shape
             g_pad = g if k * G == num_out else F.pad(g, (0, k * G - num_out))
             g_pad = g_pad.view(B, k, G).transpose(0, 1)                               # [K, B, G]
-            g_h = torch.bmm(g_pad, Wg.transpose(1, 2)).transpose(0, 1)                # [B, K, D]
+            g_h = P.bmm(g_pad, Wg.transpose(1, 2)).transpose(0, 1)                    # [B, K, D]
             g_bg = g.sum(0) if needs[20] else None
         # ---- LN3 and the residual dropout ---------------------------------------------------------
         g_u3, g_ln3w, g_ln3b = _layer_norm_backward(g_h, u3, mean3, rstd3, ln3w, ln3b,
@@ -187,9 +234,9 @@ class HeadTrainStep(torch.autograd.Function):
         g_f2 = _drop(g_u3, m.pop("r"), s_r).view(B * K, D)
         # ---- feed-forward -------------------------------------------------------------------------
         f1 = pop("f1")
-        g_W2 = g_f2.t().mm(f1) if needs[15] else None
+        g_W2 = P.mm(g_f2.t(), f1) if needs[15] else None
         g_b2 = g_f2.sum(0) if needs[16] else None
-        g_f1 = g_f2.mm(W2)
+        g_f1 = P.mm(g_f2, W2)
         del g_f2
         g_a = torch.ops.aten.threshold_backward(g_f1, f1, 0)
         del g_f1, f1
@@ -198,10 +245,10 @@ class HeadTrainStep(torch.autograd.Function):
             g_a.mul_(s_f)
         u2, mean2, rstd2 = pop("u2"), pop("mean2"), pop("rstd2")
         t2 = _layer_norm(u2, ln2w, ln2b, eps2)[0]                                     # recomputed
-        g_W1 = g_a.t().mm(t2.view(B * K, D)) if needs[13] else None
+        g_W1 = P.mm(g_a.t(), t2.view(B * K, D)) if needs[13] else None
         del t2
         g_b1 = g_a.sum(0) if needs[14] else None
-        g_t2 = torch.addmm(g_u3.view(B * K, D), g_a, W1)                              # residual + FFN
+        g_t2 = P.mm(g_a, W1).add_(g_u3.view(B * K, D))                                # FFN + residual
         del g_a, g_u3
         # ---- LN2 and the output dropout -------------------------------------------------------------
         g_u2, g_ln2w, g_ln2b = _layer_norm_backward(g_t2, u2, mean2, rstd2, ln2w, ln2b,
@@ -212,10 +259,10 @@ class HeadTrainStep(torch.autograd.Function):
         g_op = _drop(g_u2, m.pop("o"), s_o).reshape(B * K, D)
         del g_u2
         o = pop("o")
-        g_Wo = g_op.t().mm(o) if needs[9] else None
+        g_Wo = P.mm(g_op.t(), o) if needs[9] else None
         g_bo = g_op.sum(0) if needs[10] else None
         del o
-        g_o = g_op.mm(Wo).view(B, K, H, d).transpose(1, 2)                            # [B, H, K, d]
+        g_o = P.mm(g_op, Wo).view(B, K, H, d).transpose(1, 2)                         # [B, H, K, d]
         del g_op
         # ---- attention ------------------------------------------------------------------------------
         kv = pop("kv")
@@ -242,12 +289,12 @@ class HeadTrainStep(torch.autograd.Function):
         mem = pop("mem")
         g_Win = g_bin = None
         if needs[7]:
-            g_Win = torch.empty_like(Win)
-            torch.mm(g_kv.t(), mem, out=g_Win[D:])
+            g_Win = torch.empty(3 * D, D, dtype=g_kv.dtype, device=g_kv.device)
+            g_Win[D:] = P.mm(g_kv.t(), mem)
         if needs[8]:
             g_bin = torch.empty(3 * D, dtype=g_kv.dtype, device=g_kv.device)
             torch.sum(g_kv, 0, out=g_bin[D:])
-        g_mem = g_kv.mm(Win[D:])                                                       # [BN, D]
+        g_mem = P.mm(g_kv, Win[D:])                                                    # [BN, D]
         del g_kv
         # ---- queries: q projection, LN1, the query dropout ----------------------------------------
         mean1, rstd1 = pop("mean1"), pop("rstd1")
@@ -255,11 +302,11 @@ class HeadTrainStep(torch.autograd.Function):
         u1 = _queries_input(t0, mq, s_q)
         t1 = _layer_norm(u1, ln1w, ln1b, eps1)[0]                                     # recomputed
         if needs[7]:
-            torch.mm(g_q.reshape(-1, D).t(), t1.reshape(-1, D), out=g_Win[:D])
+            g_Win[:D] = P.mm(g_q.reshape(-1, D).t(), t1.reshape(-1, D))
         del t1
         if needs[8]:
             torch.sum(g_q.reshape(-1, D), 0, out=g_bin[:D])
-        g_t1.view(-1, D).addmm_(g_q.reshape(-1, D), Win[:D])
+        g_t1.view(-1, D).add_(P.mm(g_q.reshape(-1, D), Win[:D]))
         del g_q
         g_t0 = g_ln1w = g_ln1b = None
         if need_t0 or needs[5] or needs[6]:
@@ -273,10 +320,10 @@ class HeadTrainStep(torch.autograd.Function):
         g_pre = torch.ops.aten.threshold_backward(g_mem, mem, 0)
         del g_mem, mem
         rows = pop("rows")
-        g_We = g_pre.t().mm(rows) if needs[3] else None
+        g_We = P.mm(g_pre.t(), rows) if needs[3] else None
         del rows
         g_be = g_pre.sum(0) if needs[4] else None
-        g_tokens = g_pre.mm(We).view(B, N, C) if need_tokens else None
+        g_tokens = P.mm(g_pre, We).view(B, N, C) if need_tokens else None
         del g_pre
         # ---- the group-FC weight gradient, last ---------------------------------------------------
         g_Wg = None
@@ -285,11 +332,12 @@ class HeadTrainStep(torch.autograd.Function):
                 h = _layer_norm(u3, ln3w, ln3b, eps3)[0]                               # recomputed
             del u3
             if ext:
-                g_Wg = torch.ops.mldecoder_fast.group_fc_grad_weight(g, h, Wg, num_out)
+                g_Wg = torch.ops.mldecoder_fast.group_fc_grad_weight(g, h.to(compute), Wg, num_out)
+                g_Wg = g_Wg.to(g.dtype)
             elif zsl:
-                g_Wg = g.reshape(1, B * K).mm(h.reshape(B * K, D)).t()                  # [D, 1]
+                g_Wg = P.mm(g.reshape(1, B * K), h.reshape(B * K, D)).t()               # [D, 1]
             else:
-                g_Wg = torch.bmm(h.transpose(0, 1).transpose(1, 2), g_pad)             # [K, D, G]
+                g_Wg = P.bmm(h.transpose(0, 1).transpose(1, 2), g_pad)                 # [K, D, G]
         if not keep_graph:
             ctx.acts = ctx.masks = None
         return (None, g_tokens, g_t0, g_We, g_be, g_ln1w, g_ln1b, g_Win, g_bin, g_Wo, g_bo,

@@ -1,0 +1,210 @@
+"""The matrix products of the head, and which library runs them on the CPU.
+
+A *GEMM provider* computes ``linear(x, w, b)`` (x W^T + b over the last axis of x), ``mm(a, b)``
+and ``bmm(a, b)``; operands may be transposed views. The eval forward and the fused training step
+(``fused_train.py``) run every dense product through one; providers differ only in the library:
+
+- ``TorchGemm``: torch.addmm / mm / bmm. MKL on the CPU (cuBLAS on CUDA), every dtype, autograd
+  and tracing. The fallback everywhere.
+- ``OneDnnGemm``: oneDNN through PyTorch's ``mkldnn::_linear_pointwise`` op on dense tensors, or on
+  weights packed once into oneDNN's blocked layout (``pack``, cached by the head). fp32 and bf16 on
+  the CPU; on this machine kind about 2x torch.mm's fp32 rate. Batched products (the group FC)
+  stay with torch.bmm: one oneDNN call per group measured several times slower than one bmm.
+- ``AutoGemm``: per product shape, times both once per process (outside tracing) and keeps oneDNN
+  where it is more than 10% faster, MKL otherwise.
+
+``provider(dtype, device)`` picks one. ``MLDECODER_FAST_CPU_GEMM`` = ``auto`` (default),
+``onednn`` or ``mkl`` forces the choice, as does ``set_cpu_gemm``. oneDNN is used only where it
+computes exactly what the fallback does: fp32 products with oneDNN's fp32 math mode at its IEEE
+default (``torch.backends.mkldnn.matmul.fp32_precision``), bf16 products where the CPU has
+native bf16. If a oneDNN call fails at run time, the product is recomputed with torch, a warning is
+issued once, and torch runs every product from then on.
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+ENV_VAR = "MLDECODER_FAST_CPU_GEMM"
+MODES = ("auto", "onednn", "mkl")
+SWITCH_MARGIN = 1.10   # a library replaces the default only when this much faster
+
+_state = {"mode": None, "onednn_error": None}
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mldecoder_fast: CPU GEMM choice must be one of {MODES}, got {mode!r} "
+                         f"(from {ENV_VAR} or set_cpu_gemm)")
+    return mode
+
+
+def cpu_gemm_mode() -> str:
+    """The configured choice: ``set_cpu_gemm``'s, else ``$MLDECODER_FAST_CPU_GEMM``, else auto."""
+    if _state["mode"] is None:
+        _state["mode"] = _check_mode(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto")
+    return _state["mode"]
+
+
+def set_cpu_gemm(mode: str | None) -> str | None:
+    """Force ``"onednn"``, ``"mkl"`` or ``"auto"`` (None: back to the environment variable).
+    Returns the previous setting."""
+    previous = _state["mode"]
+    _state["mode"] = None if mode is None else _check_mode(mode)
+    return previous
+
+
+def onednn_status(dtype: torch.dtype = torch.float32) -> tuple[bool, str]:
+    """(usable, why not): whether oneDNN products can run for ``dtype`` here."""
+    if _state["onednn_error"] is not None:
+        return False, f"a oneDNN product failed in this process: {_state['onednn_error']}"
+    if not torch.backends.mkldnn.is_available():
+        return False, "this PyTorch was built without oneDNN (mkldnn)"
+    if dtype == torch.float32:
+        precision = torch.backends.mkldnn.matmul.fp32_precision
+        if precision not in ("none", "ieee"):
+            return False, f"oneDNN's fp32 math mode is {precision!r} (reduced precision), not IEEE"
+        return True, "oneDNN fp32"
+    if dtype == torch.bfloat16:
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False, "this CPU has no native bf16 for oneDNN"
+        return True, "oneDNN bf16"
+    return False, f"oneDNN does not compute {dtype}"
+
+
+class TorchGemm:
+    """Products through torch's own ops (MKL on the CPU)."""
+
+    name = "mkl"
+
+    def linear(self, x, w, b=None, packed=None):
+        return F.linear(x, w, b)
+
+    def mm(self, a, b):
+        return torch.mm(a, b)
+
+    def bmm(self, a, b):
+        return torch.bmm(a, b)
+
+    def pack(self, w):
+        return None
+
+
+class OneDnnGemm(TorchGemm):
+    """Products through oneDNN (``mkldnn::_linear_pointwise``); batched products through torch."""
+
+    name = "onednn"
+
+    def linear(self, x, w, b=None, packed=None):
+        if _state["onednn_error"] is None:
+            try:
+                return torch.ops.mkldnn._linear_pointwise(x, w if packed is None else packed, b,
+                                                          "none", [], "")
+            except RuntimeError as exc:
+                _onednn_failed(exc)
+        return F.linear(x, w, b)
+
+    def mm(self, a, b):
+        return self.linear(a, b.t())
+
+    def pack(self, w):
+        """w in oneDNN's blocked layout (an opaque tensor that only ``linear`` reads)."""
+        if _state["onednn_error"] is None:
+            try:
+                return torch.ops.mkldnn._reorder_linear_weight(w.contiguous())
+            except RuntimeError as exc:
+                _onednn_failed(exc)
+        return None
+
+
+def _onednn_failed(exc: Exception) -> None:
+    _state["onednn_error"] = f"{type(exc).__name__}: {exc}"
+    warnings.warn(f"mldecoder_fast: a oneDNN matrix product failed ({_state['onednn_error']}); "
+                  f"recomputed with torch.mm, which runs every CPU product from now on.",
+                  RuntimeWarning, stacklevel=3)
+
+
+def time_candidates(calls: dict, rounds: int = 3) -> dict:
+    """Seconds per call of each candidate: the best of ``rounds`` interleaved runs after a warm-up."""
+    best = {}
+    for name, call in calls.items():
+        call()
+        best[name] = float("inf")
+    for _ in range(rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def choose(seconds: dict) -> str:
+    """``"onednn"`` when it took less than the MKL time / SWITCH_MARGIN, else ``"mkl"``."""
+    return "onednn" if seconds["onednn"] * SWITCH_MARGIN < seconds["mkl"] else "mkl"
+
+
+class AutoGemm(TorchGemm):
+    """Per product shape, the faster of MKL and oneDNN, timed once per process on the first call.
+
+    ``timer`` (default ``time_candidates``) maps ``{name: call}`` to ``{name: seconds}``."""
+
+    name = "auto"
+
+    def __init__(self, timer=time_candidates):
+        self.timer = timer
+        self.decisions: dict = {}
+
+    def _run(self, key, run):
+        choice = self.decisions.get(key)
+        if choice is None:
+            seconds = self.timer({name: (lambda p=p: run(p)) for name, p in _BY_NAME.items()})
+            choice = self.decisions[key] = choose(seconds)
+        return run(_BY_NAME[choice])
+
+    def linear(self, x, w, b=None, packed=None):
+        key = ("linear", x.dtype, tuple(x.shape), tuple(x.stride()), tuple(w.shape), tuple(w.stride()),
+               b is not None, packed is not None)
+        return self._run(key, lambda p: p.linear(x, w, b, packed))
+
+    def mm(self, a, b):
+        key = ("mm", a.dtype, tuple(a.shape), tuple(a.stride()), tuple(b.shape), tuple(b.stride()))
+        return self._run(key, lambda p: p.mm(a, b))
+
+    def pack(self, w):
+        return ONEDNN.pack(w)
+
+
+TORCH = TorchGemm()
+ONEDNN = OneDnnGemm()
+AUTO = AutoGemm()
+_BY_NAME = {"mkl": TORCH, "onednn": ONEDNN}
+
+
+def provider(dtype: torch.dtype, device: torch.device):
+    """The provider for products in ``dtype`` on ``device``: torch's ops off the CPU, while
+    torch.compile traces (the compiler picks its own kernels), and where oneDNN cannot compute
+    ``dtype`` exactly; otherwise the configured choice."""
+    if device.type != "cpu" or torch.compiler.is_compiling():
+        return TORCH
+    mode = cpu_gemm_mode()
+    if mode == "mkl" or not onednn_status(dtype)[0]:
+        return TORCH
+    return ONEDNN if mode == "onednn" else AUTO
+
+
+def describe() -> str:
+    """What runs the CPU head's products, for ``mldecoder_fast.backends()``."""
+    mode = cpu_gemm_mode()
+    fp32_ok, fp32_detail = onednn_status(torch.float32)
+    bf16_ok, bf16_detail = onednn_status(torch.bfloat16)
+    if mode == "mkl":
+        return f"CPU GEMMs: torch.mm (MKL), forced by {ENV_VAR}/set_cpu_gemm"
+    parts = [f"fp32 {'oneDNN' if fp32_ok else 'torch.mm (MKL): ' + fp32_detail}",
+             f"bf16 {'oneDNN' if bf16_ok else 'torch.mm: ' + bf16_detail}"]
+    how = ("per shape, whichever measured faster (MKL unless oneDNN is >10% faster)" if mode == "auto"
+           else f"forced by {ENV_VAR}/set_cpu_gemm")
+    return f"CPU GEMMs: {', '.join(parts)}; {how}"
