@@ -179,7 +179,7 @@ def test_export_command_head_state_dict(tmp_path, capsys):
 def test_export_command_whole_model_checkpoint(tmp_path, capsys):
     pytest.importorskip("timm")
     from mldecoder_fast.train.checkpoint import save_checkpoint
-    from mldecoder_fast.train.multilabel import model_from_args
+    from mldecoder_fast.train.models import model_from_args
     margs = {"model": "test_resnet", "num_classes": 6, "num_of_groups": 3, "decoder_embedding": 32,
              "image_size": 32}
     torch.manual_seed(0)

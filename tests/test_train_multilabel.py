@@ -27,7 +27,7 @@ from mldecoder_fast.train.models import build_model  # noqa: E402
 from mldecoder_fast.train.multilabel import MultiLabelTrainer, TrainConfig  # noqa: E402
 from mldecoder_fast.train.optim import build_optimizer, build_scheduler  # noqa: E402
 from mldecoder_fast.train.seeding import seed_everything  # noqa: E402
-from timm.optim import param_groups_weight_decay as param_groups  # noqa: E402
+from mldecoder_fast.train.optim import param_groups  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -148,6 +148,8 @@ def test_param_groups_and_schedule():
                                                          "decoder.layers.0.norm1.weight"}
     all_ids = {id(p) for g in (no_decay, decay) for p in g["params"]}
     assert id(head.decoder.query_embed.weight) not in all_ids  # frozen: skipped
+    # the layout checkpoints hold: two groups whatever the decay (resume must find them)
+    assert [len(g["params"]) for g in param_groups(head, 0.0)] == [len(no_decay["params"]), len(decay["params"])]
     opt = build_optimizer(head, lr=1e-4, weight_decay=1e-4)
     assert isinstance(opt, torch.optim.AdamW)
     assert isinstance(build_optimizer(head, mode="l2"), torch.optim.Adam)

@@ -14,7 +14,6 @@ from .asl_trainer import ASLConfig, ASLTrainer
 from .distributed import DistInfo
 from .logs import plot_curves
 from .metrics import chance_map, mean_average_precision
-from .models import model_from_args  # noqa: F401  (mldecoder_fast.export imports it from here)
 
 # The MS-COCO recipe of the paper (docs/design.md, Training recipes); --demo has its own (demo.py).
 COCO_DEFAULTS = dict(model="tresnet_l", image_size=448, epochs=40, batch_size=56, lr=1e-4,
