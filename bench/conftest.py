@@ -1,6 +1,6 @@
 """pytest-benchmark suite of the ML-Decoder head: ``pytest bench/``.
 
-Every SPEC configuration x mode (eval forward, training step) x device x batch x implementation,
+Every standard configuration (docs/design.md) x mode (eval forward, training step) x device x batch x implementation,
 grouped per (configuration, mode, device, batch) so that pytest-benchmark's table compares the
 implementations of one case. Every benchmark first checks its implementation against the
 reference (outputs; in training also every gradient) and fails on a mismatch.
@@ -39,7 +39,7 @@ def _env_flag(name: str):
 def pytest_addoption(parser):
     group = parser.getgroup("mldecoder-bench", "ML-Decoder benchmarks (bench/)")
     group.addoption("--bench-full", action="store_true", default=False,
-                    help="real SPEC configurations and more rounds (default: quick, shrunk configurations)")
+                    help="real standard configurations and more rounds (default: quick, shrunk configurations)")
     group.addoption("--bench-quick", action="store_true", default=False,
                     help="force the quick mode (the default unless --bench-full or MLDECODER_BENCH_QUICK=0)")
     group.addoption("--bench-compiled", action="store_true", default=False,

@@ -60,7 +60,7 @@ def profile_impl(impl, case, steps: int, top: int) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--config", default="coco", help="a SPEC configuration name or prefix")
+    p.add_argument("--config", default="coco", help="a standard configuration name or prefix")
     p.add_argument("--batch", type=int, default=None, help="default: 256 on CUDA, 16 on the CPU")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: bf16 on CUDA, fp32 on the CPU)")
     p.add_argument("--mode", choices=["eval", "train"], default="train")

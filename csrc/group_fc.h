@@ -1,4 +1,4 @@
-// Group fully-connected projection (SPEC step 7): shared declarations of the CPU (.cpp) and
+// Group fully-connected projection (docs/design.md step 7): shared declarations of the CPU (.cpp) and
 // CUDA (.cu) kernels.
 //
 //   logits[b, k*G + g] = sum_d h[b, k, d] * weight[k, d, g] + bias[k*G + g],  k*G + g < C

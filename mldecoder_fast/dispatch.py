@@ -35,9 +35,9 @@ _selected: dict = {}
 
 def _extension_status():
     try:
-        from .ops import group_fc as ext
+        from .ops import group_fc_extension as ext
     except Exception as exc:  # the module itself failing to import is a packaging bug; report it
-        return False, False, f"mldecoder_fast.ops.group_fc failed to import: {exc!r}"
+        return False, False, f"mldecoder_fast.ops.group_fc_extension failed to import: {exc!r}"
     ok, detail = ext.extension_status()
     return ok, bool(ok and ext.cuda_kernels_available()), detail
 

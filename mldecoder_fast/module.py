@@ -1,7 +1,7 @@
 """MLDecoderFast: the drop-in fast ML-Decoder head.
 
 Same constructor, parameters and state_dict as the reference ``MLDecoder`` (plus ``backend``).
-The forward is the SPEC computation rearranged for speed:
+The forward is the computation of docs/design.md rearranged for speed:
 
 - the GEMMs (input projection, one fused k/v projection, output projection, feed-forward) run as
   single PyTorch matmuls over all rows;
@@ -268,7 +268,7 @@ class MLDecoderFast(_HeadBase):
         memory = F.relu(linear(tokens, dec.embed_standart.weight, dec.embed_standart.bias))
 
         if p_query > 0:
-            # Training: every sample draws its own dropout mask on the queries (SPEC step 3).
+            # Training: every sample draws its own dropout mask on the queries (docs/design.md step 3).
             t0 = self._base_queries()
             t0 = t0.unsqueeze(0).expand(x.shape[0], -1, -1)
             t1 = ops.residual_dropout_layer_norm(t0, t0, p_query, layer.norm1.weight,

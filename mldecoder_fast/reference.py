@@ -1,6 +1,6 @@
 """The reference ML-Decoder head: the correctness oracle of this package.
 
-It restates the published head (Ridnik et al., 2021; see shared SPEC.md) step by step, with the
+It restates the published head (Ridnik et al., 2021; docs/design.md) step by step, with the
 official parameter tree and state_dict keys, and the official computation, deliberately including
 its inefficiencies: the batch-independent query path is recomputed for every sample, attention runs
 through ``nn.MultiheadAttention`` on a [K, B, D] layout, and the group fully-connected layer is a

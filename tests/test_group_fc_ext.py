@@ -1,4 +1,4 @@
-"""The compiled group FC (csrc/group_fc*.cpp/.cu, mldecoder_fast/ops/group_fc.py).
+"""The compiled group FC (csrc/group_fc*.cpp/.cu, mldecoder_fast/ops/group_fc_extension.py).
 
 Compared with an fp64 einsum reference written here (independent of both the op and
 ``group_fc_torch``); low-precision results may differ from it by at most ~2x what the
@@ -17,7 +17,7 @@ import pytest
 import torch
 from helpers import assert_close, rel_rms
 
-from mldecoder_fast.ops import group_fc as ext
+from mldecoder_fast.ops import group_fc_extension as ext
 from mldecoder_fast.ops.extension_ops import ExtensionOps
 from mldecoder_fast.ops.torch_ops import TorchOps, group_fc_torch
 

@@ -1,7 +1,7 @@
 """MLDecoderFast(backend="triton") end to end against the reference MLDecoder on identical weights.
 
 Interpreted on the CPU (tiny heads) when there is no GPU; on a GPU the same tests run the compiled
-kernels, plus a bf16-autocast training step at a full SPEC size.
+kernels, plus a bf16-autocast training step at a full standard size (docs/design.md, Configurations).
 """
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def test_zsl_eval_matches_reference():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (full size, bf16)")
 @pytest.mark.parametrize("classes,groups,c,n", [(21843, 100, 2048, 49), (80, 80, 2048, 196)])
 def test_full_size_bf16_autocast_cuda(classes, groups, c, n):
-    """A SPEC-size bf16-autocast training step and eval: close to the fp32 reference, as close as
+    """A standard-size bf16-autocast training step and eval: close to the fp32 reference, as close as
     the torch backend under the same autocast."""
     from helpers import rel_rms
     ref, fast = make_pair(classes, groups, 768, c, backend="triton", device=DEV)

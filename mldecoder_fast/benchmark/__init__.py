@@ -1,6 +1,6 @@
 """Benchmarks of the ML-Decoder head: the ``mldecoder-fast bench`` command and its building blocks.
 
-configs  the SPEC standard configurations (and shrunken copies for quick runs)
+configs  the standard configurations of docs/design.md (and shrunken copies for quick runs)
 expert   the eager-expert head: the best plain-PyTorch head a PyTorch-savvy user would write
 flops    FLOP and byte counts of one forward / training step (the roofline floor)
 timing   medians after warm-up, CUDA events, peak memory

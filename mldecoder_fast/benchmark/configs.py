@@ -1,4 +1,4 @@
-"""The standard configurations of SPEC.md, as data the benchmarks run on.
+"""The standard configurations (docs/design.md, Configurations), as data the benchmarks run on.
 
 ``BenchConfig.make_head`` builds a head for a configuration, ``make_input`` its input (on the
 device and in the dtype asked for). ZSL configurations train on ``zsl_train_classes`` word vectors

@@ -1,7 +1,7 @@
 """The eager-expert head: what a PyTorch-savvy user would write by hand.
 
-It is the second baseline of every benchmark (PERFORMANCE.md): MLDecoderFast must beat it, not
-only the reference. It computes the SPEC head with the ordinary tools of plain PyTorch:
+It is the second baseline of every benchmark (docs/benchmarks.md, What is compared): MLDecoderFast must beat it, not
+only the reference. It computes the head of docs/design.md with the ordinary tools of plain PyTorch:
 
 - the k and v projections as one GEMM over the fused [2D, D] weight;
 - ``F.scaled_dot_product_attention`` instead of ``nn.MultiheadAttention``;

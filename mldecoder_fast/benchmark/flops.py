@@ -1,4 +1,4 @@
-"""Work of the head, for the roofline floor (PERFORMANCE.md).
+"""Work of the head, for the roofline floor (docs/benchmarks.md, Work and the floor).
 
 FLOPs of one forward, B batch, N tokens, C input features, D embedding, F feed-forward width,
 K queries, G classes per group:
@@ -41,7 +41,7 @@ def step_flops(cfg: BenchConfig, batch: int, mode: str) -> float:
 
 
 def parameter_count(cfg: BenchConfig, mode: str = "eval") -> tuple[int, int]:
-    """(all parameters, trainable parameters) of the head, as the SPEC parameter table lists them."""
+    """(all parameters, trainable parameters) of the head, as docs/design.md's parameter table lists them."""
     c, d, f = cfg.num_features, cfg.decoder_embedding, FEEDFORWARD_DIM
     k = cfg.queries_for(mode)
     layer = 3 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (f * d + f) + (d * f + d)

@@ -184,7 +184,7 @@ def memory_method(device) -> str:
 def matmul_probes(device, dtype: torch.dtype, size: int | None = None) -> dict[str, tuple[Callable[[], object], float]]:
     """Large square GEMMs in ``dtype`` on ``device``, {name: (callable, FLOPs)}: timed beside the
     implementations (one call of each per round) they give the GEMM rates under the same load; the
-    fastest is the roofline's (PERFORMANCE.md: the fastest rate the device offers, not the rate of
+    fastest is the roofline's (docs/benchmarks.md: the fastest rate the device offers, not the rate of
     whichever GEMM an implementation calls).
 
     - ``torch.mm`` (cuBLAS on CUDA; MKL on the CPU);

@@ -1,4 +1,4 @@
-"""Fused multi-head cross-attention (SPEC step 4): forward and backward.
+"""Fused multi-head cross-attention (docs/design.md step 4): forward and backward.
 
 O = dropout(softmax(q k^T / sqrt(d))) v per head, queries with no self-attention:
 

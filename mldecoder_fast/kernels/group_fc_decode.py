@@ -1,4 +1,4 @@
-"""Group fully-connected decoding (SPEC step 7), optionally fused with LayerNorm-3 (end of step 6).
+"""Group fully-connected decoding (docs/design.md step 7), optionally fused with LayerNorm-3 (end of step 6).
 
 logits[b, k*G + g] = sum_d h[b, k, d] W[k, d, g] + bias[k*G + g]   for k*G + g < num_classes,
 

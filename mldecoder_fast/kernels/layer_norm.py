@@ -1,6 +1,6 @@
 """Fused residual + dropout + LayerNorm: y = LN(residual + dropout(x)) in one pass, and its backward.
 
-The head applies it three times (SPEC steps 3, 5, 6). Unfused, PyTorch runs dropout (mask +
+The head applies it three times (docs/design.md steps 3, 5, 6). Unfused, PyTorch runs dropout (mask +
 scale), the add and the LayerNorm as separate passes over the activations and stores the dropout
 mask; here one kernel reads ``residual`` and ``x`` once and writes ``y`` and two fp32 statistics
 per row. The dropout mask is never stored: it is regenerated from (seed, row, column) in the

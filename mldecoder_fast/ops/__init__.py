@@ -1,13 +1,61 @@
-"""The head's operations, one implementation per backend.
+"""The head's operations, one implementation per backend, and the op map.
 
-``MLDecoderFast`` runs its GEMMs with PyTorch and everything between them through an *ops*
-object (see ``torch_ops.TorchOps`` for the interface and its plain-PyTorch reference
-implementation). Backends override what they accelerate:
+``MLDecoderFast`` runs its GEMMs with PyTorch (on the CPU through a GEMM provider,
+``ops/cpu_gemm.py``) and everything between them through an *ops* object: ``TorchOps`` in
+``ops/torch_ops.py`` defines the interface and its plain-PyTorch implementation; backends
+override what they accelerate:
 
-- ``torch``  : ``TorchOps``, plain PyTorch (batched group FC, SDPA).
-- ``cpp`` / ``cuda``: the compiled extension's group FC (``ops/group_fc.py``), the rest from torch.
-- ``triton`` : fused Triton kernels (``kernels/``) for attention, residual+dropout+LayerNorm and
-  LayerNorm+group-FC decoding.
+- ``torch``: ``TorchOps``, plain PyTorch (batched group FC, SDPA).
+- ``cpp`` / ``cuda``: ``ExtensionOps`` (``ops/extension_ops.py``): the compiled extension's group FC,
+  the rest from ``TorchOps``.
+- ``triton``: ``TritonOps`` (``ops/triton_ops.py``): fused Triton kernels (``kernels/``) for
+  attention, residual + dropout + LayerNorm and LayerNorm + group-FC decoding.
+
+Op map: for each op (named as in ``TorchOps``; steps of docs/design.md), where its reference,
+torch path, Triton kernel, C++/CUDA kernel, registration and tests are. ``tests/test_op_map.py``
+checks that every path below exists.
+
+residual_dropout_layer_norm: LayerNorm(residual + dropout(x)) (steps 3, 5 and 6's residual)
+    reference     mldecoder_fast/reference.py
+    torch         mldecoder_fast/ops/torch_ops.py
+    Triton        mldecoder_fast/kernels/layer_norm.py
+    registration  mldecoder_fast/ops/triton_ops.py (mldecoder_fast::triton_layer_norm[_backward])
+    tests         tests/test_triton_kernels.py, tests/test_module.py, tests/test_dropout.py
+
+attention / shared_query_attention: multi-head cross-attention (step 4)
+    reference     mldecoder_fast/reference.py
+    torch         mldecoder_fast/ops/torch_ops.py
+    Triton        mldecoder_fast/kernels/attention.py
+    registration  mldecoder_fast/ops/triton_ops.py (mldecoder_fast::triton_attention[_backward],
+                  mldecoder_fast::triton_shared_query_attention[_backward])
+    tests         tests/test_triton_kernels.py, tests/test_triton_spills.py, tests/test_module.py
+
+group_fc: group fully-connected decoding (step 7)
+    reference     mldecoder_fast/reference.py (group_fc_loop: the original loop of K products)
+    torch         mldecoder_fast/ops/torch_ops.py (group_fc_torch: one batched product)
+    Triton        mldecoder_fast/kernels/group_fc_decode.py
+    C++/CUDA      csrc/group_fc.cpp (schemas + CPU kernels), csrc/group_fc_cuda.cu, csrc/group_fc.h
+    registration  mldecoder_fast/ops/group_fc_extension.py (mldecoder_fast::group_fc, fake and
+                  autograd), mldecoder_fast/ops/extension_ops.py (the cpp/cuda backends),
+                  mldecoder_fast/ops/triton_ops.py (mldecoder_fast::triton_group_fc[_backward])
+    tests         tests/test_group_fc_ext.py, tests/test_triton_kernels.py
+
+decode: LayerNorm-3 of the residual, then group_fc (steps 6-7)
+    reference     mldecoder_fast/reference.py
+    torch         mldecoder_fast/ops/torch_ops.py
+    Triton        mldecoder_fast/kernels/group_fc_decode.py
+    registration  mldecoder_fast/ops/triton_ops.py (mldecoder_fast::triton_decode[_backward])
+    tests         tests/test_triton_kernels.py, tests/test_triton_module.py
+
+training step: the whole head's forward and hand-written backward as one autograd function
+    reference     mldecoder_fast/reference.py
+    torch         mldecoder_fast/ops/fused_train.py, GEMMs from mldecoder_fast/ops/cpu_gemm.py
+    tests         tests/test_fused_train.py, tests/test_cpu_gemm.py, tests/test_launches.py
+
+eval forward on CUDA: the launch-lean path (steps 1-7 in about a dozen launches)
+    reference     mldecoder_fast/reference.py
+    torch         mldecoder_fast/lean_eval.py
+    tests         tests/test_lean_eval.py, tests/test_launches.py, tests/test_host_sync.py
 """
 from .torch_ops import TorchOps
 

@@ -16,7 +16,7 @@ def padded_group_bias(bias: torch.Tensor, num_queries: int, group_size: int) -> 
 
 def group_fc_torch(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                    num_classes: int) -> torch.Tensor:
-    """SPEC step 7 as one batched product.
+    """docs/design.md step 7 as one batched product.
 
     h [B, K, D]; weight [K, D, G] and bias [num_classes] -> logits [B, num_classes];
     ZSL: weight [D, 1] and bias [1] shared by all K queries -> logits [B, K].
@@ -100,6 +100,6 @@ class TorchOps:
     def decode(self, residual: torch.Tensor, x: torch.Tensor, p: float, ln_weight: torch.Tensor,
                ln_bias: torch.Tensor, eps: float, weight: torch.Tensor, bias: torch.Tensor,
                num_classes: int) -> torch.Tensor:
-        """SPEC step 6's residual + LN3 and step 7: group FC of LayerNorm(residual + dropout(x))."""
+        """docs/design.md step 6's residual + LN3 and step 7: group FC of LayerNorm(residual + dropout(x))."""
         h = self.residual_dropout_layer_norm(residual, x, p, ln_weight, ln_bias, eps)
         return self.group_fc(h, weight, bias, num_classes)

@@ -1,4 +1,4 @@
-"""Group fully-connected projection (SPEC step 7) through the compiled extension.
+"""The compiled extension's group fully-connected op (docs/design.md step 7): loading and registration.
 
 The kernels live in ``csrc/group_fc.cpp`` (op schemas + CPU) and ``csrc/group_fc_cuda.cu``
 (CUDA); the plain-PyTorch reference is ``torch_ops.group_fc_torch``. This file loads the
