@@ -1,5 +1,5 @@
 """DDP with 2 gloo processes on CPU (localhost): MLDecoderFast gradients equal single-process
-gradients on the same global batch, the eval query cache is right on every rank after optimizer
+gradients on the same global batch, the head's caches are right on every rank after optimizer
 steps, and the sampler / reduction helpers count every sample once."""
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def _ddp_worker(rank, world):
                 f"rank {rank} {name} {k}: DDP gradient differs from the single-process one "
                 f"(max diff {(got[k] - ref[k]).abs().max():.3e})")
 
-    # The eval query cache: fill it, take an optimizer step, evaluate again on every rank.
+    # The head's caches: fill them, take an optimizer step, evaluate again on every rank.
     head = net.get_classifier()
     assert isinstance(head, MLDecoderFast)
     for model, ref in ((net, ref_net), (zsl, ref_zsl)):
@@ -94,7 +94,7 @@ def _ddp_worker(rank, world):
         assert not torch.allclose(before, after), "the optimizer step did not change the eval output"
         assert torch.allclose(after, expected, rtol=1e-9, atol=1e-12), (
             f"rank {rank}: eval output after an optimizer step differs from the single-process model "
-            "(stale query cache?)")
+            "(stale head cache?)")
         every = D.all_gather_object(after, info)
         assert all(torch.equal(every[0], e) for e in every), "ranks disagree on the eval output"
 
@@ -133,7 +133,7 @@ def _fsdp_checks(rank, info, x, y):
         f"{(after - expected).abs().max():.3e}")
 
 
-def test_ddp_gradients_and_query_cache_match_single_process():
+def test_ddp_gradients_and_head_caches_match_single_process():
     D.spawn_local(_ddp_worker, WORLD)
 
 
@@ -195,19 +195,21 @@ def test_single_process_helpers_are_no_ops(monkeypatch):
     assert D.peak_memory_mb(torch.device("cpu")) > 0
 
 
-def test_query_cache_dropped_for_writes_that_keep_the_version():
+def test_head_caches_dropped_for_writes_that_keep_the_version():
     """FSDP writes gathered weights into the same parameter objects without bumping their version
-    counters; with ``drop_query_cache_each_forward`` the eval output follows such writes."""
+    counters; with ``drop_head_caches_each_forward`` the eval output follows such writes."""
     head = MLDecoderFast(num_classes=20, num_of_groups=4, decoder_embedding=32,
                          initial_num_features=16).eval()
     x = torch.randn(3, 5, 16)
-    assert D.drop_query_cache_each_forward(nn.Sequential(head)) == 1
+    assert D.drop_head_caches_each_forward(nn.Sequential(head)) == 1
     with torch.no_grad():
         head(x)
-        w = head.decoder.layers[0].norm1.weight
-        version = w._version
-        w.data.mul_(3.0)                      # in place, version counter untouched
-        assert w._version == version
+        # a weight of the query path (cached queries) and one of the input path (cached packed or
+        # low-precision copies), each written in place with its version counter untouched
+        for w in (head.decoder.layers[0].norm1.weight, head.decoder.layers[0].linear1.weight):
+            version = w._version
+            w.data.mul_(3.0)
+            assert w._version == version
         fresh = MLDecoderFast(num_classes=20, num_of_groups=4, decoder_embedding=32,
                               initial_num_features=16).eval()
         fresh.load_state_dict(head.state_dict())

@@ -51,7 +51,7 @@ def test_eval_matches_reference(classes, groups, dim, kernel_calls):
         assert_close("eval logits", ref(x), fast(x), RATIO)
     assert fast.active_backend == "triton"
     assert kernel_calls.get("decode_forward") == 1
-    assert kernel_calls.get("ln_forward") == 1                 # LN2 (LN1 is in the query cache)
+    assert kernel_calls.get("ln_forward") == 1                 # LN2 (LN1 is in the head's cached queries)
     folded = groups * 8 < dim + groups
     assert kernel_calls.get("folded_attention_forward" if folded else "attention_forward") == 1
 
@@ -142,7 +142,7 @@ def test_eval_cuda_graph_capture():
     side.wait_stream(torch.cuda.current_stream())
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         with torch.cuda.stream(side):
-            for _ in range(3):          # warm-up: autotuning, compilation, the query cache
+            for _ in range(3):          # warm-up: autotuning, compilation, the head's caches
                 fast(static_x)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()

@@ -14,9 +14,10 @@ torch and timm); this module only decides how the recipes use it:
 ML-Decoder heads under DDP: every parameter that requires a gradient takes part in every training
 forward (the frozen query embedding has ``requires_grad=False``, which DDP leaves out of its
 reducer), so ``find_unused_parameters=False`` is right. The heads have no buffers; the ZSL word
-vectors are a plain attribute that every rank sets to the same tensor. ``MLDecoderFast``'s eval
-query cache is keyed on the parameters' storage and version counters; DDP's initial broadcast and
-every optimizer step write the parameters in place, so each rank recomputes it after any change.
+vectors are a plain attribute that every rank sets to the same tensor. ``MLDecoderFast``'s caches
+(eval queries, low-precision and packed weight copies: ``mldecoder_fast/caches.py``) are keyed on
+the parameters' storage and version counters; DDP's initial broadcast and every optimizer step
+write the parameters in place and bump the versions, so each rank recomputes them after any change.
 Evaluate with the unwrapped module (``unwrap(model)``): DDP's forward may broadcast buffers, which
 deadlocks when ranks run different numbers of validation batches.
 """
@@ -33,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistInfo", "init_distributed", "destroy_distributed", "wrap_ddp", "unwrap", "shard_with_fsdp", "reshard_all",
-           "drop_query_cache_each_forward",
+           "drop_head_caches_each_forward",
            "all_reduce_sum", "all_reduce_max", "all_gather_object", "broadcast_object", "barrier",
            "peak_memory_mb", "free_port", "spawn_local"]
 
@@ -125,20 +126,20 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
 
 
-def _clear_query_cache(module, args) -> None:
+def _clear_head_caches(module, args) -> None:
     module.clear_caches()
 
 
-def drop_query_cache_each_forward(model: torch.nn.Module) -> int:
-    """Make every ``MLDecoderFast`` in ``model`` recompute its eval queries on every forward (for
-    wrappers such as FSDP that change weights in place without bumping version counters).
-    Returns the number of heads changed."""
+def drop_head_caches_each_forward(model: torch.nn.Module) -> int:
+    """Make every ``MLDecoderFast`` in ``model`` drop all its caches (eval queries, weight copies)
+    before every forward, for wrappers such as FSDP that change weights in place without bumping
+    version counters. Returns the number of heads changed."""
     from ..module import MLDecoderFast
     heads = [m for m in model.modules() if isinstance(m, MLDecoderFast)]
     for head in heads:
-        if not getattr(head, "_drops_query_cache", False):
-            head.register_forward_pre_hook(_clear_query_cache)
-            head._drops_query_cache = True
+        if not getattr(head, "_drops_caches", False):
+            head.register_forward_pre_hook(_clear_head_caches)
+            head._drops_caches = True
     return len(heads)
 
 
@@ -152,10 +153,10 @@ def shard_with_fsdp(model: torch.nn.Module, info: DistInfo, reshard_after_forwar
     head included (``shard_head=True`` makes the head a unit of its own).
 
     FSDP writes the gathered weights into the same unsharded parameter objects without bumping
-    their version counters, often at the same address, so ``MLDecoderFast``'s eval query cache
-    (keyed on storage and version) could serve queries of older weights. A forward pre-hook
-    therefore drops that cache before every forward of a sharded model (it costs one [K, D] query
-    computation per eval batch; training forwards never use the cache).
+    their version counters, often at the same address, so ``MLDecoderFast``'s caches (keyed on
+    storage and version) could serve values derived from older weights. A forward pre-hook
+    therefore drops them before every forward of a sharded model (each forward then derives what
+    it needs afresh: one [K, D] query computation per eval batch, weight copies where used).
 
     With ``reshard_after_forward=False`` a no-grad forward leaves the weights unsharded, and an
     optimizer step then changes only the shards: call ``reshard_all(model)`` after evaluating
@@ -179,7 +180,7 @@ def shard_with_fsdp(model: torch.nn.Module, info: DistInfo, reshard_after_forwar
                     fully_shard(block, **kwargs)
         else:
             fully_shard(child, **kwargs)
-    drop_query_cache_each_forward(model)
+    drop_head_caches_each_forward(model)
     if shard_head:
         for head in heads:
             fully_shard(head, **kwargs)
