@@ -10,7 +10,15 @@
 #   build -> Triton tests on the GPU -> the other CUDA tests -> CUDA graph tests -> bench bf16
 #   (COCO, 21K; B = 1, 32, 256) -> per-kernel profile (COCO train) and launch counts -> training
 #   demo (reference vs fast head) -> bench vs torch.compile (train, B = 256)
-#   -> bench bf16 (other configurations) -> bench fp32 (COCO + 21K)
+#   -> bench bf16 (other configurations) -> bench fp32 (COCO + 21K) -> issue 11 and 12 stages
+#   (issue11_eval, issue12_train, e2e: see their section)
+# GPU_CHECK_STAGES=a,b,...: run only these stages, in the order above; a stage's name also selects
+# its parts (issue11_eval selects issue11_eval-eager, ...). Default: all. Two calls cover the lot:
+#     GPU_CHECK_STAGES=issue11_eval,issue12_train,e2e bench/gpu_check.sh
+#     GPU_CHECK_BUDGET_S=<what is left> bench/gpu_check.sh    # everything else, in priority order
+# (the first needs no build: its rows use the torch and Triton backends; about 530 s at most by the
+# caps). timm for the e2e stage is in the GPU image; where it is not, docs/benchmarks.md ("Running
+# it") lists the wheels to bring.
 # A failing stage does not stop the later ones; the exit status is non-zero if any stage failed or
 # was skipped. The last thing printed is a short table of the results and the issue's speed
 # targets; commit those numbers (summary.txt, the bench_*.md tables) with the device, commit and date
@@ -34,19 +42,35 @@ export PYTHONUNBUFFERED=1
 
 log() { echo "[$(date -u +%H:%M:%S) +$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/gpu_check.log"; }
 
+selected() {  # is stage $1 (or the stage it is a part of, "group-part") in GPU_CHECK_STAGES?
+  [[ -z "${GPU_CHECK_STAGES:-}" ]] && return 0
+  local s wanted; IFS=, read -ra wanted <<< "$GPU_CHECK_STAGES"
+  for s in "${wanted[@]}"; do [[ "$1" == "$s" || "$1" == "$s"-* ]] && return 0; done
+  return 1
+}
+# A stage "group-part" also spends from its group's budget GROUP_CAP[group] (seconds), if set.
+declare -A GROUP_CAP=() GROUP_USED=()
+
 # stage NAME CAP_SECONDS [OK_CODES] -- command...
 stage() {
   local name=$1 cap=$2 ok=$3; shift 4
+  selected "$name" || return 0
   local left=$(( T0 + BUDGET - $(date +%s) ))
   local lim=$(( cap < left ? cap : left ))
+  local group=${name%%-*}
+  if [[ -n "${GROUP_CAP[$group]:-}" ]]; then
+    local group_left=$(( GROUP_CAP[$group] - ${GROUP_USED[$group]:-0} ))
+    (( group_left < lim )) && lim=$group_left left=$group_left
+  fi
   if (( lim < 20 )); then
-    log "SKIP  $name: only ${left}s of the ${BUDGET}s budget left"
+    log "SKIP  $name: only ${left}s of the ${BUDGET}s budget (or of its group's) left"
     SUMMARY+=("$(printf '%-22s skipped (time budget)' "$name")"); STATUS=1; return 1
   fi
   log "START $name (limit ${lim}s): $*"
   local s=$(date +%s)
   timeout --signal=INT --kill-after=20 "$lim" "$@" > "$OUT/$name.log" 2>&1
   local rc=$? dt=$(( $(date +%s) - s ))
+  GROUP_USED[$group]=$(( ${GROUP_USED[$group]:-0} + dt ))
   tail -n 15 "$OUT/$name.log" | sed "s/^/    [$name] /"
   if [[ " $ok " == *" $rc "* ]]; then
     log "OK    $name (${dt}s)"; SUMMARY+=("$(printf '%-22s ok      %4ds' "$name" "$dt")")
@@ -115,7 +139,7 @@ stage test_cuda_other 90 "0 5" -- "${PYTEST[@]}" tests -k cuda \
 
 # ---- 2c. CUDA graphs: cuda_graphed captures, make_graphed_callables training steps,
 # torch.compile(mode="reduce-overhead") (two inductor compiles: most of this stage's time); the
-# host time per call of cuda_graphed vs eager is a property in test_cuda_graphs.xml --------------
+# time per call, graphed vs eager, is the issue11_eval stage's graphed-fast-* rows ----------------
 stage test_cuda_graphs 120 "0" -- "${PYTEST[@]}" tests/test_cuda_graphs.py \
   --junitxml="$OUT/test_cuda_graphs.xml"
 
@@ -153,6 +177,46 @@ stage bench_bf16_rest 90 "0" -- "${BENCH[@]}" --dtype bf16 --batch 1,32,256 \
   --modes eval,train --impls "$IMPLS" --json "$OUT/bench_bf16_rest.json" --markdown "$OUT/bench_bf16_rest.md"
 stage bench_fp32 60 "0" -- "${BENCH[@]}" --dtype fp32 --batch 32,256 --configs "$MAIN_CFGS" \
   --modes eval,train --impls "$IMPLS" --json "$OUT/bench_fp32.json" --markdown "$OUT/bench_fp32.md"
+
+# ---- issues 11 and 12 (bf16): eval latency and training steps, eager and under CUDA graphs, beside
+# torch.compile's peers; where a training step's time goes; a whole ResNet-50 training step --------
+# Each stage is a group of parts with its own budget (GROUP_CAP) and each part has its own cap; a
+# bench cut short by its cap keeps the cases it finished (SIGINT: it writes its JSON, exit 130).
+# Cheap parts first; torch.compile parts (tens of seconds to minutes per case) last. Their JSON is
+# issue1*.json (not bench_*: its own tables, bench/issue_tables.py, at the end).
+GROUP_CAP[issue11_eval]=220; GROUP_CAP[issue12_train]=200; GROUP_CAP[e2e]=90
+ISSUE=("${BENCH[@]}" --dtype bf16 --configs "$MAIN_CFGS")
+EAGER=reference,eager-expert,fast-torch,fast-triton
+GRAPHED=graphed-fast-torch,graphed-fast-triton
+FAST_RO=compiled-fast-torch-reduce-overhead,compiled-fast-triton-reduce-overhead
+stage issue11_eval-eager 100 "0" -- "${ISSUE[@]}" --modes eval --batch 1,32,256 --repeats 50 \
+  --impls "$EAGER,$GRAPHED" --json "$OUT/issue11_eval-eager.json"
+stage issue12_train-eager 90 "0" -- "${ISSUE[@]}" --modes train --batch 32,256 --repeats 20 \
+  --impls "$EAGER,graphed-expert,$GRAPHED" --json "$OUT/issue12_train-eager.json"
+if "$PY" -c "import timm" 2>/dev/null; then
+  E2E=(); [[ -n "${GPU_CHECK_QUICK:-}" ]] && E2E=(--model test_resnet --batch 2 --steps 2 --warmup 1 \
+    --image-size 64 --classes 50 --decoder-embedding 64)
+  stage e2e 90 "0" -- "$PY" bench/e2e_train.py --device "$DEVICE" "${E2E[@]}" --json "$OUT/e2e_train.json"
+elif selected e2e; then
+  log "SKIP  e2e: 'import timm' failed (bring timm as a wheel: docs/benchmarks.md, Running it)"
+  SUMMARY+=("$(printf '%-22s skipped (no timm)' e2e)"); STATUS=1
+fi
+for cfg in coco imagenet21k; do
+  stage "issue12_train-profile_$cfg" 35 "0" -- "$PY" bench/profile_backends.py --device "$DEVICE" "${QUICK[@]}" \
+    --config "$cfg" --mode train --batch 256 --impls "$EAGER" --steps 3 --top 8 --json "$OUT/issue12_profile_$cfg.json"
+done
+stage issue11_eval-vs_reduce_overhead 80 "0" -- "${ISSUE[@]}" --configs coco-tresnet_l-448 --modes eval \
+  --batch 1,32,256 --repeats 50 --impls "reference,$GRAPHED,compiled-expert-reduce-overhead" \
+  --json "$OUT/issue11_eval-vs_reduce_overhead.json"
+stage issue11_eval-vs_max_autotune 120 "0" -- "${ISSUE[@]}" --configs coco-tresnet_l-448 --modes eval \
+  --batch 1,32,256 --repeats 50 --impls "reference,fast-torch,fast-triton,compiled-expert-max-autotune-no-cudagraphs" \
+  --json "$OUT/issue11_eval-vs_max_autotune.json"
+stage issue12_train-compiled 120 "0" -- "${ISSUE[@]}" --modes train --batch 256 \
+  --impls "$EAGER,$GRAPHED,compiled-expert,compiled-expert-reduce-overhead" --json "$OUT/issue12_train-compiled.json"
+stage issue11_eval-fast_reduce_overhead 80 "0" -- "${ISSUE[@]}" --configs coco-tresnet_l-448 --modes eval \
+  --batch 1,256 --repeats 50 --impls "reference,$GRAPHED,$FAST_RO" --json "$OUT/issue11_eval-fast_reduce_overhead.json"
+stage issue12_train-fast_reduce_overhead 90 "0" -- "${ISSUE[@]}" --modes train --batch 256 \
+  --impls "reference,$GRAPHED,$FAST_RO" --json "$OUT/issue12_train-fast_reduce_overhead.json"
 
 # ---- summary (printed last) -------------------------------------------------------------------
 log "stages:"
@@ -230,12 +294,17 @@ if checks:
         print(f"  {state} {tag:<40} {what:<26} {'' if v is None else f'{v:.2f}'}")
 json.dump({"meta": meta, "rows": summary}, open(os.path.join(out, "summary.json"), "w"), indent=1)
 EOF
+if compgen -G "$OUT/issue1*.json" > /dev/null || [[ -f "$OUT/e2e_train.json" ]]; then
+  echo
+  "$PY" bench/issue_tables.py "$OUT" 2>&1 | tee "$OUT/issues_summary.txt"
+fi
 log "done in $(( $(date +%s) - T0 ))s, exit status $STATUS; logs and JSON in $OUT"
 # GPU_CHECK_PACK=DIR: everything above as one DIR/gpu_check.tgz (+ summary.txt and the log), for
 # transports that bring back only a few files.
 if [[ -n "${GPU_CHECK_PACK:-}" ]]; then
   mkdir -p "$GPU_CHECK_PACK"
   # (no checkpoints or example images: the demo's best.pth files alone are tens of MB)
-  tar czf "$GPU_CHECK_PACK/gpu_check.tgz" --exclude='*.pth' --exclude='examples' -C "$OUT" . && cp "$OUT/summary.txt" "$OUT/gpu_check.log" "$GPU_CHECK_PACK/"
+  tar czf "$GPU_CHECK_PACK/gpu_check.tgz" --exclude='*.pth' --exclude='examples' -C "$OUT" . && cp "$OUT/summary.txt" "$OUT/gpu_check.log" "$GPU_CHECK_PACK/" \
+    && { [[ ! -f "$OUT/issues_summary.txt" ]] || cp "$OUT/issues_summary.txt" "$GPU_CHECK_PACK/"; }
 fi
 exit $STATUS

@@ -406,3 +406,161 @@ def test_timed_training_step_includes_an_optimizer_step():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     runner.make_step(model, eval_case)()
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+# -- the GPU rows: graphed heads and torch.compile's peers ---------------------------------------
+
+GPU_ROWS = ["graphed-expert", "graphed-fast-torch", "graphed-fast-triton",
+            "compiled-expert-max-autotune-no-cudagraphs", "compiled-expert-reduce-overhead",
+            "compiled-fast-torch-reduce-overhead", "compiled-fast-triton-reduce-overhead"]
+
+
+def test_gpu_rows_are_skipped_on_cpu_with_reasons():
+    impls, skipped = runner.implementations("cpu", names=GPU_ROWS + ["fast-torch"], include_compiled=True)
+    assert {i.name for i in impls} <= {runner.REFERENCE, "fast-torch"}
+    assert skipped["graphed-*"] == "CUDA graphs need a CUDA device"
+    for mode in (runner.MAX_AUTOTUNE, runner.REDUCE_OVERHEAD):
+        assert "CUDA only" in skipped[f"compiled-*-{mode}"]
+    with pytest.raises(ValueError, match="unknown"):
+        runner.implementations("cpu", names=["compiled-expert-max-autotune"], include_compiled=True)
+
+
+def test_gpu_rows_are_listed_for_cuda():
+    """(Listing builds nothing on the device: this runs without a GPU.) Graphed rows by default,
+    the compile-mode peers only when named; neither reports a per-step peak when its memory is a
+    pool allocated at capture."""
+    by = {i.name: i for i in runner.implementations("cuda", include_compiled=True)[0]}
+    assert by["graphed-expert"].wrap is runner.graphed_head and not by["graphed-expert"].memory
+    assert not any(n.startswith("compiled-expert-") for n in by)
+    impls, skipped = runner.implementations("cuda", names=GPU_ROWS, include_compiled=True)
+    by = {i.name: i for i in impls}
+    assert {"graphed-expert", "compiled-expert-max-autotune-no-cudagraphs",
+            "compiled-expert-reduce-overhead"} <= set(by)
+    assert by["compiled-expert-max-autotune-no-cudagraphs"].memory
+    assert not by["compiled-expert-reduce-overhead"].memory
+    for name in GPU_ROWS:   # the fast rows where the backend runs on CUDA, else skipped like it
+        base = name.replace("graphed-", "").replace("compiled-", "").replace("-reduce-overhead", "")
+        assert name in by or skipped[name] == f"as {base}: {skipped[base]}", name
+
+
+def _stand_in_compile(calls):
+    """torch.compile recording its arguments, compiling with the "eager" backend (no inductor)."""
+    real = torch.compile
+
+    def fake(model, **kwargs):
+        calls.append(kwargs)
+        return real(model, backend="eager", dynamic=kwargs.get("dynamic"))
+    return fake
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_compile_mode_peers_run_through_the_agreement_check(mode, monkeypatch):
+    """The compile-mode peers of the CUDA listing, run on a CPU case with torch.compile's "eager"
+    backend: each asks for its mode with static shapes, a reduce-overhead module starts a new
+    CUDA-graph-tree step at every call, and both agree with the reference."""
+    calls, steps = [], []
+    monkeypatch.setattr(torch, "compile", _stand_in_compile(calls))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+    names = ["compiled-expert-max-autotune-no-cudagraphs", "compiled-expert-reduce-overhead"]
+    impls, _ = runner.implementations("cuda", names=names, include_compiled=True)
+    case = runner.make_case(TINY, mode, "cpu", torch.float32, 2)
+    rows = {r.impl: r for r in runner.run_case(case, impls, warmup=1, repeats=2, measure_memory=False)}
+    assert sorted(c["mode"] for c in calls) == ["max-autotune-no-cudagraphs", "reduce-overhead"]
+    assert all(c["dynamic"] is False for c in calls)
+    for name in names:
+        assert rows[name].agree, rows[name].detail
+        assert rows[name].median_ms is not None
+    # reduce-overhead: the agreement check's call, the warm-up's and the two timed ones
+    assert len(steps) == 4
+
+
+def _frozen_dropout_graphs(captures):
+    """A CPU stand-in for torch.cuda.make_graphed_callables: the "graph" keeps the dropout rates
+    the module had at capture, as a real one does; records what each capture saw."""
+    def make_graphed(module, sample_args):
+        rates = [(m, attr, getattr(m, attr)) for m, attr in runner._dropout_sites(module)]
+        captures.append({"rates": tuple(r for *_, r in rates),
+                         "autocast_cache": torch.is_autocast_cache_enabled(),
+                         "autocast": torch.is_autocast_enabled("cpu"),
+                         "sample_requires_grad": sample_args[0].requires_grad})
+
+        def replay(x):
+            now = [(m, attr, getattr(m, attr)) for m, attr, _ in rates]
+            for m, attr, r in rates:
+                setattr(m, attr, r)
+            try:
+                return module(x)
+            finally:
+                for m, attr, r in now:
+                    setattr(m, attr, r)
+        return replay
+    return make_graphed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_graphed_training_row(dtype, monkeypatch):
+    """graphed-expert in training, its graphs stood in for on the CPU: one capture for the
+    agreement check (every dropout at p = 0) and one for the timed steps (the head's rates), both
+    under autocast without its weight cache in a bf16 run; the row agrees and the AdamW step
+    reaches the head's parameters."""
+    captures = []
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", _frozen_dropout_graphs(captures))
+    graphed = {i.name: i for i in runner.implementations("cuda", names=["graphed-expert"])[0]}["graphed-expert"]
+    case = runner.make_case(TINY, "train", "cpu", dtype, 2)
+    rows = {r.impl: r for r in runner.run_case(case, [runner.reference_impl(), graphed], warmup=1, repeats=2,
+                                               measure_memory=False)}
+    assert rows["graphed-expert"].agree, rows["graphed-expert"].detail
+    assert [c["rates"] for c in captures] == [(0.0,) * len(captures[0]["rates"]),
+                                              (0.1,) * len(captures[0]["rates"])]
+    low = dtype == torch.bfloat16
+    assert all(c["autocast"] == low and c["autocast_cache"] is False and c["sample_requires_grad"]
+               for c in captures)
+    model = runner.prepare(graphed, case)
+    before = {n: p.detach().clone() for n, p in runner.unwrapped(model).named_parameters()}
+    runner.make_step(model, case)()
+    assert all(not torch.equal(before[n], p) for n, p in runner.unwrapped(model).named_parameters()
+               if p.requires_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_graphed_eval_row(dtype, monkeypatch):
+    """graphed-expert in eval through cuda_graphed, its graphs stood in for on the CPU
+    (``FrozenGraphs``): one capture at the case's batch, in the input's dtype under the run's
+    autocast; each call copies its input in and returns an output that survives the next call."""
+    import functools
+
+    from test_cuda_graphs import FrozenGraphs
+    graphs = FrozenGraphs()
+    monkeypatch.setattr(runner, "cuda_graphed", functools.partial(runner.cuda_graphed, graph_backend=graphs))
+    graphed = {i.name: i for i in runner.implementations("cuda", names=["graphed-expert"])[0]}["graphed-expert"]
+    case = runner.make_case(TINY, "eval", "cpu", dtype, 3)
+    rows = {r.impl: r for r in runner.run_case(case, [runner.reference_impl(), graphed], warmup=1, repeats=2,
+                                               measure_memory=False)}
+    assert rows["graphed-expert"].agree, rows["graphed-expert"].detail
+    assert graphs.captured == [3] and len(graphs.replayed) >= 4   # check, warm-up, 2 timed
+    wrapped = runner.prepare(graphed, case)
+    assert wrapped.autocast_dtype == (dtype if dtype == torch.bfloat16 else None)
+    first = wrapped(case.inputs[0])
+    kept = first.clone()
+    wrapped(TINY.make_input(3, "cpu", dtype, seed=5))
+    assert torch.equal(first, kept), "the output was overwritten by the next call"
+
+
+def test_bench_command_keeps_the_cases_measured_before_an_interruption(tmp_path, monkeypatch, capsys):
+    real, calls = runner.make_case, []
+
+    def interrupted_at_the_second_case(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(runner, "make_case", interrupted_at_the_second_case)
+    js, md = tmp_path / "b.json", tmp_path / "b.md"
+    status = main(["bench", "--quick", "--configs", "imagenet1k", "--modes", "eval", "--batch", "1,2",
+                   "--impls", "reference,eager-expert", "--repeats", "1", "--no-progress", "--threads", "1",
+                   "--json", str(js), "--markdown", str(md)])
+    assert status == 130
+    data = json.loads(js.read_text())
+    assert data["meta"]["interrupted"] is True
+    assert {(r["batch"], r["impl"]) for r in data["results"]} == {(1, "reference"), (1, "eager-expert")}
+    assert "interrupted" in md.read_text() and "interrupted" in capsys.readouterr().err

@@ -5,12 +5,13 @@ Without a GPU, the wrapper's logic (size selection, padding, input checks, stale
 recapture policy, output copies, the eager fallback) runs against ``FrozenGraphs``, a stand-in
 for ``torch.cuda.CUDAGraph``; the head's capture safety (no host synchronisation, nothing cached
 during a capture) is checked on fake CUDA tensors. The tests marked "needs a CUDA device" capture
-real graphs (bench/gpu_check.sh runs them).
+real graphs (bench/gpu_check.sh runs them). How much faster a graphed head is, is the benchmark's
+question, not a test's: the ``graphed-fast-<backend>`` rows of ``mldecoder-fast bench``
+(mldecoder_fast/benchmark/runner.py, ``graphed_head``).
 """
 from __future__ import annotations
 
 import copy
-import time
 import warnings
 
 import pytest
@@ -359,30 +360,6 @@ def test_cuda_graphed_matches_eager_cuda(autocast_dtype):
         x = torch.randn(5, 2048, 7, 7, device="cuda")
         assert_close(f"after {change.__name__}", eager(head, x, autocast_dtype).float(), g(x).float(), tol)
     assert g.captures == 4
-
-
-@needs_cuda
-def test_cuda_graphed_host_time_cuda(record_property):
-    """Eval B = 1 (bf16 autocast): time per call through cuda_graphed vs the eager head (wall time
-    over 200 calls, one sync at the end; best of 3). The times go to the JUnit XML."""
-    head = coco_like_head()
-    g = cuda_graphed(head, (1, 8), (2048, 7, 7), autocast_dtype=torch.bfloat16)
-    x = torch.randn(1, 2048, 7, 7, device="cuda")
-
-    def per_call(fn, n=200):
-        fn(x)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(n):
-            fn(x)
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t) / n * 1e6
-
-    eager_us = min(per_call(lambda v: eager(head, v, torch.bfloat16)) for _ in range(3))
-    graphed_us = min(per_call(g) for _ in range(3))
-    record_property("eager_us_per_call", round(eager_us, 1))
-    record_property("cuda_graphed_us_per_call", round(graphed_us, 1))
-    assert graphed_us < eager_us / 2, f"cuda_graphed {graphed_us:.1f} us vs eager {eager_us:.1f} us per call"
 
 
 @needs_cuda

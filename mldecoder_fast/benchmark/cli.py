@@ -6,7 +6,9 @@
     mldecoder-fast bench --plot scaling.png    # adds the scaling study (80 ... 100k classes)
     mldecoder-fast bench --from-json out.json --markdown out.md   # re-render, no measurement
 
-Exit status: 0 when every implementation agreed with the reference, 1 otherwise.
+Exit status: 0 when every implementation agreed with the reference, 1 otherwise; 130 when
+interrupted (Ctrl-C, or SIGINT from ``timeout --signal=INT``), after writing the cases measured
+until then.
 """
 from __future__ import annotations
 
@@ -124,18 +126,24 @@ def run(args) -> int:
     bw = copy_bandwidth(device)
 
     results = []
+    interrupted = False
     if cfgs:
         print(f"mldecoder-fast bench: {len(cfgs)} configuration(s) x {len(modes)} mode(s) x "
               f"{len(batches)} batch size(s) x {len(impls)} implementation(s) on {device} ({dtype}); "
               f"implementations: {', '.join(i.name for i in impls)}", file=sys.stderr)
         total = len(cfgs) * len(batches) * sum(m in i.modes for m in modes for i in impls)
-        with _progress(total, args.no_progress) as bar:
-            results = run_suite(cfgs, device, dtype, batches, modes=modes, impls=impls, progress=bar,
-                                **run_kwargs)
+        try:
+            with _progress(total, args.no_progress) as bar:
+                run_suite(cfgs, device, dtype, batches, modes=modes, impls=impls, progress=bar,
+                          on_case=results.extend, **run_kwargs)
+        except KeyboardInterrupt:
+            interrupted = True
+            print(f"\nmldecoder-fast bench: interrupted; keeping the {len(results)} row(s) of the cases "
+                  "measured so far", file=sys.stderr)
         fill_ratios(results, mm, bw)
 
     scaling = None
-    if args.plot:
+    if args.plot and not interrupted:
         from .scaling import run_scaling, scaling_impls
         classes = (args.scaling_classes if args.scaling_classes
                    else ([80, 1000, 10000] if args.quick else list(configs_mod.SCALING_CLASSES)))
@@ -152,7 +160,7 @@ def run(args) -> int:
     meta = report.collect_meta(device, dtype, batches, mm_rates, bw, quick=bool(args.quick), repeats=repeats,
                                warmup=warmup, threads=torch.get_num_threads(),
                                load_average_start=load_start, memory_method=memory_method(device),
-                               seconds=round(time.perf_counter() - t_start, 1))
+                               seconds=round(time.perf_counter() - t_start, 1), interrupted=interrupted)
     data = {"meta": meta, "results": [r.as_dict() for r in results], "skipped": skipped}
     if scaling is not None:
         data["scaling"] = [r.as_dict() for r in scaling]
@@ -160,7 +168,7 @@ def run(args) -> int:
         report.write_json(args.json, meta, results, skipped, scaling)
     status = _render(args, data)
     print(f"\n({meta['seconds']:.0f} s)", file=sys.stderr)
-    return status
+    return 130 if interrupted else status
 
 
 def _render(args, data: dict) -> int:

@@ -277,6 +277,8 @@ def to_markdown(data: dict, title: str | None = None, command: str | None = None
     run = f"- commit `{meta.get('commit')}`, {meta.get('date')}"
     if meta.get("seconds") is not None:
         run += f", the run took {meta['seconds']:.0f} s"
+    if meta.get("interrupted"):
+        run += " (interrupted: only the cases measured before the interruption)"
     loads = [meta.get("load_average_start"), meta.get("load_average")]
     if all(loads):
         run += (f"; 1-minute load average {loads[0][0]:.1f} at its start, {loads[1][0]:.1f} at its end "
@@ -353,6 +355,10 @@ What is measured (see `mldecoder_fast/benchmark/`):
   zero buffer), `eager-expert` (hand-written plain PyTorch: one k/v GEMM, SDPA, one q projection
   per batch in eval, bmm group FC), `compiled-*` (torch.compile of those two, when requested),
   every available MLDecoderFast backend (`fast-torch`, `fast-cpp`, `fast-cuda`, `fast-triton`),
+  on CUDA `graphed-*` (the head replayed from CUDA graphs: `cuda_graphed` in eval,
+  `torch.cuda.make_graphed_callables` in training) and, when named, torch.compile's GPU peers
+  (`compiled-expert-max-autotune-no-cudagraphs`, `compiled-*-reduce-overhead`; graphed and
+  reduce-overhead rows report no peak memory: theirs is a pool allocated at capture),
   and `onnxruntime` (eval, CPU, float32): MLDecoderFast exported by `mldecoder_fast.export_onnx`
   (`torch.onnx.export(..., dynamo=True)`, dynamic batch) run by ONNX Runtime with the benchmark's
   threads intra-op, one inter-op thread, sequential execution, no spinning.

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import gc
 import importlib.util
 import math
@@ -35,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cuda_graphs import cuda_graphed
 from ..reference import MLDecoder
 from .configs import BenchConfig
 from .expert import ExpertMLDecoder
@@ -46,6 +48,11 @@ _MATMUL = "__matmul__:"
 REFERENCE = "reference"
 EXPERT = "eager-expert"
 ONNXRUNTIME = "onnxruntime"
+GRAPHED = "graphed-"
+# torch.compile modes of the GPU peers (compiled-expert-<mode>, compiled-fast-<backend>-<mode>):
+# the eager rows' peer, and the graphed rows' peer (CUDA graphs through torch.compile).
+MAX_AUTOTUNE = "max-autotune-no-cudagraphs"
+REDUCE_OVERHEAD = "reduce-overhead"
 
 # Relative RMS error vs the float64 reference that every implementation may have whatever the
 # reference's own error, per run dtype: (outputs, gradients). fp32/fp64 rows: the reference's own
@@ -138,10 +145,82 @@ def auto_backend(device) -> str | None:
         return None
 
 
-def _compiled(build):
+def _compiled(build, mode: str | None = None):
+    """``torch.compile`` of what ``build`` makes. With a ``mode`` also ``dynamic=False``: one
+    static graph per batch size, as a fixed serving or training shape gets (automatic dynamic
+    shapes would switch to symbolic kernels at the second batch size of a run)."""
     def make(cfg):
-        return torch.compile(build(cfg))
+        if mode is None:
+            return torch.compile(build(cfg))
+        model = torch.compile(build(cfg), mode=mode, dynamic=False)
+        if mode == REDUCE_OVERHEAD:
+            model.register_forward_pre_hook(_new_cudagraph_step)
+        return model
     return make
+
+
+def _new_cudagraph_step(module, args) -> None:
+    """Each call of a reduce-overhead module starts a new step of torch.compile's CUDA graph
+    trees, as a training loop or server marks them: the outputs of the previous call may then be
+    overwritten (the benchmark's steps keep none)."""
+    torch.compiler.cudagraph_mark_step_begin()
+
+
+def _autocast_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    return dtype if dtype in (torch.float16, torch.bfloat16) else None
+
+
+def graphed_head(head: nn.Module, case: Case):
+    """``head`` replayed from CUDA graphs, the way a user would graph it (an ``Impl.wrap``).
+
+    Eval: ``cuda_graphed`` with the case's batch as its one captured size; each call copies a
+    fresh input into the graph's input buffer and returns a copy of the output
+    (``copy_output=True``), which survives the next call. Training: ``GraphedTraining``."""
+    if case.mode == "train":
+        return GraphedTraining(head, case.inputs[0], _autocast_dtype(case.dtype))
+    x = case.inputs[0]
+    return cuda_graphed(head, batch_sizes=(case.batch,), sample_shape=tuple(x.shape[1:]), dtype=x.dtype,
+                        autocast_dtype=_autocast_dtype(case.dtype))
+
+
+class _Forward(nn.Module):
+    """One more module around ``head`` (sharing its parameters) for make_graphed_callables,
+    which replaces the forward of the module it graphs."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, x):
+        return self.head(x)
+
+
+class GraphedTraining(nn.Module):
+    """A head's training forward and backward replayed from CUDA graphs captured by
+    ``torch.cuda.make_graphed_callables``; the optimizer step stays eager and updates the
+    parameters in place, where the graphs read them.
+
+    A graph keeps the dropout rates it was captured with, so there is one per set of rates met:
+    the timed steps' and the agreement check's (every dropout at p = 0). ``module`` is the head.
+    Each is captured at its first call, under autocast without its weight-cast cache (a cast
+    cached during a capture would be freed behind the graph's back)."""
+
+    def __init__(self, head: nn.Module, example: torch.Tensor, autocast_dtype: torch.dtype | None):
+        super().__init__()
+        self.module = head
+        self._sample = example.detach().clone().requires_grad_(True)  # the steps' inputs require grad
+        self._autocast_dtype = autocast_dtype
+        self._graphed: dict = {}
+
+    def forward(self, x):
+        rates = tuple(getattr(m, attr) for m, attr in _dropout_sites(self.module))
+        graphed = self._graphed.get(rates)
+        if graphed is None:
+            with torch.autocast(x.device.type, dtype=self._autocast_dtype or torch.float32,
+                                enabled=self._autocast_dtype is not None, cache_enabled=False):
+                graphed = self._graphed[rates] = torch.cuda.make_graphed_callables(
+                    _Forward(self.module), (self._sample,))
+        return graphed(x)
 
 
 def reference_impl() -> Impl:
@@ -174,11 +253,29 @@ def _onnxruntime_unavailable(device: torch.device, dtype: torch.dtype | None, fa
 def implementations(device, include_compiled: bool = True, names: list[str] | None = None,
                     allow_interpreted_triton: bool = False,
                     dtype: torch.dtype | None = None) -> tuple[list[Impl], dict[str, str]]:
-    """Implementations runnable on ``device`` (in ``dtype``, when given), and {name: reason} for
-    those that are not."""
+    """Implementations runnable on ``device`` (in ``dtype``, when given), and {name or pattern:
+    reason} for those that are not.
+
+    On CUDA also: ``graphed-<impl>`` of the eager-expert and of each fast backend (``graphed_head``:
+    CUDA graphs without torch.compile); and, when asked for by name, torch.compile's GPU peers
+    ``compiled-expert-max-autotune-no-cudagraphs``, ``compiled-expert-reduce-overhead`` and
+    ``compiled-fast-<backend>-reduce-overhead`` (each compiles for up to minutes per case)."""
     device = torch.device(device)
-    impls = [reference_impl(), Impl(EXPERT, lambda c: c.make_head(ExpertMLDecoder))]
+    cuda = device.type == "cuda"
+    expert = Impl(EXPERT, lambda c: c.make_head(ExpertMLDecoder))
+    impls = [reference_impl(), expert]
+    graphable = [expert]
     skipped: dict[str, str] = {}
+    # Peers with a compile mode: GPU only, and only when named. Reduce-overhead rows run in CUDA
+    # graph trees' private memory pool, allocated at capture: no per-step peak to report.
+    peers = cuda and include_compiled and bool(names)
+    if peers:
+        impls += [Impl(f"compiled-expert-{mode}", _compiled(lambda c: c.make_head(ExpertMLDecoder), mode),
+                       compiled=True, memory=mode != REDUCE_OVERHEAD) for mode in (MAX_AUTOTUNE, REDUCE_OVERHEAD)]
+    else:
+        why_not = ("only when named (--impls): each compiles for up to minutes per case" if cuda
+                   else "GPU peers of the eager and graphed rows: CUDA only")
+        skipped[f"compiled-*-{MAX_AUTOTUNE}"] = skipped[f"compiled-*-{REDUCE_OVERHEAD}"] = why_not
     if include_compiled:
         impls += [Impl("compiled-reference", _compiled(lambda c: c.make_head(MLDecoder)), compiled=True),
                   Impl("compiled-expert", _compiled(lambda c: c.make_head(ExpertMLDecoder)), compiled=True)]
@@ -193,11 +290,26 @@ def implementations(device, include_compiled: bool = True, names: list[str] | No
             label = f"fast-{name}"
             if not info["available"] or device.type not in info["devices"]:
                 skipped[label] = info["detail"] if not info["available"] else f"not on {device.type}"
+                if cuda:  # (elsewhere the patterns above cover its variants)
+                    skipped[GRAPHED + label] = skipped[f"compiled-{label}-{REDUCE_OVERHEAD}"] = \
+                        f"as {label}: {skipped[label]}"
                 continue
             if name == "triton" and device.type == "cpu" and not allow_interpreted_triton:
                 skipped[label] = "Triton on the CPU is its interpreter (correct, far too slow to time)"
                 continue
             impls.append(Impl(label, (lambda c, n=name: c.make_head(fast, backend=n)), backend=name))
+            graphable.append(impls[-1])
+            if peers:
+                impls.append(Impl(f"compiled-{label}-{REDUCE_OVERHEAD}",
+                                  _compiled(lambda c, n=name: c.make_head(fast, backend=n), REDUCE_OVERHEAD),
+                                  compiled=True, backend=name, memory=False))
+    if cuda:
+        # The reference stays eager: it is the oracle every "x ref" divides by. No peak memory:
+        # a graph's memory is its private pool, allocated at capture, not during a step.
+        impls += [Impl(GRAPHED + ("expert" if i.name == EXPERT else i.name), i.build, backend=i.backend,
+                       memory=False, wrap=graphed_head) for i in graphable]
+    else:
+        skipped[GRAPHED + "*"] = "CUDA graphs need a CUDA device"
     why_not = _onnxruntime_unavailable(device, dtype, fast)
     if why_not:
         skipped[ONNXRUNTIME] = why_not
@@ -207,7 +319,8 @@ def implementations(device, include_compiled: bool = True, names: list[str] | No
     if names:
         wanted = set(names)
         wanted |= {REFERENCE}  # the reference is needed for the agreement check and speedups
-        unknown = wanted - {i.name for i in impls} - set(skipped)
+        unknown = {n for n in wanted - {i.name for i in impls}
+                   if not any(fnmatch.fnmatchcase(n, pattern) for pattern in skipped)}
         if unknown:
             raise ValueError(f"unknown implementation(s) {sorted(unknown)}; available: "
                              f"{[i.name for i in impls]}")
@@ -228,17 +341,19 @@ def param_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _dropout_sites(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(module, attribute) of every dropout rate: nn.Dropout.p, nn.MultiheadAttention-style
+    ``.dropout``."""
+    return [(m, "p") if isinstance(m, nn.Dropout) else (m, "dropout") for m in model.modules()
+            if isinstance(m, nn.Dropout) or isinstance(getattr(m, "dropout", None), float)]
+
+
 @contextlib.contextmanager
 def dropout_disabled(model: nn.Module):
-    """Set p = 0 on every dropout site (nn.Dropout.p, nn.MultiheadAttention-style ``.dropout``)."""
-    saved = []
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            saved.append((m, "p", m.p))
-            m.p = 0.0
-        elif isinstance(getattr(m, "dropout", None), float):
-            saved.append((m, "dropout", m.dropout))
-            m.dropout = 0.0
+    """Set p = 0 on every dropout site (``_dropout_sites``)."""
+    saved = [(m, attr, getattr(m, attr)) for m, attr in _dropout_sites(model)]
+    for m, attr, _ in saved:
+        setattr(m, attr, 0.0)
     try:
         yield
     finally:
@@ -300,11 +415,20 @@ def make_case(cfg: BenchConfig, mode: str, device, dtype: torch.dtype, batch: in
     return Case(cfg, mode, device, dtype, batch, sd, inputs, target, wv)
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The head inside torch.compile's wrapper (``_orig_mod``) or a graph wrapper (``module``)."""
+    for attr in ("_orig_mod", "module"):
+        inner = getattr(model, attr, None)
+        if isinstance(inner, nn.Module):
+            return inner
+    return model
+
+
 def prepare(impl: Impl, case: Case) -> nn.Module:
     """Build ``impl`` with the case's weights, device, mode and word vectors."""
     torch.manual_seed(0)
     model = impl.make(case.cfg)
-    target_module = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    target_module = unwrapped(model)
     target_module.to(device=case.device, dtype=param_dtype(case.dtype))
     target_module.load_state_dict(case.state_dict)
     if case.word_vectors is not None:
@@ -371,7 +495,7 @@ def comparison_outputs(model: nn.Module, case: Case) -> dict:
         with torch.no_grad(), ctx:
             return {"logits": _wide(model(x))}
     x = x.detach().clone().requires_grad_(True)
-    inner = getattr(model, "_orig_mod", model)
+    inner = unwrapped(model)
     with dropout_disabled(inner):
         with ctx:
             logits = model(x)
@@ -472,6 +596,10 @@ def run_case(case: Case, impls: list[Impl], warmup: int = 1, repeats: int = 5,
     nbytes = step_bytes(cfg, case.batch, case.mode, itemsize=case.inputs[0].element_size(),
                         param_itemsize=torch.empty((), dtype=param_dtype(case.dtype)).element_size())
     ordered = sorted((i for i in impls if case.mode in i.modes), key=lambda i: i.name != REFERENCE)
+    if any(i.compiled for i in ordered):
+        # A fresh start for this case's compiles: a run's cases would otherwise pile up entries
+        # on the same code objects until torch.compile's recompile limit falls back to eager.
+        torch._dynamo.reset()
     results: dict[str, Result] = {}
     steps: dict[str, Callable[[], None]] = {}
     models: dict[str, nn.Module] = {}
@@ -583,8 +711,10 @@ def fill_ratios(results: list[Result], mm_rate: float | None = None, bandwidth: 
 
 
 def run_suite(configs: list[BenchConfig], device, dtype: torch.dtype, batches: list[int],
-              modes=MODES, impls: list[Impl] | None = None, progress=None, **kwargs) -> list[Result]:
-    """Every configuration x mode x batch; ``progress`` (a tqdm-like object) advances per row."""
+              modes=MODES, impls: list[Impl] | None = None, progress=None,
+              on_case: Callable[[list[Result]], None] | None = None, **kwargs) -> list[Result]:
+    """Every configuration x mode x batch; ``progress`` (a tqdm-like object) advances per row;
+    ``on_case`` gets each case's rows as soon as they are measured (a run cut short keeps them)."""
     device = torch.device(device)
     if impls is None:
         impls, _ = implementations(device, dtype=dtype)
@@ -599,6 +729,9 @@ def run_suite(configs: list[BenchConfig], device, dtype: torch.dtype, batches: l
                 def tick(res, _p=progress):
                     if _p is not None:
                         _p.update(1)
-                out += run_case(case, impls, on_result=tick, **kwargs)
+                rows = run_case(case, impls, on_result=tick, **kwargs)
+                out += rows
+                if on_case is not None:
+                    on_case(rows)
                 del case
     return out

@@ -1,0 +1,41 @@
+"""bench/gpu_check.sh without a GPU (GPU_CHECK_DEVICE=cpu, quick sizes): stage selection, a stage's
+run and its table, and the time budget that skips a stage."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "gpu_check.sh"
+
+
+def _run(out: Path, **env):
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "GPU_CHECK_DEVICE": "cpu",
+           "GPU_CHECK_QUICK": "1", "GPU_CHECK_SKIP_BUILD": "1", **env}
+    return subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_script_parses():
+    assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
+
+
+def test_selected_stage_runs_alone_and_prints_its_table(tmp_path):
+    pytest.importorskip("timm")
+    done = _run(tmp_path, GPU_CHECK_STAGES="e2e")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    ran = sorted(p.stem for p in tmp_path.glob("*.log") if p.stem != "gpu_check")
+    assert ran == ["e2e"]
+    assert (tmp_path / "e2e_train.json").exists()
+    summary = (tmp_path / "issues_summary.txt").read_text()
+    assert "e2e training step: test_resnet" in summary and "images/s" in done.stdout
+
+
+def test_stage_past_the_budget_is_skipped(tmp_path):
+    done = _run(tmp_path, GPU_CHECK_STAGES="issue11_eval-eager", GPU_CHECK_BUDGET_S="5")
+    assert done.returncode == 1
+    assert "SKIP  issue11_eval-eager: only" in done.stdout
+    assert not list(tmp_path.glob("issue11_*.json"))
