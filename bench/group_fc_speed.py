@@ -9,7 +9,7 @@ median of --reps runs after warm-up, every provider on the same tensors in the s
 taking turns within each repetition.
 Ratios are provider time / extension time (> 1: the extension is faster). On CUDA it also
 times cuBLAS's strided-batched bmm alone (forward + the two backward bmms, no bias, no
-slice) as the floor the issue asks to be within 1.1x of, and reports TFLOP/s.
+slice) as the floor to compare against, and reports TFLOP/s.
 """
 from __future__ import annotations
 

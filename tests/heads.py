@@ -7,7 +7,7 @@ from torch import nn
 from mldecoder_fast import MLDecoder, MLDecoderFast
 
 # The standard configurations (docs/design.md, Configurations): name -> (C, N, classes, K, input kind)
-SPEC_CONFIGS = {
+STANDARD_CONFIGS = {
     "coco-tresnet_l-448": (2048, 196, 80, 80, "map"),
     "imagenet1k-resnet50-224": (2048, 49, 1000, 100, "map"),
     "openimages-tresnet_m-224": (2048, 49, 9605, 200, "map"),

@@ -290,7 +290,7 @@ def test_flop_formula_counts_the_gemms(cfg, mode):
 
 
 def test_configs_match_spec_table():
-    c = configs_mod.SPEC_CONFIGS
+    c = configs_mod.STANDARD_CONFIGS
     assert (c["imagenet21k-resnet50-224"].num_queries, c["imagenet21k-resnet50-224"].group_size) == (100, 219)
     assert (c["openimages-tresnet_m-224"].num_queries, c["openimages-tresnet_m-224"].group_size) == (200, 49)
     assert (c["coco-tresnet_l-448"].num_queries, c["coco-tresnet_l-448"].group_size) == (80, 1)
@@ -564,3 +564,27 @@ def test_bench_command_keeps_the_cases_measured_before_an_interruption(tmp_path,
     assert data["meta"]["interrupted"] is True
     assert {(r["batch"], r["impl"]) for r in data["results"]} == {(1, "reference"), (1, "eager-expert")}
     assert "interrupted" in md.read_text() and "interrupted" in capsys.readouterr().err
+
+
+def test_summary_reports_the_cpu_targets():
+    """The bench summary judges the CPU targets from the rows of one run: ratios to the expert and
+    to ONNX Runtime, the training roofline and the 21K training-step time."""
+    def row(cfg, mode, impl, ms, **kw):
+        return runner.Result(cfg, mode, impl, "cpu", "float32", 16, median_ms=ms, agree=True, **kw)
+
+    c21k, coco = "imagenet21k-resnet50-224", "coco-tresnet_l-448"
+    rows = [row(c21k, "train", runner.REFERENCE, 1000.0), row(c21k, "train", runner.EXPERT, 400.0),
+            row(c21k, "train", "fast-torch", 200.0, roofline=0.72),
+            row(coco, "eval", runner.REFERENCE, 100.0), row(coco, "eval", runner.EXPERT, 90.0),
+            row(coco, "eval", runner.ONNXRUNTIME, 60.0), row(coco, "eval", "fast-torch", 50.0)]
+    runner.fill_ratios(rows)
+    lines = report.summary(rows, {"device": "cpu", "dtype": "float32", "auto_backend": "torch"})
+    train = next(line for line in lines if c21k in line)
+    assert "x eager-expert 2 (>= 1.75: met)" in train
+    assert "roofline 0.72 (>= 0.7: met)" in train
+    assert "ms 200 (<= 190: NOT met)" in train
+    evals = next(line for line in lines if coco in line)
+    assert "x eager-expert 1.8 (>= 1.8: met)" in evals and "x onnxruntime 1.2 (>= 1: met)" in evals
+    # another device or dtype: no targets judged
+    lines = report.summary(rows, {"device": "cpu", "dtype": "bfloat16", "auto_backend": "torch"})
+    assert not any("met" in line for line in lines)

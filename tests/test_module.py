@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import assert_close
-from heads import SPEC_CONFIGS, check_train_grads, disable_dropout_, make_input, make_pair
+from heads import STANDARD_CONFIGS, check_train_grads, disable_dropout_, make_input, make_pair
 
 from mldecoder_fast import MLDecoder
 
@@ -26,9 +26,9 @@ def _ran(fast, backend):
         f"backend {backend!r} requested but {fast.active_backend!r} ran: see mldecoder_fast.backends()")
 
 
-@pytest.mark.parametrize("name", list(SPEC_CONFIGS))
+@pytest.mark.parametrize("name", list(STANDARD_CONFIGS))
 def test_spec_configs_eval_and_train(name, backend):
-    c, n, classes, k, kind = SPEC_CONFIGS[name]
+    c, n, classes, k, kind = STANDARD_CONFIGS[name]
     # Full-size configurations at batch 2 with a few tokens: exercises the real K, G, D and C.
     zsl = kind == "zsl"
     ref, fast = make_pair(classes, k, 768, c, zsl=int(zsl), backend=backend)

@@ -1,4 +1,4 @@
-"""``mldecoder-fast bench``: every SPEC configuration, every implementation, one table.
+"""``mldecoder-fast bench``: every standard configuration, every implementation, one table.
 
     mldecoder-fast bench                       # all configurations, best local device
     mldecoder-fast bench --quick               # shrunken configurations, few repetitions
@@ -26,9 +26,9 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "bench", help="time reference vs eager-expert vs MLDecoderFast on the SPEC configurations",
+        "bench", help="time reference vs eager-expert vs MLDecoderFast on the standard configurations",
         description="Time the reference head, the eager-expert head, optionally torch.compile of both, "
-                    "and every available MLDecoderFast backend on the SPEC configurations (eval "
+                    "and every available MLDecoderFast backend on the standard configurations (eval "
                     "forward and training step), after checking each agrees with the reference.")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present, else cpu)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),

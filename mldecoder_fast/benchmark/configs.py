@@ -89,7 +89,7 @@ class BenchConfig:
             zsl_eval_classes=max(1, self.zsl_eval_classes // 20), decoder_embedding=64)
 
 
-SPEC_CONFIGS: dict[str, BenchConfig] = {c.name: c for c in [
+STANDARD_CONFIGS: dict[str, BenchConfig] = {c.name: c for c in [
     BenchConfig("coco-tresnet_l-448", 2048, 196, 80, note="MS-COCO, paper's main multi-label setting"),
     BenchConfig("imagenet1k-resnet50-224", 2048, 49, 1000, note="single-label ImageNet"),
     BenchConfig("openimages-tresnet_m-224", 2048, 49, 9605, num_of_groups=200,
@@ -111,17 +111,17 @@ def scaling_config(num_classes: int, num_features: int = 2048, num_tokens: int =
 def select(names: str | None, quick: bool = False) -> list[BenchConfig]:
     """Configurations by comma-separated names (or unique prefixes); all when ``names`` is empty."""
     if not names or names == "all":
-        chosen = list(SPEC_CONFIGS.values())
+        chosen = list(STANDARD_CONFIGS.values())
     else:
         chosen = []
         for raw in names.split(","):
             raw = raw.strip()
             if not raw:
                 continue
-            hits = [c for n, c in SPEC_CONFIGS.items() if n == raw] or \
-                   [c for n, c in SPEC_CONFIGS.items() if n.startswith(raw)]
+            hits = [c for n, c in STANDARD_CONFIGS.items() if n == raw] or \
+                   [c for n, c in STANDARD_CONFIGS.items() if n.startswith(raw)]
             if len(hits) != 1:
-                known = ", ".join(SPEC_CONFIGS)
+                known = ", ".join(STANDARD_CONFIGS)
                 what = "ambiguous" if hits else "unknown"
                 raise ValueError(f"{what} configuration {raw!r}; known: {known}")
             chosen.append(hits[0])
