@@ -104,6 +104,11 @@ def _seed(value):
     return torch.tensor([value], dtype=torch.int64, device=DEV)
 
 
+# Philox offsets the ops get next to their seed (ops/triton_ops._DropoutSeeds); one past 2^32 so
+# the offset's high word reaches the kernels too.
+OFFSET, HIGH_OFFSET = 12, 2 ** 33 + 8
+
+
 def test_layer_norm_frozen_inputs():
     """LN1 over the frozen learned queries: only the affine gradients are computed."""
     b, k, d = 3, 4, 24
@@ -125,10 +130,10 @@ def test_layer_norm_dropout_matches_mask(poison_empty):
     b, k, d, p = 4, 3, 24, 0.3
     r, x, w, bias = _leaf(torch.randn(b, k, d)), _leaf(torch.randn(b, k, d)), _leaf(torch.randn(d)), _leaf(torch.randn(d))
     seed = _seed(1234)
-    out, _mean, _rstd = T.triton_layer_norm(r, x, seed, p, w, bias, 1e-5)
+    out, _mean, _rstd = T.triton_layer_norm(r, x, seed, HIGH_OFFSET, p, w, bias, 1e-5)
     g = torch.randn_like(out)
     grads = _grads(out, [r, x, w, bias], g)
-    keep = dropout_mask(seed, b * k, d, p).view(b, k, d)
+    keep = dropout_mask(seed, b * k, d, p, HIGH_OFFSET).view(b, k, d)
     assert 0.5 < keep.float().mean() < 0.9
     rr, xr, wr, br = _ref_copies(r, x, w, bias)
     ref = F.layer_norm(rr + xr * keep / (1 - p), (d,), wr, br, 1e-5)
@@ -208,10 +213,10 @@ def test_attention_dropout_matches_mask(dtype, shared, k, h, d, poison_empty):
     q = _leaf(torch.randn(k, dm) if shared else torch.randn(b, k, dm), dtype)
     kv = _leaf(torch.randn(b, n, 2 * dm), dtype)
     seed = _seed(99)
-    out, _lse = T.triton_attention(q, kv, seed, h, p, dtype)
+    out, _lse = T.triton_attention(q, kv, seed, OFFSET, h, p, dtype)
     g = torch.randn_like(out)
     grads = _grads(out, [q, kv], g)
-    keep = dropout_mask(seed, b * h * k, n, p).view(b, h, k, n)
+    keep = dropout_mask(seed, b * h * k, n, p, OFFSET).view(b, h, k, n)
     qr, kvr = _ref_copies(q, kv)
     ref = _attention_ref(qr, kvr, h, keep, p)
     _check(f"attention dropout[shared={shared}, K={k}, d={d}]", ref,
@@ -237,10 +242,10 @@ def test_shared_query_attention(dtype, p, poison_empty):
     qk = _leaf(torch.randn(h, k, dm) / dm ** 0.5, dtype)
     memory, v = _leaf(torch.randn(b, n, dm), dtype), _leaf(torch.randn(b, n, dm), dtype)
     seed = _seed(17) if p else None
-    out, _lse = T.triton_shared_query_attention(qk, memory, v, seed, h, p, dtype)
+    out, _lse = T.triton_shared_query_attention(qk, memory, v, seed, OFFSET, h, p, dtype)
     g = torch.randn(out.shape, device=DEV, dtype=out.dtype)
     grads = _grads(out, [qk, memory, v], g)
-    keep = dropout_mask(seed, b * h * k, n, p).view(b, h, k, n) if p else None
+    keep = dropout_mask(seed, b * h * k, n, p, OFFSET).view(b, h, k, n) if p else None
     refs = _ref_copies(qk, memory, v)
     ref = _folded_ref(*refs, keep, p)
     _check(f"shared_query_attention[p={p}]", ref, _grads(ref, refs, g.float()), out, grads, dtype)
@@ -298,10 +303,11 @@ def test_decode_dropout_matches_mask(poison_empty):
     w, bias = _leaf(torch.randn(k, d, gs) / d ** 0.5), _leaf(torch.randn(c))
     inputs = [r, x, lw, lb, w, bias]
     seed = _seed(5)
-    out, _m, _s = T.triton_decode(r, x, seed, p, lw, lb, 1e-5, w, bias, c, torch.float32)
+    out, _m, _s = T.triton_decode(r, x, seed, HIGH_OFFSET, p, lw, lb, 1e-5, w, bias, c,
+                                  torch.float32)
     g = torch.randn_like(out)
     grads = _grads(out, inputs, g)
-    keep = dropout_mask(seed, b * k, d, p).view(b, k, d)
+    keep = dropout_mask(seed, b * k, d, p, HIGH_OFFSET).view(b, k, d)
     rr, xr, lwr, lbr, wr, br = ref_inputs = _ref_copies(*inputs)
     hn = F.layer_norm(rr + xr * keep / (1 - p), (d,), lwr, lbr, 1e-5)
     ref = TORCH.group_fc(hn, wr, br, c)
@@ -442,14 +448,14 @@ def _opcheck(op, args):
 
 def test_opcheck_layer_norm():
     b, k, d = 2, 3, 20
-    args = (_leaf(torch.randn(k, d)), _leaf(torch.randn(b, k, d)), _seed(3), 0.1,
+    args = (_leaf(torch.randn(k, d)), _leaf(torch.randn(b, k, d)), _seed(3), OFFSET, 0.1,
             _leaf(torch.randn(d)), _leaf(torch.randn(d)), 1e-5)
     _opcheck(T.triton_layer_norm, args)
     y, mean, rstd = T.triton_layer_norm(*[a.detach() if torch.is_tensor(a) else a for a in args])
     for input_grads in (True, False):
         _opcheck(T.triton_layer_norm_backward,
-                 (torch.randn_like(y), args[0].detach(), args[1].detach(), args[2], 0.1,
-                  args[4].detach(), mean, rstd, input_grads))
+                 (torch.randn_like(y), args[0].detach(), args[1].detach(), args[2], OFFSET, 0.1,
+                  args[5].detach(), mean, rstd, input_grads))
 
 
 @pytest.mark.parametrize("shared", [True, False])
@@ -459,9 +465,10 @@ def test_opcheck_attention(shared):
     kv = _leaf(torch.randn(b, n, 2 * h * d))
     p = 0.0 if shared else 0.1
     seed = None if shared else _seed(11)
-    _opcheck(T.triton_attention, (q, kv, seed, h, p, torch.float32))
-    o, lse = T.triton_attention(q.detach(), kv.detach(), seed, h, p, torch.float32)
-    _opcheck(T.triton_attention_backward, (torch.randn_like(o), q.detach(), kv.detach(), o, lse, seed, h, p))
+    _opcheck(T.triton_attention, (q, kv, seed, OFFSET, h, p, torch.float32))
+    o, lse = T.triton_attention(q.detach(), kv.detach(), seed, OFFSET, h, p, torch.float32)
+    _opcheck(T.triton_attention_backward,
+             (torch.randn_like(o), q.detach(), kv.detach(), o, lse, seed, OFFSET, h, p))
 
 
 def test_opcheck_group_fc_and_decode():
@@ -472,11 +479,11 @@ def test_opcheck_group_fc_and_decode():
                                           torch.float32))
     r, x, lw, lb = _leaf(torch.randn(b, k, d)), _leaf(torch.randn(b, k, d)), _leaf(torch.randn(d)), _leaf(torch.randn(d))
     seed = _seed(4)
-    _opcheck(T.triton_decode, (r, x, seed, 0.1, lw, lb, 1e-5, w, bias, c, torch.float32))
-    _out, mean, rstd = T.triton_decode(r.detach(), x.detach(), seed, 0.1, lw.detach(), lb.detach(),
+    _opcheck(T.triton_decode, (r, x, seed, OFFSET, 0.1, lw, lb, 1e-5, w, bias, c, torch.float32))
+    _out, mean, rstd = T.triton_decode(r.detach(), x.detach(), seed, OFFSET, 0.1, lw.detach(), lb.detach(),
                                        1e-5, w.detach(), bias.detach(), c, torch.float32)
     _opcheck(T.triton_decode_backward, (torch.randn(b, c, device=DEV), r.detach(), x.detach(), seed,
-                                        0.1, lw.detach(), lb.detach(), mean, rstd, w.detach(),
+                                        OFFSET, 0.1, lw.detach(), lb.detach(), mean, rstd, w.detach(),
                                         torch.float32))
 
 

@@ -70,32 +70,33 @@ def _production_calls(dtype):
 
     b, d, h = 64, 768, 8
     seed = torch.tensor([7], dtype=torch.int64)
+    off = 2 ** 33 + 4  # a Philox offset past 2^32: the kernels' int64 variant of it
 
     def r(*shape):
         return torch.randn(*shape).to(dtype)
 
     for k, n, p in ((80, 196, 0.1), (100, 49, 0.0)):
         q, kv = r(b, k, d), r(b, n, 2 * d)
-        o, lse = A.attention_forward(q, kv, seed, h, p, dtype)
-        A.attention_backward(r(b, k, d), q, kv, o, lse, seed, h, p)
+        o, lse = A.attention_forward(q, kv, seed, off, h, p, dtype)
+        A.attention_backward(r(b, k, d), q, kv, o, lse, seed, off, h, p)
         shared_q = r(k, d)
-        o, lse = A.attention_forward(shared_q, kv, None, h, 0.0, dtype)
-        A.attention_backward(r(b, k, d), shared_q, kv, o, lse, None, h, 0.0)
-        A.folded_attention_forward(r(h, k, d), r(b, n, d), r(b, n, d), seed, p, dtype)
+        o, lse = A.attention_forward(shared_q, kv, None, 0, h, 0.0, dtype)
+        A.attention_backward(r(b, k, d), shared_q, kv, o, lse, None, 0, h, 0.0)
+        A.folded_attention_forward(r(h, k, d), r(b, n, d), r(b, n, d), seed, off, p, dtype)
     w, bias = r(d), r(d)
     for shape, p in (((b, 80, d), 0.1), ((b, 100, d), 0.0)):
         res, x = r(*shape), r(*shape)
-        _, mean, rstd = L.ln_forward(res, x, seed, p, w, bias, 1e-5)
-        L.ln_backward(r(*shape), res, x, seed, p, w, mean, rstd, dtype)
-        L.ln_backward(r(*shape), res, x, seed, p, w, mean, rstd, dtype, input_grads=False)
+        _, mean, rstd = L.ln_forward(res, x, seed, off, p, w, bias, 1e-5)
+        L.ln_backward(r(*shape), res, x, seed, off, p, w, mean, rstd, dtype)
+        L.ln_backward(r(*shape), res, x, seed, off, p, w, mean, rstd, dtype, input_grads=False)
     for k, g, c, p in ((80, 1, 80, 0.1), (100, 113, 11221, 0.0)):
         hid, wg, bg = r(b, k, d), r(k, d, g), r(c)
         G.group_fc_forward(hid, wg, bg, c, dtype)
         G.group_fc_backward(r(b, c), hid, wg, dtype)
         res, x = r(b, k, d), r(b, k, d)
-        _, mean, rstd = G.decode_forward(res, x, seed, p, w, bias, 1e-5, wg, bg, c, dtype)
-        G.decode_backward(r(b, c), res, x, seed, p, w, bias, mean, rstd, wg, dtype)
-    dropout_mask(seed, b * h * 100, 196, 0.1)  # the tests' mask kernel
+        _, mean, rstd = G.decode_forward(res, x, seed, off, p, w, bias, 1e-5, wg, bg, c, dtype)
+        G.decode_backward(r(b, c), res, x, seed, off, p, w, bias, mean, rstd, wg, dtype)
+    dropout_mask(seed, b * h * 100, 196, 0.1, off)  # the tests' mask kernel
 
 
 def _kernel_modules():

@@ -1,4 +1,5 @@
-"""Helpers shared by the Triton kernels: in-kernel dropout, block sizes, autotuning, dtypes."""
+"""Helpers shared by the Triton kernels: in-kernel dropout, block sizes, autotuning, dtypes,
+launch plans cached per shape (``Launch``, ``PlanCache``)."""
 from __future__ import annotations
 
 import functools
@@ -7,6 +8,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.autotuner import Autotuner
 
 
 def interpreting() -> bool:
@@ -18,23 +20,33 @@ def interpreting() -> bool:
 INTERPRET = interpreting()
 
 
+# Philox key salt: keeps the kernels' streams apart from PyTorch's own (curand) streams drawn from
+# the same generator seed at nearby offsets.
+_KEY_SALT = tl.constexpr(0x2545F4914F6CDD1D)
+
+
 @triton.jit
-def dropout_keep(seed, rows, col_start, p, BLOCK_C: tl.constexpr):
+def dropout_keep(seed, offset, rows, col_start, p, BLOCK_C: tl.constexpr):
     """Keep mask [rows, BLOCK_C] of an independent Bernoulli(1 - p) dropout for the elements
     (row, col_start + j), j < BLOCK_C; ``col_start`` must be a multiple of 4.
 
-    Element (row, col) is decided by Philox keyed by the 64-bit ``seed`` with counters
-    (col // 4, row): one Philox call gives the four columns 4i .. 4i+3 of a row (four 32-bit
-    outputs), a quarter of the integer work of one call per element. The bits of an element never
-    depend on the tile shape, so any kernel regenerates the same mask. 24 random bits per element:
-    P(keep) = 1 - p to within 2^-24.
+    Element (row, col) of one op is decided by Philox keyed by the 64-bit ``seed`` (read from
+    device memory) with counters (col // 4, row, offset low, offset high), ``offset`` the op's
+    64-bit Philox offset (a scalar: ops sharing a seed differ by offset, see
+    ``ops/triton_ops._DropoutSeeds``). One Philox call gives the four columns 4i .. 4i+3 of a row
+    (four 32-bit outputs), a quarter of the integer work of one call per element. The bits of an
+    element never depend on the tile shape, so any kernel regenerates the same mask. 24 random
+    bits per element: P(keep) = 1 - p to within 2^-24.
     """
     BLOCK_R: tl.constexpr = rows.shape[0]
     quad = col_start // 4 + tl.arange(0, BLOCK_C // 4)
     zero = (rows[:, None] * 0 + quad[None, :] * 0).to(tl.uint32)
     c0 = quad[None, :].to(tl.uint32) + zero
     c1 = rows[:, None].to(tl.uint32) + zero
-    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero)
+    off = offset.to(tl.int64)
+    c2 = (off & 0xFFFFFFFF).to(tl.uint32) + zero
+    c3 = (off >> 32).to(tl.uint32) + zero
+    r0, r1, r2, r3 = tl.philox(seed ^ _KEY_SALT, c0, c1, c2, c3)
     # join/join/reshape lays the four outputs of each counter side by side: columns 4i + (0, 1, 2, 3)
     # take r0, r2, r1, r3 (any fixed order works; this is the one the reshape gives).
     r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_R, BLOCK_C))
@@ -124,41 +136,80 @@ def tl_dtype(dtype: torch.dtype):
     return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
 
 
-def tensor_3d(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """``t`` broadcast to ``shape`` ([..., R, D]) and seen as [L, R, D] (a view where possible,
-    stride 0 along broadcast dimensions)."""
-    t = t.expand(shape)
-    if t.dim() == 1:
-        return t.view(1, 1, -1)
-    if t.dim() == 2:
-        return t.unsqueeze(0)
-    if t.dim() == 3:
-        return t
-    return t.reshape(-1, shape[-2], shape[-1])
+def strides_3d(t: torch.Tensor, shape: tuple) -> tuple[int, int, int]:
+    """Strides of ``t`` broadcast to ``shape`` ([D], [R, D] or [L, R, D]) and seen as [L, R, D]:
+    0 along broadcast dimensions. The kernels read ``t`` itself through them (no view made)."""
+    pad = 3 - len(shape)
+    out = [0] * 3
+    for i, size in enumerate(shape):
+        j = i - (len(shape) - t.dim())        # t's dimension aligned with shape's dimension i
+        if j >= 0 and t.shape[j] == size and size != 1:
+            out[pad + i] = t.stride(j)
+    return tuple(out)
 
 
-def seed_arg(seed: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
-    """The tensor to pass as the kernel's seed pointer (never read when there is no dropout)."""
-    return seed if seed is not None else fallback
+class Launch:
+    """One kernel launch with everything but its tensors fixed: grid, scalar arguments after the
+    tensors, constexprs. The host functions build one per shape key (``PlanCache``), so a repeated
+    call only passes its tensors (and, for dropout, its Philox offset first among the scalars:
+    ``lead``). An autotuned kernel's first launch goes through its autotuner (which picks the
+    config for this shape); later launches call that config directly, without the autotuner's
+    per-call key building."""
+
+    def __init__(self, kernel, grid, args=(), consts=None):
+        self.kernel, self.grid, self.args, self.consts = kernel, grid, tuple(args), consts or {}
+        self._direct = None  # (kernel function, concrete grid, constexprs incl. the chosen config)
+
+    def __call__(self, *tensors, lead=()):
+        if self._direct is not None:
+            fn, grid, consts = self._direct
+            fn[grid](*tensors, *lead, *self.args, **consts)
+            return
+        self.kernel[self.grid](*tensors, *lead, *self.args, **self.consts)
+        if isinstance(self.kernel, Autotuner):
+            consts = {**self.consts, **self.kernel.best_config.all_kwargs()}
+            grid = self.grid(consts) if callable(self.grid) else self.grid
+            self._direct = (self.kernel.fn, grid, consts)
+        elif not callable(self.grid):
+            self._direct = (self.kernel, self.grid, self.consts)
 
 
-@triton.jit
-def _dropout_mask_kernel(SEED, OUT, R, C, p, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+class PlanCache:
+    """Launch plans built by ``build(*args)`` and kept under a key of everything they depend on
+    (shapes, strides, dtypes, device, flags): a repeated call costs one dict lookup. Cleared when
+    it holds ``max_size`` keys (new keys come only from new shapes, e.g. varying batch sizes)."""
+
+    def __init__(self, build, max_size: int = 512):
+        self._build, self._max_size, self._plans = build, max_size, {}
+
+    def __call__(self, key, *args):
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= self._max_size:
+                self._plans.clear()
+            plan = self._plans[key] = self._build(*args)
+        return plan
+
+
+@triton.jit(do_not_specialize=["seed_offset"])
+def _dropout_mask_kernel(SEED, OUT, seed_offset, R, C, p,
+                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     col0 = tl.program_id(1) * BLOCK_C
     cols = col0 + tl.arange(0, BLOCK_C)
-    keep = dropout_keep(tl.load(SEED), rows, col0, p, BLOCK_C)
+    keep = dropout_keep(tl.load(SEED), seed_offset, rows, col0, p, BLOCK_C)
     mask = (rows < R)[:, None] & (cols < C)[None, :]
     tl.store(OUT + rows.to(tl.int64)[:, None] * C + cols[None, :], keep.to(tl.int8), mask=mask)
 
 
-def dropout_mask(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Tensor:
-    """The keep mask [rows, cols] (bool) that the kernels draw for ``seed``: for tests and debugging.
+def dropout_mask(seed: torch.Tensor, rows: int, cols: int, p: float, offset: int = 0) -> torch.Tensor:
+    """The keep mask [rows, cols] (bool) that the kernels draw for (``seed``, ``offset``): for tests
+    and debugging.
 
     Row ids: LayerNorm kernels use the flattened output row; attention uses (b * H + h) * K + query
     with the key index as column."""
     out = torch.empty(rows, cols, dtype=torch.int8, device=seed.device)
     if rows and cols:
         grid = (triton.cdiv(rows, 16), triton.cdiv(cols, 64))
-        _dropout_mask_kernel[grid](seed, out, rows, cols, float(p), BLOCK_R=16, BLOCK_C=64)
+        _dropout_mask_kernel[grid](seed, out, offset, rows, cols, float(p), BLOCK_R=16, BLOCK_C=64)
     return out.bool()

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, autotune, dot_precision, dropout_keep, next_pow2, size_class
+from ._common import INTERPRET, Launch, PlanCache, autotune, dot_precision, dropout_keep, next_pow2, size_class
 
 LOG2E = 1.4426950408889634
 
@@ -81,17 +81,18 @@ def _tile(ptr, rows, rmask, s_row, cols, s_col, HEAD_DIM: tl.constexpr):
 @autotune(FWD_CONFIGS, _INTERP_FWD,
           key=["K", "N", "QK_DIM", "HEAD_DIM", "SIZE_CLASS", "DROPOUT"],
           sizes={"BLOCK_K": "K", "BLOCK_N": "N"})
-@triton.jit(do_not_specialize=["SIZE_CLASS"])
-def _attn_fwd_kernel(Q, KEYS, VALS, O, LSE, SEED,
+@triton.jit(do_not_specialize=["SIZE_CLASS", "seed_offset"])
+def _attn_fwd_kernel(Q, KEYS, VALS, O, LSE, SEED, seed_offset,
                      H, K, N, D_OUT,
-                     s_qb, s_qh, s_qk, s_qc, s_kb, s_kh, s_kn, s_kc, s_vb, s_vh, s_vn, s_vd,
+                     s_qb, s_qh, s_qk, s_qc, s_kb, s_kh, s_kn, s_kc,
+                     v_off, s_vb, s_vh, s_vn, s_vd,
                      qk_scale, p, drop_scale, SIZE_CLASS,
                      QK_DIM: tl.constexpr, HEAD_DIM: tl.constexpr, DROPOUT: tl.constexpr,
                      PREC: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr,
                      BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """Scores q[b, h, i, :] . keys[b, h, n, :] over QK_DIM, values [b, h, n, :HEAD_DIM]; every
-    operand addressed by (b, h, row, col) strides, so the same kernel reads kv [B, N, 2D]
-    (per-head slices) or, for the folded form, queries qk [H, K, D] against the memory [B, N, D]
+    operand addressed by (b, h, row, col) strides (the values from ``v_off`` elements past VALS),
+    so the same kernel reads kv [B, N, 2D] (per-head slices, the values its second half) or, for the folded form, queries qk [H, K, D] against the memory [B, N, D]
     itself (head stride 0), the score dimension then reduced in BLOCK_C chunks. Head columns:
     [0, D_LO) and, when HEAD_DIM > D_LO, [D_LO, D_LO + D_HI) (masked to HEAD_DIM)."""
     pid_bh = tl.program_id(0)
@@ -111,7 +112,7 @@ def _attn_fwd_kernel(Q, KEYS, VALS, O, LSE, SEED,
     # Shared queries have s_qb == 0: every program of a head reads the same block.
     q_base = Q + b * s_qb + h * s_qh
     k_base = KEYS + b * s_kb + h * s_kh
-    v_base = VALS + b * s_vb + h * s_vh
+    v_base = VALS + v_off + b * s_vb + h * s_vh
     if PER_HEAD:
         qa = _tile(q_base, offs_k, kmask, s_qk, ca, s_qc, HEAD_DIM).to(dt)
         if SPLIT:
@@ -146,7 +147,7 @@ def _attn_fwd_kernel(Q, KEYS, VALS, O, LSE, SEED,
         pr = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(pr, axis=1)
         if DROPOUT:
-            pr = tl.where(dropout_keep(seed, rows, start, p, BLOCK_N), pr, 0.0)
+            pr = tl.where(dropout_keep(seed, seed_offset, rows, start, p, BLOCK_N), pr, 0.0)
         pr = pr.to(dt)
         acc_a = tl.dot(pr, _tile(v_base, n, nmask, s_vn, ca, s_vd, HEAD_DIM).to(dt),
                        acc_a * alpha[:, None], input_precision=PREC)
@@ -168,8 +169,8 @@ def _attn_fwd_kernel(Q, KEYS, VALS, O, LSE, SEED,
 
 @autotune(BWD_DQ_CONFIGS, _INTERP_BWD, key=["K", "N", "HEAD_DIM", "SIZE_CLASS", "DROPOUT"],
           sizes={"BLOCK_M": "K", "BLOCK_N": "N"})
-@triton.jit(do_not_specialize=["SIZE_CLASS"])
-def _attn_bwd_dq_kernel(Q, KV, O, DO, LSE, SEED, DQ, DELTA,
+@triton.jit(do_not_specialize=["SIZE_CLASS", "seed_offset"])
+def _attn_bwd_dq_kernel(Q, KV, O, DO, LSE, SEED, DQ, DELTA, seed_offset,
                         H, K, N, D_MODEL,
                         s_qb, s_qk, s_qd, s_kvb, s_kvn, s_kvd,
                         sm_scale, qk_scale, p, drop_scale, SIZE_CLASS,
@@ -228,7 +229,7 @@ def _attn_bwd_dq_kernel(Q, KV, O, DO, LSE, SEED, DQ, DELTA,
                         dp, input_precision=PREC)
         pr = tl.where(nmask[None, :], tl.exp2(s * qk_scale - lse[:, None]), 0.0)  # softmax A
         if DROPOUT:  # dp = dL/d(dropped A); dL/dA = dp * keep / (1 - p)
-            dp = tl.where(dropout_keep(seed, rows, start, p, BLOCK_N), dp * drop_scale, 0.0)
+            dp = tl.where(dropout_keep(seed, seed_offset, rows, start, p, BLOCK_N), dp * drop_scale, 0.0)
         ds = (pr * (dp - delta[:, None])).to(dt)                         # dL/dS, S = q k^T * scale
         dq_a = tl.dot(ds, ka, dq_a, input_precision=PREC)
         if SPLIT:
@@ -246,8 +247,8 @@ def _attn_bwd_dq_kernel(Q, KV, O, DO, LSE, SEED, DQ, DELTA,
 
 @autotune(BWD_DKV_CONFIGS, _INTERP_BWD, key=["K", "N", "HEAD_DIM", "SIZE_CLASS", "DROPOUT"],
           sizes={"BLOCK_M": "K", "BLOCK_N": "N"})
-@triton.jit(do_not_specialize=["SIZE_CLASS"])
-def _attn_bwd_dkv_kernel(Q, KV, DO, LSE, DELTA, SEED, DKV,
+@triton.jit(do_not_specialize=["SIZE_CLASS", "seed_offset"])
+def _attn_bwd_dkv_kernel(Q, KV, DO, LSE, DELTA, SEED, DKV, seed_offset,
                          H, K, N, D_MODEL,
                          s_qb, s_qk, s_qd, s_kvb, s_kvn, s_kvd,
                          sm_scale, qk_scale, p, drop_scale, SIZE_CLASS,
@@ -306,7 +307,7 @@ def _attn_bwd_dkv_kernel(Q, KV, DO, LSE, DELTA, SEED, DKV,
         delta = tl.load(DELTA + stat_base + m, mask=mmask, other=0.0)
         pr_t = tl.exp2(s_t * qk_scale - lse[None, :])                        # softmax A^T
         if DROPOUT:
-            keep = tl.trans(dropout_keep(seed, pid_bh * K + m, n0, p, BLOCK_N))
+            keep = tl.trans(dropout_keep(seed, seed_offset, pid_bh * K + m, n0, p, BLOCK_N))
             pd_t = tl.where(keep, pr_t * drop_scale, 0.0)
             dp_t = tl.where(keep, dp_t * drop_scale, 0.0)
         else:
@@ -335,12 +336,6 @@ def _attn_bwd_dkv_kernel(Q, KV, DO, LSE, DELTA, SEED, DKV,
 # Host side
 # ------------------------------------------------------------------------------------------------
 
-def _dims(q: torch.Tensor, kv: torch.Tensor, num_heads: int):
-    b, n, two_d = kv.shape
-    d_model = two_d // 2
-    return b, n, d_model, d_model // num_heads, q.shape[-2]
-
-
 def _q_strides(q: torch.Tensor) -> tuple[int, int, int]:
     return (0, *q.stride()) if q.dim() == 2 else tuple(q.stride())
 
@@ -352,67 +347,95 @@ def head_split(head_dim: int) -> tuple[int, int]:
     return d_lo, next_pow2(head_dim - d_lo, 16) if head_dim > d_lo else 16
 
 
-def _launch_fwd(q4, keys4, vals4, o, lse, seed, h, k, n, qk_dim, hd, scale, p, out_dtype):
-    """Strided (b, h, row, col) views: q4 of the queries, keys4 and vals4 of keys and values."""
-    b = o.shape[0]
-    has_drop = p > 0
+def _drop_scalars(p: float) -> tuple[float, float]:
+    return float(p), (1.0 / (1.0 - p) if p > 0 else 1.0)
+
+
+def _fwd_launch(b, h, k, n, d_out, q_strides, key_strides, val_strides, qk_dim, hd, scale, p,
+                out_dtype):
+    """The forward launch over strided (b, h, row, col) views of queries, keys and values
+    (``val_strides`` led by the values' offset from their pointer, in elements)."""
     d_lo, d_hi = head_split(hd)
 
     def grid(meta):
         return (b * h, triton.cdiv(k, meta["BLOCK_K"]))
 
-    _attn_fwd_kernel[grid](
-        q4[0], keys4[0], vals4[0], o, lse, seed if has_drop else lse,
-        h, k, n, o.shape[2], *q4[1], *keys4[1], *vals4[1],
-        scale * LOG2E, float(p), 1.0 / (1.0 - p) if has_drop else 1.0, size_class(b),
-        QK_DIM=qk_dim, HEAD_DIM=hd, DROPOUT=has_drop, PREC=dot_precision(out_dtype),
-        D_LO=d_lo, D_HI=d_hi,
-        # score chunks of the folded form; interpreted: small enough that tests run the loop
-        BLOCK_C=16 if INTERPRET else 64)
+    return Launch(_attn_fwd_kernel, grid,
+                  (h, k, n, d_out, *q_strides, *key_strides, *val_strides,
+                   scale * LOG2E, *_drop_scalars(p), size_class(b)),
+                  dict(QK_DIM=qk_dim, HEAD_DIM=hd, DROPOUT=p > 0, PREC=dot_precision(out_dtype),
+                       D_LO=d_lo, D_HI=d_hi,
+                       # score chunks of the folded form; interpreted: small enough that tests
+                       # run the loop
+                       BLOCK_C=16 if INTERPRET else 64))
+
+
+def _kv_fwd_plan(q, kv, num_heads, p, out_dtype):
+    b, n, two_d = kv.shape
+    d_model = two_d // 2
+    hd, k = d_model // num_heads, q.shape[-2]
+    sqb, sqk, sqc = _q_strides(q)
+    skb, skn, skc = kv.stride()
+    heads = (skb, hd * skc, skn, skc)
+    # values: the second half of kv's columns, through the keys' strides
+    launch = _fwd_launch(b, num_heads, k, n, d_model, (sqb, hd * sqc, sqk, sqc), heads,
+                         (d_model * skc, *heads), hd, hd, 1.0 / math.sqrt(hd), p, out_dtype)
+    return (b, k, d_model), (b, num_heads, k), launch
+
+
+_KV_FWD_PLANS = PlanCache(_kv_fwd_plan)
 
 
 def attention_forward(q: torch.Tensor, kv: torch.Tensor, seed: torch.Tensor | None,
-                      num_heads: int, p: float, out_dtype: torch.dtype):
+                      seed_offset: int, num_heads: int, p: float, out_dtype: torch.dtype):
     """Returns (o [B, K, D] in ``out_dtype``, lse [B, H, K] fp32, base 2)."""
-    b, n, d_model, hd, k = _dims(q, kv, num_heads)
-    o = torch.empty(b, k, d_model, dtype=out_dtype, device=kv.device)
-    lse = torch.empty(b, num_heads, k, dtype=torch.float32, device=kv.device)
-    if b == 0 or k == 0:
-        return o, lse
-    sqb, sqk, sqc = _q_strides(q)
-    skb, skn, skc = kv.stride()
-    q4 = (q, (sqb, hd * sqc, sqk, sqc))
-    keys4 = (kv, (skb, hd * skc, skn, skc))
-    vals4 = (kv.narrow(2, d_model, d_model), (skb, hd * skc, skn, skc))
-    _launch_fwd(q4, keys4, vals4, o, lse, seed, num_heads, k, n, hd, hd, 1.0 / math.sqrt(hd), p,
-                out_dtype)
+    key = (q.shape, q.stride(), q.dtype, kv.shape, kv.stride(), kv.dtype, kv.device, num_heads,
+           p, out_dtype, dot_precision(out_dtype))
+    o_shape, lse_shape, launch = _KV_FWD_PLANS(key, q, kv, num_heads, p, out_dtype)
+    o = torch.empty(o_shape, dtype=out_dtype, device=kv.device)
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=kv.device)
+    if o.numel():
+        launch(q, kv, kv, o, lse, seed if p > 0 else lse, lead=(seed_offset,))
     return o, lse
 
 
-def folded_attention_forward(qk: torch.Tensor, memory: torch.Tensor, v: torch.Tensor,
-                             seed: torch.Tensor | None, p: float, out_dtype: torch.dtype):
-    """Shared queries with the key projection folded in: scores = memory . qk[h] (already scaled).
-
-    qk [H, K, D], memory [B, N, D], v [B, N, D] -> (o [B, K, D], lse [B, H, K])."""
+def _folded_fwd_plan(qk, memory, v, p, out_dtype):
     h, k, d_model = qk.shape
     b, n, _ = memory.shape
     hd = v.shape[2] // h
-    o = torch.empty(b, k, v.shape[2], dtype=out_dtype, device=memory.device)
-    lse = torch.empty(b, h, k, dtype=torch.float32, device=memory.device)
-    if b == 0 or k == 0:
-        return o, lse
-    if b >= 16 and qk.dtype != out_dtype:
-        # Every program re-reads its queries once per key tile and score chunk: at large batch
-        # one cast up front halves those reads; at small batch it would cost a launch.
-        qk = qk.to(out_dtype)
-    q4 = (qk, (0, *qk.stride()))
-    keys4 = (memory, (memory.stride(0), 0, memory.stride(1), memory.stride(2)))
-    vals4 = (v, (v.stride(0), hd * v.stride(2), v.stride(1), v.stride(2)))
-    _launch_fwd(q4, keys4, vals4, o, lse, seed, h, k, n, d_model, hd, 1.0, p, out_dtype)
+    # At large batch one cast of the queries up front halves the kernel's re-reads of them (once
+    # per key tile and score chunk); at small batch the cast would cost a launch.
+    cast = b >= 16 and qk.dtype != out_dtype
+    launch = _fwd_launch(b, h, k, n, v.shape[2], (0, k * d_model, d_model, 1) if cast else
+                         (0, *qk.stride()),
+                         (memory.stride(0), 0, memory.stride(1), memory.stride(2)),
+                         (0, v.stride(0), hd * v.stride(2), v.stride(1), v.stride(2)),
+                         d_model, hd, 1.0, p, out_dtype)
+    return (b, k, v.shape[2]), (b, h, k), cast, launch
+
+
+_FOLDED_FWD_PLANS = PlanCache(_folded_fwd_plan)
+
+
+def folded_attention_forward(qk: torch.Tensor, memory: torch.Tensor, v: torch.Tensor,
+                             seed: torch.Tensor | None, seed_offset: int, p: float,
+                             out_dtype: torch.dtype):
+    """Shared queries with the key projection folded in: scores = memory . qk[h] (already scaled).
+
+    qk [H, K, D], memory [B, N, D], v [B, N, D] -> (o [B, K, D], lse [B, H, K])."""
+    key = (qk.shape, qk.stride(), qk.dtype, memory.shape, memory.stride(), memory.dtype,
+           v.shape, v.stride(), v.dtype, memory.device, p, out_dtype, dot_precision(out_dtype))
+    o_shape, lse_shape, cast, launch = _FOLDED_FWD_PLANS(key, qk, memory, v, p, out_dtype)
+    o = torch.empty(o_shape, dtype=out_dtype, device=memory.device)
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=memory.device)
+    if o.numel():
+        if cast:
+            qk = qk.to(out_dtype, memory_format=torch.contiguous_format)
+        launch(qk, memory, v, o, lse, seed if p > 0 else lse, lead=(seed_offset,))
     return o, lse
 
 
-def folded_attention_backward(do, qk, memory, v, seed, p):
+def folded_attention_backward(do, qk, memory, v, seed, seed_offset, p):
     """Gradients of ``folded_attention_forward`` in plain PyTorch (fp32), with the kernels' own
     dropout mask: this form serves batch-shared queries, i.e. inference, and is differentiated only
     when training without query dropout. Returns (dqk, dmemory, dv) in the inputs' dtypes."""
@@ -425,7 +448,8 @@ def folded_attention_backward(do, qk, memory, v, seed, p):
     do32 = do.float().view(b, k, h, hd).transpose(1, 2)                     # [B, H, K, d]
     a = torch.einsum("hkc,bnc->bhkn", qk32, mem32).softmax(dim=-1)          # [B, H, K, N]
     if p > 0:
-        keep = dropout_mask(seed, b * h * k, n, p).view(b, h, k, n).to(a.dtype) / (1.0 - p)
+        keep = dropout_mask(seed, b * h * k, n, p, seed_offset).view(b, h, k, n).to(a.dtype)
+        keep = keep / (1.0 - p)
     else:
         keep = None
     ad = a * keep if keep is not None else a
@@ -439,32 +463,45 @@ def folded_attention_backward(do, qk, memory, v, seed, p):
     return dqk.to(qk.dtype), dmem.to(memory.dtype), dv.to(v.dtype)
 
 
-def attention_backward(do: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, o: torch.Tensor,
-                       lse: torch.Tensor, seed: torch.Tensor | None, num_heads: int, p: float):
-    """Returns (dq shaped and typed as q, dkv shaped and typed as kv)."""
-    b, n, d_model, hd, k = _dims(q, kv, num_heads)
-    dev = kv.device
-    do = do.contiguous()
-    shared = q.dim() == 2
-    if b == 0 or k == 0 or n == 0:
-        return torch.zeros_like(q), torch.zeros_like(kv)
-    has_drop = p > 0
+def _bwd_plan(q, kv, num_heads, p, do_dtype):
+    b, n, two_d = kv.shape
+    d_model = two_d // 2
+    hd, k = d_model // num_heads, q.shape[-2]
     d_lo, d_hi = head_split(hd)
-    dkv = torch.empty(b, n, 2 * d_model, dtype=kv.dtype, device=dev)
-    delta = torch.empty(b, num_heads, k, dtype=torch.float32, device=dev)
-    # A shared q gets per-sample gradients, summed below (no cross-program atomics).
-    dq = torch.empty(b, k, d_model, dtype=torch.float32 if shared else q.dtype, device=dev)
     sm_scale = 1.0 / math.sqrt(hd)
-    seed = seed if has_drop else lse
     args = (num_heads, k, n, d_model, *_q_strides(q), *kv.stride(),
-            sm_scale, sm_scale * LOG2E, float(p), 1.0 / (1.0 - p) if has_drop else 1.0,
-            size_class(b))
-    consts = {"HEAD_DIM": hd, "DROPOUT": has_drop, "PREC": dot_precision(do.dtype),
-              "D_LO": d_lo, "D_HI": d_hi}
-    _attn_bwd_dq_kernel[lambda meta: (b * num_heads, triton.cdiv(k, meta["BLOCK_M"]))](
-        q, kv, o, do, lse, seed, dq, delta, *args, **consts)
-    _attn_bwd_dkv_kernel[lambda meta: (b * num_heads, triton.cdiv(n, meta["BLOCK_N"]))](
-        q, kv, do, lse, delta, seed, dkv, *args, **consts)
+            sm_scale, sm_scale * LOG2E, *_drop_scalars(p), size_class(b))
+    consts = dict(HEAD_DIM=hd, DROPOUT=p > 0, PREC=dot_precision(do_dtype), D_LO=d_lo, D_HI=d_hi)
+    dq = Launch(_attn_bwd_dq_kernel, lambda meta: (b * num_heads, triton.cdiv(k, meta["BLOCK_M"])),
+                args, consts)
+    dkv = Launch(_attn_bwd_dkv_kernel,
+                 lambda meta: (b * num_heads, triton.cdiv(n, meta["BLOCK_N"])), args, consts)
+    return (b, k, d_model), (b, num_heads, k), dq, dkv
+
+
+_BWD_PLANS = PlanCache(_bwd_plan)
+
+
+def attention_backward(do: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, o: torch.Tensor,
+                       lse: torch.Tensor, seed: torch.Tensor | None, seed_offset: int,
+                       num_heads: int, p: float):
+    """Returns (dq shaped and typed as q, dkv shaped and typed as kv)."""
+    if not do.is_contiguous():
+        do = do.contiguous()
+    dev = kv.device
+    key = (q.shape, q.stride(), q.dtype, kv.shape, kv.stride(), kv.dtype, do.dtype, dev,
+           num_heads, p, dot_precision(do.dtype))
+    dq_shape, stat_shape, launch_dq, launch_dkv = _BWD_PLANS(key, q, kv, num_heads, p, do.dtype)
+    if not kv.numel() or not do.numel():
+        return torch.zeros_like(q), torch.zeros_like(kv)
+    shared = q.dim() == 2
+    dkv = torch.empty(kv.shape, dtype=kv.dtype, device=dev)
+    delta = torch.empty(stat_shape, dtype=torch.float32, device=dev)
+    # A shared q gets per-sample gradients, summed below (no cross-program atomics).
+    dq = torch.empty(dq_shape, dtype=torch.float32 if shared else q.dtype, device=dev)
+    seed = seed if p > 0 else lse
+    launch_dq(q, kv, o, do, lse, seed, dq, delta, lead=(seed_offset,))
+    launch_dkv(q, kv, do, lse, delta, seed, dkv, lead=(seed_offset,))
     if shared:
         dq = dq.sum(0).to(q.dtype)
     return dq, dkv

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotune, dot_precision, dropout_keep, size_class, tensor_3d, tl_dtype
+from ._common import Launch, PlanCache, autotune, dot_precision, dropout_keep, size_class, strides_3d, tl_dtype
 from .layer_norm import ln_backward, ln_forward
 
 # Production autotune lists (tests/test_triton_spills.py compiles each for sm_90 and fails on
@@ -52,7 +52,7 @@ _INTERP_WGRAD = triton.Config({"BLOCK_D": 16, "BLOCK_G": 16, "BLOCK_B": 16}, num
 
 
 @triton.jit
-def _load_h(R, X, MEAN, RSTD, LNW, LNB, SEED, offs_b, d_start, k,
+def _load_h(R, X, MEAN, RSTD, LNW, LNB, SEED, seed_offset, offs_b, d_start, k,
             B, K, D, s_rb, s_rk, s_rd, s_xb, s_xk, s_xd, p, drop_scale,
             APPLY_LN: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr):
     """The [rows b, cols d_start ..] tile of h[:, k, :] in fp32 (0 outside), from h itself (X) or
@@ -67,7 +67,7 @@ def _load_h(R, X, MEAN, RSTD, LNW, LNB, SEED, offs_b, d_start, k,
     if APPLY_LN:
         if DROPOUT:
             rows = offs_b * K + k  # the row id of the LayerNorm kernels: (b, k) of [B, K, D]
-            x = tl.where(dropout_keep(tl.load(SEED), rows, d_start, p, BLOCK_D),
+            x = tl.where(dropout_keep(tl.load(SEED), seed_offset, rows, d_start, p, BLOCK_D),
                          x * drop_scale, 0.0)
         r = tl.load(R + (b64 * s_rb + k * s_rk)[:, None] + offs_d[None, :] * s_rd,
                     mask=mask, other=0.0).to(tl.float32)
@@ -82,8 +82,8 @@ def _load_h(R, X, MEAN, RSTD, LNW, LNB, SEED, offs_b, d_start, k,
 
 @autotune(FWD_CONFIGS, _INTERP_FWD, key=["K", "D", "G", "SIZE_CLASS", "APPLY_LN", "DROPOUT"],
           sizes={"BLOCK_B": "B", "BLOCK_G": "G"})
-@triton.jit(do_not_specialize=["SIZE_CLASS"])
-def _group_fc_fwd_kernel(R, X, MEAN, RSTD, LNW, LNB, SEED, W, BIAS, OUT,
+@triton.jit(do_not_specialize=["SIZE_CLASS", "seed_offset"])
+def _group_fc_fwd_kernel(R, X, MEAN, RSTD, LNW, LNB, SEED, W, BIAS, OUT, seed_offset,
                          B, K, D, G, C, SIZE_CLASS,
                          s_rb, s_rk, s_rd, s_xb, s_xk, s_xd, s_wk, s_wd, s_wg,
                          p, drop_scale,
@@ -103,7 +103,7 @@ def _group_fc_fwd_kernel(R, X, MEAN, RSTD, LNW, LNB, SEED, W, BIAS, OUT,
     acc = tl.zeros([BLOCK_B, BLOCK_G], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
-        h = _load_h(R, X, MEAN, RSTD, LNW, LNB, SEED, offs_b, d0, k, B, K, D,
+        h = _load_h(R, X, MEAN, RSTD, LNW, LNB, SEED, seed_offset, offs_b, d0, k, B, K, D,
                     s_rb, s_rk, s_rd, s_xb, s_xk, s_xd, p, drop_scale, APPLY_LN, DROPOUT, BLOCK_D)
         w = tl.load(w_base + offs_d[:, None] * s_wd,
                     mask=(offs_d < D)[:, None] & gmask[None, :], other=0.0)
@@ -150,8 +150,8 @@ def _group_fc_dgrad_kernel(DOUT, W, DH, B, K, D, G, C, SIZE_CLASS,
 
 @autotune(WGRAD_CONFIGS, _INTERP_WGRAD, key=["K", "D", "G", "SIZE_CLASS", "APPLY_LN", "DROPOUT"],
           sizes={"BLOCK_B": "B", "BLOCK_G": "G"})
-@triton.jit(do_not_specialize=["SIZE_CLASS"])
-def _group_fc_wgrad_kernel(R, X, MEAN, RSTD, LNW, LNB, SEED, DOUT, DW,
+@triton.jit(do_not_specialize=["SIZE_CLASS", "seed_offset"])
+def _group_fc_wgrad_kernel(R, X, MEAN, RSTD, LNW, LNB, SEED, DOUT, DW, seed_offset,
                            B, K, D, G, C, SIZE_CLASS,
                            s_rb, s_rk, s_rd, s_xb, s_xk, s_xd, s_ob,
                            p, drop_scale,
@@ -173,7 +173,7 @@ def _group_fc_wgrad_kernel(R, X, MEAN, RSTD, LNW, LNB, SEED, DOUT, DW,
     acc = tl.zeros([BLOCK_D, BLOCK_G], dtype=tl.float32)
     for b0 in range(0, B, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
-        h = _load_h(R, X, MEAN, RSTD, LNW, LNB, SEED, offs_b, pid_d * BLOCK_D, k, B, K, D,
+        h = _load_h(R, X, MEAN, RSTD, LNW, LNB, SEED, seed_offset, offs_b, pid_d * BLOCK_D, k, B, K, D,
                     s_rb, s_rk, s_rd, s_xb, s_xk, s_xd, p, drop_scale, APPLY_LN, DROPOUT, BLOCK_D)
         dy = tl.load(DOUT + offs_b.to(tl.int64)[:, None] * s_ob + cls[None, :],
                      mask=(offs_b < B)[:, None] & cmask[None, :], other=0.0)
@@ -186,128 +186,165 @@ def _group_fc_wgrad_kernel(R, X, MEAN, RSTD, LNW, LNB, SEED, DOUT, DW,
 # Host side
 # ------------------------------------------------------------------------------------------------
 
-class _Input:
-    """What the kernels read to build h: h itself, or (residual, x, stats, LN affine, dropout)."""
-
-    def __init__(self, x3, r3=None, mean=None, rstd=None, ln_w=None, ln_b=None, seed=None, p=0.0):
-        self.x3, self.r3 = x3, r3 if r3 is not None else x3
-        self.apply_ln = r3 is not None
-        self.dropout = self.apply_ln and p > 0
-        dummy = x3
-        self.mean = mean if mean is not None else dummy
-        self.rstd = rstd if rstd is not None else dummy
-        self.ln_w = ln_w if ln_w is not None else dummy
-        self.ln_b = ln_b if ln_b is not None else dummy
-        self.seed = seed if self.dropout else dummy
-        self.p = float(p)
-        self.drop_scale = 1.0 / (1.0 - p) if self.dropout else 1.0
-
-    def pointers(self):
-        return (self.r3, self.x3, self.mean, self.rstd, self.ln_w, self.ln_b, self.seed)
-
-    def strides(self):
-        return (*self.r3.stride(), *self.x3.stride())
-
-
 def logits_dtype(compute_dtype: torch.dtype, bias: torch.Tensor) -> torch.dtype:
     """The logits' dtype: the products' dtype promoted with the bias (fp32 logits under autocast
     with fp32 parameters, as the reference's fp32 buffer gives)."""
     return torch.promote_types(compute_dtype, bias.dtype)
 
 
-def _fwd(inp: _Input, weight, bias, num_classes, compute_dtype):
-    b, k, d = inp.x3.shape
+def _h_args(b, k, d, hx, hr=None, p=0.0):
+    """The scalar arguments and constexprs that say how the kernels read h: from ``hx`` (h itself,
+    [B, K, D]) or rebuilt as LN(hr + dropout(hx)) (``hr`` given: both broadcast to [B, K, D])."""
+    shape = (b, k, d)
+    apply_ln = hr is not None
+    r_strides = strides_3d(hr if apply_ln else hx, shape)
+    scalars = (*r_strides, *strides_3d(hx, shape))
+    drop = apply_ln and p > 0
+    return scalars, (float(p), 1.0 / (1.0 - p) if drop else 1.0), dict(APPLY_LN=apply_ln,
+                                                                         DROPOUT=drop)
+
+
+def _fwd_launch(b, k, d, weight, num_classes, compute_dtype, hx, hr=None, p=0.0):
     g = weight.shape[2]
-    out = torch.empty(b, num_classes, dtype=logits_dtype(compute_dtype, bias), device=inp.x3.device)
-    if b == 0 or num_classes == 0:
-        return out
+    strides, drop, consts = _h_args(b, k, d, hx, hr, p)
 
     def grid(meta):
         return (triton.cdiv(b, meta["BLOCK_B"]) * triton.cdiv(g, meta["BLOCK_G"]), k)
 
-    _group_fc_fwd_kernel[grid](
-        *inp.pointers(), weight, bias, out, b, k, d, g, num_classes, size_class(b),
-        *inp.strides(), *weight.stride(), inp.p, inp.drop_scale,
-        APPLY_LN=inp.apply_ln, DROPOUT=inp.dropout, DOT=tl_dtype(compute_dtype),
-        PREC=dot_precision(compute_dtype))
-    return out
+    return Launch(_group_fc_fwd_kernel, grid,
+                  (b, k, d, g, num_classes, size_class(b), *strides, *weight.stride(), *drop),
+                  dict(consts, DOT=tl_dtype(compute_dtype), PREC=dot_precision(compute_dtype)))
 
 
-def _dgrad(dout, weight, b, k, d, compute_dtype):
+def _dgrad_launch(b, k, d, weight, num_classes, dout_stride, compute_dtype):
     g = weight.shape[2]
-    dh = torch.empty(b, k, d, dtype=compute_dtype, device=dout.device)
-    if b == 0:
-        return dh
 
     def grid(meta):
         return (triton.cdiv(b, meta["BLOCK_B"]) * triton.cdiv(d, meta["BLOCK_D"]), k)
 
-    _group_fc_dgrad_kernel[grid](
-        dout, weight, dh, b, k, d, g, dout.shape[1], size_class(b),
-        dout.stride(0), *weight.stride(), DOT=tl_dtype(compute_dtype),
-        PREC=dot_precision(compute_dtype))
-    return dh
+    return Launch(_group_fc_dgrad_kernel, grid,
+                  (b, k, d, g, num_classes, size_class(b), dout_stride, *weight.stride()),
+                  dict(DOT=tl_dtype(compute_dtype), PREC=dot_precision(compute_dtype)))
 
 
-def _wgrad(inp: _Input, dout, weight, compute_dtype):
-    b, k, d = inp.x3.shape
+def _wgrad_launch(b, k, d, weight, num_classes, dout_stride, compute_dtype, hx, hr=None, p=0.0):
     g = weight.shape[2]
-    dw = torch.empty(k, d, g, dtype=weight.dtype, device=weight.device)
-    if b == 0:
-        return dw.zero_()
+    strides, drop, consts = _h_args(b, k, d, hx, hr, p)
 
     def grid(meta):
         return (triton.cdiv(d, meta["BLOCK_D"]) * triton.cdiv(g, meta["BLOCK_G"]), k)
 
-    _group_fc_wgrad_kernel[grid](
-        *inp.pointers(), dout, dw, b, k, d, g, dout.shape[1], size_class(b),
-        *inp.strides(), dout.stride(0), inp.p, inp.drop_scale,
-        APPLY_LN=inp.apply_ln, DROPOUT=inp.dropout, DOT=tl_dtype(compute_dtype),
-        PREC=dot_precision(compute_dtype))
-    return dw
+    return Launch(_group_fc_wgrad_kernel, grid,
+                  (b, k, d, g, num_classes, size_class(b), *strides, dout_stride, *drop),
+                  dict(consts, DOT=tl_dtype(compute_dtype), PREC=dot_precision(compute_dtype)))
 
 
 def _contiguous_cols(dout: torch.Tensor) -> torch.Tensor:
     return dout if dout.stride(1) == 1 else dout.contiguous()
 
 
+def _gfc_fwd_plan(h, weight, bias, num_classes, compute_dtype):
+    b, k, d = h.shape
+    return ((b, num_classes), logits_dtype(compute_dtype, bias),
+            _fwd_launch(b, k, d, weight, num_classes, compute_dtype, h))
+
+
+_GFC_FWD_PLANS = PlanCache(_gfc_fwd_plan)
+
+
 def group_fc_forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_classes: int,
                      compute_dtype: torch.dtype) -> torch.Tensor:
     """h [B, K, D], weight [K, D, G], bias [num_classes] -> logits [B, num_classes], products in
     ``compute_dtype`` (fp32 accumulation), logits in ``logits_dtype``."""
-    return _fwd(_Input(h), weight, bias, num_classes, compute_dtype)
+    key = (h.shape, h.stride(), h.dtype, weight.shape, weight.stride(), weight.dtype, bias.dtype,
+           h.device, num_classes, compute_dtype, dot_precision(compute_dtype))
+    out_shape, out_dtype, launch = _GFC_FWD_PLANS(key, h, weight, bias, num_classes, compute_dtype)
+    out = torch.empty(out_shape, dtype=out_dtype, device=h.device)
+    if out.numel():
+        launch(h, h, h, h, h, h, h, weight, bias, out, lead=(0,))
+    return out
+
+
+def _gfc_bwd_plan(dout, h, weight, compute_dtype):
+    b, k, d = h.shape
+    c = dout.shape[1]
+    return (_dgrad_launch(b, k, d, weight, c, dout.stride(0), compute_dtype),
+            _wgrad_launch(b, k, d, weight, c, dout.stride(0), compute_dtype, h))
+
+
+_GFC_BWD_PLANS = PlanCache(_gfc_bwd_plan)
 
 
 def group_fc_backward(dout: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
                       compute_dtype: torch.dtype):
     """Returns (dh [B, K, D] in ``compute_dtype``, dW [K, D, G] in weight's dtype)."""
     dout = _contiguous_cols(dout)
-    b, k, d = h.shape
-    return (_dgrad(dout, weight, b, k, d, compute_dtype),
-            _wgrad(_Input(h), dout, weight, compute_dtype))
+    key = (dout.shape, dout.stride(), dout.dtype, h.shape, h.stride(), h.dtype, weight.shape,
+           weight.stride(), weight.dtype, h.device, compute_dtype, dot_precision(compute_dtype))
+    dgrad, wgrad = _GFC_BWD_PLANS(key, dout, h, weight, compute_dtype)
+    dh = torch.empty(h.shape, dtype=compute_dtype, device=h.device)
+    dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    if not h.shape[0]:
+        return dh, dw.zero_()
+    dgrad(dout, weight, dh)
+    wgrad(h, h, h, h, h, h, h, dout, dw, lead=(0,))
+    return dh, dw
 
 
-def decode_forward(residual, x, seed, p, ln_weight, ln_bias, eps, weight, bias, num_classes,
-                   compute_dtype):
+def _decode_fwd_plan(residual, x, p, weight, bias, num_classes, compute_dtype):
+    b, k, d = torch.broadcast_shapes(residual.shape, x.shape)
+    return ((b, num_classes), logits_dtype(compute_dtype, bias),
+            _fwd_launch(b, k, d, weight, num_classes, compute_dtype, x, residual, p))
+
+
+_DECODE_FWD_PLANS = PlanCache(_decode_fwd_plan)
+
+
+def decode_forward(residual, x, seed, seed_offset, p, ln_weight, ln_bias, eps, weight, bias,
+                   num_classes, compute_dtype):
     """logits of LN(residual + dropout(x)) [B, K, D] through the group FC, without storing the
     normalized rows. Returns (logits, mean, rstd), the statistics fp32 [B*K] for the backward."""
-    shape = torch.broadcast_shapes(residual.shape, x.shape)
-    _, mean, rstd = ln_forward(residual, x, seed, p, None, None, eps, store_y=False)
-    inp = _Input(tensor_3d(x, shape), tensor_3d(residual, shape), mean, rstd, ln_weight, ln_bias,
-                 seed, p)
-    return _fwd(inp, weight, bias, num_classes, compute_dtype), mean, rstd
+    _, mean, rstd = ln_forward(residual, x, seed, seed_offset, p, None, None, eps, store_y=False)
+    key = (residual.shape, residual.stride(), residual.dtype, x.shape, x.stride(), x.dtype,
+           weight.shape, weight.stride(), weight.dtype, bias.dtype, x.device, p, num_classes,
+           compute_dtype, dot_precision(compute_dtype))
+    out_shape, out_dtype, launch = _DECODE_FWD_PLANS(key, residual, x, p, weight, bias,
+                                                     num_classes, compute_dtype)
+    out = torch.empty(out_shape, dtype=out_dtype, device=x.device)
+    if out.numel():
+        launch(residual, x, mean, rstd, ln_weight, ln_bias, seed if p > 0 else mean, weight, bias,
+               out, lead=(seed_offset,))
+    return out, mean, rstd
 
 
-def decode_backward(dout, residual, x, seed, p, ln_weight, ln_bias, mean, rstd, weight,
-                    compute_dtype):
-    """Returns (dz, dx or None, d ln_weight, d ln_bias, dW) with dz = dL/d(residual + dropout(x))
-    shaped [B, K, D] (dx None when p == 0: then dx == dz); the LN affine grads are fp32."""
-    shape = torch.broadcast_shapes(residual.shape, x.shape)
-    dout = _contiguous_cols(dout)
+def _decode_bwd_plan(dout, residual, x, p, weight, compute_dtype):
+    shape = tuple(torch.broadcast_shapes(residual.shape, x.shape))
     b, k, d = shape
-    dh = _dgrad(dout, weight, b, k, d, compute_dtype)
-    dz, dx, dlnw, dlnb = ln_backward(dh, residual, x, seed, p, ln_weight, mean, rstd,
-                                     torch.result_type(residual, x))
-    inp = _Input(tensor_3d(x, shape), tensor_3d(residual, shape), mean, rstd, ln_weight, ln_bias,
-                 seed, p)
-    return dz, dx, dlnw, dlnb, _wgrad(inp, dout, weight, compute_dtype)
+    c = dout.shape[1]
+    return (shape, torch.result_type(residual, x),
+            _dgrad_launch(b, k, d, weight, c, dout.stride(0), compute_dtype),
+            _wgrad_launch(b, k, d, weight, c, dout.stride(0), compute_dtype, x, residual, p))
+
+
+_DECODE_BWD_PLANS = PlanCache(_decode_bwd_plan)
+
+
+def decode_backward(dout, residual, x, seed, seed_offset, p, ln_weight, ln_bias, mean, rstd,
+                    weight, compute_dtype):
+    """Returns (dz, dx or None, d ln_weight, d ln_bias, dW) with dz = dL/d(residual + dropout(x))
+    shaped [B, K, D] (dx None when p == 0: then dx == dz); the LN affine grads in ``ln_weight``'s
+    dtype."""
+    dout = _contiguous_cols(dout)
+    key = (dout.shape, dout.stride(), dout.dtype, residual.shape, residual.stride(),
+           residual.dtype, x.shape, x.stride(), x.dtype, weight.shape, weight.stride(),
+           weight.dtype, x.device, p, compute_dtype, dot_precision(compute_dtype))
+    shape, dz_dtype, dgrad, wgrad = _DECODE_BWD_PLANS(key, dout, residual, x, p, weight,
+                                                      compute_dtype)
+    dh = torch.empty(shape, dtype=compute_dtype, device=x.device)
+    dgrad(dout, weight, dh)
+    dz, dx, dlnw, dlnb = ln_backward(dh, residual, x, seed, seed_offset, p, ln_weight, mean, rstd,
+                                     dz_dtype)
+    dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    wgrad(residual, x, mean, rstd, ln_weight, ln_bias, seed if p > 0 else mean, dout, dw,
+          lead=(seed_offset,))
+    return dz, dx, dlnw, dlnb, dw

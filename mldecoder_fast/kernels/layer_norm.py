@@ -8,6 +8,10 @@ backward (see ``_common.dropout_keep``).
 
 Rows: the output [..., R, D] is seen as [L, R, D], row m = l * R + r. ``residual`` and ``x`` may
 broadcast to it (stride 0), e.g. a batch-shared [K, D] residual against per-sample [B, K, D].
+
+Host side: the launch parameters of each (shapes, strides, dtypes, device, p, flags) are built
+once (``_common.PlanCache``); the backward reduces the affine gradients' per-program partial sums
+in its own last program (no separate reduction launches).
 """
 from __future__ import annotations
 
@@ -15,11 +19,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, dropout_keep, next_pow2, num_sms, tensor_3d
+from ._common import INTERPRET, Launch, PlanCache, dropout_keep, next_pow2, num_sms, strides_3d
 
 
 @triton.jit
-def _load_rows(R, X, SEED, rows, cols, mask, R_DIM,
+def _load_rows(R, X, SEED, seed_offset, rows, cols, mask, R_DIM,
                s_rl, s_rr, s_rd, s_xl, s_xr, s_xd, p, drop_scale,
                HAS_DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr):
     """z = residual + dropout(x) for a [rows, cols] tile, in fp32 (0 outside ``mask``)."""
@@ -32,13 +36,13 @@ def _load_rows(R, X, SEED, rows, cols, mask, R_DIM,
     x = tl.load(X + (li * s_xl + ri * s_xr)[:, None] + cols64[None, :] * s_xd,
                 mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        keep = dropout_keep(tl.load(SEED), rows, 0, p, BLOCK_D)
+        keep = dropout_keep(tl.load(SEED), seed_offset, rows, 0, p, BLOCK_D)
         x = tl.where(keep, x * drop_scale, 0.0)
     return r + x
 
 
-@triton.jit
-def _ln_fwd_kernel(R, X, Y, MEAN, RSTD, W, B, SEED,
+@triton.jit(do_not_specialize=["seed_offset"])
+def _ln_fwd_kernel(R, X, Y, MEAN, RSTD, W, B, SEED, seed_offset,
                    M, R_DIM, D,
                    s_rl, s_rr, s_rd, s_xl, s_xr, s_xd,
                    p, drop_scale, eps,
@@ -50,8 +54,8 @@ def _ln_fwd_kernel(R, X, Y, MEAN, RSTD, W, B, SEED,
     rmask = rows < M
     cmask = cols < D
     mask = rmask[:, None] & cmask[None, :]
-    z = _load_rows(R, X, SEED, rows, cols, mask, R_DIM, s_rl, s_rr, s_rd, s_xl, s_xr, s_xd,
-                   p, drop_scale, HAS_DROPOUT, BLOCK_D)
+    z = _load_rows(R, X, SEED, seed_offset, rows, cols, mask, R_DIM,
+                   s_rl, s_rr, s_rd, s_xl, s_xr, s_xd, p, drop_scale, HAS_DROPOUT, BLOCK_D)
     mean = tl.sum(z, axis=1) / D
     zc = tl.where(mask, z - mean[:, None], 0.0)
     var = tl.sum(zc * zc, axis=1) / D
@@ -66,17 +70,20 @@ def _ln_fwd_kernel(R, X, Y, MEAN, RSTD, W, B, SEED,
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _ln_bwd_kernel(DY, R, X, W, MEAN, RSTD, SEED, DZ, DX, DW_PART, DB_PART,
+@triton.jit(do_not_specialize=["seed_offset"])
+def _ln_bwd_kernel(DY, R, X, W, MEAN, RSTD, SEED, DZ, DX, PART, TICKET, DW, DB, seed_offset,
                    M, R_DIM, D, rows_per_prog,
                    s_rl, s_rr, s_rd, s_xl, s_xr, s_xd,
                    p, drop_scale,
                    HAS_DROPOUT: tl.constexpr, STORE_DZ: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """dz = dL/d(residual + dropout(x)) and dx = dropout'(dz) (unless STORE_DZ is off: only the
-    affine grads wanted); per-program partial sums of the affine grads (dw = sum dy * xhat,
-    db = sum dy) over its ``rows_per_prog`` rows."""
+    affine grads wanted). The affine grads (dw = sum dy * xhat, db = sum dy): each program stores
+    its partial sums over its ``rows_per_prog`` rows in PART [2, programs, D], takes a ticket, and
+    the last program to finish sums the partials (in program order: deterministic) into DW and DB,
+    then sets TICKET back to 0 for the next launch."""
     pid = tl.program_id(0)
+    progs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
     w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -87,8 +94,8 @@ def _ln_bwd_kernel(DY, R, X, W, MEAN, RSTD, SEED, DZ, DX, DW_PART, DB_PART,
         rows = row0 + i + tl.arange(0, BLOCK_M)
         rmask = rows < M
         mask = rmask[:, None] & cmask[None, :]
-        z = _load_rows(R, X, SEED, rows, cols, mask, R_DIM, s_rl, s_rr, s_rd, s_xl, s_xr, s_xd,
-                       p, drop_scale, HAS_DROPOUT, BLOCK_D)
+        z = _load_rows(R, X, SEED, seed_offset, rows, cols, mask, R_DIM,
+                       s_rl, s_rr, s_rd, s_xl, s_xr, s_xd, p, drop_scale, HAS_DROPOUT, BLOCK_D)
         mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
         rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
         xhat = tl.where(mask, (z - mean[:, None]) * rstd[:, None], 0.0)
@@ -101,13 +108,27 @@ def _ln_bwd_kernel(DY, R, X, W, MEAN, RSTD, SEED, DZ, DX, DW_PART, DB_PART,
             dz = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
             tl.store(DZ + offs, dz.to(DZ.dtype.element_ty), mask=mask)
             if HAS_DROPOUT:
-                keep = dropout_keep(tl.load(SEED), rows, 0, p, BLOCK_D)
+                keep = dropout_keep(tl.load(SEED), seed_offset, rows, 0, p, BLOCK_D)
                 tl.store(DX + offs, tl.where(keep, dz * drop_scale, 0.0).to(DX.dtype.element_ty),
                          mask=mask)
         dw_acc += tl.sum(dy * xhat, axis=0)
         db_acc += tl.sum(dy, axis=0)
-    tl.store(DW_PART + pid * D + cols, dw_acc, mask=cmask)
-    tl.store(DB_PART + pid * D + cols, db_acc, mask=cmask)
+    tl.store(PART + pid * D + cols, dw_acc, mask=cmask)
+    tl.store(PART + (progs + pid) * D + cols, db_acc, mask=cmask)
+    # acq_rel: the partials stored above are visible to the program that draws the last ticket.
+    if tl.atomic_add(TICKET, 1, sem="acq_rel") == progs - 1:
+        dw_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
+        db_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for j in range(0, progs, BLOCK_M):
+            prog = j + tl.arange(0, BLOCK_M)
+            pmask = (prog < progs)[:, None] & cmask[None, :]
+            offs = prog[:, None] * D + cols[None, :]
+            dw_sum += tl.sum(tl.load(PART + offs, mask=pmask, other=0.0, cache_modifier=".cg"), 0)
+            db_sum += tl.sum(tl.load(PART + progs * D + offs, mask=pmask, other=0.0,
+                                     cache_modifier=".cg"), 0)
+        tl.store(DW + cols, dw_sum.to(DW.dtype.element_ty), mask=cmask)
+        tl.store(DB + cols, db_sum.to(DB.dtype.element_ty), mask=cmask)
+        tl.atomic_xchg(TICKET, 0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -124,78 +145,102 @@ def _blocks(d: int) -> tuple[int, int, int]:
     return block_m, block_d, num_warps
 
 
-def _strides(t3: torch.Tensor) -> tuple[int, int, int]:
-    return tuple(t3.stride())
+def _drop_scalars(p: float) -> tuple[float, float]:
+    return float(p), (1.0 / (1.0 - p) if p > 0 else 1.0)
 
 
-def out_shape_dtype(residual: torch.Tensor, x: torch.Tensor) -> tuple[torch.Size, torch.dtype]:
-    return torch.broadcast_shapes(residual.shape, x.shape), torch.result_type(residual, x)
+class _Rows:
+    """The row layout of residual + x (shapes of at most 3 dims broadcast to ``shape`` = [..., R, D],
+    rows m = l * R + r) and the kernels' stride arguments."""
+
+    def __init__(self, residual: torch.Tensor, x: torch.Tensor, shape: tuple):
+        self.shape, self.d = shape, shape[-1]
+        self.r_dim = shape[-2] if len(shape) >= 2 else 1
+        self.m = self.r_dim * (shape[0] if len(shape) == 3 else 1)
+        self.strides = (*strides_3d(residual, shape), *strides_3d(x, shape))
 
 
-def ln_forward(residual: torch.Tensor, x: torch.Tensor, seed: torch.Tensor | None, p: float,
-               weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+def _fwd_plan(residual, x, p, eps, out_dtype, store_y):
+    shape = tuple(torch.broadcast_shapes(residual.shape, x.shape))
+    rows = _Rows(residual, x, shape)
+    block_m, block_d, num_warps = _blocks(rows.d)
+    launch = Launch(_ln_fwd_kernel, (triton.cdiv(rows.m, block_m),),
+                    (rows.m, rows.r_dim, rows.d, *rows.strides, *_drop_scalars(p), float(eps)),
+                    dict(HAS_DROPOUT=p > 0, STORE_Y=store_y, BLOCK_M=block_m, BLOCK_D=block_d,
+                         num_warps=num_warps))
+    return shape, out_dtype or torch.result_type(residual, x), rows.m, launch
+
+
+_FWD_PLANS = PlanCache(_fwd_plan)
+
+
+def ln_forward(residual: torch.Tensor, x: torch.Tensor, seed: torch.Tensor | None, seed_offset: int,
+               p: float, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
                out_dtype: torch.dtype | None = None, store_y: bool = True):
     """Returns (y or None, mean [M] fp32, rstd [M] fp32), y = LN(residual + dropout(x)) shaped as
-    the broadcast of the two inputs. ``seed`` (int64 tensor, one element) is read when p > 0."""
-    shape, dtype = out_shape_dtype(residual, x)
-    out_dtype = out_dtype or dtype
-    d = shape[-1]
-    r3, x3 = tensor_3d(residual, shape), tensor_3d(x, shape)
-    m = r3.shape[0] * r3.shape[1]
+    the broadcast of the two inputs (at most 3 dims). ``seed`` (int64 tensor, one element) and the
+    Philox ``seed_offset`` are read when p > 0."""
+    key = (residual.shape, residual.stride(), residual.dtype, x.shape, x.stride(), x.dtype,
+           x.device, p, eps, out_dtype, store_y)
+    shape, dtype, m, launch = _FWD_PLANS(key, residual, x, p, eps, out_dtype, store_y)
     dev = x.device
     mean = torch.empty(m, dtype=torch.float32, device=dev)
     rstd = torch.empty(m, dtype=torch.float32, device=dev)
-    y = torch.empty(shape, dtype=out_dtype, device=dev) if store_y else None
-    if m == 0:
-        return y, mean, rstd
-    has_drop = p > 0
-    block_m, block_d, num_warps = _blocks(d)
-    dummy = mean
-    _ln_fwd_kernel[(triton.cdiv(m, block_m),)](
-        r3, x3, y if store_y else dummy, mean, rstd,
-        weight if store_y else dummy, bias if store_y else dummy,
-        seed if has_drop else dummy,
-        m, r3.shape[1], d, *_strides(r3), *_strides(x3),
-        float(p), 1.0 / (1.0 - p) if has_drop else 1.0, float(eps),
-        HAS_DROPOUT=has_drop, STORE_Y=store_y, BLOCK_M=block_m, BLOCK_D=block_d,
-        num_warps=num_warps)
+    y = torch.empty(shape, dtype=dtype, device=dev) if store_y else None
+    if m:
+        launch(residual, x, y if store_y else mean, mean, rstd,
+               weight if store_y else mean, bias if store_y else mean,
+               seed if p > 0 else mean, lead=(seed_offset,))
     return y, mean, rstd
 
 
+def _bwd_plan(shape, residual, x, p, dz_dtype, input_grads, dev):
+    rows = _Rows(residual, x, shape)
+    block_m, block_d, num_warps = _blocks(rows.d)
+    progs = min(triton.cdiv(rows.m, block_m), num_sms(dev) * (2 if INTERPRET else 4))
+    rows_per_prog = triton.cdiv(triton.cdiv(rows.m, progs), block_m) * block_m
+    progs = triton.cdiv(rows.m, rows_per_prog)
+    launch = Launch(_ln_bwd_kernel, (progs,),
+                    (rows.m, rows.r_dim, rows.d, rows_per_prog, *rows.strides, *_drop_scalars(p)),
+                    dict(HAS_DROPOUT=p > 0, STORE_DZ=input_grads, BLOCK_M=block_m,
+                         BLOCK_D=block_d, num_warps=num_warps))
+    # the ticket of the last-program reduction: zero between launches (the kernel resets it)
+    ticket = torch.zeros(1, dtype=torch.int32, device=dev)
+    return rows.m, progs, launch, ticket
+
+
+_BWD_PLANS = PlanCache(_bwd_plan)
+
+
 def ln_backward(dy: torch.Tensor, residual: torch.Tensor, x: torch.Tensor,
-                seed: torch.Tensor | None, p: float, weight: torch.Tensor,
+                seed: torch.Tensor | None, seed_offset: int, p: float, weight: torch.Tensor,
                 mean: torch.Tensor, rstd: torch.Tensor, dz_dtype: torch.dtype,
                 input_grads: bool = True):
     """Gradients of y = LN(residual + dropout(x)) given dy (shaped as y).
 
-    Returns (dz, dx or None, dw fp32, db fp32): dz = dL/d(residual + dropout(x)) shaped as y (the
+    Returns (dz, dx or None, dw, db): dz = dL/d(residual + dropout(x)) shaped as y (the
     residual's gradient before any broadcast is summed), dx = dropout applied to dz (None when
-    p == 0: then dx == dz), dw/db the affine gradients. ``input_grads=False``: dz and dx are not
-    computed (None), e.g. for LN1 over the frozen learned queries.
+    p == 0: then dx == dz), dw/db the affine gradients in ``weight``'s dtype.
+    ``input_grads=False``: dz and dx are not computed (None), e.g. for LN1 over the frozen learned
+    queries.
     """
     shape = dy.shape
-    d = shape[-1]
-    r3, x3 = tensor_3d(residual, shape), tensor_3d(x, shape)
-    m = r3.shape[0] * r3.shape[1]
     dev = dy.device
-    dy = dy.contiguous()
+    if not dy.is_contiguous():
+        dy = dy.contiguous()
+    key = (shape, residual.shape, residual.stride(), residual.dtype, x.shape, x.stride(), x.dtype,
+           dev, p, dz_dtype, input_grads)
+    m, progs, launch, ticket = _BWD_PLANS(key, shape, residual, x, p, dz_dtype, input_grads, dev)
     has_drop = p > 0
     dz = torch.empty(shape, dtype=dz_dtype, device=dev) if input_grads else None
     dx = torch.empty(shape, dtype=x.dtype, device=dev) if has_drop and input_grads else None
     if m == 0:
-        z = torch.zeros(d, dtype=torch.float32, device=dev)
+        z = torch.zeros(shape[-1], dtype=weight.dtype, device=dev)
         return dz, dx, z, z.clone()
-    block_m, block_d, num_warps = _blocks(d)
-    progs = min(triton.cdiv(m, block_m), num_sms(dev) * (2 if INTERPRET else 4))
-    rows_per_prog = triton.cdiv(triton.cdiv(m, progs), block_m) * block_m
-    progs = triton.cdiv(m, rows_per_prog)
-    dw_part = torch.empty(progs, d, dtype=torch.float32, device=dev)
-    db_part = torch.empty(progs, d, dtype=torch.float32, device=dev)
-    _ln_bwd_kernel[(progs,)](
-        dy, r3, x3, weight, mean, rstd, seed if has_drop else mean,
-        dz if dz is not None else dw_part, dx if dx is not None else dw_part, dw_part, db_part,
-        m, r3.shape[1], d, rows_per_prog, *_strides(r3), *_strides(x3),
-        float(p), 1.0 / (1.0 - p) if has_drop else 1.0,
-        HAS_DROPOUT=has_drop, STORE_DZ=input_grads, BLOCK_M=block_m, BLOCK_D=block_d,
-        num_warps=num_warps)
-    return dz, dx, dw_part.sum(0), db_part.sum(0)
+    part = torch.empty(2, progs, shape[-1], dtype=torch.float32, device=dev)
+    dw = torch.empty(shape[-1], dtype=weight.dtype, device=dev)
+    db = torch.empty(shape[-1], dtype=weight.dtype, device=dev)
+    launch(dy, residual, x, weight, mean, rstd, seed if has_drop else mean,
+           dz if dz is not None else part, dx if dx is not None else part, part, ticket, dw, db,
+           lead=(seed_offset,))
+    return dz, dx, dw, db

@@ -3,10 +3,16 @@
 Each kernel pair (forward, backward) is registered as a ``torch.library.custom_op`` in the
 ``mldecoder_fast`` namespace (names ``triton_*``) with a fake kernel and autograd, so the ops
 work under ``torch.compile(fullgraph=True)``, in CUDA graphs and with ``opcheck``; the backward is
-itself a custom op. Dropout seeds are drawn from PyTorch's generator of the tensors' device as an
-int64 tensor passed to the op (no host synchronisation, capturable), and the kernels regenerate
-the masks from it. Inputs the kernels do not take (fp64, CPU tensors outside the interpreter,
-bf16 in the interpreter, empty batches, the ZSL projection) go to the PyTorch implementation.
+itself a custom op. Dropout: each op gets a seed (an int64 tensor in device memory) and a Philox
+offset (an int) from ``_DropoutSeeds``, the kernels draw the mask from both and the backward
+regenerates it from the same pair. Inputs the kernels do not take (fp64, CPU tensors outside the
+interpreter, bf16 in the interpreter, more than 3 dims, empty batches, the ZSL projection) go to
+the PyTorch implementation.
+
+Host cost per call: the kernels' host functions keep their launch parameters per shape key
+(``kernels._common.PlanCache``), so an eager call does its checks, a dict lookup, the output
+allocations and the launch; no broadcast_shapes, views or seed draws (``tests/test_triton_host.py``
+counts the ATen ops of each wrapper call).
 
 Dtypes: under autocast the attention and the group-FC products run in the autocast dtype (as
 PyTorch's own ops would) with fp32 accumulation; the LayerNorm returns the promoted dtype of its
@@ -78,19 +84,85 @@ def _rows(shape) -> int:
     return n
 
 
+@functools.lru_cache(maxsize=256)
+def _broadcast(a: tuple, b: tuple) -> Optional[tuple]:
+    """torch.broadcast_shapes(a, b) once per pair of shapes; None when they do not broadcast."""
+    try:
+        return tuple(torch.broadcast_shapes(a, b))
+    except RuntimeError:
+        return None
+
+
+# dropout seeds ----------------------------------------------------------------------------------
+
+def _philox_generator(device: torch.device):
+    """``device``'s default PyTorch generator when it keeps a Philox offset (CUDA), else None."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.default_generators[index]
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+class _DropoutSeeds:
+    """(seed tensor, Philox offset) for one op's dropout; the kernels key Philox by the seed, read
+    from device memory, and count from the offset (``kernels._common.dropout_keep``).
+
+    Eager, on a device whose generator keeps a Philox offset (CUDA), as PyTorch's own dropout
+    does: the seed is the generator's seed, held in device memory (one int64 tensor per device,
+    written again only when the generator is reseeded), and each op reserves 4 offsets of that
+    generator on the host (``get_offset``/``set_offset``): no launch, no synchronisation. So
+    ``torch.manual_seed`` and generator states saved and restored (checkpoint resume, activation
+    checkpointing) reproduce the masks, consecutive ops and steps get fresh ones, and PyTorch's
+    random ops on the same generator stay independent of these.
+
+    While a CUDA graph is captured, under torch.compile, or with a generator without Philox offsets
+    (the CPU one, i.e. the interpreter), a fresh seed is drawn with ``torch.randint`` instead
+    (offset 0): PyTorch makes that draw graph-safe (every replay draws a new seed, so new masks) and
+    the compiler traces it as its own RNG. A graph replay runs no Python, so the draw costs host time
+    only when captured.
+    """
+
+    def __init__(self):
+        self._seeds = {}  # device -> (generator seed, int64 [1] tensor holding it)
+
+    def __call__(self, p: float, like: Tensor) -> tuple[Optional[Tensor], int]:
+        if p <= 0:
+            return None, 0
+        device = like.device
+        gen = None
+        if not (torch.compiler.is_compiling() or _capturing(device)):
+            gen = _philox_generator(device)
+        if gen is None:
+            return torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=device), 0
+        seed = gen.initial_seed()
+        held = self._seeds.get(device)
+        if held is None or held[0] != seed:
+            signed = seed - 2 ** 64 if seed >= 2 ** 63 else seed
+            held = self._seeds[device] = (seed, torch.tensor([signed], dtype=torch.int64,
+                                                              device=device))
+        offset = gen.get_offset()
+        gen.set_offset(offset + 4)
+        return held[1], offset
+
+
 # residual + dropout + LayerNorm -----------------------------------------------------------------
 
 @torch.library.custom_op("mldecoder_fast::triton_layer_norm", mutates_args=())
-def triton_layer_norm(residual: Tensor, x: Tensor, seed: Optional[Tensor], p: float,
-                      weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def triton_layer_norm(residual: Tensor, x: Tensor, seed: Optional[Tensor], seed_offset: int,
+                      p: float, weight: Tensor, bias: Tensor,
+                      eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """(LN(residual + dropout(x)), row mean, row rstd)."""
     from ..kernels.layer_norm import ln_forward
     with _on_device(x):
-        return ln_forward(residual, x, seed, p, weight, bias, eps)
+        return ln_forward(residual, x, seed, seed_offset, p, weight, bias, eps)
 
 
 @triton_layer_norm.register_fake
-def _(residual, x, seed, p, weight, bias, eps):
+def _(residual, x, seed, seed_offset, p, weight, bias, eps):
     shape = torch.broadcast_shapes(residual.shape, x.shape)
     m = _rows(shape)
     return (x.new_empty(shape, dtype=torch.result_type(residual, x)),
@@ -99,44 +171,45 @@ def _(residual, x, seed, p, weight, bias, eps):
 
 @torch.library.custom_op("mldecoder_fast::triton_layer_norm_backward", mutates_args=())
 def triton_layer_norm_backward(dy: Tensor, residual: Tensor, x: Tensor, seed: Optional[Tensor],
-                               p: float, weight: Tensor, mean: Tensor, rstd: Tensor,
+                               seed_offset: int, p: float, weight: Tensor, mean: Tensor,
+                               rstd: Tensor,
                                input_grads: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dz, dx, dweight, dbias); dz = grad of residual + dropout(x) shaped as dy; dx is empty when
     p == 0 (it equals dz); both are empty without ``input_grads``."""
     from ..kernels.layer_norm import ln_backward
     with _on_device(dy):
-        dz, dx, dw, db = ln_backward(dy, residual, x, seed, p, weight, mean, rstd, dy.dtype,
-                                     input_grads)
+        dz, dx, dw, db = ln_backward(dy, residual, x, seed, seed_offset, p, weight, mean, rstd,
+                                     dy.dtype, input_grads)
     if dz is None:
         dz = dy.new_empty(0)
     if dx is None:
         dx = x.new_empty(0)
-    return dz, dx, dw.to(weight.dtype), db.to(weight.dtype)
+    return dz, dx, dw, db
 
 
 @triton_layer_norm_backward.register_fake
-def _(dy, residual, x, seed, p, weight, mean, rstd, input_grads):
+def _(dy, residual, x, seed, seed_offset, p, weight, mean, rstd, input_grads):
     dz = dy.new_empty(dy.shape) if input_grads else dy.new_empty(0)
     dx = x.new_empty(dy.shape) if p > 0 and input_grads else x.new_empty(0)
     return dz, dx, weight.new_empty(weight.shape), weight.new_empty(weight.shape)
 
 
 def _ln_setup(ctx, inputs, output):
-    residual, x, seed, p, weight, _bias, _eps = inputs
+    residual, x, seed, seed_offset, p, weight, _bias, _eps = inputs
     _y, mean, rstd = output
     ctx.save_for_backward(residual, x, seed, weight, mean, rstd)
-    ctx.p = p
+    ctx.seed_offset, ctx.p = seed_offset, p
 
 
 def _ln_backward(ctx, dy, _dmean, _drstd):
     residual, x, seed, weight, mean, rstd = ctx.saved_tensors
     need_r, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    dz, dx, dw, db = triton_layer_norm_backward(dy, residual, x, seed, ctx.p, weight, mean, rstd,
-                                                need_r or need_x)
+    dz, dx, dw, db = triton_layer_norm_backward(dy, residual, x, seed, ctx.seed_offset, ctx.p,
+                                                weight, mean, rstd, need_r or need_x)
     if ctx.p <= 0:
         dx = dz
     return (_sum_to(dz, residual) if need_r else None, _sum_to(dx, x) if need_x else None,
-            None, None, dw, db, None)
+            None, None, None, dw, db, None)
 
 
 triton_layer_norm.register_autograd(_ln_backward, setup_context=_ln_setup)
@@ -145,16 +218,17 @@ triton_layer_norm.register_autograd(_ln_backward, setup_context=_ln_setup)
 # cross-attention -------------------------------------------------------------------------------
 
 @torch.library.custom_op("mldecoder_fast::triton_attention", mutates_args=())
-def triton_attention(q: Tensor, kv: Tensor, seed: Optional[Tensor], num_heads: int,
-                     dropout_p: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def triton_attention(q: Tensor, kv: Tensor, seed: Optional[Tensor], seed_offset: int,
+                     num_heads: int, dropout_p: float,
+                     out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(O [B, K, D] heads concatenated, log-sum-exp [B, H, K] fp32 base 2)."""
     from ..kernels.attention import attention_forward
     with _on_device(kv):
-        return attention_forward(q, kv, seed, num_heads, dropout_p, out_dtype)
+        return attention_forward(q, kv, seed, seed_offset, num_heads, dropout_p, out_dtype)
 
 
 @triton_attention.register_fake
-def _(q, kv, seed, num_heads, dropout_p, out_dtype):
+def _(q, kv, seed, seed_offset, num_heads, dropout_p, out_dtype):
     b, _n, two_d = kv.shape
     k = q.shape[-2]
     return (kv.new_empty(b, k, two_d // 2, dtype=out_dtype),
@@ -163,30 +237,30 @@ def _(q, kv, seed, num_heads, dropout_p, out_dtype):
 
 @torch.library.custom_op("mldecoder_fast::triton_attention_backward", mutates_args=())
 def triton_attention_backward(do: Tensor, q: Tensor, kv: Tensor, o: Tensor, lse: Tensor,
-                              seed: Optional[Tensor], num_heads: int,
+                              seed: Optional[Tensor], seed_offset: int, num_heads: int,
                               dropout_p: float) -> tuple[Tensor, Tensor]:
     from ..kernels.attention import attention_backward
     with _on_device(kv):
-        return attention_backward(do, q, kv, o, lse, seed, num_heads, dropout_p)
+        return attention_backward(do, q, kv, o, lse, seed, seed_offset, num_heads, dropout_p)
 
 
 @triton_attention_backward.register_fake
-def _(do, q, kv, o, lse, seed, num_heads, dropout_p):
+def _(do, q, kv, o, lse, seed, seed_offset, num_heads, dropout_p):
     return q.new_empty(q.shape), kv.new_empty(kv.shape)
 
 
 def _attn_setup(ctx, inputs, output):
-    q, kv, seed, num_heads, dropout_p, _out_dtype = inputs
+    q, kv, seed, seed_offset, num_heads, dropout_p, _out_dtype = inputs
     o, lse = output
     ctx.save_for_backward(q, kv, seed, o, lse)
-    ctx.num_heads = num_heads
-    ctx.dropout_p = dropout_p
+    ctx.seed_offset, ctx.num_heads, ctx.dropout_p = seed_offset, num_heads, dropout_p
 
 
 def _attn_backward(ctx, do, _dlse):
     q, kv, seed, o, lse = ctx.saved_tensors
-    dq, dkv = triton_attention_backward(do, q, kv, o, lse, seed, ctx.num_heads, ctx.dropout_p)
-    return dq, dkv, None, None, None, None
+    dq, dkv = triton_attention_backward(do, q, kv, o, lse, seed, ctx.seed_offset, ctx.num_heads,
+                                        ctx.dropout_p)
+    return dq, dkv, None, None, None, None, None
 
 
 triton_attention.register_autograd(_attn_backward, setup_context=_attn_setup)
@@ -196,17 +270,17 @@ triton_attention.register_autograd(_attn_backward, setup_context=_attn_setup)
 
 @torch.library.custom_op("mldecoder_fast::triton_shared_query_attention", mutates_args=())
 def triton_shared_query_attention(qk: Tensor, memory: Tensor, v: Tensor, seed: Optional[Tensor],
-                                  num_heads: int, dropout_p: float,
+                                  seed_offset: int, num_heads: int, dropout_p: float,
                                   out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(O [B, K, D], log-sum-exp [B, H, K]) of softmax(memory . qk[h]) v_h: see
     ``TorchOps.shared_query_attention``; qk [H, K, D] already carries 1/sqrt(d)."""
     from ..kernels.attention import folded_attention_forward
     with _on_device(memory):
-        return folded_attention_forward(qk, memory, v, seed, dropout_p, out_dtype)
+        return folded_attention_forward(qk, memory, v, seed, seed_offset, dropout_p, out_dtype)
 
 
 @triton_shared_query_attention.register_fake
-def _(qk, memory, v, seed, num_heads, dropout_p, out_dtype):
+def _(qk, memory, v, seed, seed_offset, num_heads, dropout_p, out_dtype):
     h, k, _ = qk.shape
     b = memory.shape[0]
     return (memory.new_empty(b, k, v.shape[2], dtype=out_dtype),
@@ -215,28 +289,29 @@ def _(qk, memory, v, seed, num_heads, dropout_p, out_dtype):
 
 @torch.library.custom_op("mldecoder_fast::triton_shared_query_attention_backward", mutates_args=())
 def triton_shared_query_attention_backward(do: Tensor, qk: Tensor, memory: Tensor, v: Tensor,
-                                           seed: Optional[Tensor],
+                                           seed: Optional[Tensor], seed_offset: int,
                                            dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
     from ..kernels.attention import folded_attention_backward
     with _on_device(memory):
-        return folded_attention_backward(do, qk, memory, v, seed, dropout_p)
+        return folded_attention_backward(do, qk, memory, v, seed, seed_offset, dropout_p)
 
 
 @triton_shared_query_attention_backward.register_fake
-def _(do, qk, memory, v, seed, dropout_p):
+def _(do, qk, memory, v, seed, seed_offset, dropout_p):
     return qk.new_empty(qk.shape), memory.new_empty(memory.shape), v.new_empty(v.shape)
 
 
 def _sqa_setup(ctx, inputs, output):
-    qk, memory, v, seed, _num_heads, dropout_p, _out_dtype = inputs
+    qk, memory, v, seed, seed_offset, _num_heads, dropout_p, _out_dtype = inputs
     ctx.save_for_backward(qk, memory, v, seed)
-    ctx.dropout_p = dropout_p
+    ctx.seed_offset, ctx.dropout_p = seed_offset, dropout_p
 
 
 def _sqa_backward(ctx, do, _dlse):
     qk, memory, v, seed = ctx.saved_tensors
-    dqk, dmem, dv = triton_shared_query_attention_backward(do, qk, memory, v, seed, ctx.dropout_p)
-    return dqk, dmem, dv, None, None, None, None
+    dqk, dmem, dv = triton_shared_query_attention_backward(do, qk, memory, v, seed,
+                                                           ctx.seed_offset, ctx.dropout_p)
+    return dqk, dmem, dv, None, None, None, None, None
 
 
 triton_shared_query_attention.register_autograd(_sqa_backward, setup_context=_sqa_setup)
@@ -297,19 +372,20 @@ triton_group_fc.register_autograd(_gfc_backward, setup_context=_gfc_setup)
 # LayerNorm-3 + group FC ------------------------------------------------------------------------
 
 @torch.library.custom_op("mldecoder_fast::triton_decode", mutates_args=())
-def triton_decode(residual: Tensor, x: Tensor, seed: Optional[Tensor], p: float,
+def triton_decode(residual: Tensor, x: Tensor, seed: Optional[Tensor], seed_offset: int, p: float,
                   ln_weight: Tensor, ln_bias: Tensor, eps: float, weight: Tensor, bias: Tensor,
                   num_classes: int, compute_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """(group FC of LN(residual + dropout(x)) [B, num_classes], row mean, row rstd); dtypes as
     ``triton_group_fc``."""
     from ..kernels.group_fc_decode import decode_forward
     with _on_device(x):
-        return decode_forward(residual, x, seed, p, ln_weight, ln_bias, eps, weight, bias,
-                              num_classes, compute_dtype)
+        return decode_forward(residual, x, seed, seed_offset, p, ln_weight, ln_bias, eps, weight,
+                              bias, num_classes, compute_dtype)
 
 
 @triton_decode.register_fake
-def _(residual, x, seed, p, ln_weight, ln_bias, eps, weight, bias, num_classes, compute_dtype):
+def _(residual, x, seed, seed_offset, p, ln_weight, ln_bias, eps, weight, bias, num_classes,
+      compute_dtype):
     shape = torch.broadcast_shapes(residual.shape, x.shape)
     m = _rows(shape)
     return (x.new_empty(shape[0], num_classes, dtype=_logits_dtype(compute_dtype, bias)),
@@ -318,21 +394,22 @@ def _(residual, x, seed, p, ln_weight, ln_bias, eps, weight, bias, num_classes, 
 
 @torch.library.custom_op("mldecoder_fast::triton_decode_backward", mutates_args=())
 def triton_decode_backward(dout: Tensor, residual: Tensor, x: Tensor, seed: Optional[Tensor],
-                           p: float, ln_weight: Tensor, ln_bias: Tensor, mean: Tensor,
-                           rstd: Tensor, weight: Tensor,
+                           seed_offset: int, p: float, ln_weight: Tensor, ln_bias: Tensor,
+                           mean: Tensor, rstd: Tensor, weight: Tensor,
                            compute_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dz, dx, d ln_weight, d ln_bias, dW); dz shaped [B, K, D]; dx empty when p == 0 (= dz)."""
     from ..kernels.group_fc_decode import decode_backward
     with _on_device(x):
-        dz, dx, dlnw, dlnb, dw = decode_backward(dout, residual, x, seed, p, ln_weight, ln_bias,
-                                                 mean, rstd, weight, compute_dtype)
+        dz, dx, dlnw, dlnb, dw = decode_backward(dout, residual, x, seed, seed_offset, p, ln_weight,
+                                                 ln_bias, mean, rstd, weight, compute_dtype)
     if dx is None:
         dx = dz.new_empty(0, dtype=x.dtype)
-    return dz, dx, dlnw.to(ln_weight.dtype), dlnb.to(ln_bias.dtype), dw
+    return dz, dx, dlnw, dlnb.to(ln_bias.dtype), dw
 
 
 @triton_decode_backward.register_fake
-def _(dout, residual, x, seed, p, ln_weight, ln_bias, mean, rstd, weight, compute_dtype):
+def _(dout, residual, x, seed, seed_offset, p, ln_weight, ln_bias, mean, rstd, weight,
+      compute_dtype):
     shape = torch.broadcast_shapes(residual.shape, x.shape)
     dz = x.new_empty(shape, dtype=torch.result_type(residual, x))
     dx = x.new_empty(shape) if p > 0 else x.new_empty(0)
@@ -341,22 +418,23 @@ def _(dout, residual, x, seed, p, ln_weight, ln_bias, mean, rstd, weight, comput
 
 
 def _decode_setup(ctx, inputs, output):
-    residual, x, seed, p, ln_weight, ln_bias, _eps, weight, bias, _nc, compute_dtype = inputs
+    residual, x, seed, seed_offset, p, ln_weight, ln_bias, _eps, weight, bias, _nc, compute_dtype = inputs
     _out, mean, rstd = output
     ctx.save_for_backward(residual, x, seed, ln_weight, ln_bias, mean, rstd, weight, bias)
-    ctx.p = p
+    ctx.seed_offset, ctx.p = seed_offset, p
     ctx.compute_dtype = compute_dtype
 
 
 def _decode_backward(ctx, dout, _dmean, _drstd):
     residual, x, seed, ln_weight, ln_bias, mean, rstd, weight, bias = ctx.saved_tensors
-    dz, dx, dlnw, dlnb, dw = triton_decode_backward(dout, residual, x, seed, ctx.p, ln_weight,
-                                                    ln_bias, mean, rstd, weight, ctx.compute_dtype)
+    dz, dx, dlnw, dlnb, dw = triton_decode_backward(dout, residual, x, seed, ctx.seed_offset, ctx.p,
+                                                    ln_weight, ln_bias, mean, rstd, weight,
+                                                    ctx.compute_dtype)
     if ctx.p <= 0:
         dx = dz
     db = dout.sum(0, dtype=torch.float32).to(bias.dtype)
-    return (_sum_to(dz, residual), _sum_to(dx, x), None, None, dlnw, dlnb, None, dw, db, None,
-            None)
+    return (_sum_to(dz, residual), _sum_to(dx, x), None, None, None, dlnw, dlnb, None, dw, db,
+            None, None)
 
 
 triton_decode.register_autograd(_decode_backward, setup_context=_decode_setup)
@@ -372,15 +450,9 @@ def _compute_dtype(device_type: str, *tensors: Tensor) -> torch.dtype:
         return torch.get_autocast_dtype(device_type)
     dtype = tensors[0].dtype
     for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
+        if t.dtype != dtype:  # (torch.promote_types is an ATen op: only when the dtypes differ)
+            dtype = torch.promote_types(dtype, t.dtype)
     return dtype
-
-
-def _new_seed(p: float, like: Tensor) -> Optional[Tensor]:
-    """A fresh dropout seed from PyTorch's generator on ``like``'s device (None when p == 0)."""
-    if p <= 0:
-        return None
-    return torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=like.device)
 
 
 def _eager_no_grad(*tensors: Tensor) -> bool:
@@ -401,6 +473,7 @@ class TritonOps(TorchOps):
     def __init__(self):
         self._interpret = _interpreting()
         self._available = _triton_version() is not None
+        self._seeds = _DropoutSeeds()
 
     def _takes(self, *tensors: Tensor, dtypes=()) -> bool:
         """Whether the kernels run these tensors (else the PyTorch implementation does)."""
@@ -414,16 +487,18 @@ class TritonOps(TorchOps):
         return all(dt in allowed for dt in dtypes)
 
     def residual_dropout_layer_norm(self, residual, x, p, weight, bias, eps):
-        d = x.shape[-1] if x.dim() else 0
         if (weight is None or bias is None or x.numel() == 0 or residual.shape[-1:] != x.shape[-1:]
-                or d > 16384 or not self._takes(residual, x, weight, bias)):
+                or x.dim() > 3 or residual.dim() > 3 or x.shape[-1] > 16384
+                or _broadcast(residual.shape, x.shape) is None
+                or not self._takes(residual, x, weight, bias)):
             return super().residual_dropout_layer_norm(residual, x, p, weight, bias, eps)
-        seed = _new_seed(p, x)
+        seed, offset = self._seeds(p, x)
         if _eager_no_grad(residual, x, weight, bias):
             from ..kernels.layer_norm import ln_forward
             with _on_device(x):
-                return ln_forward(residual, x, seed, float(p), weight, bias, float(eps))[0]
-        y, _mean, _rstd = triton_layer_norm(residual, x, seed, float(p), weight, bias, float(eps))
+                return ln_forward(residual, x, seed, offset, float(p), weight, bias, float(eps))[0]
+        y, _mean, _rstd = triton_layer_norm(residual, x, seed, offset, float(p), weight, bias,
+                                            float(eps))
         return y
 
     def attention(self, q, kv, num_heads, dropout_p):
@@ -437,12 +512,13 @@ class TritonOps(TorchOps):
         dtype = _compute_dtype(kv.device.type, kv)
         if not self._takes(q, kv, dtypes=(dtype,)):
             return super().attention(q, kv, num_heads, dropout_p)
-        seed = _new_seed(dropout_p, kv)
+        seed, offset = self._seeds(dropout_p, kv)
         if _eager_no_grad(q, kv):
             from ..kernels.attention import attention_forward
             with _on_device(kv):
-                return attention_forward(q, kv, seed, int(num_heads), float(dropout_p), dtype)[0]
-        o, _lse = triton_attention(q, kv, seed, int(num_heads), float(dropout_p), dtype)
+                return attention_forward(q, kv, seed, offset, int(num_heads), float(dropout_p),
+                                         dtype)[0]
+        o, _lse = triton_attention(q, kv, seed, offset, int(num_heads), float(dropout_p), dtype)
         return o
 
     def shared_query_attention(self, qk, memory, v, num_heads, dropout_p):
@@ -453,12 +529,13 @@ class TritonOps(TorchOps):
         dtype = _compute_dtype(memory.device.type, memory, v)
         if not ok or not self._takes(qk, memory, v, dtypes=(dtype,)):
             return super().shared_query_attention(qk, memory, v, num_heads, dropout_p)
-        seed = _new_seed(dropout_p, memory)
+        seed, offset = self._seeds(dropout_p, memory)
         if _eager_no_grad(qk, memory, v):
             from ..kernels.attention import folded_attention_forward
             with _on_device(memory):
-                return folded_attention_forward(qk, memory, v, seed, float(dropout_p), dtype)[0]
-        o, _lse = triton_shared_query_attention(qk, memory, v, seed, int(num_heads),
+                return folded_attention_forward(qk, memory, v, seed, offset, float(dropout_p),
+                                                dtype)[0]
+        o, _lse = triton_shared_query_attention(qk, memory, v, seed, offset, int(num_heads),
                                                 float(dropout_p), dtype)
         return o
 
@@ -475,19 +552,19 @@ class TritonOps(TorchOps):
         return triton_group_fc(h, weight, bias, int(num_classes), dtype)
 
     def decode(self, residual, x, p, ln_weight, ln_bias, eps, weight, bias, num_classes):
-        shape = torch.broadcast_shapes(residual.shape, x.shape)
-        if (weight.dim() != 3 or len(shape) != 3 or shape[0] == 0 or ln_weight is None
-                or ln_bias is None or shape[-1] > 16384):
+        shape = _broadcast(residual.shape, x.shape)
+        if (weight.dim() != 3 or shape is None or len(shape) != 3 or shape[0] == 0
+                or ln_weight is None or ln_bias is None or shape[-1] > 16384):
             return super().decode(residual, x, p, ln_weight, ln_bias, eps, weight, bias, num_classes)
         dtype = _compute_dtype(x.device.type, residual, x)
         if not self._takes(residual, x, ln_weight, ln_bias, weight, bias, dtypes=(dtype,)):
             return super().decode(residual, x, p, ln_weight, ln_bias, eps, weight, bias, num_classes)
-        seed = _new_seed(p, x)
+        seed, offset = self._seeds(p, x)
         if _eager_no_grad(residual, x, ln_weight, ln_bias, weight, bias):
             from ..kernels.group_fc_decode import decode_forward
             with _on_device(x):
-                return decode_forward(residual, x, seed, float(p), ln_weight, ln_bias, float(eps),
-                                      weight, bias, int(num_classes), dtype)[0]
-        out, _mean, _rstd = triton_decode(residual, x, seed, float(p), ln_weight, ln_bias,
+                return decode_forward(residual, x, seed, offset, float(p), ln_weight, ln_bias,
+                                      float(eps), weight, bias, int(num_classes), dtype)[0]
+        out, _mean, _rstd = triton_decode(residual, x, seed, offset, float(p), ln_weight, ln_bias,
                                           float(eps), weight, bias, int(num_classes), dtype)
         return out
