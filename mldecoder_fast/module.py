@@ -12,10 +12,12 @@ The forward is the computation of docs/design.md rearranged for speed:
   gradient needed it is cached (``caches.py``) until any tensor it depends on changes (in-place
   updates, loads, device or dtype moves, new word vectors) or the head switches between train
   and eval mode;
-- training steps on the CPU (fp32/fp64, no autocast) run as one autograd function with a
-  hand-written backward (``ops/fused_train.py``): bool dropout masks, activations recomputed or freed
-  as early as possible, under half the reference's peak memory at 21,843 classes;
-  ``fused_training = False`` runs them op by op instead.
+- training steps of the torch backend (CPU: fp32/fp64 or bf16 autocast; CUDA: fp32 parameters,
+  optionally under bf16/fp16 autocast) run as one autograd function with a hand-written backward
+  (``ops/fused_train.py``). On the CPU: bool dropout masks, activations recomputed or freed as early
+  as possible, under half the reference's peak memory at 21,843 classes. On CUDA: few launches
+  (weights in the compute dtype from the caches, biases/ReLU in GEMM epilogues, one attention op,
+  dropout masks regenerated in the backward). ``fused_training = False`` runs them op by op.
 
 The caches (``head.caches``: the eval queries, autocast weight copies, packed oneDNN weights)
 track tensors through their version counters. Writes that bypass them (``p.data`` edits, FSDP
@@ -54,13 +56,16 @@ class MLDecoderFast(_HeadBase):
     # (lean_eval.py). The CPU keeps its GEMM-provider path (ops/cpu_gemm.py); tests add "cpu" to
     # check the lean path against the reference.
     lean_eval_devices = ("cuda",)
+    # Devices where fused training steps take the launch-lean kit (ops/fused_train.py); the CPU
+    # keeps its GEMM-provider kit. Tests add "cpu" to check the lean kit against the reference.
+    lean_train_devices = ("cuda",)
 
     def __init__(self, num_classes: int, num_of_groups: int = -1, decoder_embedding: int = 768,
                  initial_num_features: int = 2048, zsl: int = 0, backend: str = "auto"):
         super().__init__(num_classes, num_of_groups, decoder_embedding, initial_num_features, zsl)
         self.backend = check_backend_name(backend)
         self.active_backend = None
-        # Training steps of the torch backend on the CPU run as one autograd function with a
+        # Training steps of the torch backend (CPU and CUDA) run as one autograd function with a
         # hand-written backward (ops/fused_train.py); False runs them op by op (e.g. for double
         # backward, which that function does not support).
         self.fused_training = True
@@ -156,7 +161,7 @@ class MLDecoderFast(_HeadBase):
             self.caches.clear()
         return super().train(mode)
 
-    # the fused training step (CPU) -------------------------------------------------------------
+    # the fused training step ----------------------------------------------------------------------
     def _fused_parameters(self):
         dec = self.decoder
         layer = dec.layers[0]
@@ -168,27 +173,59 @@ class MLDecoderFast(_HeadBase):
                 dec.duplicate_pooling, dec.duplicate_pooling_bias)
 
     def _use_fused_training(self, x: torch.Tensor, params) -> bool:
-        if not (self.fused_training and x.device.type == "cpu" and x.shape[0] > 0
-                and torch.is_grad_enabled() and x.dtype in (torch.float32, torch.float64)):
+        dev = x.device.type
+        if not (self.fused_training and dev in ("cpu", "cuda") and x.shape[0] > 0 and torch.is_grad_enabled()):
             return False
         if torch.compiler.is_compiling():
             return False
-        if torch.is_autocast_enabled("cpu") and not (
-                torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype == torch.float32):
-            return False  # the fused step's low-precision products are bf16 from fp32 parameters
         if getattr(torch._C, "_are_functorch_transforms_active", lambda: False)():
             return False  # torch.func.grad/vmap/jvp: the op-by-op path composes with them
-        return all(p.dtype == x.dtype for p in params)
+        dtype = params[0].dtype
+        if dtype not in (torch.float32, torch.float64) or any(p.dtype != dtype for p in params):
+            return False
+        if not torch.is_autocast_enabled(dev):
+            return x.dtype == dtype
+        low = torch.get_autocast_dtype(dev)
+        if dev == "cpu" and dev not in self.lean_train_devices:
+            # the CPU step's low-precision products are bf16 from fp32 parameters and input
+            return low == torch.bfloat16 and dtype == torch.float32 and x.dtype == dtype
+        return low in (torch.bfloat16, torch.float16) and dtype == torch.float32 and x.dtype in (dtype, low)
+
+    def _train_step_kit(self, device: torch.device, compute: torch.dtype, param_dtype: torch.dtype,
+                        p_attn: float):
+        """How the fused step runs here (``fused_train.StepKit``): the CPU kit (GEMM provider,
+        activations in the parameters' dtype, stored masks, LayerNorm outputs recomputed), or on
+        ``lean_train_devices`` the launch-lean one (cuBLAS/torch products, activations in the
+        compute dtype, one fused attention op, masks regenerated in the backward except under CUDA
+        graph capture, products writing fp32 gradients themselves on CUDA)."""
+        from .ops.fused_train import StepKit
+        if device.type not in self.lean_train_devices:
+            return StepKit(cpu_gemm.provider(compute, device), compute, param_dtype, "explicit",
+                           regenerate=False, keep_ln_outputs=False, direct_out=False)
+        cuda = device.type == "cuda"
+        # CUDA's memory-efficient attention takes fp32/bf16/fp16; the CPU's flash kernel has no dropout
+        fused = compute != torch.float64 if cuda else p_attn == 0
+        capturing = cuda and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        return StepKit(cpu_gemm.TORCH, compute, compute, "fused" if fused else "explicit",
+                       regenerate=not capturing, keep_ln_outputs=True, direct_out=cuda)
 
     def _fused_training_forward(self, tokens, params, p_query, p_attn, p_out, p_ff, p_res, ext=False):
-        from .ops.fused_train import HeadTrainStep
+        from .ops.fused_train import HeadTrainStep, derive_weights
         layer = self.decoder.layers[0]
         t0 = self._base_queries()
-        num_out = t0.shape[0] if self.config.zsl else self.config.num_classes
-        compute = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else tokens.dtype
+        zsl = bool(self.config.zsl)
+        num_out = t0.shape[0] if zsl else self.config.num_classes
+        dev = tokens.device
+        param_dtype = params[0].dtype
+        compute = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else param_dtype
+        kit = self._train_step_kit(dev, compute, param_dtype, p_attn)
+        # the weights as the step reads them, made once per parameter version (an optimizer step)
+        fixed_t0 = None if zsl else t0
+        sources = list(params) + ([] if zsl else [t0])
+        weights = self.caches.get(("train_step", kit.compute, kit.act, p_ff), sources,
+                                  lambda: derive_weights(params, fixed_t0, kit, p_ff, zsl))
         cfg = (NUM_HEADS, (layer.norm1.eps, layer.norm2.eps, layer.norm3.eps),
-               (p_query, p_attn, p_out, p_ff, p_res), num_out, bool(self.config.zsl), ext,
-               cpu_gemm.provider(compute, tokens.device), compute)
+               (p_query, p_attn, p_out, p_ff, p_res), num_out, zsl, ext, kit, weights)
         return HeadTrainStep.apply(cfg, tokens, t0, *params)
 
     # the products of a forward ---------------------------------------------------------------------

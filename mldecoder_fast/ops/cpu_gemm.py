@@ -1,11 +1,13 @@
 """The matrix products of the head, and which library runs them on the CPU.
 
-A *GEMM provider* computes ``linear(x, w, b)`` (x W^T + b over the last axis of x), ``mm(a, b)``
-and ``bmm(a, b)``; operands may be transposed views. The eval forward and the fused training step
+A *GEMM provider* computes ``linear(x, w, b, relu=False)`` (x W^T + b over the last axis of x, then
+relu when asked), ``mm(a, b)``, ``addmm(c, a, b)`` (c + a b) and ``bmm(a, b)``; operands may be
+transposed views. The eval forward and the fused training step
 (``fused_train.py``) run every dense product through one; providers differ only in the library:
 
 - ``TorchGemm``: torch.addmm / mm / bmm. MKL on the CPU (cuBLAS on CUDA), every dtype, autograd
-  and tracing. The fallback everywhere.
+  and tracing. The fallback everywhere. Its relu linear on a 2-d x is ``torch._addmm_activation``
+  (on CUDA bias and relu in cuBLASLt's epilogue: one kernel).
 - ``OneDnnGemm``: oneDNN through PyTorch's ``mkldnn::_linear_pointwise`` op on dense tensors, or on
   weights packed once into oneDNN's blocked layout (``pack``, cached by the head). fp32 and bf16 on
   the CPU; on this machine kind about 2x torch.mm's fp32 rate. Batched products (the group FC)
@@ -81,11 +83,18 @@ class TorchGemm:
 
     name = "mkl"
 
-    def linear(self, x, w, b=None, packed=None):
-        return F.linear(x, w, b)
+    def linear(self, x, w, b=None, packed=None, relu=False):
+        if not relu:
+            return F.linear(x, w, b)
+        if x.dim() == 2 and b is not None:
+            return torch._addmm_activation(b, x, w.t())
+        return F.linear(x, w, b).clamp_min_(0)
 
     def mm(self, a, b):
         return torch.mm(a, b)
+
+    def addmm(self, c, a, b):
+        return torch.addmm(c, a, b)
 
     def bmm(self, a, b):
         return torch.bmm(a, b)
@@ -99,17 +108,20 @@ class OneDnnGemm(TorchGemm):
 
     name = "onednn"
 
-    def linear(self, x, w, b=None, packed=None):
+    def linear(self, x, w, b=None, packed=None, relu=False):
         if _state["onednn_error"] is None:
             try:
                 return torch.ops.mkldnn._linear_pointwise(x, w if packed is None else packed, b,
-                                                          "none", [], "")
+                                                          "relu" if relu else "none", [], "")
             except RuntimeError as exc:
                 _onednn_failed(exc)
-        return F.linear(x, w, b)
+        return TORCH.linear(x, w, b, relu=relu)
 
     def mm(self, a, b):
         return self.linear(a, b.t())
+
+    def addmm(self, c, a, b):
+        return self.mm(a, b).add_(c)
 
     def pack(self, w):
         """w in oneDNN's blocked layout (an opaque tensor that only ``linear`` reads)."""
@@ -165,14 +177,17 @@ class AutoGemm(TorchGemm):
             choice = self.decisions[key] = choose(seconds)
         return run(_BY_NAME[choice])
 
-    def linear(self, x, w, b=None, packed=None):
+    def linear(self, x, w, b=None, packed=None, relu=False):
         key = ("linear", x.dtype, tuple(x.shape), tuple(x.stride()), tuple(w.shape), tuple(w.stride()),
-               b is not None, packed is not None)
-        return self._run(key, lambda p: p.linear(x, w, b, packed))
+               b is not None, packed is not None, relu)
+        return self._run(key, lambda p: p.linear(x, w, b, packed, relu))
 
     def mm(self, a, b):
         key = ("mm", a.dtype, tuple(a.shape), tuple(a.stride()), tuple(b.shape), tuple(b.stride()))
         return self._run(key, lambda p: p.mm(a, b))
+
+    def addmm(self, c, a, b):
+        return self.mm(a, b).add_(c)
 
     def pack(self, w):
         return ONEDNN.pack(w)

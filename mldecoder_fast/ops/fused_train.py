@@ -1,25 +1,44 @@
-"""The head's training forward and backward as one autograd function with a hand-written backward.
+"""The head's training forward and backward (docs/design.md steps 1-7) as one autograd function with
+a hand-written backward, for the CPU and for CUDA.
 
-Used by the ``torch`` and ``cpp`` backends for training steps on the CPU (fp32/fp64, and fp32
-parameters under bf16 autocast). Every dense product goes through a GEMM provider passed in
-``cfg`` (``cpu_gemm.py``: oneDNN or MKL on the CPU; the same function takes other providers), with
-operands in the compute dtype (the autocast dtype, else the parameters') while activations,
-elementwise steps, the attention's small batched products and the gradients stay in the
-parameters' dtype. The rest is plain PyTorch, arranged so that a training step keeps little
-memory and makes few passes:
+``HeadTrainStep`` is one sequence of steps; a ``StepKit`` (in ``cfg``) says how each kind of work
+runs, so the CPU and the launch-lean CUDA step are the same code:
 
-- dropout masks are ``bool`` (a quarter of the float masks ``F.dropout`` keeps on the CPU), applied
-  with ``masked_fill_``, and come from one 64-bit random draw per two elements (``random_`` on int64 words compared as two
-  int32 lanes against ``p * 2**32``: the drop probability is ``p`` rounded to a multiple of 2**-32),
-  about 4x cheaper than ``bernoulli_``;
-- ReLU and its dropout keep only their output (``f1 > 0`` is exactly where the gradient passes);
-- LayerNorm outputs, the queries' residual input and the dropped attention weights are
-  recomputed in the backward from what must be kept anyway (cheap elementwise passes) instead of
-  being stored;
-- the backward frees each activation as soon as it has served, and computes the group-FC weight
-  gradient ([K, D, G], by far the largest tensor of a step at many classes) last, once the
-  activations are gone: peak memory is about the parameter gradients plus the activations,
-  not their sum with a full set of intermediates.
+- ``gemm``: the GEMM provider of the dense products (``cpu_gemm.py``: oneDNN or MKL on the CPU,
+  ``TorchGemm`` = cuBLAS on CUDA), with operands in ``compute`` (the autocast dtype, else the
+  parameters');
+- ``act``: the dtype of the activations and of the LayerNorm parameters' copies. The CPU keeps
+  them in the parameters' dtype (fp32 under bf16 autocast); CUDA in ``compute``, so that every
+  LayerNorm writes the dtype the next GEMM reads (CUDA's LayerNorm takes one dtype for input and
+  parameters) and no activation is cast;
+- ``attention``: ``"explicit"`` (score, softmax and value products, the attention dropout mask
+  from ``dropout_masks.py``) or ``"fused"`` (one SDPA op forward and one backward: CUDA's
+  memory-efficient attention, whose dropout mask is regenerated in its backward from the
+  philox seed/offset it returns; on the CPU the flash kernel, without attention dropout);
+- ``regenerate``: the dropout masks redrawn in the backward from the generator state saved by the
+  forward (``dropout_masks.RegeneratedMasks``), or stored (``StoredMasks``);
+- ``keep_ln_outputs``: keep T1, T2, T3 for the backward (fewer launches) or recompute them there
+  from what is kept anyway (less memory, the CPU's choice);
+- ``direct_out``: products write fp32 results and row slices of the gradients themselves
+  (cuBLAS ``out_dtype``/``out=``), no cast or copy after them.
+
+The weights arrive as ``StepWeights``: copies in the compute dtype (LayerNorm's in ``act``), made by
+the caller once per parameter version (``MLDecoderFast`` keeps them in its caches, so an optimizer
+step refreshes them once); the fp32 parameters are inputs only so that autograd hands the
+backward's fp32 gradients to them (and to DDP/FSDP hooks). The rest, arranged for few passes and
+launches:
+
+- every bias and ReLU rides in its GEMM (``linear(..., relu=True)``); a residual and its dropout are
+  one ``addcmul`` (u = t + s·x·keep); the feed-forward's dropout scale is folded into a copy of W2
+  for the backward, and its mask needs no redraw there (the ReLU's dropped output is zero exactly
+  where the gradient stops);
+- K and V are one GEMM on the memory; the residual gradients of steps 5 and 6 are the addends of
+  the GEMMs that make the other path's gradient (LayerNorm backward gets their sum); both row
+  blocks of ``in_proj_weight``'s gradient are written into one tensor (no slice backward);
+- the input gradient is written in the input's layout (a [B, C, H, W] map's gradient by one
+  batched GEMM, no transposed copy);
+- the backward frees each activation once used, and computes the group-FC weight gradient
+  ([K, D, G], the largest tensor of a step at many classes) last.
 
 Shapes: B batch, N tokens, C input features, K queries, D embedding, H heads (d = D / H),
 F feed-forward width, G classes per group.
@@ -27,37 +46,90 @@ F feed-forward width, G classes per group.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
-_LANES = 2 ** 32
+from ..lean_eval import _decode
+from .dropout_masks import RegeneratedMasks, StoredMasks
+from .torch_ops import padded_group_bias
 
 
-def drop_mask(shape, p: float, device) -> torch.Tensor:
-    """A bool mask of the dropped elements, P(True) = p (p rounded to a multiple of 2**-32), from
-    the default generator of ``device`` (so ``torch.manual_seed`` makes it reproducible)."""
-    n = math.prod(shape)
-    if p >= 1.0:
-        return torch.ones(shape, dtype=torch.bool, device=device)
-    words = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_(-2 ** 63, 2 ** 63 - 1)
-    threshold = -2 ** 31 + round(p * _LANES)
-    return (words.view(torch.int32)[:n] < threshold).view(shape)
+class StepKit(NamedTuple):
+    """How a training step runs (see the module docstring)."""
+    gemm: object
+    compute: torch.dtype
+    act: torch.dtype
+    attention: str            # "explicit" | "fused"
+    regenerate: bool
+    keep_ln_outputs: bool
+    direct_out: bool
+
+
+class StepWeights(NamedTuple):
+    """What the step reads instead of the parameters: compute-dtype copies (LayerNorm's in the
+    activation dtype), made once per parameter version by ``derive_weights``."""
+    We: torch.Tensor
+    be: torch.Tensor
+    t0: Optional[torch.Tensor]   # the learned queries in the activation dtype (None: ZSL)
+    ln1w: torch.Tensor
+    ln1b: torch.Tensor
+    Wq: torch.Tensor
+    bq: torch.Tensor
+    Wkv: torch.Tensor
+    bkv: torch.Tensor
+    Wo: torch.Tensor
+    bo: torch.Tensor
+    ln2w: torch.Tensor
+    ln2b: torch.Tensor
+    W1: torch.Tensor
+    b1: torch.Tensor
+    W2: torch.Tensor
+    W2s: torch.Tensor            # W2 / (1 - p_ff): the feed-forward dropout's scale, for the backward
+    b2: torch.Tensor
+    ln3w: torch.Tensor
+    ln3b: torch.Tensor
+    Wg: torch.Tensor
+    bias: torch.Tensor           # group-FC bias [K, G] zero-padded (ZSL: [1]), in the parameters' dtype
+    zero: torch.Tensor           # a 0-d zero in the activation dtype (addend of scaled products)
+
+
+def derive_weights(params, t0, kit: StepKit, p_ff: float, zsl: bool) -> StepWeights:
+    """``StepWeights`` from the head's parameters (``MLDecoderFast._fused_parameters`` order) and T0
+    (None for ZSL, whose queries change every step)."""
+    (We, be, ln1w, ln1b, Win, bin_, Wo, bo, ln2w, ln2b, W1, b1, W2, b2, ln3w, ln3b, Wg, bg) = params
+    cd, act = kit.compute, kit.act
+    d = We.shape[0]
+    with torch.no_grad():
+        def c(t):
+            return t.detach().to(cd)
+
+        def a(t):
+            return t.detach().to(act)
+        bias = bg.detach() if zsl else padded_group_bias(bg.detach(), Wg.shape[0], Wg.shape[2])
+        return StepWeights(
+            We=c(We), be=c(be), t0=None if t0 is None else a(t0), ln1w=a(ln1w), ln1b=a(ln1b),
+            Wq=c(Win[:d]), bq=c(bin_[:d]), Wkv=c(Win[d:]), bkv=c(bin_[d:]), Wo=c(Wo), bo=c(bo),
+            ln2w=a(ln2w), ln2b=a(ln2b), W1=c(W1), b1=c(b1), W2=c(W2), W2s=c(W2 * _scale(p_ff)), b2=c(b2),
+            ln3w=a(ln3w), ln3b=a(ln3b), Wg=c(Wg), bias=bias, zero=torch.zeros((), dtype=act, device=We.device))
 
 
 def _scale(p: float) -> float:
     return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
 
 
-def _drop_(x: torch.Tensor, mask, scale: float) -> torch.Tensor:
-    """dropout(x) in place with the drop ``mask`` and keep scale (mask None: dropout off)."""
-    if mask is not None:
-        x.masked_fill_(mask, 0).mul_(scale)
-    return x
+def _dropped(x, keep, s: float, zero, out=None):
+    """dropout(x) = s·x·keep in one op (``out=x``: in place); x itself without a mask."""
+    if keep is None:
+        return x
+    return torch.addcmul(zero, x, keep, value=s, out=out) if out is not None else \
+        torch.addcmul(zero, x, keep, value=s)
 
 
-def _drop(x: torch.Tensor, mask, scale: float) -> torch.Tensor:
-    return x if mask is None else x.masked_fill(mask, 0).mul_(scale)
+def _residual(res, x, keep, s: float):
+    """res + dropout(x) in one op."""
+    return torch.add(res, x) if keep is None else torch.addcmul(res, x, keep, value=s)
 
 
 def _layer_norm(x, weight, bias, eps):
@@ -66,32 +138,61 @@ def _layer_norm(x, weight, bias, eps):
 
 def _layer_norm_backward(grad, x, mean, rstd, weight, bias, needs):
     return torch.ops.aten.native_layer_norm_backward(
-        grad.contiguous(), x, (x.shape[-1],), mean, rstd, weight, bias, list(needs))
+        grad, x, (x.shape[-1],), mean, rstd, weight, bias, list(needs))
 
 
-def _queries_input(t0, m1, s1):
-    """u1 = t0 + dropout(t0): per sample [B, K, D] with a drop mask, else 2 * t0 [K, D]."""
-    if m1 is None:
+def _queries_input(t0, keep, s, zero):
+    """u1 = t0 + dropout(t0): per sample [B, K, D] with a mask, else 2 * t0 [K, D]."""
+    if keep is None:
         return 2 * t0
-    return torch.where(m1, t0, t0 * (1.0 + s1))
+    return torch.addcmul(t0, t0, keep, value=s)
+
+
+def _token_rows(tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """tokens [B, N, C] as one [B*N, C] matrix in ``dtype``: a view where the layout allows (a
+    channels-last map, [B, N, C] tokens, B = 1), else one copy that also casts."""
+    B, N, C = tokens.shape
+    if tokens.stride(2) == 1 and (B == 1 or tokens.stride(0) == N * tokens.stride(1)):
+        return tokens.reshape(B * N, C).to(dtype)
+    rows = torch.empty(B, N, C, dtype=dtype, device=tokens.device)
+    return rows.copy_(tokens).view(B * N, C)
 
 
 class _Products:
-    """The step's dense products through ``gemm``: operands cast to ``compute``, results in ``acc``
-    (both casts are no-ops when the two dtypes agree)."""
+    """The step's dense products: operands cast to ``compute`` (no-ops on CUDA, where everything
+    is in it already), results in ``act``; gradients of the parameters in ``out``."""
 
-    def __init__(self, gemm, compute: torch.dtype, acc: torch.dtype):
-        self.gemm, self.compute, self.acc = gemm, compute, acc
+    def __init__(self, kit: StepKit, out: torch.dtype):
+        self.kit, self.gemm, self.compute, self.act, self.out = kit, kit.gemm, kit.compute, kit.act, out
 
-    def linear(self, x, w, b):
-        """x w^T + b (w already in the compute dtype)."""
-        return self.gemm.linear(x.to(self.compute), w, b.to(self.compute)).to(self.acc)
+    def linear(self, x, w, b, relu=False):
+        return self.gemm.linear(x.to(self.compute), w, b, relu=relu).to(self.act)
 
-    def mm(self, a, b):
-        return self.gemm.mm(a.to(self.compute), b.to(self.compute)).to(self.acc)
+    def mm(self, a, b, add=None):
+        """a b (+ add), b in the compute dtype."""
+        if add is None:
+            return self.gemm.mm(a.to(self.compute), b).to(self.act)
+        if self.act == self.compute:
+            return self.gemm.addmm(add, a, b)
+        return self.gemm.mm(a.to(self.compute), b).to(self.act).add_(add)
 
-    def bmm(self, a, b):
-        return self.gemm.bmm(a.to(self.compute), b.to(self.compute)).to(self.acc)
+    def grad_weight(self, g, x, out=None):
+        """gᵀ x in the parameters' dtype (into ``out`` when given)."""
+        a, b = g.t().to(self.compute), x.to(self.compute)
+        if self.kit.direct_out:
+            kwargs = {} if self.compute == self.out else {"out_dtype": self.out}
+            return torch.mm(a, b, **kwargs) if out is None else torch.mm(a, b, **kwargs, out=out)
+        r = self.gemm.mm(a, b).to(self.out)
+        return r if out is None else out.copy_(r)
+
+    def grad_bias(self, g, out=None):
+        return g.sum(0, dtype=self.out) if out is None else torch.sum(g, 0, dtype=self.out, out=out)
+
+    def bmm_out(self, a, b):
+        """a b batched, in the parameters' dtype."""
+        if self.kit.direct_out and self.compute != self.out:
+            return torch.bmm(a, b, out_dtype=self.out)
+        return torch.bmm(a.to(self.compute), b.to(self.compute)).to(self.out)
 
 
 def _keep_graph() -> bool:
@@ -101,81 +202,143 @@ def _keep_graph() -> bool:
     return True if probe is None else bool(probe())
 
 
+# ---- attention (design step 4) -----------------------------------------------------------------
+
+def _heads(q, kv, B, N, H, d):
+    """[B, H, K, d] queries (per sample), keys and values [B, H, N, d]: views."""
+    K = q.shape[-2]
+    kv5 = kv.view(B, N, 2, H, d)
+    return (q.view(B, K, H, d).transpose(1, 2), kv5[:, :, 0].transpose(1, 2),
+            kv5[:, :, 1].transpose(1, 2))
+
+
+def _attention(kit, q, kv, B, N, H, p, keep, s, zero):
+    """O [B*K, D] and what the backward needs."""
+    K, D = q.shape[-2], q.shape[-1]
+    d = D // H
+    if kit.attention == "fused":
+        qb = q if q.dim() == 3 else q.expand(B, K, D).contiguous()   # per-sample queries
+        qh, kh, vh = _heads(qb, kv, B, N, H, d)
+        if qh.is_cuda:
+            out, lse, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
+                qh, kh, vh, None, True, p)
+        else:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, 0.0)
+            seed = offset = None
+        return out.transpose(1, 2).reshape(B * K, D), (out, lse, seed, offset)
+    kv5 = kv.view(B, N, 2, H, d)
+    qh = q.view(*q.shape[:-1], H, d).transpose(-3, -2)                        # [(B,) H, K, d]
+    scores = torch.matmul(qh * (1.0 / math.sqrt(d)), kv5[:, :, 0].permute(0, 2, 3, 1))  # [B,H,K,N]
+    attn = torch.softmax(scores, dim=-1)
+    del scores
+    o = torch.matmul(_dropped(attn, keep, s, zero), kv5[:, :, 1].transpose(1, 2))  # [B,H,K,d]
+    return o.transpose(1, 2).reshape(B * K, D), attn
+
+
+def _attention_backward(kit, g_o, q, kv, saved, B, N, H, p, keep, s, zero):
+    """(g_q [(B,) K, D] summed over the batch for shared queries, g_kv [B*N, 2D])."""
+    K, D = q.shape[-2], q.shape[-1]
+    d = D // H
+    shared = q.dim() == 2
+    if kit.attention == "fused":
+        out, lse, seed, offset = saved
+        qh, kh, vh = _heads(q if not shared else q.expand(B, K, D), kv, B, N, H, d)
+        g_oh = g_o.view(B, K, H, d).transpose(1, 2)
+        if qh.is_cuda:
+            g_qh, g_kh, g_vh, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+                g_oh, qh, kh, vh, None, out, lse, seed, offset, p, [True, True, True, False])
+        else:
+            g_qh, g_kh, g_vh = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                g_oh, qh, kh, vh, out, lse, 0.0, False)
+        g_q = g_qh.transpose(1, 2).reshape(B, K, D)
+        g_kv = torch.cat([g_kh.transpose(1, 2).reshape(B * N, D), g_vh.transpose(1, 2).reshape(B * N, D)], 1)
+        return (g_q.sum(0) if shared else g_q), g_kv
+    attn = saved
+    g_o = g_o.view(B, K, H, d).transpose(1, 2)                                   # [B, H, K, d]
+    kv5 = kv.view(B, N, 2, H, d)
+    k_h = kv5[:, :, 0].transpose(1, 2)                                            # [B, H, N, d]
+    v_h = kv5[:, :, 1].transpose(1, 2)
+    g_kv = torch.empty(B, N, 2, H, d, dtype=kv.dtype, device=kv.device)
+    g_kv[:, :, 1] = torch.matmul(_dropped(attn, keep, s, zero).transpose(-1, -2), g_o).transpose(1, 2)
+    g_attn = _dropped(torch.matmul(g_o, v_h.transpose(-1, -2)), keep, s, zero)  # [B,H,K,N]
+    g_scores = torch._softmax_backward_data(g_attn, attn, -1, attn.dtype).mul_(1.0 / math.sqrt(d))
+    del g_attn, attn
+    qh = q.view(*q.shape[:-1], H, d).transpose(-3, -2)                            # [(B,) H, K, d]
+    g_kv[:, :, 0] = torch.matmul(g_scores.transpose(-1, -2), qh).transpose(1, 2)
+    g_qh = torch.matmul(g_scores, k_h)                                            # [B, H, K, d]
+    if shared:
+        g_qh = g_qh.sum(0)
+    return g_qh.transpose(-3, -2).reshape(*g_qh.shape[:-3], K, D), g_kv.view(B * N, 2 * D)
+
+
 class HeadTrainStep(torch.autograd.Function):
     """Inputs: ``cfg`` (num_heads, (eps1, eps2, eps3), (p_query, p_attn, p_out, p_ff, p_res),
-    num_out, zsl, ext: the compiled extension's group-FC ops instead of bmm, gemm: the GEMM provider,
-    compute: the products' operand dtype), tokens [B, N, C], T0 [K, D] (the learned queries or
+    num_out, zsl, ext: the compiled extension's group-FC ops instead of bmm, kit: ``StepKit``,
+    weights: ``StepWeights``), tokens [B, N, C], T0 [K, D] (the learned queries or
     relu(wordvec_proj(V))), then the head's parameters in the order of
-    ``MLDecoderFast._fused_parameters``. Output: logits [B, num_out] in the parameters' dtype."""
+    ``MLDecoderFast._fused_parameters`` (read through ``weights``; inputs for their gradients).
+    Output: logits [B, num_out] in the parameters' dtype."""
 
     @staticmethod
-    def forward(ctx, cfg, tokens, t0, We, be, ln1w, ln1b, Win, bin_, Wo, bo, ln2w, ln2b,
-                W1, b1, W2, b2, ln3w, ln3b, Wg, bg):
+    def forward(ctx, cfg, tokens, t0, *params):
         with torch.autocast(tokens.device.type, enabled=False):  # casts are explicit here
-            return HeadTrainStep._forward(ctx, cfg, tokens, t0, We, be, ln1w, ln1b, Win, bin_, Wo, bo,
-                                          ln2w, ln2b, W1, b1, W2, b2, ln3w, ln3b, Wg, bg)
+            return HeadTrainStep._forward(ctx, cfg, tokens, t0, params)
 
     @staticmethod
-    def _forward(ctx, cfg, tokens, t0, We, be, ln1w, ln1b, Win, bin_, Wo, bo, ln2w, ln2b,
-                 W1, b1, W2, b2, ln3w, ln3b, Wg, bg):
-        num_heads, (eps1, eps2, eps3), (p_q, p_a, p_o, p_f, p_r), num_out, zsl, ext, gemm, compute = cfg
-        P = _Products(gemm, compute, tokens.dtype)
-        t0 = t0.to(tokens.dtype)  # ZSL queries made under autocast arrive in its dtype
-        # the weights as the products take them (kept for the backward's input gradients)
-        We_c, Win_c, Wo_c, W1_c, W2_c, Wg_c = (w.to(compute) for w in (We, Win, Wo, W1, W2, Wg))
+    def _forward(ctx, cfg, tokens, t0, params):
+        num_heads, (eps1, eps2, eps3), (p_q, p_a, p_o, p_f, p_r), num_out, zsl, ext, kit, w = cfg
+        out_dtype = params[0].dtype
+        P = _Products(kit, out_dtype)
+        t0a = w.t0 if w.t0 is not None else t0.to(kit.act)
         B, N, C = tokens.shape
         K, D = t0.shape
-        H, d = num_heads, D // num_heads
+        H = num_heads
         dev = tokens.device
-        masks = {name: (drop_mask(shape, p, dev) if p > 0 else None) for name, shape, p in (
-            ("q", (B, K, D), p_q), ("a", (B, H, K, N), p_a), ("o", (B, K, D), p_o),
-            ("f", (B * K, W1.shape[0]), p_f), ("r", (B, K, D), p_r))}
+        fused_attn = kit.attention == "fused"
+        sites = [(name, shape, p) for name, shape, p in (
+            ("q", (B, K, D), p_q), ("a", (B, H, K, N), 0.0 if fused_attn else p_a), ("o", (B, K, D), p_o),
+            ("f", (B * K, w.W1.shape[0]), p_f), ("r", (B, K, D), p_r)) if p > 0]
+        draw = (RegeneratedMasks if kit.regenerate else StoredMasks)(sites, dev)
+        m = draw.masks
         s_q, s_a, s_o, s_f, s_r = (_scale(p) for p in (p_q, p_a, p_o, p_f, p_r))
 
-        # input projection and keys/values
-        rows = tokens.reshape(B * N, C)          # a copy for [B, C, H, W] maps, kept for dW_e
-        mem = P.linear(rows, We_c, be).clamp_min_(0)                               # [BN, D]
-        kv = P.linear(mem, Win_c[D:], bin_[D:])                                   # [BN, 2D]
-        # queries: per sample with query dropout, else shared by the batch
-        u1 = _queries_input(t0, masks["q"], s_q)
-        t1, mean1, rstd1 = _layer_norm(u1, ln1w, ln1b, eps1)
-        del u1
-        q = P.linear(t1, Win_c[:D], bin_[:D])                                     # [(B,) K, D]
-        # cross-attention
-        kv5 = kv.view(B, N, 2, H, d)
-        qh = q.view(*q.shape[:-1], H, d).transpose(-3, -2)                       # [(B,) H, K, d]
-        scores = torch.matmul(qh * (1.0 / math.sqrt(d)), kv5[:, :, 0].permute(0, 2, 3, 1))  # [B,H,K,N]
-        attn = torch.softmax(scores, dim=-1)
-        del scores
-        o = torch.matmul(_drop(attn, masks["a"], s_a), kv5[:, :, 1].transpose(1, 2))  # [B,H,K,d]
-        o = o.transpose(1, 2).reshape(B * K, D)
-        # output projection, residual + dropout + LN2
-        u2 = _drop_(P.linear(o, Wo_c, bo).view(B, K, D), masks["o"], s_o).add_(t1)
-        t2, mean2, rstd2 = _layer_norm(u2, ln2w, ln2b, eps2)
-        # feed-forward: relu + dropout in place, only f1 kept
-        f1 = _drop_(P.linear(t2.view(B * K, D), W1_c, b1).clamp_min_(0), masks["f"], s_f)
-        u3 = _drop_(P.linear(f1, W2_c, b2).view(B, K, D), masks["r"], s_r).add_(t2)
-        del t2
-        h, mean3, rstd3 = _layer_norm(u3, ln3w, ln3b, eps3)
-        # group FC (ZSL: one projection shared by the queries)
+        # step 1: memory, then keys and values in one GEMM
+        rows = _token_rows(tokens, kit.compute)
+        mem = P.linear(rows, w.We, w.be, relu=True)                                  # [BN, D]
+        kv = P.linear(mem, w.Wkv, w.bkv)                                              # [BN, 2D]
+        # steps 2-3: queries, per sample with query dropout, else shared by the batch
+        u1 = _queries_input(t0a, m.get("q"), s_q, w.zero)
+        t1, mean1, rstd1 = _layer_norm(u1, w.ln1w, w.ln1b, eps1)
+        q = P.linear(t1.view(-1, D), w.Wq, w.bq).view(t1.shape)                       # [(B,) K, D]
+        # step 4: cross-attention and the output projection
+        o, attn_saved = _attention(kit, q, kv, B, N, H, p_a, m.get("a"), s_a, w.zero)
+        # step 5: residual + dropout, LN2
+        u2 = _residual(t1, P.linear(o, w.Wo, w.bo).view(B, K, D), m.get("o"), s_o)
+        t2, mean2, rstd2 = _layer_norm(u2, w.ln2w, w.ln2b, eps2)
+        # step 6: feed-forward (relu in the GEMM, dropout in place: only f1 is kept), residual, LN3
+        f1 = P.linear(t2.view(B * K, D), w.W1, w.b1, relu=True)
+        f1 = _dropped(f1, m.get("f"), s_f, w.zero, out=f1)
+        u3 = _residual(t2, P.linear(f1, w.W2, w.b2).view(B, K, D), m.get("r"), s_r)
+        h, mean3, rstd3 = _layer_norm(u3, w.ln3w, w.ln3b, eps3)
+        # step 7: group FC (ZSL: one projection shared by the queries)
         if ext:
-            logits = torch.ops.mldecoder_fast.group_fc(h.to(compute), Wg_c, bg, num_out)
-        elif zsl:
-            logits = P.mm(h.view(B * K, D), Wg_c).view(B, K) + bg
+            logits = torch.ops.mldecoder_fast.group_fc(h.to(kit.compute), w.Wg, params[-1], num_out)
         else:
-            k, _, G = Wg.shape
-            logits = P.bmm(h.transpose(0, 1), Wg_c).transpose(0, 1).reshape(B, k * G)  # [B, K*G]
-            logits = (logits if k * G == num_out else logits[:, :num_out]) + bg
-        del h
+            logits = _decode(h.to(kit.compute), w.Wg, w.bias, num_out)
 
+        keep_ln = kit.keep_ln_outputs
         ctx.cfg = cfg
-        ctx.save_for_backward(tokens, t0, ln1w, ln1b, ln2w, ln2b, ln3w, ln3b,
-                              We_c, Win_c, Wo_c, W1_c, W2_c, Wg_c)
+        ctx.save_for_backward(tokens, t0, *[x for x in w if x is not None])
+        ctx.has_t0 = w.t0 is not None
         # Intermediates live on ctx (not save_for_backward) so that the backward can free each
         # one as soon as it has been used.
-        ctx.acts = dict(rows=rows, mem=mem, kv=kv, mean1=mean1, rstd1=rstd1, q=q, attn=attn, o=o, u2=u2,
-                        mean2=mean2, rstd2=rstd2, f1=f1, u3=u3, mean3=mean3, rstd3=rstd3)
-        ctx.masks = masks
+        ctx.acts = dict(rows=rows, mem=mem, kv=kv, u1=u1 if keep_ln else None, mean1=mean1, rstd1=rstd1,
+                        t1=t1 if keep_ln else None, q=q, attn=attn_saved, o=o, u2=u2, mean2=mean2,
+                        rstd2=rstd2, t2=t2 if keep_ln else None, f1=f1, u3=u3, mean3=mean3, rstd3=rstd3,
+                        h=h if keep_ln else None)
+        if kit.regenerate:
+            draw.release()
+        ctx.draw = draw
         ctx.scales = (s_q, s_a, s_o, s_f, s_r)
         return logits
 
@@ -187,158 +350,167 @@ class HeadTrainStep(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, g_logits):
-        # the weights in the compute dtype (the parameters themselves when it is theirs)
-        (tokens, t0, ln1w, ln1b, ln2w, ln2b, ln3w, ln3b, We, Win, Wo, W1, W2, Wg) = ctx.saved_tensors
-        num_heads, (eps1, eps2, eps3), _, num_out, zsl, ext, gemm, compute = ctx.cfg
-        a, m = ctx.acts, ctx.masks
+        num_heads, (eps1, eps2, eps3), (p_q, p_a, _, _, _), num_out, zsl, ext, kit, _ = ctx.cfg
+        saved = ctx.saved_tensors
+        tokens, t0 = saved[:2]
+        w = StepWeights(*saved[2:4], None, *saved[4:]) if not ctx.has_t0 else StepWeights(*saved[2:])
+        a = ctx.acts
         if a is None:
             raise RuntimeError("mldecoder_fast: this training step's graph was already used by a backward "
                                "(pass retain_graph=True to the first one to backpropagate twice)")
         keep_graph = _keep_graph()
         if keep_graph:  # retain_graph / create_graph: leave the activations for the next backward
-            a, m = dict(a), dict(m)
+            a = dict(a)
+        m = ctx.draw.redraw()
         s_q, s_a, s_o, s_f, s_r = ctx.scales
-        needs = ctx.needs_input_grad
-        need_tokens, need_t0 = needs[1], needs[2]
+        needs = ctx.needs_input_grad      # (cfg, tokens, t0, We, be, ln1w, ln1b, Win, bin, ...)
         B, N, C = tokens.shape
         K, D = t0.shape
-        H, d = num_heads, D // num_heads
-        shared = m["q"] is None
-        g = g_logits.contiguous().to(tokens.dtype)
-        P = _Products(gemm, compute, tokens.dtype)
-
+        H = num_heads
+        shared = p_q <= 0
+        out_dtype = w.bias.dtype
+        P = _Products(kit, out_dtype)
+        act, cd = kit.act, kit.compute
         pop = a.pop
+
+        def ln_out(name, u, ln_w, ln_b, eps):   # a LayerNorm's output: kept, or recomputed
+            kept = pop(name)
+            return kept if kept is not None else _layer_norm(u, ln_w, ln_b, eps)[0]
 
         # ---- group FC: input gradient now, weight gradient at the very end -----------------------
         u3, mean3, rstd3 = pop("u3"), pop("mean3"), pop("rstd3")
-        h = None
+        g = g_logits.contiguous()
+        h = pop("h")
+        g_pad = None
         if zsl:
-            g_h = g.unsqueeze(-1) * Wg[:, 0].to(g.dtype)                             # [B, K, D]
-            g_bg = g.sum().reshape(1) if needs[20] else None
-            g_pad = None
+            g_h = (g.unsqueeze(-1) * w.Wg[:, 0]).to(act)                                 # [B, K, D]
         elif ext:
-            h = _layer_norm(u3, ln3w, ln3b, eps3)[0].to(compute)                       # recomputed
-            g_h = torch.ops.mldecoder_fast.group_fc_grad_h(g, h, Wg, num_out).to(g.dtype)
-            g_bg = g.sum(0) if needs[20] else None
+            h = (h if h is not None else _layer_norm(u3, w.ln3w, w.ln3b, eps3)[0]).to(cd)
+            g_h = torch.ops.mldecoder_fast.group_fc_grad_h(g.to(out_dtype), h, w.Wg, num_out).to(act)
         else:
-            k, _, G = Wg.shape
+            k, _, G = w.Wg.shape
             g_pad = g if k * G == num_out else F.pad(g, (0, k * G - num_out))
-            g_pad = g_pad.view(B, k, G).transpose(0, 1)                               # [K, B, G]
-            g_h = P.bmm(g_pad, Wg.transpose(1, 2)).transpose(0, 1)                    # [B, K, D]
-            g_bg = g.sum(0) if needs[20] else None
+            g_pad = g_pad.to(cd).view(B, k, G).transpose(0, 1)                          # [K, B, G]
+            g_h = torch.empty(B, K, D, dtype=cd, device=g.device)
+            torch.bmm(g_pad, w.Wg.transpose(1, 2), out=g_h.transpose(0, 1))            # [B, K, D]
+            g_h = g_h.to(act)
+        g_bg = None
+        if needs[20]:
+            g_bg = g.sum().reshape(1) if zsl else g.sum(0)
         # ---- LN3 and the residual dropout ---------------------------------------------------------
-        g_u3, g_ln3w, g_ln3b = _layer_norm_backward(g_h, u3, mean3, rstd3, ln3w, ln3b,
+        g_u3, g_ln3w, g_ln3b = _layer_norm_backward(g_h, u3, mean3, rstd3, w.ln3w, w.ln3b,
                                                     (True, needs[17], needs[18]))
-        del g_h
-        del mean3, rstd3                  # u3 stays: h is recomputed for the group-FC weight gradient
-        g_f2 = _drop(g_u3, m.pop("r"), s_r).view(B * K, D)
+        del g_h, mean3, rstd3
+        g_f2 = _dropped(g_u3, m.pop("r", None), s_r, w.zero).view(B * K, D)
         # ---- feed-forward -------------------------------------------------------------------------
         f1 = pop("f1")
-        g_W2 = P.mm(g_f2.t(), f1) if needs[15] else None
-        g_b2 = g_f2.sum(0) if needs[16] else None
-        g_f1 = P.mm(g_f2, W2)
-        del g_f2
-        g_a = torch.ops.aten.threshold_backward(g_f1, f1, 0)
-        del g_f1, f1
-        m.pop("f")
-        if s_f != 1.0:
-            g_a.mul_(s_f)
+        g_W2 = P.grad_weight(g_f2, f1) if needs[15] else None
+        g_b2 = P.grad_bias(g_f2) if needs[16] else None
+        g_a = torch.ops.aten.threshold_backward(P.mm(g_f2, w.W2s), f1, 0)           # W2s: dropout scale
+        del g_f2, f1
+        m.pop("f", None)
         u2, mean2, rstd2 = pop("u2"), pop("mean2"), pop("rstd2")
-        t2 = _layer_norm(u2, ln2w, ln2b, eps2)[0]                                     # recomputed
-        g_W1 = P.mm(g_a.t(), t2.view(B * K, D)) if needs[13] else None
+        t2 = ln_out("t2", u2, w.ln2w, w.ln2b, eps2)
+        g_W1 = P.grad_weight(g_a, t2.view(B * K, D)) if needs[13] else None
         del t2
-        g_b1 = g_a.sum(0) if needs[14] else None
-        g_t2 = P.mm(g_a, W1).add_(g_u3.view(B * K, D))                                # FFN + residual
+        g_b1 = P.grad_bias(g_a) if needs[14] else None
+        g_t2 = P.mm(g_a, w.W1, add=g_u3.view(B * K, D))                              # FFN + residual
         del g_a, g_u3
-        # ---- LN2 and the output dropout -------------------------------------------------------------
-        g_u2, g_ln2w, g_ln2b = _layer_norm_backward(g_t2, u2, mean2, rstd2, ln2w, ln2b,
+        # ---- LN2 and the output dropout -----------------------------------------------------------
+        g_u2, g_ln2w, g_ln2b = _layer_norm_backward(g_t2.view(B, K, D), u2, mean2, rstd2, w.ln2w, w.ln2b,
                                                     (True, needs[11], needs[12]))
         del g_t2, u2
-        g_u2 = g_u2.view(B, K, D)
-        g_t1 = g_u2.sum(0) if shared else g_u2      # the residual; g_op is used up before g_t1 changes
-        g_op = _drop(g_u2, m.pop("o"), s_o).reshape(B * K, D)
-        del g_u2
+        g_op = _dropped(g_u2, m.pop("o", None), s_o, w.zero).reshape(B * K, D)
         o = pop("o")
-        g_Wo = P.mm(g_op.t(), o) if needs[9] else None
-        g_bo = g_op.sum(0) if needs[10] else None
+        g_Wo = P.grad_weight(g_op, o) if needs[9] else None
+        g_bo = P.grad_bias(g_op) if needs[10] else None
         del o
-        g_o = P.mm(g_op, Wo).view(B, K, H, d).transpose(1, 2)                         # [B, H, K, d]
+        g_o = P.mm(g_op, w.Wo)                                                         # [BK, D]
         del g_op
         # ---- attention ------------------------------------------------------------------------------
-        kv = pop("kv")
-        kv5 = kv.view(B, N, 2, H, d)
-        k_h = kv5[:, :, 0].transpose(1, 2)                                            # [B, H, N, d]
-        v_h = kv5[:, :, 1].transpose(1, 2)
-        attn, ma = pop("attn"), m.pop("a")
-        g_kv = torch.empty(B, N, 2, H, d, dtype=kv.dtype, device=kv.device)
-        g_kv[:, :, 1] = torch.matmul(_drop(attn, ma, s_a).transpose(-1, -2), g_o).transpose(1, 2)
-        g_attn = _drop(torch.matmul(g_o, v_h.transpose(-1, -2)), ma, s_a)             # [B,H,K,N]
-        del g_o, ma
-        g_scores = torch._softmax_backward_data(g_attn, attn, -1, attn.dtype).mul_(1.0 / math.sqrt(d))
-        del g_attn, attn
-        q = pop("q")
-        qh = q.view(*q.shape[:-1], H, d).transpose(-3, -2)                            # [(B,) H, K, d]
-        g_kv[:, :, 0] = torch.matmul(g_scores.transpose(-1, -2), qh).transpose(1, 2)
-        g_qh = torch.matmul(g_scores, k_h)                                            # [B, H, K, d]
-        del g_scores, q, qh, k_h, v_h, kv5, kv
-        if shared:
-            g_qh = g_qh.sum(0)
-        g_q = g_qh.transpose(-3, -2).reshape(*g_qh.shape[:-3], K, D)                  # [(B,) K, D]
-        del g_qh
-        g_kv = g_kv.view(B * N, 2 * D)
+        kv, q = pop("kv"), pop("q")
+        g_q, g_kv = _attention_backward(kit, g_o, q, kv, pop("attn"), B, N, H, p_a, m.pop("a", None),
+                                        s_a, w.zero)
+        del g_o, q, kv
         mem = pop("mem")
-        g_Win = g_bin = None
+        g_Win = torch.empty(3 * D, D, dtype=out_dtype, device=g.device) if needs[7] else None
+        g_bin = torch.empty(3 * D, dtype=out_dtype, device=g.device) if needs[8] else None
         if needs[7]:
-            g_Win = torch.empty(3 * D, D, dtype=g_kv.dtype, device=g_kv.device)
-            g_Win[D:] = P.mm(g_kv.t(), mem)
+            P.grad_weight(g_kv, mem, out=g_Win[D:])
         if needs[8]:
-            g_bin = torch.empty(3 * D, dtype=g_kv.dtype, device=g_kv.device)
-            torch.sum(g_kv, 0, out=g_bin[D:])
-        g_mem = P.mm(g_kv, Win[D:])                                                    # [BN, D]
+            P.grad_bias(g_kv, out=g_bin[D:])
+        g_mem = P.mm(g_kv, w.Wkv)                                                      # [BN, D]
         del g_kv
         # ---- queries: q projection, LN1, the query dropout ----------------------------------------
         mean1, rstd1 = pop("mean1"), pop("rstd1")
-        mq = m.pop("q")
-        u1 = _queries_input(t0, mq, s_q)
-        t1 = _layer_norm(u1, ln1w, ln1b, eps1)[0]                                     # recomputed
+        mq = m.pop("q", None)
+        u1 = pop("u1")
+        if u1 is None:
+            u1 = _queries_input(w.t0 if w.t0 is not None else t0.to(act), mq, s_q, w.zero)
+        t1 = ln_out("t1", u1, w.ln1w, w.ln1b, eps1)
+        g_q2 = g_q.reshape(-1, D)
         if needs[7]:
-            g_Win[:D] = P.mm(g_q.reshape(-1, D).t(), t1.reshape(-1, D))
+            P.grad_weight(g_q2, t1.reshape(-1, D), out=g_Win[:D])
         del t1
         if needs[8]:
-            torch.sum(g_q.reshape(-1, D), 0, out=g_bin[:D])
-        g_t1.view(-1, D).add_(P.mm(g_q.reshape(-1, D), Win[:D]))
-        del g_q
+            P.grad_bias(g_q2, out=g_bin[:D])
+        g_t1 = P.mm(g_q2, w.Wq, add=(g_u2.sum(0) if shared else g_u2).reshape(-1, D))  # q + residual
+        del g_q, g_q2, g_u2
         g_t0 = g_ln1w = g_ln1b = None
-        if need_t0 or needs[5] or needs[6]:
-            g_u1, g_ln1w, g_ln1b = _layer_norm_backward(g_t1, u1, mean1, rstd1, ln1w, ln1b,
-                                                        (True, needs[5], needs[6]))
-            if need_t0:
-                g_t0 = 2 * g_u1 if shared else torch.where(mq, g_u1, g_u1 * (1.0 + s_q)).sum(0)
+        if needs[2] or needs[5] or needs[6]:
+            g_u1, g_ln1w, g_ln1b = _layer_norm_backward(g_t1.view(u1.shape), u1, mean1, rstd1, w.ln1w,
+                                                        w.ln1b, (needs[2], needs[5], needs[6]))
+            if needs[2]:
+                g_t0 = (2 * g_u1 if shared else torch.addcmul(g_u1, g_u1, mq, value=s_q).sum(0)).to(t0.dtype)
             del g_u1
         del g_t1, u1
         # ---- input projection -----------------------------------------------------------------------
         g_pre = torch.ops.aten.threshold_backward(g_mem, mem, 0)
         del g_mem, mem
         rows = pop("rows")
-        g_We = P.mm(g_pre.t(), rows) if needs[3] else None
+        g_We = P.grad_weight(g_pre, rows) if needs[3] else None
         del rows
-        g_be = g_pre.sum(0) if needs[4] else None
-        g_tokens = P.mm(g_pre, We).view(B, N, C) if need_tokens else None
+        g_be = P.grad_bias(g_pre) if needs[4] else None
+        g_tokens = _input_grad(P, g_pre, w.We, tokens) if needs[1] else None
         del g_pre
         # ---- the group-FC weight gradient, last ---------------------------------------------------
         g_Wg = None
         if needs[19]:
             if h is None:
-                h = _layer_norm(u3, ln3w, ln3b, eps3)[0]                               # recomputed
+                h = _layer_norm(u3, w.ln3w, w.ln3b, eps3)[0]                          # recomputed
             del u3
             if ext:
-                g_Wg = torch.ops.mldecoder_fast.group_fc_grad_weight(g, h.to(compute), Wg, num_out)
-                g_Wg = g_Wg.to(g.dtype)
+                g_Wg = torch.ops.mldecoder_fast.group_fc_grad_weight(g.to(out_dtype), h.to(cd), w.Wg, num_out)
+                g_Wg = g_Wg.to(out_dtype)
             elif zsl:
-                g_Wg = P.mm(g.reshape(1, B * K), h.reshape(B * K, D)).t()               # [D, 1]
+                g_Wg = P.grad_weight(h.reshape(B * K, D), g.reshape(B * K, 1))             # [D, 1]
             else:
-                g_Wg = P.bmm(h.transpose(0, 1).transpose(1, 2), g_pad)                 # [K, D, G]
+                g_Wg = P.bmm_out(h.to(cd).transpose(0, 1).transpose(1, 2), g_pad)      # [K, D, G]
+        g_ln = _ln_grads_in(out_dtype, (g_ln1w, g_ln1b, g_ln2w, g_ln2b, g_ln3w, g_ln3b))
         if not keep_graph:
-            ctx.acts = ctx.masks = None
-        return (None, g_tokens, g_t0, g_We, g_be, g_ln1w, g_ln1b, g_Win, g_bin, g_Wo, g_bo,
-                g_ln2w, g_ln2b, g_W1, g_b1, g_W2, g_b2, g_ln3w, g_ln3b, g_Wg, g_bg)
+            ctx.acts = None
+        return (None, g_tokens, g_t0, g_We, g_be, g_ln[0], g_ln[1], g_Win, g_bin, g_Wo, g_bo,
+                g_ln[2], g_ln[3], g_W1, g_b1, g_W2, g_b2, g_ln[4], g_ln[5], g_Wg, g_bg)
+
+
+def _input_grad(P: _Products, g_pre, We, tokens):
+    """The gradient of tokens [B, N, C] in their own layout: for the [B, N, C] view of a
+    [B, C, H, W] map, one batched GEMM writes it as [B, C, N] (Weᵀ g_preᵀ per sample)."""
+    B, N, C = tokens.shape
+    if B > 1 and tokens.stride(1) == 1 and tokens.stride(2) == N:
+        g = torch.bmm(We.t().expand(B, C, We.shape[0]), g_pre.view(B, N, -1).transpose(1, 2).to(P.compute))
+        return g.to(tokens.dtype).transpose(1, 2)
+    return P.mm(g_pre, We).view(B, N, C).to(tokens.dtype)
+
+
+def _ln_grads_in(dtype, grads):
+    """The LayerNorm parameters' gradients in the parameters' dtype: as they are, or (when the
+    copies had another dtype) cast together, one stack and one cast for all of them."""
+    present = [i for i, x in enumerate(grads) if x is not None]
+    if not present or grads[present[0]].dtype == dtype:
+        return grads
+    cast = torch.stack([grads[i] for i in present]).to(dtype)
+    out = [None] * len(grads)
+    for j, i in enumerate(present):
+        out[i] = cast[j]
+    return out
