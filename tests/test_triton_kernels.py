@@ -620,6 +620,48 @@ def test_dropout_training_bf16_cuda():
     assert torch.isfinite(gq).all() and torch.isfinite(gkv).all()
 
 
+@needs_cuda
+def test_dropout_seeds_cuda_eager_and_graph_replay():
+    """Eager: each dropout op reserves 4 Philox offsets of the CUDA generator (no seed launch) and
+    consecutive calls draw new masks. Captured in a CUDA graph: every replay draws new masks, and
+    the backward of a captured step regenerates that replay's masks (its gradient matches)."""
+    b, k, d = 4, 20, 64
+    t1, w, bias = torch.randn(k, d, device=DEV), torch.randn(d, device=DEV), torch.randn(d, device=DEV)
+    x = torch.randn(b, k, d, device=DEV)
+    gen = torch.cuda.default_generators[torch.cuda.current_device()]
+    torch.manual_seed(3)
+    y1 = TRITON.residual_dropout_layer_norm(t1, x, 0.3, w, bias, 1e-5)
+    assert gen.get_offset() == 4
+    y2 = TRITON.residual_dropout_layer_norm(t1, x, 0.3, w, bias, 1e-5)
+    assert not torch.equal(y1, y2)
+    torch.manual_seed(3)
+    assert torch.equal(y1, TRITON.residual_dropout_layer_norm(t1, x, 0.3, w, bias, 1e-5))
+
+    xs = x.clone().requires_grad_(True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm-up: plans and compilation
+            TRITON.residual_dropout_layer_norm(t1, xs, 0.3, w, bias, 1e-5).sum().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    xs.grad = None
+    with torch.cuda.graph(graph):
+        y = TRITON.residual_dropout_layer_norm(t1, xs, 0.3, w, bias, 1e-5)
+        (gx,) = torch.autograd.grad(y, xs, torch.ones_like(y))
+    outs = []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        outs.append((y.clone(), gx.clone()))
+    assert not torch.equal(outs[0][0], outs[1][0]), "two replays drew the same mask"
+    for out, grad in outs:
+        # the backward's mask: the elements of x with a gradient; the forward must have used it
+        keep = grad != 0
+        assert 0.6 < keep.float().mean().item() < 0.8
+        ref = F.layer_norm(t1 + x * keep / 0.7, (d,), w, bias, 1e-5)
+        assert_close("replayed forward with the backward's mask", ref, out, 1e-5)
+
 def test_autotune_pruning():
     """The GPU autotuners drop tiles larger than the problem (pure Python: runs everywhere)."""
     import triton
