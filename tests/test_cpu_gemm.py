@@ -23,7 +23,8 @@ def forced(request, monkeypatch):
     monkeypatch.setitem(cpu_gemm._state, "onednn_error", None)
     calls = []
     linear = cpu_gemm.OneDnnGemm.linear
-    monkeypatch.setattr(cpu_gemm.OneDnnGemm, "linear", lambda self, *a: calls.append(1) or linear(self, *a))
+    monkeypatch.setattr(cpu_gemm.OneDnnGemm, "linear",
+                        lambda self, *a, **kw: calls.append(1) or linear(self, *a, **kw))
     return request.param, calls
 
 

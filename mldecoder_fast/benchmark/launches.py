@@ -231,9 +231,11 @@ def run_backward(output: torch.Tensor, grad: torch.Tensor | None = None) -> dict
             leaves[node.variable] = inputs.get(0)
             continue
         if inputs:
-            grads = node(*[inputs.get(i) for i in range(len(node._input_metadata))])
+            call = node if callable(node) else node.apply   # a custom autograd.Function's node
+            grads = call(*[inputs.get(i) for i in range(len(node._input_metadata))])
             if isinstance(grads, torch.Tensor) or grads is None:
                 grads = (grads,)
+            grads = _tensor_input_grads(node, tuple(grads))
         else:  # no gradient reached this node: nothing flows on
             grads = (None,) * len(node.next_functions)
         for (nxt, nr), g in zip(node.next_functions, grads):
@@ -247,6 +249,18 @@ def run_backward(output: torch.Tensor, grad: torch.Tensor | None = None) -> dict
             if deps[nxt] == 0:
                 ready.append(nxt)
     return leaves
+
+
+def _tensor_input_grads(node, grads: tuple) -> tuple:
+    """A custom ``autograd.Function``'s backward returns one gradient per forward argument; the
+    engine drops those of non-tensor arguments. Here they must lead the argument list (as
+    ``HeadTrainStep``'s ``cfg`` does) and their gradients be None."""
+    extra = len(grads) - len(node.next_functions)
+    if extra > 0:
+        if any(g is not None for g in grads[:extra]):
+            raise ValueError(f"{node.name()}: gradients for its leading non-tensor arguments")
+        grads = grads[extra:]
+    return grads
 
 
 def _as_input(grad: torch.Tensor, meta) -> torch.Tensor:

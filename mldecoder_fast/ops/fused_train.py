@@ -379,7 +379,7 @@ class HeadTrainStep(torch.autograd.Function):
 
         # ---- group FC: input gradient now, weight gradient at the very end -----------------------
         u3, mean3, rstd3 = pop("u3"), pop("mean3"), pop("rstd3")
-        g = g_logits.contiguous()
+        g = g_logits.contiguous() if ext else g_logits
         h = pop("h")
         g_pad = None
         if zsl:
@@ -390,7 +390,7 @@ class HeadTrainStep(torch.autograd.Function):
         else:
             k, _, G = w.Wg.shape
             g_pad = g if k * G == num_out else F.pad(g, (0, k * G - num_out))
-            g_pad = g_pad.to(cd).view(B, k, G).transpose(0, 1)                          # [K, B, G]
+            g_pad = g_pad.to(cd).reshape(B, k, G).transpose(0, 1)                        # [K, B, G]
             g_h = torch.empty(B, K, D, dtype=cd, device=g.device)
             torch.bmm(g_pad, w.Wg.transpose(1, 2), out=g_h.transpose(0, 1))            # [B, K, D]
             g_h = g_h.to(act)
