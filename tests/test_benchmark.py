@@ -588,3 +588,16 @@ def test_summary_reports_the_cpu_targets():
     # another device or dtype: no targets judged
     lines = report.summary(rows, {"device": "cpu", "dtype": "bfloat16", "auto_backend": "torch"})
     assert not any("met" in line for line in lines)
+
+
+def test_training_optimizer_state_exists_before_the_first_timed_step():
+    """The optimizer's state is allocated up front (held between steps like the weights, so no
+    step's peak memory includes it) and making it changes no weight."""
+    head = TINY.make_head(MLDecoder).train()
+    before = {n: p.detach().clone() for n, p in head.named_parameters()}
+    optimizer = runner.training_optimizer(head)
+    trainable = [p for p in head.parameters() if p.requires_grad]
+    assert all("exp_avg" in optimizer.state[p] for p in trainable)
+    assert all(torch.equal(before[n], p) for n, p in head.named_parameters())
+    assert all(p.grad is None for p in trainable)
+    assert all(g["lr"] > 0 for g in optimizer.param_groups)

@@ -14,8 +14,10 @@ timed (median after warm-up) and its peak memory measured. A mismatch marks the 
 Modes: ``eval`` is a forward under ``torch.no_grad`` in eval mode; ``train`` is one training step:
 forward, BCE-with-logits against fixed random targets, backward, an AdamW step, then zeroing the
 gradients (the optimizer step is timed because it is part of every real step, and because a head
-that keeps copies derived from its weights pays for refreshing them after it; the optimizer's
-state is allocated by the warm-up, so peak memory counts what a step adds to it).
+that keeps copies derived from its weights pays for refreshing them after it). The AdamW is
+PyTorch's fused one, which updates in place without temporaries, and its state is allocated before
+anything is measured: like the weights it is held between steps, so peak memory counts what one
+step adds (activations, gradients, refreshed caches), not the optimizer's own bookkeeping.
 Low precision (float16 / bfloat16) means fp32 weights, input in that dtype, run under
 ``torch.autocast`` (mixed precision, as the head is trained); float32/float64 run plainly.
 """
@@ -457,6 +459,29 @@ def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype))
 
 
+def training_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    """The timed steps' AdamW, its state already allocated.
+
+    A small learning rate: the weights move (so every copy derived from them must be refreshed)
+    but stay in range over hundreds of timed steps. ``fused=True`` where this PyTorch has the
+    fused kernel for the parameters' device and dtype (one pass, no temporaries), else the
+    default implementation. The state is made by one step at learning rate 0 on zero gradients,
+    which leaves the weights as they are."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    try:
+        optimizer = torch.optim.AdamW(params, lr=0.0, fused=True)
+        optimizer.step()
+    except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
+        optimizer = torch.optim.AdamW(params, lr=0.0)
+        optimizer.step()
+    for group in optimizer.param_groups:
+        group["lr"] = 1e-6
+    optimizer.zero_grad(set_to_none=True)
+    return optimizer
+
+
 def make_step(model: nn.Module, case: Case) -> Callable[[], None]:
     """The timed callable: an eval forward, or a full training step (see module docstring)."""
     inputs = case.inputs
@@ -471,9 +496,7 @@ def make_step(model: nn.Module, case: Case) -> Callable[[], None]:
         return step
     xs = [x.detach().clone().requires_grad_(True) for x in inputs]
     target = case.target
-    # A small learning rate: the weights move (every derived copy must be refreshed) but stay
-    # in range over hundreds of timed steps.
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    optimizer = training_optimizer(model)
 
     def step():
         x = xs[counter[0] % len(xs)]
