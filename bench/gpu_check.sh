@@ -124,18 +124,22 @@ print(json.dumps(mldecoder_fast.backends(), indent=1))
 EOF
 
 # ---- 2. Triton tests (kernels and head, bf16/full-size CUDA tests included) -------------------
+# The Triton tests carry the "triton" mark (tests/README.md): the op files' Triton cases, the
+# kernel infrastructure (without the offline spill compile and the interpreter-only host checks) and
+# the module; -k triton matches the mark and the *triton* file names.
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfEs)
 # pytest-xdist, where installed: Triton's compiles of the kernel variants then run in parallel.
 if [[ "$DEVICE" == cuda ]] && "$PY" -c "import xdist" 2>/dev/null; then PYTEST+=(-n "${GPU_CHECK_TEST_WORKERS:-8}"); fi
 # MLDECODER_FAST_AUTOTUNE=0: one (safe) config per kernel, so the tests compile each kernel variant
 # once instead of once per config; the benchmark below autotunes and checks agreement per row.
-stage test_triton 150 "0" -- env MLDECODER_FAST_AUTOTUNE=0 "${PYTEST[@]}" tests/test_triton_kernels.py tests/test_triton_module.py \
+stage test_triton 150 "0" -- env MLDECODER_FAST_AUTOTUNE=0 "${PYTEST[@]}" tests/ops tests/kernels tests/test_triton_module.py \
+  -k triton --ignore=tests/kernels/test_triton_spills.py --ignore=tests/kernels/test_triton_host.py \
   --junitxml="$OUT/test_triton.xml"
 
-# ---- 2b. the other CUDA tests (extension, module on CUDA; ids containing "cuda") ---------------
-stage test_cuda_other 90 "0 5" -- "${PYTEST[@]}" tests -k cuda \
-  --ignore=tests/test_triton_kernels.py --ignore=tests/test_triton_module.py \
-  --ignore=tests/test_cuda_graphs.py --junitxml="$OUT/test_cuda_other.xml"
+# ---- 2b. the other CUDA tests (extension, module on CUDA; ids containing "cuda", not the Triton
+# tests of stage 2) -------------------------------------------------------------------------------
+stage test_cuda_other 90 "0 5" -- "${PYTEST[@]}" tests -k cuda -m "not triton" \
+  --ignore=tests/test_triton_module.py --ignore=tests/test_cuda_graphs.py --junitxml="$OUT/test_cuda_other.xml"
 
 # ---- 2c. CUDA graphs: cuda_graphed captures, make_graphed_callables training steps,
 # torch.compile(mode="reduce-overhead") (two inductor compiles: most of this stage's time); the

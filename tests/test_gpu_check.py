@@ -3,6 +3,7 @@ run and its table, and the time budget that skips a stage."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,15 @@ def _run(out: Path, **env):
 
 def test_script_parses():
     assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
+
+
+def test_test_paths_it_names_exist():
+    """The test stages name test files and directories (tests/README.md); a moved one must not leave
+    a stage running nothing."""
+    named = set(re.findall(r"\btests/[\w/.]*", SCRIPT.read_text()))
+    assert {"tests/ops", "tests/kernels", "tests/test_triton_module.py", "tests/test_cuda_graphs.py"} <= named
+    missing = sorted(p for p in named if not (ROOT / p).exists())
+    assert not missing, f"bench/gpu_check.sh names missing test paths: {missing}"
 
 
 def test_selected_stage_runs_alone_and_prints_its_table(tmp_path):

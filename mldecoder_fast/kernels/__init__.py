@@ -11,6 +11,7 @@
 Importing these modules needs Triton; the kernels need a CUDA device or TRITON_INTERPRET=1 (set
 before import). Environment: MLDECODER_FAST_AUTOTUNE=0 skips autotuning (one safe config per
 kernel). The reference for each kernel is ``ops/torch_ops.TorchOps``; tests are
-``tests/test_triton_kernels.py`` and ``tests/test_triton_module.py``; ``bench/gpu_check.sh``
+``tests/ops/`` (one file per op), ``tests/kernels/`` (spills, host work, RNG, configs) and
+``tests/test_triton_module.py``; ``bench/gpu_check.sh``
 checks and times them on a GPU.
 """

@@ -28,7 +28,7 @@ Backward, in two passes (the structure of FlashAttention-2's), neither holding a
 Every output element has one writer: no atomics, no fp32 staging buffer for dk/dv. Head dims are
 split in two power-of-two column blocks (96 = 64 + 32) rather than padded, and query blocks are
 tuned and pruned to K (80 queries: no 128-row block), so no production config spills registers
-on sm_90 (``tests/test_triton_spills.py`` compiles them all offline).
+on sm_90 (``tests/kernels/test_triton_spills.py`` compiles them all offline).
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ LOG2E = 1.4426950408889634
 # queries (K = 80: 64 + 16-row blocks or 16-row blocks, not one 128-row block). Head dims are split
 # in two power-of-two column blocks (96 = 64 + 32, see ``head_split``), never padded to 128. The
 # dots' row blocks are 64 per 4 warps (Hopper's warp-group MMA shape): 32-row blocks and 128-row
-# blocks at 4 warps spill registers on sm_90 (tests/test_triton_spills.py).
+# blocks at 4 warps spill registers on sm_90 (tests/kernels/test_triton_spills.py).
 FWD_CONFIGS = [
     triton.Config({"BLOCK_K": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_K": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),

@@ -23,7 +23,7 @@ import triton.language as tl
 from ._common import Launch, PlanCache, autotune, dot_precision, dropout_keep, size_class, strides_3d, tl_dtype
 from .layer_norm import ln_backward, ln_forward
 
-# Production autotune lists (tests/test_triton_spills.py compiles each for sm_90 and fails on
+# Production autotune lists (tests/kernels/test_triton_spills.py compiles each for sm_90 and fails on
 # register spills: the 128 x 64 tiles need 8 warps).
 FWD_CONFIGS = [
     triton.Config({"BLOCK_B": 128, "BLOCK_G": 128, "BLOCK_D": 32}, num_warps=8, num_stages=3),

@@ -13,14 +13,17 @@ override what they accelerate:
 
 Op map: for each op (named as in ``TorchOps``; steps of docs/design.md), where its reference,
 torch path, Triton kernel, C++/CUDA kernel, registration and tests are. ``tests/test_op_map.py``
-checks that every path below exists.
+checks that every path below exists. Tests: tests/ops/ holds one file per op (every
+implementation's checks), tests/kernels/ the Triton infrastructure (sm_90 spills, host work,
+dropout RNG, launch configs, the chained ops under torch.compile); tests/README.md.
 
 residual_dropout_layer_norm: LayerNorm(residual + dropout(x)) (steps 3, 5 and 6's residual)
     reference     mldecoder_fast/reference.py
     torch         mldecoder_fast/ops/torch_ops.py
     Triton        mldecoder_fast/kernels/layer_norm.py
     registration  mldecoder_fast/ops/triton_ops.py (mldecoder_fast::triton_layer_norm[_backward])
-    tests         tests/test_triton_kernels.py, tests/test_module.py, tests/test_dropout.py
+    tests         tests/ops/test_layer_norm.py, tests/kernels/test_triton_rng.py, tests/test_module.py,
+                  tests/test_dropout.py
 
 attention / shared_query_attention: multi-head cross-attention (step 4)
     reference     mldecoder_fast/reference.py
@@ -28,7 +31,7 @@ attention / shared_query_attention: multi-head cross-attention (step 4)
     Triton        mldecoder_fast/kernels/attention.py
     registration  mldecoder_fast/ops/triton_ops.py (mldecoder_fast::triton_attention[_backward],
                   mldecoder_fast::triton_shared_query_attention[_backward])
-    tests         tests/test_triton_kernels.py, tests/test_triton_spills.py, tests/test_module.py
+    tests         tests/ops/test_attention.py, tests/kernels/test_triton_spills.py, tests/test_module.py
 
 group_fc: group fully-connected decoding (step 7)
     reference     mldecoder_fast/reference.py (group_fc_loop: the original loop of K products)
@@ -38,14 +41,14 @@ group_fc: group fully-connected decoding (step 7)
     registration  mldecoder_fast/ops/group_fc_extension.py (mldecoder_fast::group_fc, fake and
                   autograd), mldecoder_fast/ops/extension_ops.py (the cpp/cuda backends),
                   mldecoder_fast/ops/triton_ops.py (mldecoder_fast::triton_group_fc[_backward])
-    tests         tests/test_group_fc_ext.py, tests/test_triton_kernels.py
+    tests         tests/ops/test_group_fc.py (every implementation: torch, cpp, cuda, triton)
 
 decode: LayerNorm-3 of the residual, then group_fc (steps 6-7)
     reference     mldecoder_fast/reference.py
     torch         mldecoder_fast/ops/torch_ops.py
     Triton        mldecoder_fast/kernels/group_fc_decode.py
     registration  mldecoder_fast/ops/triton_ops.py (mldecoder_fast::triton_decode[_backward])
-    tests         tests/test_triton_kernels.py, tests/test_triton_module.py
+    tests         tests/ops/test_decode.py, tests/test_triton_module.py
 
 training step: the whole head's forward and hand-written backward as one autograd function
     reference     mldecoder_fast/reference.py

@@ -11,7 +11,7 @@ the PyTorch implementation.
 
 Host cost per call: the kernels' host functions keep their launch parameters per shape key
 (``kernels._common.PlanCache``), so an eager call does its checks, a dict lookup, the output
-allocations and the launch; no broadcast_shapes, views or seed draws (``tests/test_triton_host.py``
+allocations and the launch; no broadcast_shapes, views or seed draws (``tests/kernels/test_triton_host.py``
 counts the ATen ops of each wrapper call).
 
 Dtypes: under autocast the attention and the group-FC products run in the autocast dtype (as

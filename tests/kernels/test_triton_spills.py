@@ -1,6 +1,6 @@
 """Every Triton kernel compiles for sm_90 without register spills, in every production config.
 
-No GPU is needed: a child process (``python tests/test_triton_spills.py``, TRITON_INTERPRET=0)
+No GPU is needed: a child process (``python tests/kernels/test_triton_spills.py``, TRITON_INTERPRET=0)
 calls the kernels' host functions on CPU tensors at the head's production shapes (D = 768,
 8 heads of 96, K = 80 / 100 queries, N = 49 / 196 tokens, COCO and 21K group sizes, dropout on
 and off) with each kernel replaced by a recorder, so the constexpr variants are exactly the ones
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DTYPES = ("bfloat16", "float16")
 
 
@@ -203,6 +203,7 @@ def _describe(row) -> str:
             f"{row['stack']} bytes stack")
 
 
+@pytest.mark.triton
 @pytest.mark.slow
 @pytest.mark.skipif(_tool("ptxas") is None or _tool("cuobjdump") is None,
                     reason="needs the CUDA toolkit's ptxas and cuobjdump (Triton's nvidia backend "

@@ -24,8 +24,9 @@ from triton.runtime.interpreter import InterpretedFunction
 from mldecoder_fast.ops import triton_ops as T
 
 AVAILABLE, DETAIL = T.triton_status()
-pytestmark = pytest.mark.skipif(not AVAILABLE or torch.cuda.is_available(),
-                                reason=f"interpreter-only host checks ({DETAIL})")
+pytestmark = [pytest.mark.triton,
+              pytest.mark.skipif(not AVAILABLE or torch.cuda.is_available(),
+                                 reason=f"interpreter-only host checks ({DETAIL})")]
 
 TRITON = T.TritonOps()
 B, K, N, H, D, GS, C = 2, 5, 19, 2, 16, 3, 14

@@ -1,12 +1,20 @@
-"""The compiled group FC (csrc/group_fc*.cpp/.cu, mldecoder_fast/ops/group_fc_extension.py).
+"""group_fc: the group fully-connected decoding, in each implementation (the ``impl`` parameter):
 
-Compared with an fp64 einsum reference written here (independent of both the op and
-``group_fc_torch``); low-precision results may differ from it by at most ~2x what the
-same-dtype PyTorch expression differs by. CUDA cases carry "cuda" in their ids and are
-skipped (with the reason) when torch sees no GPU.
+- ``torch``: ``group_fc_torch`` (mldecoder_fast/ops/torch_ops.py, one batched product);
+- ``cpp`` / ``cuda``: the compiled extension (csrc/group_fc*.cpp/.cu,
+  mldecoder_fast/ops/group_fc_extension.py: ``mldecoder_fast::group_fc``, its fake kernel and
+  autograd registration), on the CPU / on a GPU;
+- ``triton``: ``TritonOps.group_fc`` (mldecoder_fast/kernels/group_fc_decode.py,
+  ``mldecoder_fast::triton_group_fc[_backward]``): on a GPU, else in Triton's CPU interpreter
+  (fp32 and fp16 only); carries the ``triton`` mark.
 
-The extension is part of the build: when it is missing these tests fail, unless
-MLDECODER_FAST_NO_EXT=1 says the install is pure Python on purpose.
+Compared with an fp64 einsum reference written here (independent of every implementation);
+low-precision results may differ from it by at most ~2x what the same-dtype PyTorch expression
+differs by. The Triton kernel is also compared with the torch path as in tests/ops/test_decode.py.
+CUDA cases carry "cuda" in their ids and are skipped (with the reason) when torch sees no GPU.
+
+The extension is part of the build: when it is missing its tests fail, unless
+MLDECODER_FAST_NO_EXT=1 says the install is pure Python on purpose (then they are skipped).
 """
 from __future__ import annotations
 
@@ -16,18 +24,41 @@ import os
 import pytest
 import torch
 from helpers import assert_close, rel_rms
+from triton_helpers import (
+    DEV,
+    TORCH,
+    TRITON,
+    TRITON_MARKS,
+    assert_autocast_dtype_matches_torch,
+    assert_no_grad_direct_path,
+    check,
+    grads_of,
+    leaf,
+    opcheck,
+    ref_copies,
+)
 
 from mldecoder_fast.ops import group_fc_extension as ext
+from mldecoder_fast.ops import triton_ops as T
 from mldecoder_fast.ops.extension_ops import ExtensionOps
 from mldecoder_fast.ops.torch_ops import TorchOps, group_fc_torch
 
-if os.environ.get("MLDECODER_FAST_NO_EXT", "") not in ("", "0"):
-    pytestmark = pytest.mark.skip(reason="MLDECODER_FAST_NO_EXT=1: installed without the extension")
+NO_EXT = os.environ.get("MLDECODER_FAST_NO_EXT", "") not in ("", "0")
+EXT_MARKS = [pytest.mark.skipif(NO_EXT, reason="MLDECODER_FAST_NO_EXT=1: installed without the extension")]
+needs_ext = EXT_MARKS[0]
 
 ext.extension_status()  # load the extension (if built) so that torch.ops.mldecoder_fast has its ops
 HAS_CUDA = torch.cuda.is_available()
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device"))]
 OPS = torch.ops.mldecoder_fast
+
+# impl -> (device, function (h, weight, bias, num_classes) -> logits)
+IMPLS = {"torch": ("cpu", group_fc_torch), "cpp": ("cpu", ext.group_fc), "cuda": ("cuda", ext.group_fc),
+         "triton": (DEV, TRITON.group_fc)}
+_CPP = pytest.param("cpp", marks=EXT_MARKS)
+_CUDA = pytest.param("cuda", marks=[*EXT_MARKS, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")])
+_TRITON = pytest.param("triton", marks=TRITON_MARKS)
+EXT = [_CPP, _CUDA]                       # the extension's op, on each device
+ALL = ["torch", _CPP, _CUDA, _TRITON]     # every implementation
 
 # (B, K, D, num_classes); G = ceil(C / K) as in the head.
 SHAPES = {
@@ -89,14 +120,34 @@ def _fwd_bwd(fn, h, weight, bias, num_classes, grad=None):
     return out, h.grad, weight.grad, bias.grad, grad
 
 
-def _check_against_reference(shape, dtype, device, layout="transposed", zsl=False, autocast=None):
+@contextlib.contextmanager
+def _no_torch_fallback(impl, h, weight):
+    """The Triton implementation must run its kernel, not fall back to the PyTorch path (which it
+    does, by design, for an empty batch and the ZSL form)."""
+    if impl != "triton" or h.shape[0] == 0 or weight.dim() != 3:
+        yield
+        return
+    calls, real = [], TorchOps.group_fc
+
+    def spy(self, *args):
+        calls.append(1)
+        return real(self, *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TorchOps, "group_fc", spy)
+        yield
+    assert not calls, "TritonOps.group_fc fell back to the PyTorch path"
+
+
+def _check_against_reference(shape, dtype, impl, layout="transposed", zsl=False, autocast=None):
     """Forward and the three gradients vs the fp64 reference, and the same dtypes as the
     PyTorch expression (run under the same autocast, if any)."""
+    device, fn = IMPLS[impl]
     h, weight, bias = _make(shape, dtype, device, layout, zsl)
     c = shape[3]
     amp = (lambda: torch.autocast(device, dtype=autocast)) if autocast else contextlib.nullcontext
-    with amp():
-        out, gh, gw, gb, grad = _fwd_bwd(ext.group_fc, h, weight, bias, c)
+    with amp(), _no_torch_fallback(impl, h, weight):
+        out, gh, gw, gb, grad = _fwd_bwd(fn, h, weight, bias, c)
     product = autocast or dtype
     # fp64 reference on the values the product sees (rounded to its dtype)
     h64, w64 = (t.detach().to(product).double().requires_grad_() for t in (h, weight))
@@ -119,6 +170,7 @@ def _check_against_reference(shape, dtype, device, layout="transposed", zsl=Fals
         assert_close(f"{name} {product}", r, o, max(2 * rel_rms(r, t), floor))
 
 
+@needs_ext
 def test_extension_is_built():
     ok, detail = ext.extension_status()
     assert ok, (f"the compiled extension is not available ({detail}); build it with "
@@ -127,99 +179,106 @@ def test_extension_is_built():
         assert ext.cuda_kernels_available(), f"a GPU is present but {detail}"
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
-def test_fp32_matches_einsum(shape, device):
-    _check_against_reference(shape, torch.float32, device)
+# the Triton interpreter takes 7-20 s per case at these class counts: they run on a GPU
+_SLOW_INTERPRETED = ("openimages-9605", "imagenet21k-21843")
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ALL)
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+def test_fp32_matches_einsum(shape, impl):
+    if impl == "triton" and not HAS_CUDA and shape in _SLOW_INTERPRETED:
+        pytest.skip("too slow in the Triton CPU interpreter (runs on a GPU)")
+    _check_against_reference(SHAPES[shape], torch.float32, impl)
+
+
+@pytest.mark.parametrize("impl", EXT)
 @pytest.mark.parametrize("layout", ["contiguous", "strided-inner", "expanded"])
-def test_input_layouts(layout, device):
-    _check_against_reference(SHAPES["padded-tail"], torch.float32, device, layout)
+def test_input_layouts(layout, impl):
+    _check_against_reference(SHAPES["padded-tail"], torch.float32, impl, layout)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", EXT)
 @pytest.mark.parametrize("zsl", [False, True], ids=["grouped", "zsl"])
-def test_grad_h_is_laid_out_like_h(zsl, device):
+def test_grad_h_is_laid_out_like_h(zsl, impl):
     """A transposed h (as from a [K, B, D] producer) gets a transposed gradient: no copy in
     AccumulateGrad or upstream."""
-    h, weight, bias = _make(SHAPES["padded-tail"], torch.float32, device, "transposed", zsl)
+    h, weight, bias = _make(SHAPES["padded-tail"], torch.float32, IMPLS[impl][0], "transposed", zsl)
     ext.group_fc(h, weight, bias, 47).sum().backward()
     assert h.grad.stride() == h.stride()
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", EXT)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("shape", ["padded-tail", "D60", "unused-groups"])
-def test_half_types(shape, dtype, device):
-    _check_against_reference(SHAPES[shape], dtype, device)
+def test_half_types(shape, dtype, impl):
+    _check_against_reference(SHAPES[shape], dtype, impl)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", EXT)
 @pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("zsl", [False, True], ids=["grouped", "zsl"])
-def test_autocast(zsl, amp, device):
+def test_autocast(zsl, amp, impl):
     """Under autocast the head passes fp32 h, weight and bias: the product runs in the autocast
     dtype and the logits come out in fp32 (the fp32 bias promotes them), as with
     group_fc_torch; the gradients in each input's dtype."""
     shape = (3, 7, 24, 7) if zsl else SHAPES["padded-tail"]
-    _check_against_reference(shape, torch.float32, device, zsl=zsl, autocast=amp)
+    _check_against_reference(shape, torch.float32, impl, zsl=zsl, autocast=amp)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", EXT)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_zsl_form(dtype, device):
-    _check_against_reference((3, 7, 24, 7), dtype, device, zsl=True)
-    _check_against_reference((0, 7, 24, 7), dtype, device, zsl=True)
-    _check_against_reference((2, 7, 24, 7), dtype, device, layout="strided-inner", zsl=True)
+def test_zsl_form(dtype, impl):
+    _check_against_reference((3, 7, 24, 7), dtype, impl, zsl=True)
+    _check_against_reference((0, 7, 24, 7), dtype, impl, zsl=True)
+    _check_against_reference((2, 7, 24, 7), dtype, impl, layout="strided-inner", zsl=True)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", EXT)
 @pytest.mark.parametrize("shape", ["padded-tail", "unused-groups", (2, 9, 8, 9), "B1"],
                          ids=["padded-tail", "unused-groups", "G1", "B1"])
-def test_gradcheck_fp64(shape, device):
+def test_gradcheck_fp64(shape, impl):
     shape = SHAPES.get(shape, shape) if isinstance(shape, str) else shape
-    h, weight, bias = _make(shape, torch.float64, device)
+    h, weight, bias = _make(shape, torch.float64, IMPLS[impl][0])
     c = shape[3]
     assert torch.autograd.gradcheck(lambda *a: ext.group_fc(*a, c), (h, weight, bias))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_gradcheck_fp64_zsl(device):
-    h, weight, bias = _make((2, 5, 6, 5), torch.float64, device, zsl=True)
+@pytest.mark.parametrize("impl", EXT)
+def test_gradcheck_fp64_zsl(impl):
+    h, weight, bias = _make((2, 5, 6, 5), torch.float64, IMPLS[impl][0], zsl=True)
     assert torch.autograd.gradcheck(lambda *a: ext.group_fc(*a, 5), (h, weight, bias))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", EXT)
 @pytest.mark.parametrize("shape", ["padded-tail", "unused-groups", "openimages-9605", "B1"])
-def test_every_output_element_is_written(shape, device, monkeypatch):
+def test_every_output_element_is_written(shape, impl, monkeypatch):
     """The kernels allocate with torch.empty; poisoned with NaN, an element a kernel forgets
     (padding columns of grad_weight, unused groups, the partial group) shows up as NaN."""
     monkeypatch.setenv("MLDECODER_FAST_POISON_OUTPUTS", "1")
-    h, weight, bias = _make(SHAPES[shape], torch.float32, device)
+    h, weight, bias = _make(SHAPES[shape], torch.float32, IMPLS[impl][0])
     out, gh, gw, gb, _ = _fwd_bwd(ext.group_fc, h, weight, bias, SHAPES[shape][3])
     for name, t in (("out", out), ("grad_h", gh), ("grad_weight", gw), ("grad_bias", gb)):
         assert not torch.isnan(t).any(), f"{name}: unwritten (NaN) elements"
     k, g, c = weight.shape[0], weight.shape[2], SHAPES[shape][3]
     padding = gw.permute(0, 2, 1).reshape(k * g, -1)[c:]
     assert torch.equal(padding, torch.zeros_like(padding)), "padded weight columns got a gradient"
-    _check_against_reference(SHAPES[shape], torch.float32, device)  # still right when poisoned
+    _check_against_reference(SHAPES[shape], torch.float32, impl)  # still right when poisoned
 
 
+@needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("shape", ["padded-tail", "unused-groups", "B1", "imagenet21k-21843"])
 def test_cpu_per_group_path(shape, dtype, monkeypatch):
     """The per-group BLAS path (torch builds without MKL's batched GEMM), poisoned outputs."""
     monkeypatch.setenv("MLDECODER_FAST_PER_GROUP_BLAS", "1")
     monkeypatch.setenv("MLDECODER_FAST_POISON_OUTPUTS", "1")
-    _check_against_reference(SHAPES[shape], dtype, "cpu")
-    _check_against_reference(SHAPES[shape], dtype, "cpu", layout="strided-inner")
+    _check_against_reference(SHAPES[shape], dtype, "cpp")
+    _check_against_reference(SHAPES[shape], dtype, "cpp", layout="strided-inner")
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_deterministic_backward(device):
-    h, weight, bias = _make(SHAPES["imagenet21k-21843"], torch.float32, device)
+@pytest.mark.parametrize("impl", EXT)
+def test_deterministic_backward(impl):
+    h, weight, bias = _make(SHAPES["imagenet21k-21843"], torch.float32, IMPLS[impl][0])
     first = _fwd_bwd(ext.group_fc, h, weight, bias, 21843)
     second = _fwd_bwd(ext.group_fc, h, weight, bias, 21843, first[-1])
     for name, a, b in zip(("out", "grad_h", "grad_weight", "grad_bias"), first, second):
@@ -239,9 +298,18 @@ def _opcheck_samples(device):
     return out
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_opcheck(device):
-    for h, weight, bias, c in _opcheck_samples(device):
+@pytest.mark.parametrize("impl", [*EXT, _TRITON])
+def test_opcheck(impl):
+    """The registered ops' schema, fake (meta) kernel, autograd registration (and, for Triton,
+    dynamic-shape AOT dispatch) per torch.library.opcheck."""
+    if impl == "triton":
+        b, k, d, gs, c = 3, 4, 20, 3, 10
+        h, w, bias = leaf(torch.randn(b, k, d)), leaf(torch.randn(k, d, gs)), leaf(torch.randn(c))
+        opcheck(T.triton_group_fc, (h, w, bias, c, torch.float32))
+        opcheck(T.triton_group_fc_backward, (torch.randn(b, c, device=DEV), h.detach(), w.detach(),
+                                             torch.float32))
+        return
+    for h, weight, bias, c in _opcheck_samples(IMPLS[impl][0]):
         torch.library.opcheck(OPS.group_fc.default, (h, weight, bias, c))
         with torch.no_grad():
             out = OPS.group_fc(h, weight, bias, c)
@@ -252,11 +320,11 @@ def test_opcheck(device):
         torch.library.opcheck(OPS.group_fc_grad_bias.default, (grad, bd))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_compile_fullgraph_forward_backward(device):
+@pytest.mark.parametrize("impl", EXT)
+def test_compile_fullgraph_forward_backward(impl):
     torch._dynamo.reset()
     shape = SHAPES["padded-tail"]
-    h, weight, bias = _make(shape, torch.float32, device)
+    h, weight, bias = _make(shape, torch.float32, IMPLS[impl][0])
 
     def step(h, weight, bias):
         return ext.group_fc(h, weight, bias, shape[3]).square().sum()
@@ -268,6 +336,7 @@ def test_compile_fullgraph_forward_backward(device):
         assert_close(f"compiled {name}", a, b, 1e-6)
 
 
+@needs_ext
 def test_compile_fullgraph_module_cpp_backend():
     """MLDecoderFast(backend="cpp") under torch.compile(fullgraph=True): forward + backward."""
     from heads import disable_dropout_, make_pair
@@ -302,6 +371,7 @@ BAD_ARGS = [
 ]
 
 
+@needs_ext
 @pytest.mark.parametrize("match,make_args", BAD_ARGS, ids=[m for m, _ in BAD_ARGS])
 def test_clear_errors(match, make_args):
     h, weight, bias = (t.detach() for t in _make(SHAPES["padded-tail"], torch.float32))
@@ -315,6 +385,7 @@ def test_clear_errors(match, make_args):
             OPS.group_fc(*meta)
 
 
+@needs_ext
 def test_status_and_backend_ops():
     ok, detail = ext.extension_status()
     assert isinstance(ok, bool) and isinstance(detail, str) and detail
@@ -330,6 +401,7 @@ def test_status_and_backend_ops():
     assert ops.group_fc(*meta, 47).shape == (5, 47)
 
 
+@needs_ext
 def test_load_failure_is_reported_not_raised(monkeypatch):
     """An extension that fails to import (e.g. built against another torch) leaves the package
     working: extension_status says why, ExtensionOps runs the PyTorch path."""
@@ -346,7 +418,51 @@ def test_load_failure_is_reported_not_raised(monkeypatch):
         ext.group_fc(h, weight, bias, 47)
 
 
+@needs_ext
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
 def test_cuda_bf16_full_size():
     """The issue's GPU setting: bf16, B = 256, 21,843 classes, D = 768."""
     _check_against_reference((256, 100, 768, 21843), torch.bfloat16, "cuda")
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton: against the torch path (mixed fp16 activations / fp32 weights, as under the head's
+# autocast), the no-grad direct path, autocast dtypes
+# ------------------------------------------------------------------------------------------------
+
+# (B, K, D, G, classes): G = 7 with a padded tail of 2 and B = 19 over two batch tiles; G = 1
+# (K = classes, as COCO). tests/ops/test_decode.py runs these and a three-tile G.
+TRITON_SHAPES = [(19, 5, 40, 7, 33), (3, 9, 24, 1, 9)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", TRITON_SHAPES)
+@pytest.mark.parametrize("impl", [_TRITON])
+def test_matches_torch_path(impl, dtype, shape, poison_empty):
+    b, k, d, gs, c = shape
+    h = leaf(torch.randn(b, k, d), dtype)
+    w, bias = leaf(torch.randn(k, d, gs) / d ** 0.5), leaf(torch.randn(c))
+    out = TRITON.group_fc(h, w, bias, c)
+    g = torch.randn(out.shape, device=DEV, dtype=out.dtype)
+    grads = grads_of(out, [h, w, bias], g)
+    hr, wr, br = ref_copies(h, w, bias)
+    ref = TORCH.group_fc(hr, wr, br, c)
+    check(f"group_fc{shape}", ref, grads_of(ref, [hr, wr, br], g.float()), out, grads, dtype,
+          out_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("impl", [_TRITON])
+def test_no_grad_direct_path_matches_custom_op(impl):
+    b, k, d, gs, c = 2, 5, 16, 3, 14
+    o = torch.randn(b, k, d, device=DEV)
+    w, bias = torch.randn(k, d, gs, device=DEV), torch.randn(c, device=DEV)
+    assert_no_grad_direct_path(lambda o, w, bias: TRITON.group_fc(o, w, bias, c), [o, w, bias], "group_fc")
+
+
+@pytest.mark.parametrize("impl", [_TRITON])
+def test_autocast_dtype_matches_torch(impl):
+    from triton_helpers import AUTOCAST_DTYPE
+    b, k, d, gs, c = 2, 5, 16, 3, 14
+    r = torch.randn(b, k, d, device=DEV)
+    w, bias = torch.randn(k, d, gs, device=DEV) / 4, torch.randn(c, device=DEV)
+    assert_autocast_dtype_matches_torch("group_fc", lambda ops: ops.group_fc(r, w, bias, c), AUTOCAST_DTYPE)
