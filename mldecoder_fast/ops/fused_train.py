@@ -494,12 +494,18 @@ class HeadTrainStep(torch.autograd.Function):
 
 
 def _input_grad(P: _Products, g_pre, We, tokens):
-    """The gradient of tokens [B, N, C] in their own layout: for the [B, N, C] view of a
-    [B, C, H, W] map, one batched GEMM writes it as [B, C, N] (Weᵀ g_preᵀ per sample)."""
+    """The gradient of tokens [B, N, C] in their own layout. For the [B, N, C] view of a
+    [B, C, H, W] map: on CUDA one batched GEMM writes it as [B, C, N] (Weᵀ g_preᵀ per sample); on
+    the CPU one GEMM over all rows and a transposing copy (measured ~3x faster there: the rows go
+    through the fast GEMM provider, while a batched product with a broadcast weight runs at MKL's
+    batched rate, at 21K sizes 22 ms against 8)."""
     B, N, C = tokens.shape
     if B > 1 and tokens.stride(1) == 1 and tokens.stride(2) == N:
-        g = torch.bmm(We.t().expand(B, C, We.shape[0]), g_pre.view(B, N, -1).transpose(1, 2).to(P.compute))
-        return g.to(tokens.dtype).transpose(1, 2)
+        if g_pre.device.type != "cpu":
+            g = torch.bmm(We.t().expand(B, C, We.shape[0]), g_pre.view(B, N, -1).transpose(1, 2).to(P.compute))
+            return g.to(tokens.dtype).transpose(1, 2)
+        rows = P.mm(g_pre, We).view(B, N, C).to(tokens.dtype)
+        return rows.transpose(1, 2).contiguous().transpose(1, 2)
     return P.mm(g_pre, We).view(B, N, C).to(tokens.dtype)
 
 
