@@ -158,7 +158,8 @@ def main(argv=None):
                          "ratio_vs_extension": round(ms / times["extension"], 2),
                          "tflops": round(flops / (ms * 1e-3) / 1e12, 2)})
     print(f"group FC forward+backward, {args.device} ({torch.get_num_threads()} threads), "
-          f"{args.dtype}{f' (autocast {args.autocast})' if amp else ''}, C={c} K={k} G={g} D={d}, {args.h_layout} h; median of {args.reps}"
+          f"{args.dtype}{f' (autocast {args.autocast})' if amp else ''}, C={c} K={k} G={g} D={d}, "
+          f"{args.h_layout} h; median of {args.reps}"
           + (f"; matmul rate {mm_rate:.0f} TFLOP/s" if mm_rate else ""))
     print(f"{'B':>5} {'provider':>15} {'ms':>10} {'x ext':>8} {'TFLOP/s':>8}")
     for r in rows:

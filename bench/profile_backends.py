@@ -88,7 +88,8 @@ def main(argv=None) -> int:
         print(f"\n== {cfg.name} {args.mode} B={batch} {dtype} | {r['impl']}: {r['wall_ms_per_step']:.2f} ms "
               f"per step (wall), {r['busy_ms_per_step']:.2f} ms {r['what']}")
         for t in r["top"]:
-            print(f"  {t['ms_per_step']:8.3f} ms {t['share'] * 100:5.1f}%  x{t['calls_per_step']:<5.1f} {t['name'][:90]}")
+            print(f"  {t['ms_per_step']:8.3f} ms {t['share'] * 100:5.1f}%  "
+                  f"x{t['calls_per_step']:<5.1f} {t['name'][:90]}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": cfg.name, "mode": args.mode, "batch": batch, "dtype": str(dtype),

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from mldecoder_fast.benchmark.runner import (check_agreement, make_case, make_step, prepare, reference_impl,
-                                             set_expectations)
+from mldecoder_fast.benchmark.runner import (
+    check_agreement,
+    make_case,
+    make_step,
+    prepare,
+    reference_impl,
+    set_expectations,
+)
 from mldecoder_fast.benchmark.timing import peak_memory_bytes, synchronize
-
 
 _CASE_CACHE: dict = {}
 

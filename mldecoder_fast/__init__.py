@@ -1,8 +1,8 @@
 """mldecoder-fast: a fast, faithful ML-Decoder classification head."""
-from .dispatch import backends
 from .checkpoints import head_state_dict, official_to_timm, timm_to_official
 from .convert import convert, is_ml_decoder_head
 from .cuda_graphs import cuda_graphed
+from .dispatch import backends
 from .export import export_onnx
 from .module import MLDecoderFast
 from .reference import MLDecoder

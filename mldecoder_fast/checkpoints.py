@@ -8,7 +8,7 @@ Official (and this package's) keys sit under ``decoder.``: ``decoder.embed_stand
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Mapping
+from collections.abc import Mapping
 
 # timm key (relative to the head) -> official key
 _TIMM_TO_OFFICIAL = {
@@ -27,7 +27,7 @@ def is_timm_layout(state_dict: Mapping, prefix: str = "") -> bool:
     return (prefix + "duplicate_pooling") in state_dict and (prefix + _MARKER) not in state_dict
 
 
-def timm_to_official(state_dict: Mapping, prefix: str = "") -> "OrderedDict":
+def timm_to_official(state_dict: Mapping, prefix: str = "") -> OrderedDict:
     """Rename timm's keys (under ``prefix``) to the official layout; other keys pass through."""
     out = OrderedDict()
     for key, value in state_dict.items():
@@ -37,14 +37,14 @@ def timm_to_official(state_dict: Mapping, prefix: str = "") -> "OrderedDict":
     return out
 
 
-def official_to_timm(state_dict: Mapping) -> "OrderedDict":
+def official_to_timm(state_dict: Mapping) -> OrderedDict:
     """Rename an official/our head state_dict to timm's layout (no ZSL in timm)."""
     if any(k.startswith("wordvec_proj.") for k in state_dict):
         raise ValueError("timm's ML-Decoder has no zero-shot mode: a ZSL state_dict has no timm layout")
     return OrderedDict((_OFFICIAL_TO_TIMM.get(k, k), v) for k, v in state_dict.items())
 
 
-def head_state_dict(checkpoint: Mapping, prefix: str | None = None) -> "OrderedDict":
+def head_state_dict(checkpoint: Mapping, prefix: str | None = None) -> OrderedDict:
     """The head's own state_dict from a head or whole-model checkpoint, in the official layout.
 
     ``checkpoint`` may be ``{'model': sd, ...}``, ``{'state_dict': sd}`` or a state_dict. The head

@@ -40,7 +40,8 @@ from __future__ import annotations
 
 import bisect
 import warnings
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -53,7 +54,7 @@ def cuda_graphed(module: nn.Module, batch_sizes: Sequence[int] = DEFAULT_BATCH_S
                  sample_shape: Sequence[int] | None = None, dtype: torch.dtype | None = None,
                  autocast_dtype: torch.dtype | None = None, *, copy_output: bool = True,
                  on_change: str = "recapture", warmup_iters: int = 3,
-                 graph_backend=None) -> "GraphedModule":
+                 graph_backend=None) -> GraphedModule:
     """``module``'s eval forward captured as one CUDA graph per batch size.
 
     Args:
@@ -110,7 +111,7 @@ def _slots_state(slots) -> list:
 
 
 def _changed_slot(slots, state) -> str:
-    for s, (ident, version, ptr, shape) in zip(slots, state):
+    for s, (ident, version, ptr, shape) in zip(slots, state, strict=True):
         now = s.owner.get(s.key)
         if id(now) != ident:
             return f"{s.name} was replaced or removed"

@@ -84,7 +84,7 @@ def _torch_backend(module: nn.Module):
             h.backend = "torch"
         yield
     finally:
-        for h, b in zip(heads, saved):
+        for h, b in zip(heads, saved, strict=True):
             h.backend = b
 
 

@@ -124,7 +124,7 @@ def run(args) -> int:
             continue
         with torch.no_grad():
             scores = torch.sigmoid(model(torch.stack(batch).to(device)).float()).cpu()
-        for path, s in zip(ok, scores):
+        for path, s in zip(ok, scores, strict=True):
             found = top_classes(s.tolist(), names, args.threshold, args.top_k)
             if args.json:
                 print(json.dumps({"image": path, "classes": [{"class": c, "score": round(v, 4)} for c, v in found]}))

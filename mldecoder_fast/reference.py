@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._config import DROPOUT_P, FEEDFORWARD_DIM, LAYER_NORM_EPS, NUM_HEADS, WORDVEC_DIM, resolve_config
-from .checkpoints import load_state_dict_pre_hook
 from ._inputs import check_input, check_word_vectors, tokens_from_input
+from .checkpoints import load_state_dict_pre_hook
 
 
 class DecoderLayer(nn.Module):

@@ -14,9 +14,8 @@ import time
 
 import pytest
 import torch
-from torch import nn
-
 from helpers import assert_close
+from torch import nn
 
 from mldecoder_fast import MLDecoder
 from mldecoder_fast.benchmark import configs as configs_mod

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from helpers import assert_close
 from heads import disable_dropout_, make_pair
+from helpers import assert_close
 
 
 def _agree(ref, fast, x, what):

@@ -16,10 +16,10 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
-
 from heads import disable_dropout_, make_input, make_pair, randomize_
 from helpers import assert_close
+from torch import nn
+
 from mldecoder_fast import MLDecoderFast, cuda_graphed
 
 C = 24          # input features of the small test heads; inputs are [B, 24, 3, 3]
@@ -187,7 +187,8 @@ def test_dtype_move_recaptures_for_the_new_dtype():
     g = cuda_graphed(head, (4,), SAMPLE, graph_backend=FrozenGraphs())
     g(make_input("map", 2, C))
     head.double()
-    with pytest.raises(TypeError, match=r"input dtype torch.float32 does not match the captured input dtype torch.float64"):
+    with pytest.raises(TypeError,
+                       match=r"input dtype torch.float32 does not match the captured input dtype torch.float64"):
         g(make_input("map", 2, C))
     x = make_input("map", 2, C, dtype=torch.float64)
     out = g(x)
@@ -391,7 +392,7 @@ def test_make_graphed_callables_training_cuda():
         x = torch.randn(8, 2048, 7, 7, device="cuda")
         (graphed(x) * g).sum().backward()
         (ref(x) * g).sum().backward()
-        for (name, p), q in zip(ref.named_parameters(), head.parameters()):
+        for (name, p), q in zip(ref.named_parameters(), head.parameters(), strict=True):
             if p.requires_grad:
                 assert_close(f"step {step}: grad of {name}", p.grad, q.grad, 1e-4)
         opt_graphed.step(), opt_eager.step()
@@ -422,7 +423,7 @@ def test_compile_reduce_overhead_cuda(mode):
         g = torch.randn(4, 80, device="cuda")
         (compiled(x) * g).sum().backward()
         (ref(x) * g).sum().backward()
-        for (name, p), q in zip(ref.named_parameters(), head.parameters()):
+        for (name, p), q in zip(ref.named_parameters(), head.parameters(), strict=True):
             if p.requires_grad:
                 assert_close(f"step {step}: grad of {name}", p.grad, q.grad, 1e-4)
                 p.grad = q.grad = None

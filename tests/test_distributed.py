@@ -7,9 +7,8 @@ import copy
 
 import pytest
 import torch
-from torch import nn
-
 from heads import disable_dropout_
+from torch import nn
 
 from mldecoder_fast import MLDecoderFast
 from mldecoder_fast.train import distributed as D

@@ -39,7 +39,8 @@ def test_input_errors(cls):
         (torch.randn(2, 24), ValueError, "rank 4 .* or rank 3 .* got rank 2"),
         (torch.randn(1, 2, 24, 3, 3), ValueError, "got rank 5"),
         (torch.randint(0, 5, (2, 24, 3, 3)), TypeError, "floating-point input .* got torch.int64"),
-        (torch.randn(2, 24, 3, 3).double(), TypeError, "float64 does not match the head's parameter dtype torch.float32"),
+        (torch.randn(2, 24, 3, 3).double(), TypeError,
+         "float64 does not match the head's parameter dtype torch.float32"),
         (torch.randn(2, 24, 0, 3), ValueError, "no spatial tokens"),
         ([1.0, 2.0], TypeError, "expects a torch.Tensor, got list"),
     ]

@@ -10,7 +10,6 @@ import os
 
 import pytest
 import torch
-
 from helpers import assert_close
 
 pytest.importorskip("onnxscript")

@@ -50,7 +50,7 @@ def _ddp_worker(rank, world, kit):
     value.backward()
     trainable = [p for p in head.parameters() if p.requires_grad]
     assert {id(p) for p in hooked} == {id(p) for p in trainable}, "DDP's hooks missed a gradient"
-    for (name, p), r in zip(head.named_parameters(), ref.parameters()):
+    for (name, p), r in zip(head.named_parameters(), ref.parameters(), strict=True):
         if p.requires_grad:
             assert torch.allclose(p.grad, r.grad, rtol=1e-9, atol=1e-12), (
                 f"rank {rank} {kit} {name}: DDP gradient differs from the single-process one "

@@ -132,7 +132,7 @@ def test_run_backward_matches_autograd():
     params = [p for p in head.parameters() if p.requires_grad]
     expected = torch.autograd.grad(head(x), [x] + params, g)
     assert set(leaves) == set([x] + params)
-    for t, e in zip([x] + params, expected):
+    for t, e in zip([x] + params, expected, strict=True):
         torch.testing.assert_close(leaves[t], e)
 
 

@@ -5,9 +5,8 @@ import os
 
 import pytest
 import torch
-
-from helpers import assert_close
 from heads import STANDARD_CONFIGS, check_train_grads, disable_dropout_, make_input, make_pair
+from helpers import assert_close
 
 from mldecoder_fast import MLDecoder
 

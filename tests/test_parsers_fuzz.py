@@ -251,7 +251,8 @@ def test_a_bad_row_stops_the_load(workdir):
 
 # specific malformed inputs: the message says what and where -------------------------------------
 @pytest.mark.parametrize("name, data, message", [
-    ("csv", MULTILABEL_CSV.encode().replace(b"c.jpg", b"c\xff.jpg"), r"train\.csv line 4 \(byte 2: b'\\xff'\): not UTF-8"),
+    ("csv", MULTILABEL_CSV.encode().replace(b"c.jpg", b"c\xff.jpg"),
+     r"train\.csv line 4 \(byte 2: b'\\xff'\): not UTF-8"),
     ("list-file", b"a.png 0\n\xe9.png 1\n", r"train\.txt line 2 \(byte 1: b'\\xe9'\): not UTF-8"),
     ("class-file", b"n1\nn2\n\xc3", r"classes\.txt line 3 .*: not UTF-8"),
     ("class-file", b"n1\nn2\n n1\n", r"classes\.txt line 3: class 'n1' is listed twice \(first on line 1\)"),

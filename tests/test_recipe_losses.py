@@ -23,7 +23,7 @@ def test_recipe_computes_the_recorded_numbers(recipe):
     np.testing.assert_allclose([s[1:] for s in got["steps"]], [s[1:] for s in expected["steps"]],
                                rtol=1e-6, err_msg=f"{recipe}: per-step loss and learning rate")
     assert len(got["epochs"]) == len(expected["epochs"])
-    for i, (g, e) in enumerate(zip(got["epochs"], expected["epochs"])):
+    for i, (g, e) in enumerate(zip(got["epochs"], expected["epochs"], strict=True)):
         assert list(g) == list(e)
         # mAP ranks scores: a near-tie flips with the last bit of an eval kernel, hence 2e-3
         np.testing.assert_allclose(list(g.values()), list(e.values()), rtol=2e-3,

@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from heads import make_pair, randomize_
+from helpers import assert_close
 from torch import nn
 
-from helpers import assert_close
-from heads import make_pair, randomize_
-
 import mldecoder_fast
-from mldecoder_fast import (MLDecoder, MLDecoderFast, convert, head_state_dict, official_to_timm,
-                            timm_to_official)
+from mldecoder_fast import MLDecoder, MLDecoderFast, convert, head_state_dict, official_to_timm, timm_to_official
 from mldecoder_fast.reference import DecoderLayer
 
 OFFICIAL_KEYS = {

@@ -13,21 +13,23 @@ pytest.importorskip("timm")
 pytest.importorskip("sklearn")
 
 from mldecoder_fast.cli import main  # noqa: E402
-from mldecoder_fast.train.checkpoint import (CheckpointError, check_classes, load_checkpoint,  # noqa: E402
-                                             save_checkpoint)
+from mldecoder_fast.train.checkpoint import CheckpointError, check_classes, load_checkpoint, save_checkpoint  # noqa: E402
 from mldecoder_fast.train.datasets import BadImageError, MultiLabelDataset  # noqa: E402
+from mldecoder_fast.train.ema import ModelEma  # noqa: E402
 from mldecoder_fast.train.formats.coco import load_coco  # noqa: E402
 from mldecoder_fast.train.formats.common import DataError  # noqa: E402
 from mldecoder_fast.train.formats.label_csv import load_csv  # noqa: E402
-from mldecoder_fast.train.synthetic.digits import demo_datasets  # noqa: E402
-from mldecoder_fast.train.ema import ModelEma  # noqa: E402
 from mldecoder_fast.train.losses import AsymmetricLoss  # noqa: E402
 from mldecoder_fast.train.metrics import average_precision, chance_map, mean_average_precision  # noqa: E402
 from mldecoder_fast.train.models import build_model  # noqa: E402
 from mldecoder_fast.train.multilabel import MultiLabelTrainer, TrainConfig  # noqa: E402
-from mldecoder_fast.train.optim import build_optimizer, build_scheduler  # noqa: E402
+from mldecoder_fast.train.optim import (  # noqa: E402
+    build_optimizer,
+    build_scheduler,
+    param_groups,  # noqa: E402
+)
 from mldecoder_fast.train.seeding import seed_everything  # noqa: E402
-from mldecoder_fast.train.optim import param_groups  # noqa: E402
+from mldecoder_fast.train.synthetic.digits import demo_datasets  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -70,7 +72,7 @@ def test_map_matches_per_class_loop():
 # Asymmetric Loss ------------------------------------------------------------------------------
 def asl_direct(x, y, gamma_neg=4.0, gamma_pos=0.0, clip=0.05, eps=1e-8):
     total = 0.0
-    for xi, yi in zip(x.flatten().tolist(), y.flatten().tolist()):
+    for xi, yi in zip(x.flatten().tolist(), y.flatten().tolist(), strict=True):
         p = 1 / (1 + math.exp(-xi))
         if yi == 1:
             total += -((1 - p) ** gamma_pos) * math.log(max(p, eps))
@@ -194,7 +196,7 @@ def test_resume_is_exact(tmp_path):
     resumed_losses = [s[1] for s in resumed.history["steps"]]
     assert len(full_losses) == 4
     assert resumed_losses == full_losses  # the next steps' losses are exactly those of the full run
-    for (k, a), b in zip(full.ema.module.state_dict().items(), resumed.ema.module.state_dict().values()):
+    for (k, a), b in zip(full.ema.module.state_dict().items(), resumed.ema.module.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
     assert [r["mAP"] for r in resumed.history["epochs"]] == [r["mAP"] for r in full.history["epochs"]]
 
@@ -219,7 +221,8 @@ def test_class_count_mismatch(tmp_path):
     path = str(tmp_path / "ckpt.pth")
     save_checkpoint(path, model=model, class_names=[str(i) for i in range(10)], model_args={"model": "test_resnet"})
     ckpt = load_checkpoint(path)
-    with pytest.raises(CheckpointError, match=r"head has 10 classes .*fc\.decoder\.duplicate_pooling_bias.* 80 classes"):
+    with pytest.raises(CheckpointError,
+                       match=r"head has 10 classes .*fc\.decoder\.duplicate_pooling_bias.* 80 classes"):
         check_classes(ckpt, [f"c{i}" for i in range(80)])
     with pytest.raises(CheckpointError, match="class 0 is '0' in the checkpoint but 'zero'"):
         check_classes(ckpt, ["zero"] + [str(i) for i in range(1, 10)])

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from helpers import assert_close
 from heads import check_train_grads, disable_dropout_, make_input, make_pair
+from helpers import assert_close
 
 from mldecoder_fast.ops import triton_ops as T
 

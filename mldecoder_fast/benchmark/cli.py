@@ -34,7 +34,8 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="float32/float64: weights and input in that dtype; float16/bfloat16: fp32 "
                         "weights under torch.autocast (default: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--batch", type=int_list(1), default=None, help="batch size(s), comma-separated (default: 16 on CPU, 32,256 on CUDA)")
+    p.add_argument("--batch", type=int_list(1), default=None,
+                   help="batch size(s), comma-separated (default: 16 on CPU, 32,256 on CUDA)")
     p.add_argument("--configs", default=None, help="comma-separated configuration names or prefixes (default: all)")
     p.add_argument("--modes", default="eval,train", help="eval, train or both (default: eval,train)")
     p.add_argument("--impls", default=None,
@@ -63,7 +64,8 @@ def register(subparsers) -> None:
     p.add_argument("--plot", metavar="PATH", help="run the scaling study and write its PNG")
     p.add_argument("--scaling-only", action="store_true", help="with --plot: only the scaling study, no main table")
     p.add_argument("--scaling-classes", type=int_list(1), default=None,
-                   help="class counts of the scaling study (default 80,1000,10000,21843,50000,100000; quick 80,1000,10000)")
+                   help="class counts of the scaling study "
+                        "(default 80,1000,10000,21843,50000,100000; quick 80,1000,10000)")
     p.add_argument("--from-json", metavar="PATH", help="no measurement: render the table/markdown/plot of a saved JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

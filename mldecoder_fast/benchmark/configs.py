@@ -78,7 +78,7 @@ class BenchConfig:
             x = torch.randn((batch, self.num_features, side, side), generator=g).relu_()
         return x.to(device=device, dtype=dtype)
 
-    def shrunk(self) -> "BenchConfig":
+    def shrunk(self) -> BenchConfig:
         """A small copy with the same structure (K/G ratio, input kind, ZSL), for quick runs."""
         classes = max(1, self.num_classes // 20)
         groups = self.num_of_groups if self.num_of_groups < 0 else max(1, self.num_of_groups // 20)

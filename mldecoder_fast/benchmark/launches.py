@@ -238,7 +238,7 @@ def run_backward(output: torch.Tensor, grad: torch.Tensor | None = None) -> dict
             grads = _tensor_input_grads(node, tuple(grads))
         else:  # no gradient reached this node: nothing flows on
             grads = (None,) * len(node.next_functions)
-        for (nxt, nr), g in zip(node.next_functions, grads):
+        for (nxt, nr), g in zip(node.next_functions, grads, strict=True):
             if nxt is None:
                 continue
             if g is not None:

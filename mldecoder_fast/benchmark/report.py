@@ -193,7 +193,8 @@ def format_table(results, meta: dict | None = None) -> str:
     lines = []
     if meta:
         lines.append(_meta_line(meta))
-    header = "  ".join(h.ljust(w) if i < 4 else h.rjust(w) for i, (h, w) in enumerate(zip(TABLE_COLUMNS, widths)))
+    header = "  ".join(h.ljust(w) if i < 4 else h.rjust(w)
+                       for i, (h, w) in enumerate(zip(TABLE_COLUMNS, widths, strict=True)))
     lines += [header, "-" * len(header)]
     prev = None
     for r in rows:
@@ -202,7 +203,7 @@ def format_table(results, meta: dict | None = None) -> str:
             lines.append("")
         prev = key
         lines.append("  ".join(c.ljust(w) if i < 4 or i == len(r) - 1 else c.rjust(w)
-                               for i, (c, w) in enumerate(zip(r, widths))))
+                               for i, (c, w) in enumerate(zip(r, widths, strict=True))))
     return "\n".join(lines)
 
 
@@ -260,7 +261,8 @@ def summary(results, meta: dict | None = None) -> list[str]:
         return ["no MLDecoderFast implementation was measured"]
     by = {(r["config"], r["mode"], r["batch"], r["impl"]): r for r in rows}
     cpu_goal_run = bool(meta) and meta.get("device") == "cpu" and meta.get("dtype") == "float32"
-    how = "what backend=\"auto\" runs" if (meta or {}).get("auto_backend") and fast.endswith(meta["auto_backend"]) else "first measured backend"
+    auto = (meta or {}).get("auto_backend")
+    how = "what backend=\"auto\" runs" if auto and fast.endswith(auto) else "first measured backend"
     lines = [f"MLDecoderFast ({fast}, {how}) vs reference:"]
     for (cfg, mode, batch, impl), r in by.items():
         if impl != fast or r.get("speedup_vs_reference") is None:

@@ -30,9 +30,9 @@ import gc
 import importlib.util
 import math
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +82,7 @@ class Impl:
     modes: tuple[str, ...] = MODES  # a case of another mode gets no row of this implementation
     memory: bool = True  # False: allocates outside PyTorch's allocator (no peak memory reported)
     # Called with the head once it holds the case's weights: what to time instead (e.g. an export).
-    wrap: Callable[[nn.Module, "Case"], nn.Module] | None = None
+    wrap: Callable[[nn.Module, Case], nn.Module] | None = None
 
     def make(self, cfg: BenchConfig) -> nn.Module:
         return self.build(cfg)
@@ -229,7 +229,7 @@ def reference_impl() -> Impl:
     return Impl(REFERENCE, lambda c: c.make_head(MLDecoder))
 
 
-def _onnxruntime(head: nn.Module, case: "Case") -> nn.Module:
+def _onnxruntime(head: nn.Module, case: Case) -> nn.Module:
     """``head`` exported by ``export_onnx`` (dynamic batch, as users get it) and run by ONNX Runtime
     with the benchmark's threads (``onnxruntime_session``)."""
     from ..export import OnnxRuntimeModule, export_onnx

@@ -8,13 +8,23 @@ speedup over the reference (log-x), one line per implementation.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
 from .configs import SCALING_CLASSES, BenchConfig, scaling_config
-from .runner import (EXPERT, MODES, REFERENCE, Impl, Result, auto_backend, fill_ratios, implementations,
-                     make_case, run_case)
+from .runner import (
+    EXPERT,
+    MODES,
+    REFERENCE,
+    Impl,
+    Result,
+    auto_backend,
+    fill_ratios,
+    implementations,
+    make_case,
+    run_case,
+)
 
 _STYLE = {REFERENCE: dict(color="#7f7f7f", marker="o"), EXPERT: dict(color="#1f77b4", marker="s")}
 _FAST_COLORS = ["#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]

@@ -82,7 +82,7 @@ def _tile(ptr, rows, rmask, s_row, cols, s_col, HEAD_DIM: tl.constexpr):
           key=["K", "N", "QK_DIM", "HEAD_DIM", "SIZE_CLASS", "DROPOUT"],
           sizes={"BLOCK_K": "K", "BLOCK_N": "N"})
 @triton.jit(do_not_specialize=["SIZE_CLASS", "seed_offset"])
-def _attn_fwd_kernel(Q, KEYS, VALS, O, LSE, SEED, seed_offset,
+def _attn_fwd_kernel(Q, KEYS, VALS, OUT, LSE, SEED, seed_offset,
                      H, K, N, D_OUT,
                      s_qb, s_qh, s_qk, s_qc, s_kb, s_kh, s_kn, s_kc,
                      v_off, s_vb, s_vh, s_vn, s_vd,
@@ -92,14 +92,15 @@ def _attn_fwd_kernel(Q, KEYS, VALS, O, LSE, SEED, seed_offset,
                      BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """Scores q[b, h, i, :] . keys[b, h, n, :] over QK_DIM, values [b, h, n, :HEAD_DIM]; every
     operand addressed by (b, h, row, col) strides (the values from ``v_off`` elements past VALS),
-    so the same kernel reads kv [B, N, 2D] (per-head slices, the values its second half) or, for the folded form, queries qk [H, K, D] against the memory [B, N, D]
+    so the same kernel reads kv [B, N, 2D] (per-head slices, the values its second half) or, for the
+    folded form, queries qk [H, K, D] against the memory [B, N, D]
     itself (head stride 0), the score dimension then reduced in BLOCK_C chunks. Head columns:
     [0, D_LO) and, when HEAD_DIM > D_LO, [D_LO, D_LO + D_HI) (masked to HEAD_DIM)."""
     pid_bh = tl.program_id(0)
     pid_k = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
-    dt = O.dtype.element_ty
+    dt = OUT.dtype.element_ty
     SPLIT: tl.constexpr = HEAD_DIM > D_LO
     PER_HEAD: tl.constexpr = QK_DIM == HEAD_DIM  # scores over the head's own columns
 
@@ -157,7 +158,7 @@ def _attn_fwd_kernel(Q, KEYS, VALS, O, LSE, SEED, seed_offset,
         m_i = m_new
 
     out_scale = (drop_scale / l_i)[:, None]
-    o_base = O + h * HEAD_DIM
+    o_base = OUT + h * HEAD_DIM
     o_rows = b * K + offs_k
     tl.store(o_base + o_rows[:, None] * D_OUT + ca[None, :], (acc_a * out_scale).to(dt),
              mask=kmask[:, None] & (ca < HEAD_DIM)[None, :])
@@ -170,7 +171,7 @@ def _attn_fwd_kernel(Q, KEYS, VALS, O, LSE, SEED, seed_offset,
 @autotune(BWD_DQ_CONFIGS, _INTERP_BWD, key=["K", "N", "HEAD_DIM", "SIZE_CLASS", "DROPOUT"],
           sizes={"BLOCK_M": "K", "BLOCK_N": "N"})
 @triton.jit(do_not_specialize=["SIZE_CLASS", "seed_offset"])
-def _attn_bwd_dq_kernel(Q, KV, O, DO, LSE, SEED, DQ, DELTA, seed_offset,
+def _attn_bwd_dq_kernel(Q, KV, OUT, DO, LSE, SEED, DQ, DELTA, seed_offset,
                         H, K, N, D_MODEL,
                         s_qb, s_qk, s_qd, s_kvb, s_kvn, s_kvd,
                         sm_scale, qk_scale, p, drop_scale, SIZE_CLASS,
@@ -199,12 +200,12 @@ def _attn_bwd_dq_kernel(Q, KV, O, DO, LSE, SEED, DQ, DELTA, seed_offset,
 
     qa = _tile(q_base, offs_m, mmask, s_qk, ca, s_qd, HEAD_DIM).to(dt)
     do_a = _tile(DO + o_off, offs_m, mmask, D_MODEL, ca, 1, HEAD_DIM)
-    delta = tl.sum(do_a.to(tl.float32) * _tile(O + o_off, offs_m, mmask, D_MODEL, ca, 1,
+    delta = tl.sum(do_a.to(tl.float32) * _tile(OUT + o_off, offs_m, mmask, D_MODEL, ca, 1,
                                                 HEAD_DIM).to(tl.float32), axis=1)
     if SPLIT:
         qb = _tile(q_base, offs_m, mmask, s_qk, cb, s_qd, HEAD_DIM).to(dt)
         do_b = _tile(DO + o_off, offs_m, mmask, D_MODEL, cb, 1, HEAD_DIM)
-        delta += tl.sum(do_b.to(tl.float32) * _tile(O + o_off, offs_m, mmask, D_MODEL, cb, 1,
+        delta += tl.sum(do_b.to(tl.float32) * _tile(OUT + o_off, offs_m, mmask, D_MODEL, cb, 1,
                                                      HEAD_DIM).to(tl.float32), axis=1)
     stat = pid_bh.to(tl.int64) * K + offs_m
     tl.store(DELTA + stat, delta, mask=mmask)

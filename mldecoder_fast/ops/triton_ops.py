@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -37,8 +36,8 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no")
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_version() -> Optional[str]:
+@functools.cache
+def _triton_version() -> str | None:
     try:
         import triton
         return str(triton.__version__)
@@ -85,7 +84,7 @@ def _rows(shape) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _broadcast(a: tuple, b: tuple) -> Optional[tuple]:
+def _broadcast(a: tuple, b: tuple) -> tuple | None:
     """torch.broadcast_shapes(a, b) once per pair of shapes; None when they do not broadcast."""
     try:
         return tuple(torch.broadcast_shapes(a, b))
@@ -129,7 +128,7 @@ class _DropoutSeeds:
     def __init__(self):
         self._seeds = {}  # device -> (generator seed, int64 [1] tensor holding it)
 
-    def __call__(self, p: float, like: Tensor) -> tuple[Optional[Tensor], int]:
+    def __call__(self, p: float, like: Tensor) -> tuple[Tensor | None, int]:
         if p <= 0:
             return None, 0
         device = like.device
@@ -152,7 +151,7 @@ class _DropoutSeeds:
 # residual + dropout + LayerNorm -----------------------------------------------------------------
 
 @torch.library.custom_op("mldecoder_fast::triton_layer_norm", mutates_args=())
-def triton_layer_norm(residual: Tensor, x: Tensor, seed: Optional[Tensor], seed_offset: int,
+def triton_layer_norm(residual: Tensor, x: Tensor, seed: Tensor | None, seed_offset: int,
                       p: float, weight: Tensor, bias: Tensor,
                       eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """(LN(residual + dropout(x)), row mean, row rstd)."""
@@ -170,7 +169,7 @@ def _(residual, x, seed, seed_offset, p, weight, bias, eps):
 
 
 @torch.library.custom_op("mldecoder_fast::triton_layer_norm_backward", mutates_args=())
-def triton_layer_norm_backward(dy: Tensor, residual: Tensor, x: Tensor, seed: Optional[Tensor],
+def triton_layer_norm_backward(dy: Tensor, residual: Tensor, x: Tensor, seed: Tensor | None,
                                seed_offset: int, p: float, weight: Tensor, mean: Tensor,
                                rstd: Tensor,
                                input_grads: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -218,7 +217,7 @@ triton_layer_norm.register_autograd(_ln_backward, setup_context=_ln_setup)
 # cross-attention -------------------------------------------------------------------------------
 
 @torch.library.custom_op("mldecoder_fast::triton_attention", mutates_args=())
-def triton_attention(q: Tensor, kv: Tensor, seed: Optional[Tensor], seed_offset: int,
+def triton_attention(q: Tensor, kv: Tensor, seed: Tensor | None, seed_offset: int,
                      num_heads: int, dropout_p: float,
                      out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(O [B, K, D] heads concatenated, log-sum-exp [B, H, K] fp32 base 2)."""
@@ -237,7 +236,7 @@ def _(q, kv, seed, seed_offset, num_heads, dropout_p, out_dtype):
 
 @torch.library.custom_op("mldecoder_fast::triton_attention_backward", mutates_args=())
 def triton_attention_backward(do: Tensor, q: Tensor, kv: Tensor, o: Tensor, lse: Tensor,
-                              seed: Optional[Tensor], seed_offset: int, num_heads: int,
+                              seed: Tensor | None, seed_offset: int, num_heads: int,
                               dropout_p: float) -> tuple[Tensor, Tensor]:
     from ..kernels.attention import attention_backward
     with _on_device(kv):
@@ -269,7 +268,7 @@ triton_attention.register_autograd(_attn_backward, setup_context=_attn_setup)
 # cross-attention with batch-shared queries, key projection folded in ---------------------------
 
 @torch.library.custom_op("mldecoder_fast::triton_shared_query_attention", mutates_args=())
-def triton_shared_query_attention(qk: Tensor, memory: Tensor, v: Tensor, seed: Optional[Tensor],
+def triton_shared_query_attention(qk: Tensor, memory: Tensor, v: Tensor, seed: Tensor | None,
                                   seed_offset: int, num_heads: int, dropout_p: float,
                                   out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(O [B, K, D], log-sum-exp [B, H, K]) of softmax(memory . qk[h]) v_h: see
@@ -289,7 +288,7 @@ def _(qk, memory, v, seed, seed_offset, num_heads, dropout_p, out_dtype):
 
 @torch.library.custom_op("mldecoder_fast::triton_shared_query_attention_backward", mutates_args=())
 def triton_shared_query_attention_backward(do: Tensor, qk: Tensor, memory: Tensor, v: Tensor,
-                                           seed: Optional[Tensor], seed_offset: int,
+                                           seed: Tensor | None, seed_offset: int,
                                            dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
     from ..kernels.attention import folded_attention_backward
     with _on_device(memory):
@@ -372,7 +371,7 @@ triton_group_fc.register_autograd(_gfc_backward, setup_context=_gfc_setup)
 # LayerNorm-3 + group FC ------------------------------------------------------------------------
 
 @torch.library.custom_op("mldecoder_fast::triton_decode", mutates_args=())
-def triton_decode(residual: Tensor, x: Tensor, seed: Optional[Tensor], seed_offset: int, p: float,
+def triton_decode(residual: Tensor, x: Tensor, seed: Tensor | None, seed_offset: int, p: float,
                   ln_weight: Tensor, ln_bias: Tensor, eps: float, weight: Tensor, bias: Tensor,
                   num_classes: int, compute_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """(group FC of LN(residual + dropout(x)) [B, num_classes], row mean, row rstd); dtypes as
@@ -393,7 +392,7 @@ def _(residual, x, seed, seed_offset, p, ln_weight, ln_bias, eps, weight, bias, 
 
 
 @torch.library.custom_op("mldecoder_fast::triton_decode_backward", mutates_args=())
-def triton_decode_backward(dout: Tensor, residual: Tensor, x: Tensor, seed: Optional[Tensor],
+def triton_decode_backward(dout: Tensor, residual: Tensor, x: Tensor, seed: Tensor | None,
                            seed_offset: int, p: float, ln_weight: Tensor, ln_bias: Tensor,
                            mean: Tensor, rstd: Tensor, weight: Tensor,
                            compute_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:

@@ -106,7 +106,7 @@ def check_classes(ckpt: dict, class_names, what: str = "the data") -> None:
         if len(saved) != len(class_names):
             raise CheckpointError(f"{path}: the checkpoint has {len(saved)} classes but {what} has "
                                   f"{len(class_names)} classes")
-        diff = next(i for i, (a, b) in enumerate(zip(saved, class_names)) if a != b)
+        diff = next(i for i, (a, b) in enumerate(zip(saved, class_names, strict=True)) if a != b)
         raise CheckpointError(f"{path}: class {diff} is {saved[diff]!r} in the checkpoint but "
                               f"{class_names[diff]!r} in {what}: the class lists differ")
 

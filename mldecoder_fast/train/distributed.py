@@ -33,7 +33,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "destroy_distributed", "wrap_ddp", "unwrap", "shard_with_fsdp", "reshard_all",
+__all__ = ["DistInfo", "init_distributed", "destroy_distributed", "wrap_ddp", "unwrap", "shard_with_fsdp",
+           "reshard_all",
            "drop_head_caches_each_forward",
            "all_reduce_sum", "all_reduce_max", "all_gather_object", "broadcast_object", "barrier",
            "peak_memory_mb", "free_port", "spawn_local"]

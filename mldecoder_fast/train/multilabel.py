@@ -1,7 +1,8 @@
 """The multi-label recipe (the ML-Decoder MS-COCO recipe, docs/design.md, Training recipes): the
 ``ASLTrainer`` (Asymmetric Loss, Adam, OneCycleLR, EMA) on multi-hot targets; after every epoch
-the mAP of the model and of its EMA, the curves in ``curves.png``. Its data order is the one ``DataLoader(shuffle=True)`` gave it before it ran
-under torchrun (``samplers.DataLoaderOrder``), sharded over the ranks under DDP.
+the mAP of the model and of its EMA, the curves in ``curves.png``. Its data order is the one
+``DataLoader(shuffle=True)`` gave it before it ran under torchrun (``samplers.DataLoaderOrder``),
+sharded over the ranks under DDP.
 """
 from __future__ import annotations
 

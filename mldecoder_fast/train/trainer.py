@@ -207,7 +207,8 @@ class Trainer:
         if self.stop_on_nonfinite and len(bad):
             i = int(bad[0])
             raise FloatingPointError(f"epoch {self.epoch + 1} step {first + i}: the loss is {float(losses[i])}")
-        self.history["steps"].extend([first + i, float(v), lr] for i, (v, (_, lr)) in enumerate(zip(losses, pending)))
+        self.history["steps"].extend([first + i, float(v), lr]
+                                     for i, (v, (_, lr)) in enumerate(zip(losses, pending, strict=True)))
         return losses
 
     def train_one_epoch(self) -> dict:

@@ -157,16 +157,16 @@ def _check_against_reference(shape, dtype, impl, layout="transposed", zsl=False,
     with amp():
         base = _fwd_bwd(group_fc_torch, ht, wt, bt, c, grad)
     names = ("out", "grad_h", "grad_weight", "grad_bias")
-    for name, o, t in zip(names, (out, gh, gw, gb), base):
+    for name, o, t in zip(names, (out, gh, gw, gb), base[:4], strict=True):
         assert o.dtype == t.dtype, f"{name}: dtype {o.dtype}, PyTorch expression gives {t.dtype}"
     if product in (torch.float32, torch.float64):
         tol = 1e-5 if product == torch.float32 else 1e-12
-        for name, r, o in zip(names, (ref, rgh, rgw, rgb), (out, gh, gw, gb)):
+        for name, r, o in zip(names, (ref, rgh, rgw, rgb), (out, gh, gw, gb), strict=True):
             assert_close(f"{name} {dtype}", r, o, tol)
         return
     # half types: at most 2x the error of the same-dtype PyTorch expression (+ a floor)
     floor = 2e-3 if product == torch.float16 else 1e-2
-    for name, r, o, t in zip(names, (ref, rgh, rgw, rgb), (out, gh, gw, gb), base):
+    for name, r, o, t in zip(names, (ref, rgh, rgw, rgb), (out, gh, gw, gb), base[:4], strict=True):
         assert_close(f"{name} {product}", r, o, max(2 * rel_rms(r, t), floor))
 
 
@@ -281,7 +281,7 @@ def test_deterministic_backward(impl):
     h, weight, bias = _make(SHAPES["imagenet21k-21843"], torch.float32, IMPLS[impl][0])
     first = _fwd_bwd(ext.group_fc, h, weight, bias, 21843)
     second = _fwd_bwd(ext.group_fc, h, weight, bias, 21843, first[-1])
-    for name, a, b in zip(("out", "grad_h", "grad_weight", "grad_bias"), first, second):
+    for name, a, b in zip(("out", "grad_h", "grad_weight", "grad_bias"), first[:4], second[:4], strict=True):
         assert torch.equal(a, b), f"{name} differs between two identical runs"
 
 
@@ -332,7 +332,7 @@ def test_compile_fullgraph_forward_backward(impl):
     eager = _fwd_bwd(lambda *a: step(*a[:3]).reshape(1), h, weight, bias, 0, torch.ones(1))
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     got = _fwd_bwd(lambda *a: compiled(*a[:3]).reshape(1), h, weight, bias, 0, torch.ones(1))
-    for name, a, b in zip(("loss", "grad_h", "grad_weight", "grad_bias"), eager[:4], got[:4]):
+    for name, a, b in zip(("loss", "grad_h", "grad_weight", "grad_bias"), eager[:4], got[:4], strict=True):
         assert_close(f"compiled {name}", a, b, 1e-6)
 
 

@@ -57,7 +57,8 @@ def register(recipes) -> None:
     t.add_argument("--batch-size", type=int_range(1), default=None,
                    help=f"per process (default {A2_DEFAULTS['batch_size']}; on --resume: the "
                         "checkpoint's global batch / processes)")
-    t.add_argument("--lr", type=float_range(gt=0), default=A2_DEFAULTS["lr"], help="peak learning rate (not scaled by batch)")
+    t.add_argument("--lr", type=float_range(gt=0), default=A2_DEFAULTS["lr"],
+                   help="peak learning rate (not scaled by batch)")
     t.add_argument("--opt", default=A2_DEFAULTS["opt"], help="timm optimizer: lamb, adamw, ...")
     t.add_argument("--weight-decay", type=float_range(ge=0), default=A2_DEFAULTS["weight_decay"])
     t.add_argument("--warmup-epochs", type=float_range(ge=0), default=A2_DEFAULTS["warmup_epochs"])
@@ -78,9 +79,11 @@ def register(recipes) -> None:
     t.add_argument("--crop-pct", type=float_range(gt=0), default=A2_DEFAULTS["crop_pct"], help="validation crop")
     t.add_argument("--amp", choices=AMP_CHOICES, default="auto",
                    help="auto: fp16 autocast + GradScaler on CUDA, off on CPU")
-    t.add_argument("--clip-grad", type=float_range(ge=0), default=0.0, help="max gradient norm (0: off; LAMB clips at 1 itself)")
+    t.add_argument("--clip-grad", type=float_range(ge=0), default=0.0,
+                   help="max gradient norm (0: off; LAMB clips at 1 itself)")
     r = p.add_argument_group("run")
-    r.add_argument("--workers", type=int_range(0), default=A2_DEFAULTS["workers"], help="data-loader workers per process")
+    r.add_argument("--workers", type=int_range(0), default=A2_DEFAULTS["workers"],
+                   help="data-loader workers per process")
     r.add_argument("--seed", type=SEED, default=0)
     r.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available); "
                    "under torchrun each process takes GPU LOCAL_RANK")

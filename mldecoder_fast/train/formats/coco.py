@@ -10,6 +10,7 @@ import os
 
 from .common import DataError, Sample, check_image_files, image_path, read_json, short
 
+
 def _coco_id(entry, key: str, path: str, where: str):
     """``entry[key]`` of a COCO json entry: an integer or a string (what a dict can key on)."""
     if not isinstance(entry, dict):

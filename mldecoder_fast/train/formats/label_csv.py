@@ -17,6 +17,7 @@ import os
 
 from .common import DataError, Sample, check_image_files, image_path, open_text, short
 
+
 def _parse_labels(text: str):
     text = text.strip()
     if text.startswith("["):

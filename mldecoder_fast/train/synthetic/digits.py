@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
@@ -42,7 +41,7 @@ def make_mosaics(digits: torch.Tensor, labels: torch.Tensor, n: int, image_size:
         cells = torch.randperm(grid * grid, generator=generator)[:k]
         picks = torch.randint(len(digits), (k,), generator=generator)
         off = torch.randint(0, pad + 1, (2,), generator=generator) if pad else (0, 0)
-        for c, p in zip(cells.tolist(), picks.tolist()):
+        for c, p in zip(cells.tolist(), picks.tolist(), strict=True):
             r, col = divmod(c, grid)
             y0, x0 = int(off[0]) + r * cell, int(off[1]) + col * cell
             images[i, y0:y0 + cell, x0:x0 + cell] = tiles[p]
@@ -73,7 +72,7 @@ class MosaicDataset(Dataset):
         os.makedirs(folder, exist_ok=True)
         paths = []
         for i in range(min(count, len(self))):
-            digits = "".join(c for c, t in zip(self.class_names, self.target_tensor[i]) if t > 0)
+            digits = "".join(c for c, t in zip(self.class_names, self.target_tensor[i], strict=True) if t > 0)
             path = os.path.join(folder, f"mosaic{i:02d}_digits_{digits}.png")
             Image.fromarray(self.images[i].permute(1, 2, 0).numpy()).save(path)
             paths.append(path)
