@@ -188,6 +188,7 @@ class OnnxRuntimeModule(nn.Module):
 
 def register(subparsers) -> None:
     from ._cli_types import int_list, int_range
+    from .predict import add_checkpoint_options
     p = subparsers.add_parser(
         "export", help="write a checkpoint's model (or its ML-Decoder head alone) as ONNX",
         description="Export a checkpoint to ONNX with a dynamic batch dimension: the whole model when "
@@ -207,14 +208,7 @@ def register(subparsers) -> None:
                    help="head alone: the input of one sample, a feature map C,H,W or tokens N,C "
                         "(default: C from the checkpoint, 7x7)")
     p.add_argument("--no-check", action="store_true", help="do not run the file in ONNX Runtime")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="read a checkpoint that needs full unpickling (it can run any code: only for "
-                        "a file from a source you trust)")
-    g = p.add_argument_group("whole models from checkpoints without model_args (as mldecoder-fast predict)")
-    g.add_argument("--model", help="timm model name")
-    g.add_argument("--image-size", type=int_range(1), help="input side (default: the checkpoint's, else 448)")
-    g.add_argument("--num-of-groups", type=int_range(1, also=(-1,)), default=-1)
-    g.add_argument("--decoder-embedding", type=int_range(1), default=768)
+    add_checkpoint_options(p, "whole models from checkpoints without model_args (as mldecoder-fast predict)")
     p.set_defaults(func=run)
 
 

@@ -29,15 +29,21 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--batch-size", type=int_range(1), default=32)
     p.add_argument("--json", action="store_true", help="one JSON object per image instead of text")
+    add_checkpoint_options(p, "for checkpoints without model_args (e.g. official ML-Decoder files)")
+    p.set_defaults(func=run)
+
+
+def add_checkpoint_options(p, model_group_title: str) -> None:
+    """The options of commands that rebuild a model from a checkpoint (``load_predictor``):
+    ``--trust-pickle`` and, for checkpoints that do not say which model they hold, the model's."""
     p.add_argument("--trust-pickle", action="store_true",
                    help="read a checkpoint that needs full unpickling (it can run any code: only for "
                         "a file from a source you trust); without it such a file is refused")
-    g = p.add_argument_group("for checkpoints without model_args (e.g. official ML-Decoder files)")
+    g = p.add_argument_group(model_group_title)
     g.add_argument("--model", help="timm model name")
     g.add_argument("--image-size", type=int_range(1), help="input side (default: the checkpoint's, else 448)")
     g.add_argument("--num-of-groups", type=int_range(1, also=(-1,)), default=-1)
     g.add_argument("--decoder-embedding", type=int_range(1), default=768)
-    p.set_defaults(func=run)
 
 
 def load_predictor(path: str, head: str = "fast", backend: str = "auto", weights: str = "auto",
