@@ -1,7 +1,21 @@
 """One comparison helper for every test: relative RMS error with a message that says what differed."""
 from __future__ import annotations
 
+import importlib.util
+import pathlib
+
 import torch
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench"
+
+
+def load_bench_script(name: str):
+    """The module of the script ``bench/<name>.py`` (the GPU check's helpers are scripts, not
+    package modules)."""
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def rel_rms(ref: torch.Tensor, out: torch.Tensor) -> float:

@@ -370,13 +370,10 @@ def test_bench_command_rejects_unknown_names(capsys):
 
 def test_profile_backends_script(tmp_path, capsys):
     """bench/profile_backends.py (the per-kernel breakdown for GPU sessions) runs and reports."""
-    import importlib.util
     import json
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "bench" / "profile_backends.py"
-    spec = importlib.util.spec_from_file_location("profile_backends", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+
+    from helpers import load_bench_script
+    mod = load_bench_script("profile_backends")
     out = tmp_path / "p.json"
     assert mod.main(["--device", "cpu", "--config", "imagenet21k", "--quick", "--steps", "2",
                      "--impls", "reference,fast-torch", "--json", str(out)]) == 0

@@ -2,25 +2,20 @@
 CPU smoke size: a tiny timm ResNet, the three heads, the table and the JSON."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from helpers import load_bench_script
 
 pytest.importorskip("timm")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "e2e_train.py"
 SMOKE = ["--model", "test_resnet", "--batch", "2", "--steps", "2", "--warmup", "1", "--image-size", "64",
          "--classes", "50", "--decoder-embedding", "64", "--groups", "10", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
 def e2e():
-    spec = importlib.util.spec_from_file_location("e2e_train", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench_script("e2e_train")
 
 
 def test_smoke_run_writes_table_and_json(e2e, tmp_path, capsys):

@@ -1,22 +1,16 @@
 """bench/issue_tables.py: the GPU check's issue-11/12 tables and target verdicts, on made-up records."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "issue_tables.py"
+from helpers import load_bench_script
 
 
 @pytest.fixture(scope="module")
 def tables():
-    spec = importlib.util.spec_from_file_location("issue_tables", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench_script("issue_tables")
 
 
 def _row(config, mode, batch, impl, ms, **extra):

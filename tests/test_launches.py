@@ -267,13 +267,10 @@ def test_training_weights_cast_once_per_optimizer_step():
 def test_launch_counts_script(tmp_path):
     """bench/launch_counts.py (the GPU check's stage) runs without a GPU and reports the fake
     counts of the rows it would compare with the profiler's."""
-    import importlib.util
     import json
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "bench" / "launch_counts.py"
-    spec = importlib.util.spec_from_file_location("launch_counts", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+
+    from helpers import load_bench_script
+    script = load_bench_script("launch_counts")
     out = tmp_path / "counts.json"
     assert script.main(["--device", "cpu", "--quick", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
