@@ -387,8 +387,9 @@ What is measured (see `mldecoder_fast/benchmark/`):
   (`torch.onnx.export(..., dynamo=True)`, dynamic batch) run by ONNX Runtime with the benchmark's
   threads intra-op, one inter-op thread, sequential execution, no spinning.
 - **Modes**: `eval` = forward under `torch.no_grad` in eval mode; `train` = one training step:
-  forward, BCE-with-logits against fixed random targets, backward (input gradient included),
-  zeroing the gradients; dropout p = 0.1 as in the head.
+  forward, BCE-with-logits against fixed random targets, backward (input gradient included), a
+  fused AdamW step (state allocated before measuring), zeroing the gradients; dropout p = 0.1 as
+  in the head. Records made before the optimizer step was timed say so in their section.
 - **Agreement**: before timing, every implementation is compared, tensor by tensor (eval logits;
   in training with every dropout at p = 0, the logits, the input gradient and every parameter
   gradient), with the reference run in float64 on the same weights and inputs. The relative RMS
