@@ -255,12 +255,22 @@ def test_keep_mask_rate_and_reproducibility(p):
     n = m.numel()
     sigma = (p * (1 - p) / n) ** 0.5
     assert abs(m.float().mean().item() - p) < 5 * sigma
-    # both 32-bit lanes of each random word are used, and both are unbiased
-    lanes = m.view(-1)[: n - n % 2].view(-1, 2).float().mean(0)
-    assert (lanes - p).abs().max().item() < 5 * sigma * 2 ** 0.5
+    # the four 16-bit lanes of each random word are used, and all are unbiased
+    lanes = m.view(-1)[: n - n % 4].view(-1, 4).float().mean(0)
+    assert (lanes - p).abs().max().item() < 5 * sigma * 2
     torch.manual_seed(6)
     assert torch.equal(m, ~keep_mask((1000, 1001), p, "cpu"))
     assert not torch.equal(m, ~keep_mask((1000, 1001), p, "cpu"))
+
+
+@pytest.mark.parametrize("p", [2 ** -17, 3 * 2 ** -18, 0.1])
+def test_keep_mask_resolves_ties_below_a_lane_step(p):
+    """p off the 16-bit lanes' grid: the lane equal to floor(p * 2**16) is decided by more bits,
+    so the rate is p, not p rounded to a multiple of 2**-16 (2**-17: 0 or 2**-16 without that)."""
+    torch.manual_seed(8)
+    n = 1 << 24
+    dropped = (~keep_mask((n,), p, "cpu")).sum().item()
+    assert abs(dropped - p * n) < 5 * (p * (1 - p) * n) ** 0.5
 
 
 def test_keep_mask_edges():

@@ -4,9 +4,9 @@ A mask is a ``bool`` tensor, True where the element is kept. Two ways to have th
 backward (``HeadTrainStep`` picks one per step):
 
 - **stored** (``StoredMasks``): each site's mask drawn on its own and kept until the backward. On the
-  CPU from one 64-bit random word per two elements (``random_`` on int64 words compared as two int32
-  lanes against ``p * 2**32``: the drop probability is ``p`` rounded to a multiple of 2**-32), about
-  4x cheaper than ``bernoulli_`` there;
+  CPU from one 64-bit random word per four elements (``keep_mask``: 16-bit lanes, the rare lane that
+  ties with the threshold decided by 32 more random bits, so the drop probability is ``p`` rounded
+  to a multiple of 2**-48), several times cheaper than ``bernoulli_`` there;
 - **regenerated** (``RegeneratedMasks``): one flat buffer for every site, filled by one
   ``bernoulli_`` per run of sites with the same p, from the device's default generator; a clone of
   that generator's state taken just before (``Generator.clone_state``) is all the step keeps, and
@@ -27,18 +27,50 @@ import math
 
 import torch
 
-_LANES = 2 ** 32
+_LANE = 2 ** 16   # values of one 16-bit lane
+_TIE = 2 ** 32    # resolution of the second draw that decides a tied lane
 
 
 def keep_mask(shape, p: float, device) -> torch.Tensor:
-    """A bool mask of the kept elements, P(False) = p (p rounded to a multiple of 2**-32), from the
-    default generator of ``device`` (so ``torch.manual_seed`` makes it reproducible)."""
+    """A bool mask of the kept elements, P(False) = p (p rounded to a multiple of 2**-48), from the
+    default generator of ``device`` (so ``torch.manual_seed`` makes it reproducible).
+
+    Each element reads a uniform 16-bit lane (four per 64-bit word drawn over the full range, which
+    needs no modulo): below ``k = floor(p * 2**16)`` it is dropped, above kept; a lane equal to k
+    (probability 2**-16: a handful per mask) is dropped with probability ``p * 2**16 - k``, from 32
+    bits of its own. Half the random bits and a narrower compare than one 32-bit lane each. Shapes
+    stay static (no host synchronisation): the tied lanes are looked for in at most ``_tie_bound``
+    8-lane groups; should more groups hold one (probability below 1e-25), the rest are dropped."""
     n = math.prod(shape)
-    if p >= 1.0:
+    k, rest = divmod(p * _LANE, 1.0)
+    k, tie_drop = int(k), round(rest * _TIE)
+    if tie_drop == _TIE:
+        k, tie_drop = k + 1, 0
+    if k >= _LANE:
         return torch.zeros(shape, dtype=torch.bool, device=device)
-    words = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_(-2 ** 63, 2 ** 63 - 1)
-    threshold = -2 ** 31 + round(p * _LANES)
-    return (words.view(torch.int32)[:n] >= threshold).view(shape)
+    words = torch.empty(-(-n // 4), dtype=torch.int64, device=device).random_(-2 ** 63, None)
+    lanes = words.view(torch.int16)[:n]
+    tie = -2 ** 15 + k
+    if not tie_drop:
+        return (lanes >= tie).view(shape)
+    # Flags padded to whole 8-lane groups plus one spare group, which the search's padding indexes.
+    groups = -(-n // 8)
+    keep = torch.empty(8 * (groups + 1), dtype=torch.bool, device=device)
+    tied = torch.empty_like(keep)
+    keep[n:] = tied[n:] = False
+    torch.gt(lanes, tie, out=keep[:n])
+    torch.eq(lanes, tie, out=tied[:n])
+    found = torch.nonzero_static(tied.view(torch.int64), size=_tie_bound(n), fill_value=groups)
+    lane = (found * 8 + torch.arange(8, device=device)).view(-1)
+    draw = torch.empty(lane.numel(), dtype=torch.int32, device=device).random_(-2 ** 31, None)
+    keep[lane] = torch.where(tied[lane], draw >= -2 ** 31 + tie_drop, keep[lane])
+    return keep[:n].view(shape)
+
+
+def _tie_bound(n: int) -> int:
+    """How many 8-lane groups to search for tied lanes: twice the expected number (at most n/2**16)
+    plus 64; more groups than that hold a tie with probability below 1e-25 at any n (Chernoff)."""
+    return 2 * -(-n // _LANE) + 64
 
 
 class StoredMasks:
@@ -83,7 +115,7 @@ class RegeneratedMasks:
             flat[start:end].bernoulli_(1.0 - self.sites[i][2], generator=generator)
             i, start = j, end
         masks, start = {}, 0
-        for (name, shape, _), size in zip(self.sites, sizes):
+        for (name, shape, _), size in zip(self.sites, sizes, strict=True):
             masks[name] = flat[start:start + size].view(shape)
             start += size
         return masks
