@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import lean_eval
 from ._config import NUM_HEADS
 from ._inputs import check_input, tokens_from_input
 from .caches import HeadCaches
-from . import lean_eval
 from .dispatch import check_backend_name, select_ops
 from .ops import cpu_gemm
 from .reference import _HeadBase
@@ -74,7 +74,7 @@ class MLDecoderFast(_HeadBase):
 
     # construction from existing heads ------------------------------------------------------------
     @classmethod
-    def from_module(cls, module: nn.Module, backend: str = "auto") -> "MLDecoderFast":
+    def from_module(cls, module: nn.Module, backend: str = "auto") -> MLDecoderFast:
         """A fast head with the weights, mode, dropout rates, device and dtype of ``module``:
         an ``MLDecoder``/``MLDecoderFast`` of this package, the official head, or timm's copy."""
         from .convert import head_arguments
@@ -88,7 +88,7 @@ class MLDecoderFast(_HeadBase):
         src_dropouts = [m for m in module.modules() if isinstance(m, (nn.Dropout, nn.MultiheadAttention))]
         dst_dropouts = [m for m in fast.modules() if isinstance(m, (nn.Dropout, nn.MultiheadAttention))]
         if len(src_dropouts) == len(dst_dropouts):
-            for s, d in zip(src_dropouts, dst_dropouts):
+            for s, d in zip(src_dropouts, dst_dropouts, strict=True):
                 if isinstance(d, nn.Dropout):
                     d.p = s.p
                 else:
@@ -319,7 +319,10 @@ class MLDecoderFast(_HeadBase):
         if shared and NUM_HEADS * k_queries < d + k_queries:
             # Fewer FLOPs to fold W_k into the shared queries than to form the keys.
             v = linear(memory, attn.in_proj_weight, attn.in_proj_bias, slice(2 * d, None))
-            o = ops.shared_query_attention(qk, memory, v, NUM_HEADS, p_attn)      # [B, K, D]
+            # the CPU's score GEMM through the GEMM provider (oneDNN), as the other products
+            gemm = {"gemm": cpu_gemm.provider(memory.dtype, x.device)} if (
+                not needs_grad and name in ("torch", "cpp") and x.device.type == "cpu") else {}
+            o = ops.shared_query_attention(qk, memory, v, NUM_HEADS, p_attn, **gemm)  # [B, K, D]
         else:
             kv = linear(memory, attn.in_proj_weight, attn.in_proj_bias, slice(d, None))  # [B, N, 2D]
             o = ops.attention(q, kv, NUM_HEADS, p_attn)                             # [B, K, D]

@@ -49,6 +49,23 @@ def test_fp32_eval_and_training_step_match_reference(forced, zsl):
     _check_provider_ran(forced)
 
 
+def test_folded_score_product_runs_on_the_provider(monkeypatch):
+    """Eval with few queries (H * K < D + K) takes the key-folded path: its score GEMM, memory
+    [B, N, D] against qk [H * K, D], goes through the provider like the other products."""
+    monkeypatch.setitem(cpu_gemm._state, "mode", "onednn")
+    monkeypatch.setitem(cpu_gemm._state, "onednn_error", None)
+    shapes = []
+    linear = cpu_gemm.OneDnnGemm.linear
+    monkeypatch.setattr(cpu_gemm.OneDnnGemm, "linear",
+                        lambda self, x, w, *a, **kw: shapes.append(tuple(w.shape)) or linear(self, x, w, *a, **kw))
+    ref, fast = make_pair(33, 4, 64, 48)
+    x = torch.randn(3, 48, 3, 4)
+    ref.eval(), fast.eval()
+    with torch.no_grad():
+        assert_close("eval, folded scores", ref(x), fast(x), 1e-5)
+    assert (8 * 4, 64) in shapes, shapes
+
+
 @pytest.mark.parametrize("forced", PROVIDERS, indirect=True)
 def test_fp64_stays_exact(forced):
     """fp64 has no oneDNN products: both settings run torch's, to fp64 accuracy."""
