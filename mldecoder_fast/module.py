@@ -230,19 +230,21 @@ class MLDecoderFast(_HeadBase):
 
     # the products of a forward ---------------------------------------------------------------------
     def _linear(self, needs_grad: bool, device: torch.device):
-        """``linear(x, weight, bias, rows)`` = x weight[rows]^T + bias[rows] for this forward.
+        """``linear(x, weight, bias, rows, relu)`` = x weight[rows]^T + bias[rows] (then relu) for this
+        forward.
 
         With autograd: ``F.linear`` (autocast casts as usual). Without: the GEMM provider
         (``ops/cpu_gemm.py``), with the weights in the autocast dtype and, for oneDNN, packed, each
         made once per weight version and kept in ``caches``."""
         if needs_grad:
-            def linear(x, weight, bias, rows=slice(None)):
-                return F.linear(x, weight[rows], bias[rows])
+            def linear(x, weight, bias, rows=slice(None), relu=False):
+                y = F.linear(x, weight[rows], bias[rows])
+                return F.relu(y) if relu else y
             return linear
         autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         caches = self.caches
 
-        def linear(x, weight, bias, rows=slice(None)):
+        def linear(x, weight, bias, rows=slice(None), relu=False):
             dtype = autocast or x.dtype
             gemm = cpu_gemm.provider(dtype, device)
             w = caches.cast(id(weight), weight, dtype)[rows]
@@ -251,7 +253,7 @@ class MLDecoderFast(_HeadBase):
             if gemm is not cpu_gemm.TORCH:
                 packed = caches.get(("packed", id(weight), rows.start, rows.stop, dtype), (weight,),
                                     lambda: gemm.pack(w))
-            return gemm.linear(x.to(dtype), w, b, packed)
+            return gemm.linear(x.to(dtype), w, b, packed, relu=relu)   # relu in the GEMM
         return linear
 
     # the launch-lean eval forward ------------------------------------------------------------------
@@ -302,7 +304,7 @@ class MLDecoderFast(_HeadBase):
                                                     ext=name == "cpp" and not self.config.zsl)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         linear = self._linear(needs_grad, x.device)
-        memory = F.relu(linear(tokens, dec.embed_standart.weight, dec.embed_standart.bias))
+        memory = linear(tokens, dec.embed_standart.weight, dec.embed_standart.bias, relu=True)
 
         if p_query > 0:
             # Training: every sample draws its own dropout mask on the queries (docs/design.md step 3).
@@ -329,7 +331,7 @@ class MLDecoderFast(_HeadBase):
         o = linear(o, attn.out_proj.weight, attn.out_proj.bias)
         t2 = ops.residual_dropout_layer_norm(t1, o, p_out, layer.norm2.weight, layer.norm2.bias,
                                              layer.norm2.eps)
-        f = F.relu(linear(t2, layer.linear1.weight, layer.linear1.bias))
+        f = linear(t2, layer.linear1.weight, layer.linear1.bias, relu=True)
         if p_ff > 0:
             f = F.dropout(f, p_ff, training=True)
         f = linear(f, layer.linear2.weight, layer.linear2.bias)
