@@ -21,7 +21,7 @@ The cached tensors are ordinary allocations of the head's device: memory measure
 """
 from __future__ import annotations
 
-from typing import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 
