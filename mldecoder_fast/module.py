@@ -187,8 +187,9 @@ class MLDecoderFast(_HeadBase):
             return x.dtype == dtype
         low = torch.get_autocast_dtype(dev)
         if dev == "cpu" and dev not in self.lean_train_devices:
-            # the CPU step's low-precision products are bf16 from fp32 parameters and input
-            return low == torch.bfloat16 and dtype == torch.float32 and x.dtype == dtype
+            # the CPU step's low-precision products are bf16 from fp32 parameters (the input in
+            # fp32, or in bf16 as a backbone under autocast gives it)
+            return low == torch.bfloat16 and dtype == torch.float32 and x.dtype in (dtype, low)
         return low in (torch.bfloat16, torch.float16) and dtype == torch.float32 and x.dtype in (dtype, low)
 
     def _train_step_kit(self, device: torch.device, compute: torch.dtype, param_dtype: torch.dtype,

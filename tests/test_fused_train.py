@@ -86,15 +86,19 @@ def test_lean_kit_fp32_matches_reference(layout):
     check_train_grads(ref, fast, x, 2e-5)
 
 
+@pytest.mark.parametrize("kit, input_dtype", [("lean", torch.float32), ("cpu", torch.float32),
+                                               ("cpu", torch.bfloat16)])
 @pytest.mark.parametrize("zsl", [0, 1])
-def test_lean_kit_bf16_autocast_within_reference_error(zsl):
-    """bf16 autocast over fp32 parameters (bf16 activations, LayerNorm on bf16 copies, fp32
-    gradients): output, input and parameter gradients off the fp64 truth by at most ~2x what
-    the reference itself is off under the same autocast."""
+def test_bf16_autocast_within_reference_error(zsl, kit, input_dtype):
+    """bf16 autocast over fp32 parameters, the input in fp32 or in bf16 (as a backbone under
+    autocast gives it). Lean kit: bf16 activations, LayerNorm on bf16 copies; CPU kit: bf16
+    products, fp32 activations; both return fp32 gradients. Output, input and parameter gradients
+    are off the fp64 truth by at most ~2x what the reference itself is off under the same
+    autocast and input."""
     from helpers import rel_rms
     torch.manual_seed(15)
     ref, fast = make_pair(5 if zsl else 203, 20, decoder_embedding=64, initial_num_features=48, zsl=zsl)
-    _set_kit(fast, "lean")
+    _set_kit(fast, kit)
     ref64 = type(ref)(5 if zsl else 203, 20, 64, 48, zsl).double()
     ref64.load_state_dict(ref.state_dict())
     if zsl:
@@ -114,9 +118,10 @@ def test_lean_kit_bf16_autocast_within_reference_error(zsl):
         return result
 
     g = torch.randn(4, 7 if zsl else 203, dtype=torch.float64)
-    exact, base, ours = grads(ref64, torch.float64, False), grads(ref, torch.float32, True), \
-        grads(fast, torch.float32, True)
-    assert _fused_ran(fast(x))
+    exact, base, ours = grads(ref64, torch.float64, False), grads(ref, input_dtype, True), \
+        grads(fast, input_dtype, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _fused_ran(fast(x.to(input_dtype)))
     assert set(ours) == set(exact)
     for name, truth in exact.items():
         assert ours[name].dtype == truth.dtype
