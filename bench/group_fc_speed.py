@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from mldecoder_fast.benchmark.timing import time_interleaved  # noqa: E402
 from mldecoder_fast.ops.group_fc_extension import extension_status, group_fc  # noqa: E402
 from mldecoder_fast.ops.torch_ops import group_fc_torch  # noqa: E402
 from mldecoder_fast.reference import group_fc_loop  # noqa: E402
@@ -63,30 +62,6 @@ def make_step(fn, h, weight, bias, num_classes, autocast=None):
         out.backward(grad)
 
     return step
-
-
-def time_interleaved(steps, reps, device, warmup=2):
-    """Median ms per step; the providers take turns within each repetition, so a shared,
-    noisy machine slows them alike."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    times = {name: [] for name in steps}
-    for _ in range(reps):
-        for name, step in steps.items():
-            if device.type == "cuda":
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                step()
-                end.record()
-                torch.cuda.synchronize()
-                times[name].append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                step()
-                times[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main(argv=None):
@@ -143,10 +118,11 @@ def main(argv=None):
         else:
             h = torch.randn(b, k, d, device=device, dtype=dtype).requires_grad_()
         steps = {name: make_step(fn, h, weight, bias, c, amp) for name, fn in providers.items()}
-        times = time_interleaved(steps, args.reps, device)
+        times = {n: t.median_ms for n, t in time_interleaved(steps, device, warmup=2, repeats=args.reps).items()}
         if not args.no_loop:  # seconds per step on a CPU: a couple of runs, no warm-up
             loop = {"reference_loop": make_step(reference_loop, h, weight, bias, c, amp)}
-            times.update(time_interleaved(loop, min(args.reps, 2), device, warmup=0))
+            times.update({n: t.median_ms for n, t in
+                          time_interleaved(loop, device, warmup=0, repeats=min(args.reps, 2)).items()})
         flops = 3 * 2 * b * k * d * g
         for name, ms in times.items():
             rows.append({"device": str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),

@@ -597,3 +597,20 @@ def test_training_optimizer_state_exists_before_the_first_timed_step():
     assert all(torch.equal(before[n], p) for n, p in head.named_parameters())
     assert all(p.grad is None for p in trainable)
     assert all(g["lr"] > 0 for g in optimizer.param_groups)
+
+
+def test_group_fc_speed_script(tmp_path):
+    """bench/group_fc_speed.py (the group FC's providers, timed with the benchmark's interleaved
+    timer) runs and writes one row per provider and batch."""
+    from helpers import load_bench_script
+    from mldecoder_fast.ops.group_fc_extension import extension_status
+    if not extension_status()[0]:
+        pytest.skip(f"the compiled extension is unavailable: {extension_status()[1]}")
+    script = load_bench_script("group_fc_speed")
+    out = tmp_path / "g.json"
+    rows = script.main(["--batch", "2", "3", "--classes", "50", "--groups", "5", "--dim", "16", "--reps", "1",
+                        "--no-loop", "--json", str(out)])
+    assert sorted((r["batch"], r["provider"]) for r in rows) == [(2, "bmm_expr"), (2, "extension"),
+                                                                 (3, "bmm_expr"), (3, "extension")]
+    assert all(r["ms_fwd_bwd"] > 0 for r in rows)
+    assert json.loads(out.read_text())["rows"] == rows
