@@ -603,6 +603,7 @@ def test_group_fc_speed_script(tmp_path):
     """bench/group_fc_speed.py (the group FC's providers, timed with the benchmark's interleaved
     timer) runs and writes one row per provider and batch."""
     from helpers import load_bench_script
+
     from mldecoder_fast.ops.group_fc_extension import extension_status
     if not extension_status()[0]:
         pytest.skip(f"the compiled extension is unavailable: {extension_status()[1]}")
