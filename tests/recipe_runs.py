@@ -1,8 +1,10 @@
 """Short runs of the three training recipes, for the regression check of tests/test_recipe_losses.py.
 
 Each run goes through the command line (``mldecoder-fast train multilabel|singlelabel|zsl``) on
-data generated here, on the CPU with one thread and a fixed seed, and returns what its log.json
-recorded: every step's loss and learning rate, and the validation metrics of every epoch.
+data generated here, on the CPU with one thread, a fixed seed and the CPU GEMMs fixed to torch's
+own (``set_cpu_gemm("mkl")``: the ``auto`` choice times each shape and could pick another library,
+with other rounding, from one run to the next), and returns what its log.json recorded: every
+step's loss and learning rate, and the validation metrics of every epoch.
 
 ``python tests/recipe_runs.py`` writes tests/data/recipe_losses.json (the reference the test
 compares against; record it at a commit whose numbers are the ones to keep).
@@ -57,8 +59,10 @@ def run_recipe(name: str) -> dict:
     import torch
 
     from mldecoder_fast.cli import main
+    from mldecoder_fast.ops.cpu_gemm import set_cpu_gemm
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    gemm = set_cpu_gemm("mkl")
     try:
         with tempfile.TemporaryDirectory() as root:
             out = os.path.join(root, "run")
@@ -68,6 +72,7 @@ def run_recipe(name: str) -> dict:
                 log = json.load(f)
     finally:
         torch.set_num_threads(threads)
+        set_cpu_gemm(gemm)
     return {"steps": log["steps"],
             "epochs": [{k: row[k] for k in METRICS[name]} for row in log["epochs"]]}
 
