@@ -110,7 +110,7 @@ def plot_scaling(rows, path, title: str | None = None) -> None:
             sp = [(c, r["speedup_vs_reference"]) for c, r in pts if r.get("speedup_vs_reference")]
             if sp:
                 ax_s.plot([c for c, _ in sp], [s for _, s in sp], label=name, **styles[name])
-        what = "training step (fwd + bwd + zero grads)" if mode == "train" else "eval forward"
+        what = "training step (fwd + bwd + AdamW)" if mode == "train" else "eval forward"
         ax_t.set(xscale="log", yscale=_yscale(ax_t), xlabel="classes", ylabel="ms (median)",
                  title=f"time, {what}")
         ax_m.set(xscale="log", yscale=_yscale(ax_m), xlabel="classes",
