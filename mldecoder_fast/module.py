@@ -17,7 +17,9 @@ The forward is the computation of docs/design.md rearranged for speed:
   (``ops/fused_train.py``). On the CPU: bool dropout masks, activations recomputed or freed as early
   as possible, under half the reference's peak memory at 21,843 classes. On CUDA: few launches
   (weights in the compute dtype from the caches, biases/ReLU in GEMM epilogues, one attention op,
-  dropout masks regenerated in the backward). ``fused_training = False`` runs them op by op.
+  dropout masks regenerated in the backward); the triton backend's CUDA steps are the same
+  function with its Triton attention and LayerNorm kernels. ``fused_training = False`` runs them
+  op by op.
 
 The caches (``head.caches``: the eval queries, autocast weight copies, packed oneDNN weights)
 track tensors through their version counters. Writes that bypass them (``p.data`` edits, FSDP
@@ -65,9 +67,9 @@ class MLDecoderFast(_HeadBase):
         super().__init__(num_classes, num_of_groups, decoder_embedding, initial_num_features, zsl)
         self.backend = check_backend_name(backend)
         self.active_backend = None
-        # Training steps of the torch backend (CPU and CUDA) run as one autograd function with a
-        # hand-written backward (ops/fused_train.py); False runs them op by op (e.g. for double
-        # backward, which that function does not support).
+        # Training steps of the torch backend (CPU and CUDA) and of the triton backend (CUDA) run as
+        # one autograd function with a hand-written backward (ops/fused_train.py); False runs them
+        # op by op (e.g. for double backward, which that function does not support).
         self.fused_training = True
         self.caches = HeadCaches()
         self.register_load_state_dict_post_hook(_clear_caches_after_load)
@@ -192,25 +194,37 @@ class MLDecoderFast(_HeadBase):
             return low == torch.bfloat16 and dtype == torch.float32 and x.dtype in (dtype, low)
         return low in (torch.bfloat16, torch.float16) and dtype == torch.float32 and x.dtype in (dtype, low)
 
+    def _triton_step_applies(self, ops, x: torch.Tensor, params) -> bool:
+        """Whether the triton backend's training step runs fused, with its kernels for attention and
+        LayerNorm (on ``lean_train_devices``, in dtypes and at head sizes the kernels take); else it
+        runs op by op through its ops object."""
+        dev = x.device.type
+        compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else params[0].dtype
+        return (dev in self.lean_train_devices and self.config.embed_dim // NUM_HEADS <= 256
+                and ops._takes(x, dtypes=(compute,)))
+
     def _train_step_kit(self, device: torch.device, compute: torch.dtype, param_dtype: torch.dtype,
-                        p_attn: float):
+                        p_attn: float, triton: bool):
         """How the fused step runs here (``fused_train.StepKit``): the CPU kit (GEMM provider,
         activations in the parameters' dtype, stored masks, LayerNorm outputs recomputed), or on
         ``lean_train_devices`` the launch-lean one (cuBLAS/torch products, activations in the
-        compute dtype, one fused attention op, masks regenerated in the backward except under CUDA
-        graph capture, products writing fp32 gradients themselves on CUDA)."""
+        compute dtype, one fused attention op (``triton``: the Triton attention and LayerNorm
+        kernels), masks regenerated in the backward except under CUDA graph capture, products
+        writing fp32 gradients themselves on CUDA)."""
         from .ops.fused_train import StepKit
         if device.type not in self.lean_train_devices:
             return StepKit(cpu_gemm.provider(compute, device), compute, param_dtype, "explicit",
-                           regenerate=False, keep_ln_outputs=False, direct_out=False)
+                           regenerate=False, keep_ln_outputs=False, direct_out=False, layer_norm="aten")
         cuda = device.type == "cuda"
         # CUDA's memory-efficient attention takes fp32/bf16/fp16; the CPU's flash kernel has no dropout
         fused = compute != torch.float64 if cuda else p_attn == 0
         capturing = cuda and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-        return StepKit(cpu_gemm.TORCH, compute, compute, "fused" if fused else "explicit",
-                       regenerate=not capturing, keep_ln_outputs=True, direct_out=cuda)
+        attention = "triton" if triton else ("fused" if fused else "explicit")
+        return StepKit(cpu_gemm.TORCH, compute, compute, attention, regenerate=not capturing,
+                       keep_ln_outputs=True, direct_out=cuda, layer_norm="triton" if triton else "aten")
 
-    def _fused_training_forward(self, tokens, params, p_query, p_attn, p_out, p_ff, p_res, ext=False):
+    def _fused_training_forward(self, tokens, params, p_query, p_attn, p_out, p_ff, p_res, ext=False,
+                                triton=False):
         from .ops.fused_train import HeadTrainStep, derive_weights
         layer = self.decoder.layers[0]
         t0 = self._base_queries()
@@ -219,7 +233,7 @@ class MLDecoderFast(_HeadBase):
         dev = tokens.device
         param_dtype = params[0].dtype
         compute = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else param_dtype
-        kit = self._train_step_kit(dev, compute, param_dtype, p_attn)
+        kit = self._train_step_kit(dev, compute, param_dtype, p_attn, triton)
         # the weights as the step reads them, made once per parameter version (an optimizer step)
         fixed_t0 = None if zsl else t0
         sources = list(params) + ([] if zsl else [t0])
@@ -298,11 +312,12 @@ class MLDecoderFast(_HeadBase):
         p_res = layer.dropout3.p if training else 0.0
 
         tokens = tokens_from_input(x)                                               # [B, N, C]
-        if training and name in ("torch", "cpp"):
+        if training and name in ("torch", "cpp", "triton"):
             params = self._fused_parameters()
-            if self._use_fused_training(x, params):
+            triton = name == "triton"
+            if self._use_fused_training(x, params) and (not triton or self._triton_step_applies(ops, x, params)):
                 return self._fused_training_forward(tokens, params, p_query, p_attn, p_out, p_ff, p_res,
-                                                    ext=name == "cpp" and not self.config.zsl)
+                                                    ext=name == "cpp" and not self.config.zsl, triton=triton)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         linear = self._linear(needs_grad, x.device)
         memory = linear(tokens, dec.embed_standart.weight, dec.embed_standart.bias, relu=True)

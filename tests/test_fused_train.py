@@ -156,21 +156,107 @@ def test_frozen_parameters_and_input_without_grad():
 
 
 CPU_KIT = StepKit(cpu_gemm.TORCH, torch.float64, torch.float64, "explicit", regenerate=False,
-                  keep_ln_outputs=False, direct_out=False)
+                  keep_ln_outputs=False, direct_out=False, layer_norm="aten")
 LEAN_KIT = StepKit(cpu_gemm.TORCH, torch.float64, torch.float64, "explicit", regenerate=True,
-                   keep_ln_outputs=True, direct_out=False)
+                   keep_ln_outputs=True, direct_out=False, layer_norm="aten")
 
 
 def _small_step_inputs(fast, per_sample_queries):
-    """A [2, 5, 24] token input, T0 and the head's parameters as fp64 leaves, the feed-forward
-    shrunk to 24 wide (the function takes any F)."""
-    tokens = torch.randn(2, 5, 24, dtype=torch.float64, requires_grad=True)
-    t0 = torch.randn(4, 16, dtype=torch.float64, requires_grad=True)
+    """A [2, 5, 24] token input, T0 [4, D] and the head's parameters as leaves in the head's dtype,
+    the feed-forward shrunk to 24 wide (the function takes any F)."""
+    dtype = fast.decoder.embed_standart.weight.dtype
+    tokens = torch.randn(2, 5, 24, dtype=dtype, requires_grad=True)
+    t0 = torch.randn(4, fast.config.embed_dim, dtype=dtype, requires_grad=True)
     params = [p.detach().clone().requires_grad_(True) for p in fast._fused_parameters()]
     params[10], params[11], params[12] = (params[10][:24].detach().clone().requires_grad_(True),
                                           params[11][:24].detach().clone().requires_grad_(True),
                                           params[12][:, :24].detach().clone().requires_grad_(True))
     return tokens, t0, params
+
+
+TRITON_STEP_KITS = {kind: StepKit(cpu_gemm.TORCH, torch.float32, torch.float32, kind, regenerate=True,
+                                  keep_ln_outputs=True, direct_out=False, layer_norm=ln)
+                    for kind, ln in (("explicit", "aten"), ("triton", "triton"))}
+
+
+def _triton_host_calls(monkeypatch):
+    """Counts the calls of the Triton kernels' host functions that the triton kit uses; {} when
+    the kernels cannot run here (the test then skips)."""
+    from mldecoder_fast.ops import triton_ops
+    available, detail = triton_ops.triton_status()
+    if not available:
+        pytest.skip(f"Triton kernels cannot run here: {detail}")
+    from mldecoder_fast.kernels import attention, layer_norm
+    calls = {}
+    for module, name in ((layer_norm, "ln_forward"), (layer_norm, "ln_backward"),
+                         (attention, "attention_forward"), (attention, "attention_backward")):
+        real = getattr(module, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("classes,groups,kind,batch", [
+    (30, 4, "map", 3),
+    (101, 10, "tokens", 2),    # padded tail (G = 11)
+    (7, -1, "map", 1),         # K = classes, B = 1
+])
+def test_triton_kit_matches_reference(monkeypatch, classes, groups, kind, batch):
+    """The triton backend's step (its CUDA kit, forced on the CPU: the kernels in the
+    interpreter, fp32): fused, with the Triton attention and LayerNorm kernels, equal to the
+    reference in output, input gradient and every parameter gradient."""
+    calls = _triton_host_calls(monkeypatch)
+    torch.manual_seed(17)
+    ref, fast = make_pair(classes, groups, backend="triton")
+    _set_kit(fast, "lean")
+    x = make_input(kind, batch, 24, tokens=7)
+    check_train_grads(ref, fast, x, 1e-4)
+    assert fast.active_backend == "triton"
+    assert calls == {"ln_forward": 3, "ln_backward": 3, "attention_forward": 1, "attention_backward": 1}
+    assert _fused_ran(fast(x))
+
+
+@pytest.mark.parametrize("per_sample_queries", [True, False])
+def test_triton_kit_with_dropout_equals_the_explicit_kit_on_its_masks(monkeypatch, per_sample_queries):
+    """Dropout on at every site (fp32, the interpreter): the triton kit's step equals the lean
+    kit's explicit step given the same masks (the step's own, fixed, and the attention kernel's,
+    drawn by ``kernels._common.dropout_mask`` from the seed and offset it used), in the output and
+    the gradients of every input."""
+    calls = _triton_host_calls(monkeypatch)
+    from mldecoder_fast.kernels._common import dropout_mask
+    torch.manual_seed(18)
+    gen = torch.Generator().manual_seed(19)
+    fixed = {}
+
+    def fixed_draw(self, generator):
+        return {name: fixed.setdefault(name, torch.rand(shape, generator=gen) >= p)
+                for name, shape, p in self.sites}
+
+    monkeypatch.setattr(dropout_masks.RegeneratedMasks, "_draw", fixed_draw)
+    _, fast = make_pair(23, 4)
+    ps = (0.3 if per_sample_queries else 0.0, 0.25, 0.2, 0.35, 0.15)
+    inputs = _small_step_inputs(fast, per_sample_queries)
+    inputs = (inputs[0], inputs[1], *inputs[2])
+
+    def run(kind):
+        out = _step_fn(fast, TRITON_STEP_KITS[kind], ps)(*inputs)
+        attn = out.grad_fn.acts["attn"]
+        g = torch.autograd.grad(out, inputs, torch.ones_like(out))
+        return out, g, attn
+
+    out_t, grads_t, (_, _, seed, offset) = run("triton")
+    assert set(fixed) == ({"q", "o", "f", "r"} if per_sample_queries else {"o", "f", "r"})
+    (B, N, _), K = inputs[0].shape, inputs[1].shape[0]
+    fixed["a"] = dropout_mask(seed, B * 8 * K, N, ps[1], offset).view(B, 8, K, N)
+    assert 0 < fixed["a"].sum() < fixed["a"].numel()
+    out_e, grads_e, _ = run("explicit")
+    assert calls == {"ln_forward": 3, "ln_backward": 3, "attention_forward": 1, "attention_backward": 1}
+    assert_close("dropout output", out_e, out_t, 1e-5)
+    for i, (ge, gt) in enumerate(zip(grads_e, grads_t, strict=True)):
+        assert_close(f"dropout grad of input {i}", ge, gt, 1e-5)
 
 
 def _step_fn(fast, kit, ps, ext=False, seed=None):

@@ -14,7 +14,13 @@ runs, so the CPU and the launch-lean CUDA step are the same code:
 - ``attention``: ``"explicit"`` (score, softmax and value products, the attention dropout mask
   from ``dropout_masks.py``) or ``"fused"`` (one SDPA op forward and one backward: CUDA's
   memory-efficient attention, whose dropout mask is regenerated in its backward from the
-  philox seed/offset it returns; on the CPU the flash kernel, without attention dropout);
+  philox seed/offset it returns; on the CPU the flash kernel, without attention dropout) or
+  ``"triton"`` (the triton backend's kernels, ``kernels/attention.py``: forward and two-pass
+  backward, the dropout mask drawn in-kernel from a seed and Philox offset and regenerated in the
+  backward);
+- ``layer_norm``: ``"aten"`` (``native_layer_norm`` and its backward) or ``"triton"`` (the
+  LayerNorm kernels of ``kernels/layer_norm.py``; the step's own masks have been applied to the
+  LayerNorm's input already, so the kernels run without their dropout);
 - ``regenerate``: the dropout masks redrawn in the backward from the generator state saved by the
   forward (``dropout_masks.RegeneratedMasks``), or stored (``StoredMasks``);
 - ``keep_ln_outputs``: keep T1, T2, T3 for the backward (fewer launches) or recompute them there
@@ -54,6 +60,7 @@ import torch.nn.functional as F
 from ..lean_eval import _decode
 from .dropout_masks import RegeneratedMasks, StoredMasks
 from .torch_ops import padded_group_bias
+from .triton_ops import _DropoutSeeds, _on_device
 
 
 class StepKit(NamedTuple):
@@ -61,10 +68,11 @@ class StepKit(NamedTuple):
     gemm: object
     compute: torch.dtype
     act: torch.dtype
-    attention: str            # "explicit" | "fused"
+    attention: str            # "explicit" | "fused" | "triton"
     regenerate: bool
     keep_ln_outputs: bool
     direct_out: bool
+    layer_norm: str           # "aten" | "triton"
 
 
 class StepWeights(NamedTuple):
@@ -132,11 +140,24 @@ def _residual(res, x, keep, s: float):
     return torch.add(res, x) if keep is None else torch.addcmul(res, x, keep, value=s)
 
 
-def _layer_norm(x, weight, bias, eps):
+def _layer_norm(kit, x, weight, bias, eps, zero):
+    """(LN(x), mean, rstd). The Triton kernel normalises residual + x: x is its residual, a 0-d
+    ``zero`` its other addend."""
+    if kit.layer_norm == "triton":
+        from ..kernels import layer_norm
+        with _on_device(x):
+            return layer_norm.ln_forward(x, zero, None, 0, 0.0, weight, bias, eps)
     return torch.native_layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
-def _layer_norm_backward(grad, x, mean, rstd, weight, bias, needs):
+def _layer_norm_backward(kit, grad, x, mean, rstd, weight, bias, needs, zero):
+    """(grad of x, of weight, of bias), each None where ``needs`` says so."""
+    if kit.layer_norm == "triton":
+        from ..kernels import layer_norm
+        with _on_device(x):
+            g_x, _, g_w, g_b = layer_norm.ln_backward(grad, x, zero, None, 0, 0.0, weight, mean, rstd,
+                                                      grad.dtype, needs[0])
+        return g_x, g_w if needs[1] else None, g_b if needs[2] else None
     return torch.ops.aten.native_layer_norm_backward(
         grad, x, (x.shape[-1],), mean, rstd, weight, bias, list(needs))
 
@@ -230,10 +251,20 @@ def _heads(q, kv, B, N, H, d):
             kv5[:, :, 1].transpose(1, 2))
 
 
+# the Triton attention's dropout: a seed and a Philox offset per step (ops/triton_ops.py)
+_ATTENTION_SEEDS = _DropoutSeeds()
+
+
 def _attention(kit, q, kv, B, N, H, p, keep, s, zero):
     """O [B*K, D] and what the backward needs."""
     K, D = q.shape[-2], q.shape[-1]
     d = D // H
+    if kit.attention == "triton":
+        from ..kernels import attention
+        seed, offset = _ATTENTION_SEEDS(p, kv)
+        with _on_device(kv):
+            out, lse = attention.attention_forward(q, kv.view(B, N, 2 * D), seed, offset, H, p, kv.dtype)
+        return out.view(B * K, D), (out, lse, seed, offset)
     if kit.attention == "fused":
         qb = q if q.dim() == 3 else q.expand(B, K, D).contiguous()   # per-sample queries
         qh, kh, vh = _heads(qb, kv, B, N, H, d)
@@ -258,6 +289,13 @@ def _attention_backward(kit, g_o, q, kv, saved, B, N, H, p, keep, s, zero):
     K, D = q.shape[-2], q.shape[-1]
     d = D // H
     shared = q.dim() == 2
+    if kit.attention == "triton":   # the kernel sums a shared q's gradient over the batch
+        from ..kernels import attention
+        out, lse, seed, offset = saved
+        with _on_device(kv):
+            g_q, g_kv = attention.attention_backward(g_o.view(B, K, D), q, kv.view(B, N, 2 * D), out, lse,
+                                                     seed, offset, H, p)
+        return g_q, g_kv.view(B * N, 2 * D)
     if kit.attention == "fused":
         out, lse, seed, offset = saved
         qh, kh, vh = _heads(q if not shared else q.expand(B, K, D), kv, B, N, H, d)
@@ -312,9 +350,9 @@ class HeadTrainStep(torch.autograd.Function):
         K, D = t0.shape
         H = num_heads
         dev = tokens.device
-        fused_attn = kit.attention == "fused"
+        own_attn_mask = kit.attention == "explicit"   # the others draw theirs in the kernel
         sites = [(name, shape, p) for name, shape, p in (
-            ("q", (B, K, D), p_q), ("a", (B, H, K, N), 0.0 if fused_attn else p_a), ("o", (B, K, D), p_o),
+            ("q", (B, K, D), p_q), ("a", (B, H, K, N), p_a if own_attn_mask else 0.0), ("o", (B, K, D), p_o),
             ("f", (B * K, w.W1.shape[0]), p_f), ("r", (B, K, D), p_r)) if p > 0]
         draw = (RegeneratedMasks if kit.regenerate else StoredMasks)(sites, dev)
         m = draw.masks
@@ -326,18 +364,18 @@ class HeadTrainStep(torch.autograd.Function):
         kv = P.linear(mem, w.Wkv, w.bkv)                                              # [BN, 2D]
         # steps 2-3: queries, per sample with query dropout, else shared by the batch
         u1 = _queries_input(t0a, m.get("q"), s_q, w.zero)
-        t1, mean1, rstd1 = _layer_norm(u1, w.ln1w, w.ln1b, eps1)
+        t1, mean1, rstd1 = _layer_norm(kit, u1, w.ln1w, w.ln1b, eps1, w.zero)
         q = P.linear(t1.view(-1, D), w.Wq, w.bq).view(t1.shape)                       # [(B,) K, D]
         # step 4: cross-attention and the output projection
         o, attn_saved = _attention(kit, q, kv, B, N, H, p_a, m.get("a"), s_a, w.zero)
         # step 5: residual + dropout, LN2
         u2 = _residual(t1, P.linear(o, w.Wo, w.bo).view(B, K, D), m.get("o"), s_o)
-        t2, mean2, rstd2 = _layer_norm(u2, w.ln2w, w.ln2b, eps2)
+        t2, mean2, rstd2 = _layer_norm(kit, u2, w.ln2w, w.ln2b, eps2, w.zero)
         # step 6: feed-forward (relu in the GEMM, dropout in place: only f1 is kept), residual, LN3
         f1 = P.linear(t2.view(B * K, D), w.W1, w.b1, relu=True)
         f1 = _dropped(f1, m.get("f"), s_f, w.zero, out=f1)
         u3 = _residual(t2, P.linear(f1, w.W2, w.b2).view(B, K, D), m.get("r"), s_r)
-        h, mean3, rstd3 = _layer_norm(u3, w.ln3w, w.ln3b, eps3)
+        h, mean3, rstd3 = _layer_norm(kit, u3, w.ln3w, w.ln3b, eps3, w.zero)
         # step 7: group FC (ZSL: one projection shared by the queries)
         if ext:
             logits = torch.ops.mldecoder_fast.group_fc(h.to(kit.compute), w.Wg, params[-1], num_out)
@@ -393,7 +431,7 @@ class HeadTrainStep(torch.autograd.Function):
 
         def ln_out(name, u, ln_w, ln_b, eps):   # a LayerNorm's output: kept, or recomputed
             kept = pop(name)
-            return kept if kept is not None else _layer_norm(u, ln_w, ln_b, eps)[0]
+            return kept if kept is not None else _layer_norm(kit, u, ln_w, ln_b, eps, w.zero)[0]
 
         # ---- group FC: input gradient now, weight gradient at the very end -----------------------
         u3, mean3, rstd3 = pop("u3"), pop("mean3"), pop("rstd3")
@@ -403,7 +441,7 @@ class HeadTrainStep(torch.autograd.Function):
         if zsl:
             g_h = (g.unsqueeze(-1) * w.Wg[:, 0]).to(act)                                 # [B, K, D]
         elif ext:
-            h = (h if h is not None else _layer_norm(u3, w.ln3w, w.ln3b, eps3)[0]).to(cd)
+            h = (h if h is not None else _layer_norm(kit, u3, w.ln3w, w.ln3b, eps3, w.zero)[0]).to(cd)
             g_h = torch.ops.mldecoder_fast.group_fc_grad_h(g.to(out_dtype), h, w.Wg, num_out).to(act)
         else:
             k, _, G = w.Wg.shape
@@ -419,8 +457,8 @@ class HeadTrainStep(torch.autograd.Function):
         if needs[20]:
             g_bg = g.sum().reshape(1) if zsl else g.sum(0)
         # ---- LN3 and the residual dropout ---------------------------------------------------------
-        g_u3, g_ln3w, g_ln3b = _layer_norm_backward(g_h, u3, mean3, rstd3, w.ln3w, w.ln3b,
-                                                    (True, needs[17], needs[18]))
+        g_u3, g_ln3w, g_ln3b = _layer_norm_backward(kit, g_h, u3, mean3, rstd3, w.ln3w, w.ln3b,
+                                                    (True, needs[17], needs[18]), w.zero)
         del g_h, mean3, rstd3
         g_f2 = _dropped(g_u3, m.pop("r", None), s_r, w.zero).view(B * K, D)
         # ---- feed-forward -------------------------------------------------------------------------
@@ -438,8 +476,8 @@ class HeadTrainStep(torch.autograd.Function):
         g_t2 = P.mm(g_a, w.W1, add=g_u3.view(B * K, D))                              # FFN + residual
         del g_a, g_u3
         # ---- LN2 and the output dropout -----------------------------------------------------------
-        g_u2, g_ln2w, g_ln2b = _layer_norm_backward(g_t2.view(B, K, D), u2, mean2, rstd2, w.ln2w, w.ln2b,
-                                                    (True, needs[11], needs[12]))
+        g_u2, g_ln2w, g_ln2b = _layer_norm_backward(kit, g_t2.view(B, K, D), u2, mean2, rstd2, w.ln2w,
+                                                    w.ln2b, (True, needs[11], needs[12]), w.zero)
         del g_t2, u2
         g_op = _dropped(g_u2, m.pop("o", None), s_o, w.zero).reshape(B * K, D)
         o = pop("o")
@@ -479,8 +517,8 @@ class HeadTrainStep(torch.autograd.Function):
         del g_q, g_q2, g_u2
         g_t0 = g_ln1w = g_ln1b = None
         if needs[2] or needs[5] or needs[6]:
-            g_u1, g_ln1w, g_ln1b = _layer_norm_backward(g_t1.view(u1.shape), u1, mean1, rstd1, w.ln1w,
-                                                        w.ln1b, (needs[2], needs[5], needs[6]))
+            g_u1, g_ln1w, g_ln1b = _layer_norm_backward(kit, g_t1.view(u1.shape), u1, mean1, rstd1, w.ln1w,
+                                                        w.ln1b, (needs[2], needs[5], needs[6]), w.zero)
             if needs[2]:
                 g_t0 = (2 * g_u1 if shared else torch.addcmul(g_u1, g_u1, mq, value=s_q).sum(0)).to(t0.dtype)
             del g_u1
@@ -498,7 +536,7 @@ class HeadTrainStep(torch.autograd.Function):
         g_Wg = None
         if needs[19]:
             if h is None:
-                h = _layer_norm(u3, w.ln3w, w.ln3b, eps3)[0]                          # recomputed
+                h = _layer_norm(kit, u3, w.ln3w, w.ln3b, eps3, w.zero)[0]                          # recomputed
             del u3
             if ext:
                 g_Wg = torch.ops.mldecoder_fast.group_fc_grad_weight(g.to(out_dtype), h.to(cd), w.Wg, num_out)
