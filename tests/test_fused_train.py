@@ -186,17 +186,9 @@ def _triton_host_calls(monkeypatch):
     available, detail = triton_ops.triton_status()
     if not available:
         pytest.skip(f"Triton kernels cannot run here: {detail}")
-    from mldecoder_fast.kernels import attention, layer_norm
-    calls = {}
-    for module, name in ((layer_norm, "ln_forward"), (layer_norm, "ln_backward"),
-                         (attention, "attention_forward"), (attention, "attention_backward")):
-        real = getattr(module, name)
-
-        def counted(*args, _real=real, _name=name, **kwargs):
-            calls[_name] = calls.get(_name, 0) + 1
-            return _real(*args, **kwargs)
-        monkeypatch.setattr(module, name, counted)
-    return calls
+    from triton_helpers import count_kernel_calls
+    return count_kernel_calls(monkeypatch, {"layer_norm": ["ln_forward", "ln_backward"],
+                                            "attention": ["attention_forward", "attention_backward"]})
 
 
 @pytest.mark.parametrize("classes,groups,kind,batch", [

@@ -22,18 +22,10 @@ RATIO = 1e-4 if DEV == "cpu" else 2e-3   # GPU: TF32 may be on in the reference'
 def kernel_calls(monkeypatch):
     """Counts the calls of the kernels' host functions (reached through the custom ops, or
     directly in eager no-grad mode), to prove the kernels, not a fallback, ran."""
-    from mldecoder_fast.kernels import attention, group_fc_decode, layer_norm
-    calls = {}
-    for module, name in ((layer_norm, "ln_forward"), (attention, "attention_forward"),
-                         (attention, "folded_attention_forward"), (group_fc_decode, "decode_forward")):
-        real = getattr(module, name)
-
-        def counted(*args, _real=real, _name=name, **kwargs):
-            calls[_name] = calls.get(_name, 0) + 1
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(module, name, counted)
-    return calls
+    from triton_helpers import count_kernel_calls
+    return count_kernel_calls(monkeypatch, {
+        "layer_norm": ["ln_forward"], "attention": ["attention_forward", "folded_attention_forward"],
+        "group_fc_decode": ["decode_forward"]})
 
 
 # (classes, groups, decoder_embedding): K = 10 uses the kv attention kernel; K = 3 < (D + K) / 8

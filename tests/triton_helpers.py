@@ -95,3 +95,24 @@ def assert_autocast_dtype_matches_torch(name, fn, dt):
 
 # the interpreter cannot run bf16
 AUTOCAST_DTYPE = torch.bfloat16 if CUDA else torch.float16
+
+
+def count_kernel_calls(monkeypatch, functions) -> dict:
+    """Counts the calls of the Triton kernels' host functions ``functions`` ({module name in
+    mldecoder_fast.kernels: [function names]}), to prove the kernels, not a fallback, ran."""
+    import importlib
+    # every module imported before any is patched: a module that imports a host function of
+    # another by name must keep the real one (its calls are not the op's own)
+    modules = {m: importlib.import_module(f"mldecoder_fast.kernels.{m}") for m in functions}
+    calls = {}
+    for module_name, names in functions.items():
+        module = modules[module_name]
+        for name in names:
+            real = getattr(module, name)
+
+            def counted(*args, _real=real, _name=name, **kwargs):
+                calls[_name] = calls.get(_name, 0) + 1
+                return _real(*args, **kwargs)
+
+            monkeypatch.setattr(module, name, counted)
+    return calls
