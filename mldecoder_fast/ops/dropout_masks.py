@@ -82,6 +82,10 @@ class StoredMasks:
     def redraw(self) -> dict:
         return dict(self.masks)
 
+    def release(self) -> None:
+        """Forget the masks (after the last backward that needs them)."""
+        self.masks = None
+
 
 def _default_generator(device: torch.device):
     if device.type == "cpu":

@@ -418,6 +418,8 @@ class HeadTrainStep(torch.autograd.Function):
         if keep_graph:  # retain_graph / create_graph: leave the activations for the next backward
             a = dict(a)
         m = ctx.draw.redraw()
+        if not keep_graph:  # the last backward: each mask is freed once used (``m.pop``)
+            ctx.draw.release()
         s_q, s_a, s_o, s_f, s_r = ctx.scales
         needs = ctx.needs_input_grad      # (cfg, tokens, t0, We, be, ln1w, ln1b, Win, bin, ...)
         B, N, C = tokens.shape
