@@ -244,6 +244,8 @@ class GraphedModule:
 
     # call ------------------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # The top module's flag only (``module.train()``/``eval()`` set every submodule's); the
+        # capture checked every submodule, and walking them per call would cost host time.
         if self.module.training:
             raise RuntimeError("cuda_graphed serves the eval forward, but the module is in "
                                "training mode: call module.eval() (training steps: "

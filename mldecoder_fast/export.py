@@ -229,16 +229,14 @@ def head_from_checkpoint(ckpt: dict, head: str = "fast") -> nn.Module:
 
 
 def run(args) -> int:
-    from .predict import load_predictor
+    from .predict import checkpoint_overrides, load_predictor
     from .train.checkpoint import CheckpointError, load_checkpoint
     try:
         ckpt = load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
         if ckpt.get("model_args") or args.model:
             model, names, margs = load_predictor(
-                args.checkpoint, args.head, "auto", args.weights, "cpu", trust_pickle=args.trust_pickle,
-                overrides={"model": args.model, "image_size": args.image_size,
-                           **({"num_of_groups": args.num_of_groups, "decoder_embedding": args.decoder_embedding}
-                              if args.model else {})})
+                args.checkpoint, args.head, "auto", args.weights, "cpu", overrides=checkpoint_overrides(args),
+                ckpt=ckpt)
             side = int(margs["image_size"])
             shape = (3, side, side)
             what = f"{margs['model']} with its ML-Decoder head ({len(names)} classes)"

@@ -46,15 +46,24 @@ def add_checkpoint_options(p, model_group_title: str) -> None:
     g.add_argument("--decoder-embedding", type=int_range(1), default=768)
 
 
+def checkpoint_overrides(args) -> dict:
+    """The model arguments given by ``add_checkpoint_options``'s options (for ``load_predictor``)."""
+    model_options = ({"num_of_groups": args.num_of_groups, "decoder_embedding": args.decoder_embedding}
+                     if args.model else {})
+    return {"model": args.model, "image_size": args.image_size, **model_options}
+
+
 def load_predictor(path: str, head: str = "fast", backend: str = "auto", weights: str = "auto",
-                   device=None, overrides=None, trust_pickle: bool = False):
+                   device=None, overrides=None, trust_pickle: bool = False, ckpt: dict | None = None):
     """(model in eval mode, class names, model_args) from a checkpoint (``trust_pickle``: see
-    ``mldecoder_fast.files.load_file``)."""
+    ``mldecoder_fast.files.load_file``); ``ckpt``: the checkpoint at ``path`` already read by
+    ``load_checkpoint``."""
     import torch
 
     from .train.checkpoint import CheckpointError, check_classes, head_num_classes, load_checkpoint
     from .train.models import model_from_args
-    ckpt = load_checkpoint(path, trust_pickle=trust_pickle)
+    if ckpt is None:
+        ckpt = load_checkpoint(path, trust_pickle=trust_pickle)
     names = ckpt.get("class_names")
     if names is None and "idx_to_class" in ckpt:
         idx = ckpt["idx_to_class"]
@@ -105,10 +114,7 @@ def run(args) -> int:
     try:
         model, names, margs = load_predictor(
             args.checkpoint, args.head, args.backend, args.weights, args.device,
-            overrides={"model": args.model, "image_size": args.image_size,
-                       **({"num_of_groups": args.num_of_groups, "decoder_embedding": args.decoder_embedding}
-                          if args.model else {})},
-            trust_pickle=args.trust_pickle)
+            overrides=checkpoint_overrides(args), trust_pickle=args.trust_pickle)
     except (CheckpointError, FileNotFoundError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -115,7 +115,9 @@ def _ln_bwd_kernel(DY, R, X, W, MEAN, RSTD, SEED, DZ, DX, PART, TICKET, DW, DB, 
         db_acc += tl.sum(dy, axis=0)
     tl.store(PART + pid * D + cols, dw_acc, mask=cmask)
     tl.store(PART + (progs + pid) * D + cols, db_acc, mask=cmask)
-    # acq_rel: the partials stored above are visible to the program that draws the last ticket.
+    # Every thread's partials stored before the ticket is drawn (the barrier), and visible to the
+    # program that draws the last ticket (acq_rel).
+    tl.debug_barrier()
     if tl.atomic_add(TICKET, 1, sem="acq_rel") == progs - 1:
         dw_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
         db_sum = tl.zeros([BLOCK_D], dtype=tl.float32)

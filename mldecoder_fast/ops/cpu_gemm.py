@@ -1,11 +1,11 @@
 """The matrix products of the head, and which library runs them on the CPU.
 
 A *GEMM provider* computes ``linear(x, w, b, relu=False)`` (x W^T + b over the last axis of x, then
-relu when asked), ``mm(a, b)``, ``addmm(c, a, b)`` (c + a b) and ``bmm(a, b)``; operands may be
-transposed views. The eval forward and the fused training step
+relu when asked), ``mm(a, b)`` and ``addmm(c, a, b)`` (c + a b); operands may be transposed views (batched
+products, such as the group FC's, are ``torch.bmm`` everywhere). The eval forward and the fused training step
 (``fused_train.py``) run every dense product through one; providers differ only in the library:
 
-- ``TorchGemm``: torch.addmm / mm / bmm. MKL on the CPU (cuBLAS on CUDA), every dtype, autograd
+- ``TorchGemm``: torch.addmm / mm. MKL on the CPU (cuBLAS on CUDA), every dtype, autograd
   and tracing. The fallback everywhere. Its relu linear on a 2-d x is ``torch._addmm_activation``
   (on CUDA bias and relu in cuBLASLt's epilogue: one kernel).
 - ``OneDnnGemm``: oneDNN through PyTorch's ``mkldnn::_linear_pointwise`` op on dense tensors, or on
@@ -95,9 +95,6 @@ class TorchGemm:
 
     def addmm(self, c, a, b):
         return torch.addmm(c, a, b)
-
-    def bmm(self, a, b):
-        return torch.bmm(a, b)
 
     def pack(self, w):
         return None
