@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import pathlib
 
 import torch
 
 BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench"
+# MLDECODER_FAST_NO_EXT=1 (any value but "" and "0") says the install is pure Python on purpose:
+# the compiled extension's tests skip; otherwise a missing extension fails them.
+NO_EXT = os.environ.get("MLDECODER_FAST_NO_EXT", "") not in ("", "0")
+CPU_BACKENDS = ["torch"] + ([] if NO_EXT else ["cpp"])
 
 
 def load_bench_script(name: str):

@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import NO_EXT, assert_close
 from torch import nn
 
 from mldecoder_fast import MLDecoder
@@ -599,14 +599,11 @@ def test_training_optimizer_state_exists_before_the_first_timed_step():
     assert all(g["lr"] > 0 for g in optimizer.param_groups)
 
 
+@pytest.mark.skipif(NO_EXT, reason="MLDECODER_FAST_NO_EXT=1: installed without the extension")
 def test_group_fc_speed_script(tmp_path):
     """bench/group_fc_speed.py (the group FC's providers, timed with the benchmark's interleaved
     timer) runs and writes one row per provider and batch."""
     from helpers import load_bench_script
-
-    from mldecoder_fast.ops.group_fc_extension import extension_status
-    if not extension_status()[0]:
-        pytest.skip(f"the compiled extension is unavailable: {extension_status()[1]}")
     script = load_bench_script("group_fc_speed")
     out = tmp_path / "g.json"
     rows = script.main(["--batch", "2", "3", "--classes", "50", "--groups", "5", "--dim", "16", "--reps", "1",

@@ -5,11 +5,10 @@ for the device every call, and breaks CUDA-graph capture; a graph break splits a
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from heads import disable_dropout_, make_input, make_pair
+from helpers import CPU_BACKENDS
 
 from mldecoder_fast import MLDecoderFast
 from mldecoder_fast.benchmark.launches import (
@@ -18,8 +17,6 @@ from mldecoder_fast.benchmark.launches import (
     forbid_host_sync,
     run_backward,
 )
-
-CPU_BACKENDS = ["torch"] + ([] if os.environ.get("MLDECODER_FAST_NO_EXT") == "1" else ["cpp"])
 
 
 def _step(head, x, train: bool, backward):

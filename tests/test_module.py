@@ -1,18 +1,15 @@
 """MLDecoderFast (torch backend) against the reference MLDecoder on identical weights."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from heads import STANDARD_CONFIGS, check_train_grads, disable_dropout_, make_input, make_pair
-from helpers import assert_close
+from helpers import CPU_BACKENDS, assert_close
 
 from mldecoder_fast import MLDecoder
 
 # Every CPU backend runs the whole comparison; "cpp" needs the compiled extension, which CI builds
 # (MLDECODER_FAST_NO_EXT=1 opts out, for a pure-Python install).
-CPU_BACKENDS = ["torch"] + ([] if os.environ.get("MLDECODER_FAST_NO_EXT") == "1" else ["cpp"])
 
 
 @pytest.fixture(params=CPU_BACKENDS)

@@ -19,11 +19,10 @@ MLDECODER_FAST_NO_EXT=1 says the install is pure Python on purpose (then they ar
 from __future__ import annotations
 
 import contextlib
-import os
 
 import pytest
 import torch
-from helpers import assert_close, rel_rms
+from helpers import NO_EXT, assert_close, rel_rms
 from triton_helpers import (
     DEV,
     TORCH,
@@ -43,7 +42,6 @@ from mldecoder_fast.ops import triton_ops as T
 from mldecoder_fast.ops.extension_ops import ExtensionOps
 from mldecoder_fast.ops.torch_ops import TorchOps, group_fc_torch
 
-NO_EXT = os.environ.get("MLDECODER_FAST_NO_EXT", "") not in ("", "0")
 EXT_MARKS = [pytest.mark.skipif(NO_EXT, reason="MLDECODER_FAST_NO_EXT=1: installed without the extension")]
 needs_ext = EXT_MARKS[0]
 
