@@ -31,8 +31,8 @@ Launches (dispatched ops) per forward, the input in the compute dtype:
   11 group FC (``bmm``)                     12 bias add into the [B, classes] logits (``add``)
 On CUDA each is one kernel, but for the ``baddbmm``, which first copies its addend into the
 output. The CPU GEMM choices of the other paths (``ops/cpu_gemm.py``) do not apply here (on the
-CPU this path is slower than the oneDNN one); the products are the small functions ``_memory``
-and ``_decode`` plus the inline ``bmm``s.
+CPU this path is slower than the oneDNN one); the products are ``_memory``,
+``ops.torch_ops.group_fc_padded_bias`` and the inline ``bmm``s.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from ._config import NUM_HEADS
 from ._inputs import tokens_from_input
-from .ops.torch_ops import padded_group_bias
+from .ops.torch_ops import group_fc_padded_bias, padded_group_bias
 
 
 class LeanWeights(NamedTuple):
@@ -144,7 +144,7 @@ def forward(x: torch.Tensor, w: LeanWeights, num_out: int, eps2: float, eps3: fl
         hidden = torch._addmm_activation(w.b1, t2, w.w1.t())                 # relu(W1 T2 + b1)
         x3 = t2.addmm_(hidden, w.w2.t())                                      # T2 + W2 h + b2
         t3 = F.layer_norm(x3, (d_model,), w.ln3_w, w.ln3_b, eps3)             # T3 [B*K, D]
-        return _decode(t3.view(b, k, d_model), w.p, w.bias, num_out)
+        return group_fc_padded_bias(t3.view(b, k, d_model), w.p, w.bias, num_out)
 
 
 def _memory(tokens: torch.Tensor, w: LeanWeights):
@@ -161,16 +161,3 @@ def _memory(tokens: torch.Tensor, w: LeanWeights):
     # passes through the attention's rows (which sum to one) into the addend r2_shifted.
     m = torch.bmm(tokens, w.w_e.t().expand(b, -1, -1)).clamp_(min=w.neg_b_e)
     return m, w.r2_shifted
-
-
-def _decode(t3: torch.Tensor, p: torch.Tensor, bias: torch.Tensor, num_out: int) -> torch.Tensor:
-    """Design step 7: the group FC, its bias added in the logits' dtype as the reference does."""
-    b, k, d_model = t3.shape
-    if p.dim() == 2:  # ZSL: one projection shared by every query
-        return torch.add(torch.mm(t3.reshape(b * k, d_model), p).view(b, k), bias)
-    g = p.shape[2]
-    logits = torch.bmm(t3.transpose(0, 1), p)                                 # [K, B, G]
-    out = torch.empty((b, k, g), dtype=bias.dtype, device=t3.device)
-    torch.add(logits.transpose(0, 1), bias, out=out)                           # [B, K, G]
-    out = out.view(b, k * g)
-    return out if k * g == num_out else out[:, :num_out]

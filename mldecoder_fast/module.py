@@ -340,6 +340,8 @@ class MLDecoderFast(_HeadBase):
             # the CPU's score GEMM through the GEMM provider (oneDNN), as the other products
             gemm = {"gemm": cpu_gemm.provider(memory.dtype, x.device)} if (
                 not needs_grad and name in ("torch", "cpp") and x.device.type == "cpu") else {}
+            if not needs_grad:  # the cached queries in the memory's dtype, cast once per version
+                qk = self.caches.cast("qk", qk, memory.dtype)
             o = ops.shared_query_attention(qk, memory, v, NUM_HEADS, p_attn, **gemm)  # [B, K, D]
         else:
             kv = linear(memory, attn.in_proj_weight, attn.in_proj_bias, slice(d, None))  # [B, N, 2D]

@@ -191,6 +191,7 @@ def _triton_host_calls(monkeypatch):
                                             "attention": ["attention_forward", "attention_backward"]})
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("classes,groups,kind,batch", [
     (30, 4, "map", 3),
     (101, 10, "tokens", 2),    # padded tail (G = 11)
@@ -211,6 +212,7 @@ def test_triton_kit_matches_reference(monkeypatch, classes, groups, kind, batch)
     assert _fused_ran(fast(x))
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("per_sample_queries", [True, False])
 def test_triton_kit_with_dropout_equals_the_explicit_kit_on_its_masks(monkeypatch, per_sample_queries):
     """Dropout on at every site (fp32, the interpreter): the triton kit's step equals the lean

@@ -57,9 +57,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..lean_eval import _decode
 from .dropout_masks import RegeneratedMasks, StoredMasks
-from .torch_ops import padded_group_bias
+from .torch_ops import group_fc_padded_bias, padded_group_bias
 from .triton_ops import _DropoutSeeds, _on_device
 
 
@@ -380,7 +379,7 @@ class HeadTrainStep(torch.autograd.Function):
         if ext:
             logits = torch.ops.mldecoder_fast.group_fc(h.to(kit.compute), w.Wg, params[-1], num_out)
         else:
-            logits = _decode(h.to(kit.compute), w.Wg, w.bias, num_out)
+            logits = group_fc_padded_bias(h.to(kit.compute), w.Wg, w.bias, num_out)
 
         keep_ln = kit.keep_ln_outputs
         ctx.cfg = cfg

@@ -14,6 +14,23 @@ def padded_group_bias(bias: torch.Tensor, num_queries: int, group_size: int) -> 
     return F.pad(bias, (0, pad)).view(num_queries, group_size)
 
 
+def group_fc_padded_bias(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                         num_classes: int) -> torch.Tensor:
+    """docs/design.md step 7 without autograd (eval, or inside a hand-written backward), the bias
+    already laid out as ``padded_group_bias`` gives it ([K, G]; ZSL [1]): one batched product, then
+    the bias added while writing the logits in class order (one pass instead of ``group_fc_torch``'s
+    copy and add; ``out=`` has no autograd). The logits take the bias's dtype, as the reference's."""
+    b, k, d_model = h.shape
+    if weight.dim() == 2:  # ZSL: one projection shared by every query
+        return torch.add(torch.mm(h.reshape(b * k, d_model), weight).view(b, k), bias)
+    g = weight.shape[2]
+    logits = torch.bmm(h.transpose(0, 1), weight)                              # [K, B, G]
+    out = torch.empty((b, k, g), dtype=bias.dtype, device=h.device)
+    torch.add(logits.transpose(0, 1), bias, out=out)                            # [B, K, G]
+    out = out.view(b, k * g)
+    return out if k * g == num_classes else out[:, :num_classes]
+
+
 def group_fc_torch(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                    num_classes: int) -> torch.Tensor:
     """docs/design.md step 7 as one batched product.
