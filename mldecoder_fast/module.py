@@ -203,24 +203,23 @@ class MLDecoderFast(_HeadBase):
         return (dev in self.lean_train_devices and self.config.embed_dim // NUM_HEADS <= 256
                 and ops._takes(x, dtypes=(compute,)))
 
-    def _train_step_kit(self, device: torch.device, compute: torch.dtype, param_dtype: torch.dtype,
-                        p_attn: float, triton: bool):
-        """How the fused step runs here (``fused_train.StepKit``): the CPU kit (GEMM provider,
-        activations in the parameters' dtype, stored masks, LayerNorm outputs recomputed), or on
-        ``lean_train_devices`` the launch-lean one (cuBLAS/torch products, activations in the
-        compute dtype, one fused attention op (``triton``: the Triton attention and LayerNorm
-        kernels), masks regenerated in the backward except under CUDA graph capture, products
-        writing fp32 gradients themselves on CUDA)."""
+    def _train_step_kit(self, device: torch.device, compute: torch.dtype, p_attn: float, triton: bool):
+        """How the fused step runs here (``fused_train.StepKit``; activations in the compute
+        dtype): the CPU kit (GEMM provider, stored masks, LayerNorm outputs recomputed), or on
+        ``lean_train_devices`` the launch-lean one (cuBLAS/torch products, one fused attention op
+        (``triton``: the Triton attention and LayerNorm kernels), masks regenerated in the
+        backward except under CUDA graph capture, products writing fp32 gradients themselves on
+        CUDA)."""
         from .ops.fused_train import StepKit
         if device.type not in self.lean_train_devices:
-            return StepKit(cpu_gemm.provider(compute, device), compute, param_dtype, "explicit",
+            return StepKit(cpu_gemm.provider(compute, device), compute, "explicit",
                            regenerate=False, keep_ln_outputs=False, direct_out=False, layer_norm="aten")
         cuda = device.type == "cuda"
         # CUDA's memory-efficient attention takes fp32/bf16/fp16; the CPU's flash kernel has no dropout
         fused = compute != torch.float64 if cuda else p_attn == 0
         capturing = cuda and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
         attention = "triton" if triton else ("fused" if fused else "explicit")
-        return StepKit(cpu_gemm.TORCH, compute, compute, attention, regenerate=not capturing,
+        return StepKit(cpu_gemm.TORCH, compute, attention, regenerate=not capturing,
                        keep_ln_outputs=True, direct_out=cuda, layer_norm="triton" if triton else "aten")
 
     def _fused_training_forward(self, tokens, params, p_query, p_attn, p_out, p_ff, p_res, ext=False,
@@ -233,12 +232,13 @@ class MLDecoderFast(_HeadBase):
         dev = tokens.device
         param_dtype = params[0].dtype
         compute = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else param_dtype
-        kit = self._train_step_kit(dev, compute, param_dtype, p_attn, triton)
+        kit = self._train_step_kit(dev, compute, p_attn, triton)
         # the weights as the step reads them, made once per parameter version (an optimizer step)
         fixed_t0 = None if zsl else t0
         sources = list(params) + ([] if zsl else [t0])
-        weights = self.caches.get(("train_step", kit.compute, kit.act, p_ff), sources,
-                                  lambda: derive_weights(params, fixed_t0, kit, p_ff, zsl))
+        weights = self.caches.get(("train_step", kit.compute, p_ff), sources,
+                                  lambda: derive_weights(params, fixed_t0, kit, p_ff, zsl),
+                                  lambda stale: derive_weights(params, fixed_t0, kit, p_ff, zsl, into=stale))
         cfg = (NUM_HEADS, (layer.norm1.eps, layer.norm2.eps, layer.norm3.eps),
                (p_query, p_attn, p_out, p_ff, p_res), num_out, zsl, ext, kit, weights)
         return HeadTrainStep.apply(cfg, tokens, t0, *params)

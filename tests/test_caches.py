@@ -169,3 +169,47 @@ def test_copies_of_the_head_start_with_empty_caches():
     torch.save(fast, buf)
     buf.seek(0)
     assert not torch.load(buf, weights_only=False).caches.names()
+
+
+@pytest.mark.parametrize("zsl", [0, 1])
+def test_training_step_copies_refreshed_in_place(zsl):
+    """bf16 autocast training: the fused step's weight copies are rewritten in their own memory
+    after each optimizer step, and every step's output and gradients are exactly those of a copy
+    of the head that derives them afresh. A backward of a graph made before the update fails
+    autograd's in-place check instead of using the rewritten copies."""
+    import copy
+    torch.manual_seed(21)
+    _, fast = make_pair(5 if zsl else 43, 8, zsl=zsl)
+    disable_dropout_(fast).train()
+    x = torch.randn(3, 24, 3, 3)
+    opt = torch.optim.SGD(fast.parameters(), lr=0.1)
+
+    def step(head):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = head(x)
+        out.float().square().sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in head.named_parameters() if p.grad is not None}
+
+    step(fast)
+    opt.step()
+    copies = next(v for n, v in ((n, fast.caches.held(n)) for n in fast.caches.names()) if n[0] == "train_step")
+    addresses = [t.data_ptr() for t in copies if t is not None]
+    for _ in range(2):
+        fast.zero_grad(set_to_none=True)
+        fresh = copy.deepcopy(fast)                    # empty caches: derives its copies anew
+        out, grads = step(fast)
+        out_fresh, grads_fresh = step(fresh)
+        assert torch.equal(out, out_fresh)
+        assert grads.keys() == grads_fresh.keys()
+        for name, g in grads.items():
+            assert torch.equal(g, grads_fresh[name]), name
+        opt.step()
+    now = next(v for n, v in ((n, fast.caches.held(n)) for n in fast.caches.names()) if n[0] == "train_step")
+    assert [t.data_ptr() for t in now if t is not None] == addresses   # same memory, rewritten
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stale = fast(x)
+    opt.step()                                         # parameters change before that backward
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast(x)                                        # ... and the copies are refreshed
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        stale.float().sum().backward()

@@ -91,8 +91,8 @@ def test_lean_kit_fp32_matches_reference(layout):
 @pytest.mark.parametrize("zsl", [0, 1])
 def test_bf16_autocast_within_reference_error(zsl, kit, input_dtype):
     """bf16 autocast over fp32 parameters, the input in fp32 or in bf16 (as a backbone under
-    autocast gives it). Lean kit: bf16 activations, LayerNorm on bf16 copies; CPU kit: bf16
-    products, fp32 activations; both return fp32 gradients. Output, input and parameter gradients
+    autocast gives it). Both kits: bf16 products and activations, LayerNorm on bf16 copies, fp32
+    gradients. Output, input and parameter gradients
     are off the fp64 truth by at most ~2x what the reference itself is off under the same
     autocast and input."""
     from helpers import rel_rms
@@ -155,9 +155,9 @@ def test_frozen_parameters_and_input_without_grad():
             assert_close(f"grad of {name}", pr[name].grad, p.grad, 1e-10)
 
 
-CPU_KIT = StepKit(cpu_gemm.TORCH, torch.float64, torch.float64, "explicit", regenerate=False,
+CPU_KIT = StepKit(cpu_gemm.TORCH, torch.float64, "explicit", regenerate=False,
                   keep_ln_outputs=False, direct_out=False, layer_norm="aten")
-LEAN_KIT = StepKit(cpu_gemm.TORCH, torch.float64, torch.float64, "explicit", regenerate=True,
+LEAN_KIT = StepKit(cpu_gemm.TORCH, torch.float64, "explicit", regenerate=True,
                    keep_ln_outputs=True, direct_out=False, layer_norm="aten")
 
 
@@ -174,7 +174,7 @@ def _small_step_inputs(fast, per_sample_queries):
     return tokens, t0, params
 
 
-TRITON_STEP_KITS = {kind: StepKit(cpu_gemm.TORCH, torch.float32, torch.float32, kind, regenerate=True,
+TRITON_STEP_KITS = {kind: StepKit(cpu_gemm.TORCH, torch.float32, kind, regenerate=True,
                                   keep_ln_outputs=True, direct_out=False, layer_norm=ln)
                     for kind, ln in (("explicit", "aten"), ("triton", "triton"))}
 

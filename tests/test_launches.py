@@ -250,7 +250,7 @@ def test_training_step_launch_budget(config, channels_last):
 
 def test_training_weights_cast_once_per_optimizer_step():
     """The bf16 weight copies are made by the first step and after a parameter update only (all of
-    them at once: an optimizer step updates every parameter)."""
+    them at once: an optimizer step updates every parameter), then in the copies' own memory."""
     with fake_cuda(torch.bfloat16):
         head = MLDecoderFast(80, 80, 768, 2048, backend="torch").train()
         x = torch.randn(4, 2048, 7, 7, dtype=torch.bfloat16)
@@ -261,7 +261,13 @@ def test_training_weights_cast_once_per_optimizer_step():
         updated = count_launches(lambda: head(x), warmup=0)
     assert len(again) == len(TRAIN_FORWARD)
     assert not any(x.name == "aten._to_copy" for x in again)
-    assert len(first) == len(updated) > len(again)
+    made = [x for x in first[:-len(again)] if x.name == "aten._to_copy"]
+    refreshed = [x for x in updated[:-len(again)] if x.name in ("aten.copy_", "aten.mul")]
+    assert len(made) >= 19 and not any(x.name == "aten._to_copy" for x in updated)
+    # every cast is refreshed by a copy (W2's scaled copy by a mul with out=), and so is the
+    # zero-padded group-FC bias (made by a pad)
+    assert sorted([x.shapes[0] for x in made] + [(80,)]) == sorted(x.shapes[0] for x in refreshed)
+    assert [x.name for x in updated[-len(again):]] == [x.name for x in again]
 
 
 def test_launch_counts_script(tmp_path):

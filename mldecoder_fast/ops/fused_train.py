@@ -5,12 +5,11 @@ a hand-written backward, for the CPU and for CUDA.
 runs, so the CPU and the launch-lean CUDA step are the same code:
 
 - ``gemm``: the GEMM provider of the dense products (``cpu_gemm.py``: oneDNN or MKL on the CPU,
-  ``TorchGemm`` = cuBLAS on CUDA), with operands in ``compute`` (the autocast dtype, else the
-  parameters');
-- ``act``: the dtype of the activations and of the LayerNorm parameters' copies. The CPU keeps
-  them in the parameters' dtype (fp32 under bf16 autocast); CUDA in ``compute``, so that every
-  LayerNorm writes the dtype the next GEMM reads (CUDA's LayerNorm takes one dtype for input and
-  parameters) and no activation is cast;
+  ``TorchGemm`` = cuBLAS on CUDA);
+- ``compute``: the dtype of the products' operands and of every activation (the autocast dtype,
+  else the parameters'), so that every LayerNorm, on copies of its parameters in that dtype,
+  writes what the next GEMM reads and no activation is cast (on the CPU under bf16 autocast, fp32
+  activations cast around each bf16 product cost 21K B=16 about 10 ms a step);
 - ``attention``: ``"explicit"`` (score, softmax and value products, the attention dropout mask
   from ``dropout_masks.py``) or ``"fused"`` (one SDPA op forward and one backward: CUDA's
   memory-efficient attention, whose dropout mask is regenerated in its backward from the
@@ -28,9 +27,9 @@ runs, so the CPU and the launch-lean CUDA step are the same code:
 - ``direct_out``: products write fp32 results and row slices of the gradients themselves
   (cuBLAS ``out_dtype``/``out=``), no cast or copy after them.
 
-The weights arrive as ``StepWeights``: copies in the compute dtype (LayerNorm's in ``act``), made by
-the caller once per parameter version (``MLDecoderFast`` keeps them in its caches, so an optimizer
-step refreshes them once); the fp32 parameters are inputs only so that autograd hands the
+The weights arrive as ``StepWeights``: copies in the compute dtype, made by the caller once per
+parameter version (``MLDecoderFast`` keeps them in its caches, so an optimizer step refreshes them
+once, in their own memory); the fp32 parameters are inputs only so that autograd hands the
 backward's fp32 gradients to them (and to DDP/FSDP hooks). The rest, arranged for few passes and
 launches:
 
@@ -66,7 +65,6 @@ class StepKit(NamedTuple):
     """How a training step runs (see the module docstring)."""
     gemm: object
     compute: torch.dtype
-    act: torch.dtype
     attention: str            # "explicit" | "fused" | "triton"
     regenerate: bool
     keep_ln_outputs: bool
@@ -102,24 +100,43 @@ class StepWeights(NamedTuple):
     zero: torch.Tensor           # a 0-d zero in the activation dtype (addend of scaled products)
 
 
-def derive_weights(params, t0, kit: StepKit, p_ff: float, zsl: bool) -> StepWeights:
+def derive_weights(params, t0, kit: StepKit, p_ff: float, zsl: bool,
+                   into: StepWeights | None = None) -> StepWeights:
     """``StepWeights`` from the head's parameters (``MLDecoderFast._fused_parameters`` order) and T0
-    (None for ZSL, whose queries change every step)."""
+    (None for ZSL, whose queries change every step). With ``into`` (the weights of an earlier
+    parameter version), every copy is written into its memory instead of new memory; views of the
+    parameters (their dtype is the one wanted) are taken anew."""
     (We, be, ln1w, ln1b, Win, bin_, Wo, bo, ln2w, ln2b, W1, b1, W2, b2, ln3w, ln3b, Wg, bg) = params
-    cd, act = kit.compute, kit.act
+    cd = kit.compute
     d = We.shape[0]
-    with torch.no_grad():
-        def c(t):
-            return t.detach().to(cd)
 
-        def a(t):
-            return t.detach().to(act)
-        bias = bg.detach() if zsl else padded_group_bias(bg.detach(), Wg.shape[0], Wg.shape[2])
-        return StepWeights(
-            We=c(We), be=c(be), t0=None if t0 is None else a(t0), ln1w=a(ln1w), ln1b=a(ln1b),
-            Wq=c(Win[:d]), bq=c(bin_[:d]), Wkv=c(Win[d:]), bkv=c(bin_[d:]), Wo=c(Wo), bo=c(bo),
-            ln2w=a(ln2w), ln2b=a(ln2b), W1=c(W1), b1=c(b1), W2=c(W2), W2s=c(W2 * _scale(p_ff)), b2=c(b2),
-            ln3w=a(ln3w), ln3b=a(ln3b), Wg=c(Wg), bias=bias, zero=torch.zeros((), dtype=act, device=We.device))
+    def conv(name, t, dtype, scale=None):
+        t = t.detach()
+        if scale is None and t.dtype == dtype:
+            return t
+        old = None if into is None else getattr(into, name)
+        if old is None or old.shape != t.shape or old.dtype != dtype:   # (else old is a copy, never a view)
+            return (t if scale is None else t * scale).to(dtype)
+        return old.copy_(t) if scale is None else torch.mul(t, scale, out=old)
+
+    with torch.no_grad():
+        if zsl:
+            bias = bg.detach()
+        elif into is not None and into.bias.dtype == bg.dtype and into.bias.shape == (Wg.shape[0], Wg.shape[2]):
+            bias = into.bias
+            bias.view(-1)[:bg.shape[0]].copy_(bg)   # the padded tail stays zero
+        else:
+            bias = padded_group_bias(bg.detach(), Wg.shape[0], Wg.shape[2])
+        fields = dict(
+            We=(We, cd), be=(be, cd), t0=(t0, cd), ln1w=(ln1w, cd), ln1b=(ln1b, cd),
+            Wq=(Win[:d], cd), bq=(bin_[:d], cd), Wkv=(Win[d:], cd), bkv=(bin_[d:], cd), Wo=(Wo, cd),
+            bo=(bo, cd), ln2w=(ln2w, cd), ln2b=(ln2b, cd), W1=(W1, cd), b1=(b1, cd), W2=(W2, cd),
+            b2=(b2, cd), ln3w=(ln3w, cd), ln3b=(ln3b, cd), Wg=(Wg, cd))
+        made = {name: None if t is None else conv(name, t, dtype) for name, (t, dtype) in fields.items()}
+        made["W2s"] = conv("W2s", W2, cd, _scale(p_ff))
+        zero = into.zero if into is not None and into.zero.dtype == cd else \
+            torch.zeros((), dtype=cd, device=We.device)
+        return StepWeights(**made, bias=bias, zero=zero)
 
 
 def _scale(p: float) -> float:
@@ -197,22 +214,18 @@ def _memory(P, rows, We, be):
 
 
 class _Products:
-    """The step's dense products: operands cast to ``compute`` (no-ops on CUDA, where everything
-    is in it already), results in ``act``; gradients of the parameters in ``out``."""
+    """The step's dense products, operands and results in ``compute``; gradients of the
+    parameters in ``out``."""
 
     def __init__(self, kit: StepKit, out: torch.dtype):
-        self.kit, self.gemm, self.compute, self.act, self.out = kit, kit.gemm, kit.compute, kit.act, out
+        self.kit, self.gemm, self.compute, self.out = kit, kit.gemm, kit.compute, out
 
     def linear(self, x, w, b, relu=False):
-        return self.gemm.linear(x.to(self.compute), w, b, relu=relu).to(self.act)
+        return self.gemm.linear(x, w, b, relu=relu)
 
     def mm(self, a, b, add=None):
-        """a b (+ add), b in the compute dtype."""
-        if add is None:
-            return self.gemm.mm(a.to(self.compute), b).to(self.act)
-        if self.act == self.compute:
-            return self.gemm.addmm(add, a, b)
-        return self.gemm.mm(a.to(self.compute), b).to(self.act).add_(add)
+        """a b (+ add)."""
+        return self.gemm.mm(a, b) if add is None else self.gemm.addmm(add, a, b)
 
     def grad_weight(self, g, x, out=None):
         """gᵀ x in the parameters' dtype (into ``out`` when given)."""
@@ -226,11 +239,16 @@ class _Products:
     def grad_bias(self, g, out=None):
         return g.sum(0, dtype=self.out) if out is None else torch.sum(g, 0, dtype=self.out, out=out)
 
-    def bmm_out(self, a, b):
-        """a b batched, in the parameters' dtype."""
-        if self.kit.direct_out and self.compute != self.out:
-            return torch.bmm(a, b, out_dtype=self.out)
-        return torch.bmm(a.to(self.compute), b.to(self.compute)).to(self.out)
+    def group_weight_grad(self, h, g):
+        """hᵀ g per query: the group-FC weight gradient [K, D, G] (h [B, K, D], g [K, B, G]) in the
+        parameters' dtype. cuBLAS computes it from compute-dtype operands and writes fp32 itself;
+        elsewhere g comes in the parameters' dtype and so does the product (on the CPU a bf16
+        product and its cast to fp32 took longer than the fp32 product)."""
+        h = h.transpose(0, 1).transpose(1, 2)                                           # [K, D, B]
+        if self.kit.direct_out:
+            kwargs = {} if self.compute == self.out else {"out_dtype": self.out}
+            return torch.bmm(h.to(self.compute), g, **kwargs)
+        return torch.bmm(h.to(self.out), g)
 
 
 def _keep_graph() -> bool:
@@ -344,7 +362,7 @@ class HeadTrainStep(torch.autograd.Function):
         num_heads, (eps1, eps2, eps3), (p_q, p_a, p_o, p_f, p_r), num_out, zsl, ext, kit, w = cfg
         out_dtype = params[0].dtype
         P = _Products(kit, out_dtype)
-        t0a = w.t0 if w.t0 is not None else t0.to(kit.act)
+        t0a = w.t0 if w.t0 is not None else t0.to(kit.compute)
         B, N, C = tokens.shape
         K, D = t0.shape
         H = num_heads
@@ -427,7 +445,7 @@ class HeadTrainStep(torch.autograd.Function):
         shared = p_q <= 0
         out_dtype = w.bias.dtype
         P = _Products(kit, out_dtype)
-        act, cd = kit.act, kit.compute
+        cd = kit.compute
         pop = a.pop
 
         def ln_out(name, u, ln_w, ln_b, eps):   # a LayerNorm's output: kept, or recomputed
@@ -438,22 +456,24 @@ class HeadTrainStep(torch.autograd.Function):
         u3, mean3, rstd3 = pop("u3"), pop("mean3"), pop("rstd3")
         g = g_logits.contiguous() if ext else g_logits
         h = pop("h")
-        g_pad = None
+        g_pad = g_pad_wg = None
         if zsl:
-            g_h = (g.unsqueeze(-1) * w.Wg[:, 0]).to(act)                                 # [B, K, D]
+            g_h = (g.unsqueeze(-1) * w.Wg[:, 0]).to(cd)                                  # [B, K, D]
         elif ext:
             h = (h if h is not None else _layer_norm(kit, u3, w.ln3w, w.ln3b, eps3, w.zero)[0]).to(cd)
-            g_h = torch.ops.mldecoder_fast.group_fc_grad_h(g.to(out_dtype), h, w.Wg, num_out).to(act)
+            g_h = torch.ops.mldecoder_fast.group_fc_grad_h(g.to(out_dtype), h, w.Wg, num_out).to(cd)
         else:
             k, _, G = w.Wg.shape
-            g_pad = g if k * G == num_out else F.pad(g, (0, k * G - num_out))
-            g_pad = g_pad.to(cd).reshape(B, k, G).transpose(0, 1)                        # [K, B, G]
+            g_full = g if k * G == num_out else F.pad(g, (0, k * G - num_out))           # [B, K*G]
+            g_pad = g_full.to(cd).reshape(B, k, G).transpose(0, 1)                       # [K, B, G]
+            # the weight gradient's operand: compute-dtype for cuBLAS, else the parameters' dtype
+            g_pad_wg = g_pad if kit.direct_out else g_full.reshape(B, k, G).transpose(0, 1)
+            del g_full
             if kit.direct_out:   # cuBLAS writes the [B, K, D] layout itself
                 g_h = torch.empty(B, K, D, dtype=cd, device=g.device)
                 torch.bmm(g_pad, w.Wg.transpose(1, 2), out=g_h.transpose(0, 1))
             else:   # the CPU: a contiguous product and a copy (21K B=16: 4.8 ms, 6.3 into the view)
                 g_h = torch.bmm(g_pad, w.Wg.transpose(1, 2)).transpose(0, 1).contiguous()  # [B, K, D]
-            g_h = g_h.to(act)
         g_bg = None
         if needs[20]:
             g_bg = g.sum().reshape(1) if zsl else g.sum(0)
@@ -506,7 +526,7 @@ class HeadTrainStep(torch.autograd.Function):
         mq = m.pop("q", None)
         u1 = pop("u1")
         if u1 is None:
-            u1 = _queries_input(w.t0 if w.t0 is not None else t0.to(act), mq, s_q, w.zero)
+            u1 = _queries_input(w.t0 if w.t0 is not None else t0.to(cd), mq, s_q, w.zero)
         t1 = ln_out("t1", u1, w.ln1w, w.ln1b, eps1)
         g_q2 = g_q.reshape(-1, D)
         if needs[7]:
@@ -545,7 +565,7 @@ class HeadTrainStep(torch.autograd.Function):
             elif zsl:
                 g_Wg = P.grad_weight(h.reshape(B * K, D), g.reshape(B * K, 1))             # [D, 1]
             else:
-                g_Wg = P.bmm_out(h.to(cd).transpose(0, 1).transpose(1, 2), g_pad)      # [K, D, G]
+                g_Wg = P.group_weight_grad(h, g_pad_wg)                                    # [K, D, G]
         g_ln = _ln_grads_in(out_dtype, (g_ln1w, g_ln1b, g_ln2w, g_ln2b, g_ln3w, g_ln3b))
         if not keep_graph:
             ctx.acts = None
