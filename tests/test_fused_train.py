@@ -258,6 +258,9 @@ def _step_fn(fast, kit, ps, ext=False, seed=None):
     that finite differences see the perturbed parameters); ``seed``: reseeded before each call."""
     layer = fast.decoder.layers[0]
     eps = (layer.norm1.eps, layer.norm2.eps, layer.norm3.eps)
+    if ext:   # the extension's ops are registered when it is loaded (the head does it on use)
+        from mldecoder_fast.ops.group_fc_extension import extension_status
+        assert extension_status()[0], extension_status()[1]
 
     def fn(tokens, t0, *params):
         if seed is not None:
@@ -289,18 +292,22 @@ def test_backward_is_the_derivative_with_dropout_on(monkeypatch, per_sample_quer
     assert len(fixed) == (5 if per_sample_queries else 4)
 
 
+@pytest.mark.parametrize("direct_out", [False, True], ids=["products", "direct_out"])
 @pytest.mark.parametrize("per_sample_queries", [True, False])
-def test_lean_kit_backward_is_the_derivative_with_regenerated_masks(per_sample_queries):
+def test_lean_kit_backward_is_the_derivative_with_regenerated_masks(per_sample_queries, direct_out):
     """The launch-lean kit (masks redrawn in the backward from the forward's generator state, LN
-    outputs kept): finite differences, dropout on at every site, the seed fixed per call."""
+    outputs kept): finite differences, dropout on at every site, the seed fixed per call. With
+    ``direct_out`` as on CUDA: gradients written by the products into shared buffers, and the
+    bias gradients b2+b1 and b_k+b_v+b_e each one sum over one buffer."""
     torch.manual_seed(4)
     _, fast = make_pair(23, 4, decoder_embedding=16, dtype=torch.float64)
     ps = (0.3 if per_sample_queries else 0.0, 0.25, 0.2, 0.35, 0.15)
     tokens, t0, params = _small_step_inputs(fast, per_sample_queries)
-    fn = _step_fn(fast, LEAN_KIT, ps, seed=11)
+    kit = LEAN_KIT._replace(direct_out=direct_out)
+    fn = _step_fn(fast, kit, ps, seed=11)
     assert torch.autograd.gradcheck(fn, (tokens, t0, *params), fast_mode=True, atol=1e-6, rtol=1e-5)
     # the masks do act: another seed gives other logits
-    assert not torch.allclose(fn(tokens, t0, *params), _step_fn(fast, LEAN_KIT, ps, seed=12)(tokens, t0, *params))
+    assert not torch.allclose(fn(tokens, t0, *params), _step_fn(fast, kit, ps, seed=12)(tokens, t0, *params))
 
 
 def test_regenerated_masks_equal_the_forward_ones(monkeypatch):

@@ -79,6 +79,8 @@ def _kernels(func, args, kwargs) -> tuple[int, str]:
         return 2, "copy of the added tensor into the output, then the GEMM"
     if packet in (aten._softmax, aten.native_layer_norm) and not args[0].is_contiguous():
         return 2, "contiguous copy of the input, then the kernel"
+    if packet is aten.native_layer_norm_backward and not kwargs.get("output_mask", args[-1])[0]:
+        return 1, ""   # no input gradient asked: the weight/bias reduction alone
     if packet in MULTI_KERNEL:
         return MULTI_KERNEL[packet]
     return 1, ""
@@ -89,6 +91,7 @@ MULTI_KERNEL = {
     aten.native_layer_norm_backward: (
         2, "LayerNorm backward: input gradient, then the weight/bias gradient reduction"),
     aten._softmax_backward_data: (2, "softmax backward: grad * output, then the row reduction"),
+    aten.constant_pad_nd: (2, "constant pad: a fill of the output, then a copy of the input into it"),
     aten._scaled_dot_product_efficient_attention_backward: (
         2, "attention backward (memory-efficient): preprocessing, then the fused backward"),
     aten._scaled_dot_product_flash_attention_backward: (

@@ -301,8 +301,10 @@ def _attention(kit, q, kv, B, N, H, p, keep, s, zero):
     return o.transpose(1, 2).reshape(B * K, D), attn
 
 
-def _attention_backward(kit, g_o, q, kv, saved, B, N, H, p, keep, s, zero):
-    """(g_q [(B,) K, D] summed over the batch for shared queries, g_kv [B*N, 2D])."""
+def _attention_backward(kit, g_o, q, kv, saved, B, N, H, p, keep, s, zero, g_kv_out=None):
+    """(g_q [(B,) K, D] summed over the batch for shared queries, g_kv [B*N, 2D]); g_kv written
+    into ``g_kv_out`` (a [B*N, 2D] view with unit column stride) when given, except by the Triton
+    kernel."""
     K, D = q.shape[-2], q.shape[-1]
     d = D // H
     shared = q.dim() == 2
@@ -324,14 +326,16 @@ def _attention_backward(kit, g_o, q, kv, saved, B, N, H, p, keep, s, zero):
             g_qh, g_kh, g_vh = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 g_oh, qh, kh, vh, out, lse, 0.0, False)
         g_q = g_qh.transpose(1, 2).reshape(B, K, D)
-        g_kv = torch.cat([g_kh.transpose(1, 2).reshape(B * N, D), g_vh.transpose(1, 2).reshape(B * N, D)], 1)
+        parts = [g_kh.transpose(1, 2).reshape(B * N, D), g_vh.transpose(1, 2).reshape(B * N, D)]
+        g_kv = torch.cat(parts, 1) if g_kv_out is None else torch.cat(parts, 1, out=g_kv_out)
         return (g_q.sum(0) if shared else g_q), g_kv
     attn = saved
     g_o = g_o.view(B, K, H, d).transpose(1, 2)                                   # [B, H, K, d]
     kv5 = kv.view(B, N, 2, H, d)
     k_h = kv5[:, :, 0].transpose(1, 2)                                            # [B, H, N, d]
     v_h = kv5[:, :, 1].transpose(1, 2)
-    g_kv = torch.empty(B, N, 2, H, d, dtype=kv.dtype, device=kv.device)
+    g_kv = torch.empty(B, N, 2, H, d, dtype=kv.dtype, device=kv.device) if g_kv_out is None else \
+        g_kv_out.view(B, N, 2, H, d)
     g_kv[:, :, 1] = torch.matmul(_dropped(attn, keep, s, zero).transpose(-1, -2), g_o).transpose(1, 2)
     g_attn = _dropped(torch.matmul(g_o, v_h.transpose(-1, -2)), keep, s, zero)  # [B,H,K,N]
     g_scores = torch._softmax_backward_data(g_attn, attn, -1, attn.dtype).mul_(1.0 / math.sqrt(d))
@@ -481,19 +485,32 @@ class HeadTrainStep(torch.autograd.Function):
         g_u3, g_ln3w, g_ln3b = _layer_norm_backward(kit, g_h, u3, mean3, rstd3, w.ln3w, w.ln3b,
                                                     (True, needs[17], needs[18]), w.zero)
         del g_h, mean3, rstd3
-        g_f2 = _dropped(g_u3, m.pop("r", None), s_r, w.zero).view(B * K, D)
+        # (direct_out: the gradients of b2 and b1 as one sum over one buffer holding both addends)
+        ff_sum = kit.direct_out and needs[16] and needs[14] and "r" in m
+        width = w.W1.shape[0]
+        ff_grads = torch.empty(B * K, D + width, dtype=cd, device=g.device) if ff_sum else None
+        keep_r = m.pop("r", None)
+        g_f2 = _dropped(g_u3.view(B * K, D), None if keep_r is None else keep_r.reshape(B * K, D), s_r,
+                        w.zero, out=None if ff_grads is None else ff_grads[:, :D])
+        del keep_r
         # ---- feed-forward -------------------------------------------------------------------------
         f1 = pop("f1")
         g_W2 = P.grad_weight(g_f2, f1) if needs[15] else None
-        g_b2 = P.grad_bias(g_f2) if needs[16] else None
-        g_a = torch.ops.aten.threshold_backward(P.mm(g_f2, w.W2s), f1, 0)           # W2s: dropout scale
-        del g_f2, f1
+        g_b2 = P.grad_bias(g_f2) if needs[16] and not ff_sum else None
+        g_f1 = P.mm(g_f2, w.W2s)                                                       # W2s: dropout scale
+        g_a = torch.ops.aten.threshold_backward(g_f1, f1, 0) if ff_grads is None else \
+            torch.ops.aten.threshold_backward.grad_input(g_f1, f1, 0, grad_input=ff_grads[:, D:])
+        if ff_sum:
+            sums = ff_grads.sum(0, dtype=out_dtype)
+            g_b2, g_b1 = sums[:D], sums[D:]
+        del g_f2, g_f1, f1, ff_grads
         m.pop("f", None)
         u2, mean2, rstd2 = pop("u2"), pop("mean2"), pop("rstd2")
         t2 = ln_out("t2", u2, w.ln2w, w.ln2b, eps2)
         g_W1 = P.grad_weight(g_a, t2.view(B * K, D)) if needs[13] else None
         del t2
-        g_b1 = P.grad_bias(g_a) if needs[14] else None
+        if not ff_sum:
+            g_b1 = P.grad_bias(g_a) if needs[14] else None
         g_t2 = P.mm(g_a, w.W1, add=g_u3.view(B * K, D))                              # FFN + residual
         del g_a, g_u3
         # ---- LN2 and the output dropout -----------------------------------------------------------
@@ -508,19 +525,30 @@ class HeadTrainStep(torch.autograd.Function):
         g_o = P.mm(g_op, w.Wo)                                                         # [BK, D]
         del g_op
         # ---- attention ------------------------------------------------------------------------------
+        # (direct_out: the gradients of b_k, b_v and b_e as one sum over one buffer holding g_kv
+        # and the input projection's pre-activation gradient)
+        proj_sum = kit.direct_out and kit.attention != "triton" and needs[8] and needs[4]
+        proj_grads = torch.empty(B * N, 3 * D, dtype=cd, device=g.device) if proj_sum else None
         kv, q = pop("kv"), pop("q")
         g_q, g_kv = _attention_backward(kit, g_o, q, kv, pop("attn"), B, N, H, p_a, m.pop("a", None),
-                                        s_a, w.zero)
+                                        s_a, w.zero, None if proj_grads is None else proj_grads[:, :2 * D])
         del g_o, q, kv
         mem = pop("mem")
         g_Win = torch.empty(3 * D, D, dtype=out_dtype, device=g.device) if needs[7] else None
-        g_bin = torch.empty(3 * D, dtype=out_dtype, device=g.device) if needs[8] else None
+        biases = torch.empty(4 * D, dtype=out_dtype, device=g.device) if needs[8] else None  # b_in, b_e
+        g_bin = None if biases is None else biases[:3 * D]
         if needs[7]:
             P.grad_weight(g_kv, mem, out=g_Win[D:])
-        if needs[8]:
+        if needs[8] and not proj_sum:
             P.grad_bias(g_kv, out=g_bin[D:])
         g_mem = P.mm(g_kv, w.Wkv)                                                      # [BN, D]
         del g_kv
+        g_pre = torch.ops.aten.threshold_backward(g_mem, mem, 0) if proj_grads is None else \
+            torch.ops.aten.threshold_backward.grad_input(g_mem, mem, 0, grad_input=proj_grads[:, 2 * D:])
+        del g_mem, mem
+        if proj_sum:
+            torch.sum(proj_grads, 0, dtype=out_dtype, out=biases[D:])
+        del proj_grads
         # ---- queries: q projection, LN1, the query dropout ----------------------------------------
         mean1, rstd1 = pop("mean1"), pop("rstd1")
         mq = m.pop("q", None)
@@ -545,12 +573,10 @@ class HeadTrainStep(torch.autograd.Function):
             del g_u1
         del g_t1, u1
         # ---- input projection -----------------------------------------------------------------------
-        g_pre = torch.ops.aten.threshold_backward(g_mem, mem, 0)
-        del g_mem, mem
         rows = pop("rows")
         g_We = P.grad_weight(g_pre, rows) if needs[3] else None
         del rows
-        g_be = P.grad_bias(g_pre) if needs[4] else None
+        g_be = (biases[3 * D:] if proj_sum else P.grad_bias(g_pre)) if needs[4] else None
         g_tokens = _input_grad(P, g_pre, w.We, tokens) if needs[1] else None
         del g_pre
         # ---- the group-FC weight gradient, last ---------------------------------------------------
@@ -593,12 +619,16 @@ def _input_grad(P: _Products, g_pre, We, tokens):
 
 def _ln_grads_in(dtype, grads):
     """The LayerNorm parameters' gradients in the parameters' dtype: as they are, or (when the
-    copies had another dtype) cast together, one stack and one cast for all of them."""
+    copies had another dtype) cast together by one ``_foreach_copy_`` into the rows of one
+    tensor (one multi-tensor kernel on CUDA)."""
     present = [i for i, x in enumerate(grads) if x is not None]
     if not present or grads[present[0]].dtype == dtype:
         return grads
-    cast = torch.stack([grads[i] for i in present]).to(dtype)
+    first = grads[present[0]]
+    cast = torch.empty(len(present), first.shape[0], dtype=dtype, device=first.device)
+    rows = list(cast.unbind(0))
+    torch._foreach_copy_(rows, [grads[i] for i in present])
     out = [None] * len(grads)
     for j, i in enumerate(present):
-        out[i] = cast[j]
+        out[i] = rows[j]
     return out
