@@ -212,8 +212,10 @@ class MLDecoderFast(_HeadBase):
         CUDA)."""
         from .ops.fused_train import StepKit
         if device.type not in self.lean_train_devices:
-            return StepKit(cpu_gemm.provider(compute, device), compute, "explicit",
-                           regenerate=False, keep_ln_outputs=False, direct_out=False, layer_norm="aten")
+            # masks in a 16-bit compute dtype (no cast per use), bool for fp32 (a quarter of the bytes)
+            masks = compute if compute.itemsize == 2 else torch.bool
+            return StepKit(cpu_gemm.provider(compute, device), compute, "explicit", regenerate=False,
+                           keep_ln_outputs=False, direct_out=False, layer_norm="aten", mask_dtype=masks)
         cuda = device.type == "cuda"
         # CUDA's memory-efficient attention takes fp32/bf16/fp16; the CPU's flash kernel has no dropout
         fused = compute != torch.float64 if cuda else p_attn == 0

@@ -277,11 +277,11 @@ def test_backward_is_the_derivative_with_dropout_on(monkeypatch, per_sample_quer
     gen = torch.Generator().manual_seed(5)
     fixed = {}
 
-    def fixed_mask(shape, p, device):
+    def fixed_mask(shape, p, device, dtype=torch.bool):
         key = (tuple(shape), p)
         if key not in fixed:
             fixed[key] = torch.rand(shape, generator=gen) >= p
-        return fixed[key]
+        return fixed[key].to(dtype)
 
     monkeypatch.setattr(dropout_masks, "keep_mask", fixed_mask)
     _, fast = make_pair(23, 4, decoder_embedding=16, dtype=torch.float64)
@@ -363,6 +363,48 @@ def test_keep_mask_resolves_ties_below_a_lane_step(p):
     n = 1 << 24
     dropped = (~keep_mask((n,), p, "cpu")).sum().item()
     assert abs(dropped - p * n) < 5 * (p * (1 - p) * n) ** 0.5
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 2 ** -4])   # with and without the tie-resolving draw
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_keep_mask_in_a_compute_dtype_is_the_bool_mask(p, dtype):
+    """A mask drawn in a compute dtype is the bool mask of the same generator state as 0/1."""
+    torch.manual_seed(9)
+    as_bool = keep_mask((333, 77), p, "cpu")
+    torch.manual_seed(9)
+    as_dtype = keep_mask((333, 77), p, "cpu", dtype)
+    assert as_dtype.dtype == dtype and as_dtype.shape == (333, 77)
+    assert torch.equal(as_dtype, as_bool.to(dtype))
+    assert 0 < as_bool.sum() < as_bool.numel()
+
+
+def test_cpu_bf16_step_with_masks_in_bf16_equals_bool_masks(monkeypatch):
+    """The CPU kit under bf16 autocast keeps its dropout masks in bf16; with dropout on at every
+    site the step is bit for bit the one with bool masks drawn from the same seed."""
+    from mldecoder_fast.module import MLDecoderFast
+    torch.manual_seed(22)
+    _, fast = make_pair(43, 8)
+    fast.train()
+    x = torch.randn(3, 24, 3, 3)
+    kit_of = MLDecoderFast._train_step_kit
+
+    def run(mask_dtype):
+        monkeypatch.setattr(MLDecoderFast, "_train_step_kit",
+                            lambda self, *a: kit_of(self, *a)._replace(mask_dtype=mask_dtype))
+        fast.zero_grad(set_to_none=True)
+        torch.manual_seed(23)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fast(x)
+        assert _fused_ran(out)
+        out.float().square().sum().backward()
+        return out, {n: p.grad for n, p in fast.named_parameters() if p.grad is not None}
+
+    assert kit_of(fast, torch.device("cpu"), torch.bfloat16, 0.1, False).mask_dtype == torch.bfloat16
+    out_b, grads_b = run(torch.bfloat16)
+    out_m, grads_m = run(torch.bool)
+    assert torch.equal(out_b, out_m)
+    for name, g in grads_b.items():
+        assert torch.equal(g, grads_m[name]), name
 
 
 def test_keep_mask_edges():
