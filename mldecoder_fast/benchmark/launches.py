@@ -79,6 +79,9 @@ def _kernels(func, args, kwargs) -> tuple[int, str]:
         return 2, "copy of the added tensor into the output, then the GEMM"
     if packet in (aten._softmax, aten.native_layer_norm) and not args[0].is_contiguous():
         return 2, "contiguous copy of the input, then the kernel"
+    if packet is aten.cat and "out" in kwargs and len(args[0]) > 1 and any(
+            t.dtype != kwargs["out"].dtype or not t.is_contiguous() for t in args[0]):
+        return len(args[0]), "a copy per input (inputs of another dtype or strided)"
     if packet is aten.native_layer_norm_backward and not kwargs.get("output_mask", args[-1])[0]:
         return 1, ""   # no input gradient asked: the weight/bias reduction alone
     if packet in MULTI_KERNEL:

@@ -477,7 +477,11 @@ class HeadTrainStep(torch.autograd.Function):
             g_h = torch.ops.mldecoder_fast.group_fc_grad_h(g.to(out_dtype), h, w.Wg, num_out).to(cd)
         else:
             k, _, G = w.Wg.shape
-            g_full = g if k * G == num_out else F.pad(g, (0, k * G - num_out))           # [B, K*G]
+            if kit.direct_out and k * G != num_out:   # cast and zero tail in one op (cat into cd)
+                g_full = torch.cat([g, w.zero.expand(B, k * G - num_out)], 1,
+                                   out=torch.empty(B, k * G, dtype=cd, device=g.device))
+            else:
+                g_full = g if k * G == num_out else F.pad(g, (0, k * G - num_out))       # [B, K*G]
             g_pad = g_full.to(cd).reshape(B, k, G).transpose(0, 1)                       # [K, B, G]
             # the weight gradient's operand: compute-dtype for cuBLAS, else the parameters' dtype
             g_pad_wg = g_pad if kit.direct_out else g_full.reshape(B, k, G).transpose(0, 1)
