@@ -75,11 +75,11 @@ class StepKit(NamedTuple):
 
 
 class StepWeights(NamedTuple):
-    """What the step reads instead of the parameters: compute-dtype copies (LayerNorm's in the
-    activation dtype), made once per parameter version by ``derive_weights``."""
+    """What the step reads instead of the parameters: compute-dtype copies (or the parameters
+    themselves where they have that dtype), made once per parameter version by ``derive_weights``."""
     We: torch.Tensor
     be: torch.Tensor
-    t0: torch.Tensor | None   # the learned queries in the activation dtype (None: ZSL)
+    t0: torch.Tensor | None   # the learned queries in the compute dtype (None: ZSL)
     ln1w: torch.Tensor
     ln1b: torch.Tensor
     Wq: torch.Tensor
@@ -99,7 +99,7 @@ class StepWeights(NamedTuple):
     ln3b: torch.Tensor
     Wg: torch.Tensor
     bias: torch.Tensor           # group-FC bias [K, G] zero-padded (ZSL: [1]), in the parameters' dtype
-    zero: torch.Tensor           # a 0-d zero in the activation dtype (addend of scaled products)
+    zero: torch.Tensor           # a 0-d zero in the compute dtype (addend of scaled products)
 
 
 def derive_weights(params, t0, kit: StepKit, p_ff: float, zsl: bool,
@@ -112,14 +112,14 @@ def derive_weights(params, t0, kit: StepKit, p_ff: float, zsl: bool,
     cd = kit.compute
     d = We.shape[0]
 
-    def conv(name, t, dtype, scale=None):
+    def conv(name, t, scale=None):
         t = t.detach()
-        if scale is None and t.dtype == dtype:
-            return t
+        if scale is None and t.dtype == cd:
+            return t                                  # the parameter itself (or a view of it)
         old = None if into is None else getattr(into, name)
-        if old is None or old.shape != t.shape or old.dtype != dtype:   # (else old is a copy, never a view)
-            return (t if scale is None else t * scale).to(dtype)
-        return old.copy_(t) if scale is None else torch.mul(t, scale, out=old)
+        if old is None or old.shape != t.shape or old.dtype != cd:
+            return (t if scale is None else t * scale).to(cd)
+        return old.copy_(t) if scale is None else torch.mul(t, scale, out=old)   # old: a copy
 
     with torch.no_grad():
         if zsl:
@@ -129,13 +129,11 @@ def derive_weights(params, t0, kit: StepKit, p_ff: float, zsl: bool,
             bias.view(-1)[:bg.shape[0]].copy_(bg)   # the padded tail stays zero
         else:
             bias = padded_group_bias(bg.detach(), Wg.shape[0], Wg.shape[2])
-        fields = dict(
-            We=(We, cd), be=(be, cd), t0=(t0, cd), ln1w=(ln1w, cd), ln1b=(ln1b, cd),
-            Wq=(Win[:d], cd), bq=(bin_[:d], cd), Wkv=(Win[d:], cd), bkv=(bin_[d:], cd), Wo=(Wo, cd),
-            bo=(bo, cd), ln2w=(ln2w, cd), ln2b=(ln2b, cd), W1=(W1, cd), b1=(b1, cd), W2=(W2, cd),
-            b2=(b2, cd), ln3w=(ln3w, cd), ln3b=(ln3b, cd), Wg=(Wg, cd))
-        made = {name: None if t is None else conv(name, t, dtype) for name, (t, dtype) in fields.items()}
-        made["W2s"] = conv("W2s", W2, cd, _scale(p_ff))
+        sources = dict(We=We, be=be, t0=t0, ln1w=ln1w, ln1b=ln1b, Wq=Win[:d], bq=bin_[:d], Wkv=Win[d:],
+                       bkv=bin_[d:], Wo=Wo, bo=bo, ln2w=ln2w, ln2b=ln2b, W1=W1, b1=b1, W2=W2, b2=b2,
+                       ln3w=ln3w, ln3b=ln3b, Wg=Wg)
+        made = {name: None if t is None else conv(name, t) for name, t in sources.items()}
+        made["W2s"] = conv("W2s", W2, _scale(p_ff))
         zero = into.zero if into is not None and into.zero.dtype == cd else \
             torch.zeros((), dtype=cd, device=We.device)
         return StepWeights(**made, bias=bias, zero=zero)
