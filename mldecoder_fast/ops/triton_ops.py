@@ -83,13 +83,21 @@ def _rows(shape) -> int:
     return n
 
 
-@functools.lru_cache(maxsize=256)
-def _broadcast(a: tuple, b: tuple) -> tuple | None:
-    """torch.broadcast_shapes(a, b) once per pair of shapes; None when they do not broadcast."""
+def _broadcast_shapes(a: tuple, b: tuple) -> tuple | None:
+    """torch.broadcast_shapes(a, b); None when they do not broadcast."""
     try:
         return tuple(torch.broadcast_shapes(a, b))
     except RuntimeError:
         return None
+
+
+_broadcast_cached = functools.lru_cache(maxsize=256)(_broadcast_shapes)
+
+
+def _broadcast(a: tuple, b: tuple) -> tuple | None:
+    """``_broadcast_shapes`` computed once per pair of shapes in eager mode; traced as is under
+    torch.compile (which would bypass the cache anyway, with a warning)."""
+    return _broadcast_shapes(a, b) if torch.compiler.is_compiling() else _broadcast_cached(a, b)
 
 
 # dropout seeds ----------------------------------------------------------------------------------
