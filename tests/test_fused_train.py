@@ -86,15 +86,27 @@ def test_lean_kit_fp32_matches_reference(layout):
     check_train_grads(ref, fast, x, 2e-5)
 
 
+def _grads(head, x, g, dtype, autocast):
+    """Output, input gradient and every parameter gradient (in fp64) of one backward of
+    sum(head(x) * g), x cast to ``dtype``, under bf16 autocast on x's device when asked."""
+    xx = x.to(dtype).clone().requires_grad_(True)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = head(xx)
+    (out.double() * g).sum().backward()
+    result = {"output": out.detach().double(), "input grad": xx.grad.double()}
+    result.update({n: p.grad.double() for n, p in head.named_parameters() if p.grad is not None})
+    head.zero_grad(set_to_none=True)
+    return result
+
+
 @pytest.mark.parametrize("kit, input_dtype", [("lean", torch.float32), ("cpu", torch.float32),
                                                ("cpu", torch.bfloat16)])
 @pytest.mark.parametrize("zsl", [0, 1])
 def test_bf16_autocast_within_reference_error(zsl, kit, input_dtype):
     """bf16 autocast over fp32 parameters, the input in fp32 or in bf16 (as a backbone under
     autocast gives it). Both kits: bf16 products and activations, LayerNorm on bf16 copies, fp32
-    gradients. Output, input and parameter gradients
-    are off the fp64 truth by at most ~2x what the reference itself is off under the same
-    autocast and input."""
+    gradients. Output, input and parameter gradients are off the fp64 truth by at most ~2x what
+    the reference itself is off under the same autocast and input."""
     from helpers import rel_rms
     torch.manual_seed(15)
     ref, fast = make_pair(5 if zsl else 203, 20, decoder_embedding=64, initial_num_features=48, zsl=zsl)
@@ -106,20 +118,9 @@ def test_bf16_autocast_within_reference_error(zsl, kit, input_dtype):
     for head in (ref, fast, ref64):
         disable_dropout_(head).train()
     x = torch.randn(4, 48, 3, 3)
-
-    def grads(head, dtype, autocast):
-        xx = x.to(dtype).clone().requires_grad_(True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = head(xx)
-        (out.double() * g).sum().backward()
-        result = {"output": out.detach().double(), "input grad": xx.grad.double()}
-        result.update({n: p.grad.double() for n, p in head.named_parameters() if p.grad is not None})
-        head.zero_grad(set_to_none=True)
-        return result
-
     g = torch.randn(4, 7 if zsl else 203, dtype=torch.float64)
-    exact, base, ours = grads(ref64, torch.float64, False), grads(ref, input_dtype, True), \
-        grads(fast, input_dtype, True)
+    exact, base, ours = _grads(ref64, x, g, torch.float64, False), _grads(ref, x, g, input_dtype, True), \
+        _grads(fast, x, g, input_dtype, True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert _fused_ran(fast(x.to(input_dtype)))
     assert set(ours) == set(exact)
@@ -528,18 +529,8 @@ def test_cuda_lean_step_bf16_autocast_within_reference_error(layout):
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     g = torch.randn(4, 203, dtype=torch.float64, device="cuda")
-
-    def grads(head, dtype, autocast):
-        xx = x.to(dtype).clone().requires_grad_(True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            out = head(xx)
-        (out.double() * g).sum().backward()
-        result = {"output": out.detach().double(), "input grad": xx.grad.double()}
-        result.update({n: p.grad.double() for n, p in head.named_parameters() if p.grad is not None})
-        return result
-
-    exact, base, ours = grads(ref64, torch.float64, False), grads(ref, torch.float32, True), \
-        grads(fast, torch.float32, True)
+    exact, base, ours = _grads(ref64, x, g, torch.float64, False), _grads(ref, x, g, torch.float32, True), \
+        _grads(fast, x, g, torch.float32, True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert _fused_ran(fast(x))
     for name, truth in exact.items():
