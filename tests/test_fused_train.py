@@ -397,6 +397,7 @@ def test_cpu_bf16_step_with_masks_in_bf16_equals_bool_masks(monkeypatch):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = fast(x)
         assert _fused_ran(out)
+        assert {m.dtype for m in out.grad_fn.draw.masks.values()} == {mask_dtype}   # stored so
         out.float().square().sum().backward()
         return out, {n: p.grad for n, p in fast.named_parameters() if p.grad is not None}
 

@@ -168,6 +168,17 @@ def _attn_fwd_kernel(Q, KEYS, VALS, OUT, LSE, SEED, seed_offset,
     tl.store(LSE + pid_bh.to(tl.int64) * K + offs_k, m_i + tl.log2(l_i), mask=kmask)
 
 
+@triton.jit
+def _bwd_head_bases(Q, KV, pid_bh, H, K, D_MODEL, s_qb, s_qd, s_kvb, s_kvd, HEAD_DIM: tl.constexpr):
+    """Where program (b, h) of either backward pass reads: (b as int64, h, q's base, the offset of
+    O, dO and dq rows [B, K, D_MODEL], k's base, v's base)."""
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    k_base = KV + b * s_kvb + h * HEAD_DIM * s_kvd
+    return (b, h, Q + b * s_qb + h * HEAD_DIM * s_qd, b * K * D_MODEL + h * HEAD_DIM, k_base,
+            k_base + D_MODEL * s_kvd)
+
+
 @autotune(BWD_DQ_CONFIGS, _INTERP_BWD, key=["K", "N", "HEAD_DIM", "SIZE_CLASS", "DROPOUT"],
           sizes={"BLOCK_M": "K", "BLOCK_N": "N"})
 @triton.jit(do_not_specialize=["SIZE_CLASS", "seed_offset"])
@@ -183,8 +194,8 @@ def _attn_bwd_dq_kernel(Q, KV, OUT, DO, LSE, SEED, DQ, DELTA, seed_offset,
     the saved log-sum-exp. Each dq element has one writer."""
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
+    b, h, q_base, o_off, k_base, v_base = _bwd_head_bases(Q, KV, pid_bh, H, K, D_MODEL, s_qb, s_qd,
+                                                          s_kvb, s_kvd, HEAD_DIM)
     dt = DO.dtype.element_ty
     SPLIT: tl.constexpr = HEAD_DIM > D_LO
 
@@ -193,10 +204,6 @@ def _attn_bwd_dq_kernel(Q, KV, OUT, DO, LSE, SEED, DQ, DELTA, seed_offset,
     ca = tl.arange(0, D_LO)
     cb = D_LO + tl.arange(0, D_HI)
     mmask = offs_m < K
-    q_base = Q + b * s_qb + h * HEAD_DIM * s_qd
-    o_off = b * K * D_MODEL + h * HEAD_DIM
-    k_base = KV + b * s_kvb + h * HEAD_DIM * s_kvd
-    v_base = k_base + D_MODEL * s_kvd
 
     qa = _tile(q_base, offs_m, mmask, s_qk, ca, s_qd, HEAD_DIM).to(dt)
     do_a = _tile(DO + o_off, offs_m, mmask, D_MODEL, ca, 1, HEAD_DIM)
@@ -262,8 +269,8 @@ def _attn_bwd_dkv_kernel(Q, KV, DO, LSE, DELTA, SEED, DKV, seed_offset,
     element has one writer: stored once, in kv's dtype."""
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
+    b, h, q_base, o_off, k_base, v_base = _bwd_head_bases(Q, KV, pid_bh, H, K, D_MODEL, s_qb, s_qd,
+                                                          s_kvb, s_kvd, HEAD_DIM)
     dt = DO.dtype.element_ty
     SPLIT: tl.constexpr = HEAD_DIM > D_LO
 
@@ -273,10 +280,6 @@ def _attn_bwd_dkv_kernel(Q, KV, DO, LSE, DELTA, SEED, DKV, seed_offset,
     ca = tl.arange(0, D_LO)
     cb = D_LO + tl.arange(0, D_HI)
     nmask = offs_n < N
-    q_base = Q + b * s_qb + h * HEAD_DIM * s_qd
-    o_off = b * K * D_MODEL + h * HEAD_DIM
-    k_base = KV + b * s_kvb + h * HEAD_DIM * s_kvd
-    v_base = k_base + D_MODEL * s_kvd
     stat_base = pid_bh.to(tl.int64) * K
 
     ka = _tile(k_base, offs_n, nmask, s_kvn, ca, s_kvd, HEAD_DIM).to(dt)
