@@ -17,7 +17,7 @@ import torch
 from helpers import NO_EXT, assert_close
 from torch import nn
 
-from mldecoder_fast import MLDecoder
+from mldecoder_fast import MLDecoder, MLDecoderFast
 from mldecoder_fast.benchmark import configs as configs_mod
 from mldecoder_fast.benchmark import report, runner
 from mldecoder_fast.benchmark.configs import BenchConfig
@@ -267,6 +267,23 @@ def test_interleaved_timing_and_cpu_peak_memory():
         torch.ones(1 << 18)
     peak = peak_memory_bytes(alloc, "cpu")
     assert (6 << 20) <= peak < (7 << 20)
+
+
+def test_held_bytes_count_caches_not_parameters():
+    """The bench's peak memory adds what a head keeps between steps: after a bf16 CPU training
+    step, MLDecoderFast's weight copies and kept group-FC gradient memory, never its parameters."""
+    from mldecoder_fast.benchmark.runner import held_bytes
+    ref, _ = _pair(TINY)
+    fast = TINY.make_head(MLDecoderFast)
+    fast.load_state_dict(ref.state_dict())
+    assert held_bytes(ref) == 0 and held_bytes(fast) == 0
+    fast.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast(TINY.make_input(3, "cpu", torch.float32)).float().sum().backward()
+    wg = fast.decoder.duplicate_pooling
+    copies = sum(p.numel() * 2 for p in fast.parameters() if p.dim() > 1)   # bf16 copies of the matrices
+    assert held_bytes(fast) >= copies + wg.numel() * 4                       # + the fp32 gradient memory
+    assert held_bytes(fast) < copies + wg.numel() * 4 + sum(p.numel() * 4 for p in fast.parameters())
 
 
 @pytest.mark.parametrize("cfg", [TINY, TINY_TOKENS, TINY_ZSL], ids=lambda c: c.name)

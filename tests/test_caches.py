@@ -213,3 +213,58 @@ def test_training_step_copies_refreshed_in_place(zsl):
         fast(x)                                        # ... and the copies are refreshed
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         stale.float().sum().backward()
+
+
+def test_reusable_memory_handed_out_only_when_free():
+    from mldecoder_fast.caches import HeadCaches
+    caches = HeadCaches()
+    first = caches.reusable("g", (3, 4), torch.float32, "cpu")
+    first.fill_(7.0)
+    second = caches.reusable("g", (3, 4), torch.float32, "cpu")    # `first` still holds it
+    assert second.data_ptr() != first.data_ptr()
+    assert torch.equal(first, torch.full((3, 4), 7.0))
+    ptr = second.data_ptr()
+    del second                                                     # now only the cache holds it
+    assert caches.reusable("g", (3, 4), torch.float32, "cpu").data_ptr() == ptr
+    assert caches.reusable("g", (4, 3), torch.float32, "cpu").shape == (4, 3)   # a new size: new memory
+    assert caches.nbytes() == 12 * 4
+    caches.enabled = False
+    kept = caches.held("g")
+    assert caches.reusable("g", (4, 3), torch.float32, "cpu").data_ptr() != kept.data_ptr()
+
+
+@pytest.mark.parametrize("threshold", [0, 1 << 40])
+def test_group_fc_gradient_memory_kept_between_steps(monkeypatch, threshold):
+    """The CPU step writes a group-FC weight gradient of at least ``KEEP_GRADIENT_BYTES`` into
+    memory the head keeps: again the same memory once the previous gradient is let go of, never
+    memory a user, ``.grad`` or a hook still holds; smaller ones into fresh memory, nothing kept.
+    Every gradient equals the reference's, accumulation included."""
+    from mldecoder_fast.ops import fused_train
+    monkeypatch.setattr(fused_train, "KEEP_GRADIENT_BYTES", threshold)
+    keeps = threshold == 0
+    torch.manual_seed(5)
+    ref, fast = make_pair(43, 8)
+    for m in (ref, fast):
+        disable_dropout_(m).train()
+    xs = [torch.randn(3, 24, 3, 3) for _ in range(4)]
+
+    def grads(x, zero=True):
+        for m in (ref, fast):
+            if zero:
+                m.zero_grad(set_to_none=True)
+            m(x).square().sum().backward()
+        assert_close("group-FC grad", ref.decoder.duplicate_pooling.grad,
+                     fast.decoder.duplicate_pooling.grad, 1e-5)
+        return fast.decoder.duplicate_pooling.grad
+
+    first = grads(xs[0])
+    assert (fast.caches.held("group_fc_weight_grad") is not None) == keeps
+    kept = first.data_ptr()
+    saved, copy_of_first = first, first.clone()        # a user holds on to the gradient
+    second = grads(xs[1])
+    assert second.data_ptr() != kept and torch.equal(saved, copy_of_first)
+    kept = second.data_ptr()
+    del saved, first, second
+    if keeps:
+        assert grads(xs[2]).data_ptr() == kept           # free again: the same memory
+    grads(xs[3], zero=False)                             # accumulated into .grad, as the reference

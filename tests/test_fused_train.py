@@ -266,7 +266,7 @@ def _step_fn(fast, kit, ps, ext=False, seed=None):
     def fn(tokens, t0, *params):
         if seed is not None:
             torch.manual_seed(seed)
-        cfg = (8, eps, ps, 23, False, ext, kit, derive_weights(params, None, kit, ps[3], False))
+        cfg = (8, eps, ps, 23, False, ext, kit, derive_weights(params, None, kit, ps[3], False), None)
         return HeadTrainStep.apply(cfg, tokens, t0, *params)
     return fn
 
@@ -457,7 +457,9 @@ def test_low_precision_autocast_no_grad_and_empty_batch_use_the_op_path(monkeypa
 
 
 def test_fused_step_keeps_less_memory():
-    """Allocation count, not time: the fused step's peak is well under the op-by-op step's."""
+    """Allocation count, not time: the fused step's peak, with what the head keeps between steps,
+    is well under the op-by-op step's."""
+    from mldecoder_fast.benchmark.runner import held_bytes
     from mldecoder_fast.benchmark.timing import peak_memory_bytes
     torch.manual_seed(8)
     _, fast = make_pair(2000, 20, decoder_embedding=64, initial_num_features=48)
@@ -470,11 +472,14 @@ def test_fused_step_keeps_less_memory():
         x.grad = None
 
     step()
-    fused = peak_memory_bytes(step, "cpu")
+    fused = peak_memory_bytes(step, "cpu") + held_bytes(fast)
     fast.fused_training = False
+    fast.clear_caches()
     step()
-    ops = peak_memory_bytes(step, "cpu")
-    assert fused < 0.8 * ops, f"fused step peak {fused / 1e6:.2f} MB vs op by op {ops / 1e6:.2f} MB"
+    ops = peak_memory_bytes(step, "cpu") + held_bytes(fast)
+    # (0.75 for the step alone; the fused step's held copy of W2 with the dropout scale folded in,
+    # 0.5 MB at D = 64, F = 2048, makes it 0.83)
+    assert fused < 0.875 * ops, f"fused step peak {fused / 1e6:.2f} MB vs op by op {ops / 1e6:.2f} MB"
 
 
 def test_retain_graph_backward_twice():

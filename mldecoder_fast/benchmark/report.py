@@ -402,9 +402,10 @@ What is measured (see `mldecoder_fast/benchmark/`):
   (`x ref` = reference time / this time, `x expert` likewise) are what to read: these machines
   are shared.
 - **Peak memory**: bytes allocated during one step beyond what existed before it (weights,
-  input, caches): on CUDA `max_memory_allocated`; on the CPU the maximum running sum of the
-  allocations and frees of PyTorch's CPU allocator recorded by `torch.profiler`
-  (`profile_memory=True`).
+  input, optimizer state), plus what the head holds between steps beyond its parameters
+  (`MLDecoderFast`'s caches: weight copies, packed weights, kept gradient memory): on CUDA
+  `max_memory_allocated`; on the CPU the maximum running sum of the allocations and frees of
+  PyTorch's CPU allocator recorded by `torch.profiler` (`profile_memory=True`).
 - **Roofline**: the head's FLOPs (docs/benchmarks.md formula; a training step counts 3x the forward)
   over the fastest GEMM rate measured in the same dtype, in the same interleaved rounds: a large
   square `torch.mm`, and on the CPU also oneDNN's inner product

@@ -8,7 +8,8 @@ reference run in float64 on the same weights and inputs (``set_expectations``); 
 error may be up to max(2x the reference's own error in the run's dtype, ``ERROR_FLOOR``). So a
 bf16 implementation is held to what the reference achieves in bf16, tensor by tensor, and one
 that is more accurate than the reference is never faulted for differing from it. Only then is it
-timed (median after warm-up) and its peak memory measured. A mismatch marks the row and, with
+timed (median after warm-up) and its peak memory measured (what one step allocates, plus what
+the head holds between steps beyond its parameters: ``held_bytes``). A mismatch marks the row and, with
 ``strict=True``, raises ``AgreementError``: a fast wrong implementation never wins silently.
 
 Modes: ``eval`` is a forward under ``torch.no_grad`` in eval mode; ``train`` is one training step:
@@ -17,7 +18,7 @@ gradients (the optimizer step is timed because it is part of every real step, an
 that keeps copies derived from its weights pays for refreshing them after it). The AdamW is
 PyTorch's fused one, which updates in place without temporaries, and its state is allocated before
 anything is measured: like the weights it is held between steps, so peak memory counts what one
-step adds (activations, gradients, refreshed caches), not the optimizer's own bookkeeping.
+step adds (activations, gradients), not the optimizer's own bookkeeping.
 Low precision (float16 / bfloat16) means fp32 weights, input in that dtype, run under
 ``torch.autocast`` (mixed precision, as the head is trained); float32/float64 run plainly.
 """
@@ -426,6 +427,17 @@ def unwrapped(model: nn.Module) -> nn.Module:
     return model
 
 
+def held_bytes(model: nn.Module) -> int:
+    """Bytes a head holds between steps beyond its parameters and buffers (``MLDecoderFast``'s
+    caches: weight copies, packed weights, kept gradient memory), which a step's peak, counted
+    from what existed before it, would not show."""
+    caches = getattr(unwrapped(model), "caches", None)
+    if caches is None:
+        return 0
+    module = unwrapped(model)
+    return caches.nbytes(exclude=[*module.parameters(), *module.buffers()])
+
+
 def prepare(impl: Impl, case: Case) -> nn.Module:
     """Build ``impl`` with the case's weights, device, mode and word vectors."""
     torch.manual_seed(0)
@@ -674,7 +686,7 @@ def run_case(case: Case, impls: list[Impl], warmup: int = 1, repeats: int = 5,
                 if name not in measured:
                     continue
                 try:
-                    results[name].peak_bytes = peak_memory_bytes(step, case.device)
+                    results[name].peak_bytes = peak_memory_bytes(step, case.device) + held_bytes(models[name])
                 except Exception as exc:
                     fail(next(i for i in ordered if i.name == name), exc)
 
