@@ -7,13 +7,6 @@ Three kinds of entries, each computed once per version of the tensors it is deri
   version instead of once per call);
 - oneDNN-packed (reordered) weights for the CPU eval forward.
 
-And one kind that holds memory, not values: ``reusable`` keeps the memory of a large gradient
-the training step writes on the CPU (the group FC's weight gradient, 67 MB at ImageNet-21K) and
-hands it out again once nothing outside the cache references it, i.e. after the optimizer step
-and ``zero_grad`` have let go of the gradient. Fresh memory of that size costs a page fault per
-4 KiB page on the CPU (glibc maps allocations above 32 MB anew every time): the 21K gradient
-product took 23 ms into fresh memory and 5 ms into memory in use.
-
 An entry is keyed on the source tensors' identity, storage address, version counter, dtype,
 device and shape: in-place updates (optimizer steps, ``load_state_dict``'s copies, ``mul_``)
 bump the version and so refresh it. Writes that bypass version counters (``p.data`` edits,
@@ -79,31 +72,6 @@ class HeadCaches:
             return weight.detach()
         return self.get(("cast", name, dtype), (weight,), lambda: weight.detach().to(dtype))
 
-    def reusable(self, name: Hashable, shape: Sequence[int], dtype: torch.dtype,
-                 device: torch.device) -> torch.Tensor:
-        """Memory to write a gradient of ``shape`` into, and to hand to autograd: an alias (its own
-        tensor object, which autograd may keep as ``.grad``) of the memory kept under ``name``
-        when no one else references that memory any more (no ``.grad``, hook or user variable
-        still holds the previous gradient); otherwise fresh memory, which is kept from then on in
-        place of the busy one (that stays with whoever holds it). Fresh memory every call while
-        ``enabled`` is False or caching is impossible (torch.compile tracing, CUDA graph
-        capture)."""
-        shape = tuple(shape)
-        if not (self.enabled and caching_possible()):
-            return torch.empty(shape, dtype=dtype, device=device)
-        entry = self._entries.get(name)
-        if entry is not None:
-            (kept_shape, kept_dtype, kept_device, own_refs), kept = entry
-            if ((kept_shape, kept_dtype, kept_device) == (shape, dtype, torch.device(device))
-                    and _storage_refs(kept) == own_refs):
-                return kept.detach()
-            del self._entries[name], kept   # busy or the wrong size: left to its holders
-        kept = torch.empty(shape, dtype=dtype, device=device)
-        own_refs = _storage_refs(kept)
-        if own_refs is not None:        # unknowable in this PyTorch: nothing is kept
-            self._entries[name] = ((shape, dtype, kept.device, own_refs), kept)
-        return kept.detach()
-
     def nbytes(self, exclude: Sequence[torch.Tensor] = ()) -> int:
         """Bytes of the memory the entries hold, each storage once, not counting the storages of
         ``exclude`` (the parameters: an entry may be a parameter itself or a view of one)."""
@@ -135,12 +103,6 @@ class HeadCaches:
     def __setstate__(self, state: dict) -> None:
         self.enabled = state["enabled"]
         self._entries = {}
-
-
-def _storage_refs(t: torch.Tensor) -> int | None:
-    """How many references the storage of ``t`` has now (None where this PyTorch cannot tell)."""
-    count = getattr(torch._C, "_storage_Use_Count", None)
-    return None if count is None else count(t.untyped_storage()._cdata)
 
 
 def _storage_key(t: torch.Tensor) -> tuple:

@@ -21,16 +21,14 @@ The forward is the computation of docs/design.md rearranged for speed:
   function with its Triton attention and LayerNorm kernels. ``fused_training = False`` runs them
   op by op.
 
-The caches (``head.caches``: the eval queries, autocast weight copies, packed oneDNN weights, and
-the memory of the CPU step's group-FC weight gradient, reused once freed) track tensors through
-their version counters. Writes that bypass them (``p.data`` edits, FSDP re-materialising
-parameters in place) are invisible to them: call ``clear_caches()`` after such a write, or set
-``head.caches.enabled = False`` (``mldecoder_fast.train.distributed`` clears them before every
-forward of FSDP-wrapped heads).
+The caches (``head.caches``: the eval queries, autocast weight copies, packed oneDNN weights)
+track tensors through their version counters. Writes that bypass them (``p.data`` edits, FSDP
+re-materialising parameters in place) are invisible to them: call ``clear_caches()`` after such a
+write, or set ``head.caches.enabled = False`` (``mldecoder_fast.train.distributed`` clears them
+before every forward of FSDP-wrapped heads).
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -243,10 +241,8 @@ class MLDecoderFast(_HeadBase):
         weights = self.caches.get(("train_step", kit.compute, p_ff), sources,
                                   lambda: derive_weights(params, fixed_t0, kit, p_ff, zsl),
                                   lambda stale: derive_weights(params, fixed_t0, kit, p_ff, zsl, into=stale))
-        # the CPU's group-FC weight gradient goes into memory the head keeps between steps
-        kept_memory = None if kit.direct_out else functools.partial(self.caches.reusable, "group_fc_weight_grad")
         cfg = (NUM_HEADS, (layer.norm1.eps, layer.norm2.eps, layer.norm3.eps),
-               (p_query, p_attn, p_out, p_ff, p_res), num_out, zsl, ext, kit, weights, kept_memory)
+               (p_query, p_attn, p_out, p_ff, p_res), num_out, zsl, ext, kit, weights)
         return HeadTrainStep.apply(cfg, tokens, t0, *params)
 
     # the products of a forward ---------------------------------------------------------------------

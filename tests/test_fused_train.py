@@ -266,7 +266,7 @@ def _step_fn(fast, kit, ps, ext=False, seed=None):
     def fn(tokens, t0, *params):
         if seed is not None:
             torch.manual_seed(seed)
-        cfg = (8, eps, ps, 23, False, ext, kit, derive_weights(params, None, kit, ps[3], False), None)
+        cfg = (8, eps, ps, 23, False, ext, kit, derive_weights(params, None, kit, ps[3], False))
         return HeadTrainStep.apply(cfg, tokens, t0, *params)
     return fn
 

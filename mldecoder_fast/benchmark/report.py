@@ -403,7 +403,7 @@ What is measured (see `mldecoder_fast/benchmark/`):
   are shared.
 - **Peak memory**: bytes allocated during one step beyond what existed before it (weights,
   input, optimizer state), plus what the head holds between steps beyond its parameters
-  (`MLDecoderFast`'s caches: weight copies, packed weights, kept gradient memory): on CUDA
+  (`MLDecoderFast`'s caches: eval queries, weight copies, packed weights): on CUDA
   `max_memory_allocated`; on the CPU the maximum running sum of the allocations and frees of
   PyTorch's CPU allocator recorded by `torch.profiler` (`profile_memory=True`).
 - **Roofline**: the head's FLOPs (docs/benchmarks.md formula; a training step counts 3x the forward)

@@ -429,7 +429,7 @@ def unwrapped(model: nn.Module) -> nn.Module:
 
 def held_bytes(model: nn.Module) -> int:
     """Bytes a head holds between steps beyond its parameters and buffers (``MLDecoderFast``'s
-    caches: weight copies, packed weights, kept gradient memory), which a step's peak, counted
+    caches: eval queries, weight copies, packed weights), which a step's peak, counted
     from what existed before it, would not show."""
     caches = getattr(unwrapped(model), "caches", None)
     if caches is None:

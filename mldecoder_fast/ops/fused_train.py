@@ -61,12 +61,6 @@ from .dropout_masks import RegeneratedMasks, StoredMasks
 from .torch_ops import group_fc_padded_bias, padded_group_bias
 from .triton_ops import _DropoutSeeds, _on_device
 
-# Gradients at least this large are written into memory the head keeps between steps, where the
-# caller allows (the CPU): glibc maps every allocation above its largest mmap threshold (32 MiB on
-# 64-bit) afresh, a page fault per 4 KiB (21K fp32, 67 MB: 23 ms fresh, 5 ms into kept memory);
-# below it freed memory is reused without faults, and keeping it would only hold memory.
-KEEP_GRADIENT_BYTES = 32 << 20
-
 
 class StepKit(NamedTuple):
     """How a training step runs (see the module docstring)."""
@@ -252,21 +246,16 @@ class _Products:
             return r.to(self.out) if out is None else out.copy_(r)
         return g.sum(0, dtype=self.out) if out is None else torch.sum(g, 0, dtype=self.out, out=out)
 
-    def group_weight_grad(self, h, g, kept_memory=None):
+    def group_weight_grad(self, h, g):
         """hᵀ g per query: the group-FC weight gradient [K, D, G] (h [B, K, D], g [K, B, G]) in the
         parameters' dtype. cuBLAS computes it from compute-dtype operands and writes fp32 itself;
         elsewhere g comes in the parameters' dtype and so does the product (on the CPU a bf16
-        product and its cast to fp32 took longer than the fp32 product), written into
-        ``kept_memory(shape, dtype, device)`` (``HeadCaches.reusable``) where given and the
-        gradient has at least ``KEEP_GRADIENT_BYTES``."""
+        product and its cast to fp32 took longer than the fp32 product)."""
         h = h.transpose(0, 1).transpose(1, 2)                                           # [K, D, B]
         if self.kit.direct_out:
             kwargs = {} if self.compute == self.out else {"out_dtype": self.out}
             return torch.bmm(h.to(self.compute), g, **kwargs)
-        shape = (h.shape[0], h.shape[1], g.shape[2])
-        if kept_memory is None or math.prod(shape) * self.out.itemsize < KEEP_GRADIENT_BYTES:
-            return torch.bmm(h.to(self.out), g)
-        return torch.bmm(h.to(self.out), g, out=kept_memory(shape, self.out, g.device))
+        return torch.bmm(h.to(self.out), g)
 
 
 def _keep_graph() -> bool:
@@ -369,8 +358,7 @@ def _attention_backward(kit, g_o, q, kv, saved, B, N, H, p, keep, s, zero, g_kv_
 class HeadTrainStep(torch.autograd.Function):
     """Inputs: ``cfg`` (num_heads, (eps1, eps2, eps3), (p_query, p_attn, p_out, p_ff, p_res),
     num_out, zsl, ext: the compiled extension's group-FC ops instead of bmm, kit: ``StepKit``,
-    weights: ``StepWeights``, kept_memory: None or where the group-FC weight gradient is written,
-    see ``_Products.group_weight_grad``), tokens [B, N, C], T0 [K, D] (the learned queries or
+    weights: ``StepWeights``), tokens [B, N, C], T0 [K, D] (the learned queries or
     relu(wordvec_proj(V))), then the head's parameters in the order of
     ``MLDecoderFast._fused_parameters`` (read through ``weights``; inputs for their gradients).
     Output: logits [B, num_out] in the parameters' dtype."""
@@ -382,7 +370,7 @@ class HeadTrainStep(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, cfg, tokens, t0, params):
-        num_heads, (eps1, eps2, eps3), (p_q, p_a, p_o, p_f, p_r), num_out, zsl, ext, kit, w, _ = cfg
+        num_heads, (eps1, eps2, eps3), (p_q, p_a, p_o, p_f, p_r), num_out, zsl, ext, kit, w = cfg
         out_dtype = params[0].dtype
         P = _Products(kit, out_dtype)
         t0a = w.t0 if w.t0 is not None else t0.to(kit.compute)
@@ -446,7 +434,7 @@ class HeadTrainStep(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, g_logits):
-        num_heads, (eps1, eps2, eps3), (p_q, p_a, _, _, _), num_out, zsl, ext, kit, _, kept_memory = ctx.cfg
+        num_heads, (eps1, eps2, eps3), (p_q, p_a, _, _, _), num_out, zsl, ext, kit, _ = ctx.cfg
         saved = ctx.saved_tensors
         tokens, t0 = saved[:2]
         w = StepWeights(*saved[2:4], None, *saved[4:]) if not ctx.has_t0 else StepWeights(*saved[2:])
@@ -614,7 +602,7 @@ class HeadTrainStep(torch.autograd.Function):
             elif zsl:
                 g_Wg = P.grad_weight(h.reshape(B * K, D), g.reshape(B * K, 1))             # [D, 1]
             else:
-                g_Wg = P.group_weight_grad(h, g_pad_wg, kept_memory)                       # [K, D, G]
+                g_Wg = P.group_weight_grad(h, g_pad_wg)                                    # [K, D, G]
         g_ln = _ln_grads_in(out_dtype, (g_ln1w, g_ln1b, g_ln2w, g_ln2b, g_ln3w, g_ln3b))
         if not keep_graph:
             ctx.acts = None
