@@ -151,6 +151,36 @@ def test_auto_measures_each_shape_once_with_injected_timings():
     assert len(seen) == 3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_onednn_mm_copies_fewer_elements(monkeypatch, dtype):
+    """oneDNN copies a strided input operand: ``mm(gᵀ, x)`` (a weight gradient) runs as
+    ``linear(gᵀ, xᵀ)`` when g is the narrower, as ``linear(xᵀ, gᵀ)ᵀ`` plus a copy of the result
+    when that copies fewer elements; either way it is the product, contiguous."""
+    if not cpu_gemm.onednn_status(dtype)[0]:
+        pytest.skip(cpu_gemm.onednn_status(dtype)[1])
+    monkeypatch.setitem(cpu_gemm._state, "onednn_error", None)
+    inputs = []
+    linear = cpu_gemm.OneDnnGemm.linear
+    monkeypatch.setattr(cpu_gemm.OneDnnGemm, "linear",
+                        lambda self, x, w, *a, **kw: inputs.append(tuple(x.shape)) or linear(self, x, w, *a, **kw))
+    rows = 37
+    cases = [((rows, 64), (rows, 16), False, (16, rows)),   # g wider: x is the input, then transposed
+             ((rows, 16), (rows, 64), False, (16, rows)),   # g narrower: g is the input
+             ((rows, 20), (rows, 16), False, (20, rows)),   # 20·37 < 16·37 + 20·16: g
+             ((rows, 20), (rows, 16), True, (16, rows))]    # x stored by columns: xᵀ needs no copy
+    for g_shape, x_shape, by_columns, input_shape in cases:
+        g = torch.randn(g_shape).to(dtype)
+        x = torch.randn(x_shape).to(dtype)
+        if by_columns:
+            x = x.t().contiguous().t()
+        inputs.clear()
+        out = cpu_gemm.ONEDNN.mm(g.t(), x)
+        assert inputs == [input_shape], (g_shape, x_shape, inputs)
+        assert out.is_contiguous() and out.shape == (g_shape[1], x_shape[1])
+        exact = g.double().t() @ x.double()
+        assert rel_rms(exact, out.double()) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
 def test_onednn_failure_warns_once_and_falls_back(monkeypatch):
     monkeypatch.setitem(cpu_gemm._state, "mode", "onednn")
     monkeypatch.setitem(cpu_gemm._state, "onednn_error", None)

@@ -509,8 +509,9 @@ class HeadTrainStep(torch.autograd.Function):
         g_W2 = P.grad_weight(g_f2, f1) if needs[15] else None
         g_b2 = P.grad_bias(g_f2) if needs[16] and not ff_sum else None
         g_f1 = P.mm(g_f2, w.W2s)                                                       # W2s: dropout scale
-        g_a = torch.ops.aten.threshold_backward(g_f1, f1, 0) if ff_grads is None else \
-            torch.ops.aten.threshold_backward.grad_input(g_f1, f1, 0, grad_input=ff_grads[:, D:])
+        # (without the buffer: in place, g_f1 is used up here)
+        g_a = torch.ops.aten.threshold_backward.grad_input(g_f1, f1, 0, grad_input=g_f1 if ff_grads is None
+                                                           else ff_grads[:, D:])
         if ff_sum:
             sums = ff_grads.sum(0, dtype=out_dtype)
             g_b2, g_b1 = sums[:D], sums[D:]
@@ -554,8 +555,8 @@ class HeadTrainStep(torch.autograd.Function):
             P.grad_bias(g_kv, out=g_bin[D:])
         g_mem = P.mm(g_kv, w.Wkv)                                                      # [BN, D]
         del g_kv
-        g_pre = torch.ops.aten.threshold_backward(g_mem, mem, 0) if proj_grads is None else \
-            torch.ops.aten.threshold_backward.grad_input(g_mem, mem, 0, grad_input=proj_grads[:, 2 * D:])
+        g_pre = torch.ops.aten.threshold_backward.grad_input(g_mem, mem, 0, grad_input=g_mem if proj_grads is None
+                                                             else proj_grads[:, 2 * D:])
         del g_mem, mem
         if proj_sum:
             torch.sum(proj_grads, 0, dtype=out_dtype, out=biases[D:])
