@@ -271,9 +271,11 @@ def _step_fn(fast, kit, ps, ext=False, seed=None):
     return fn
 
 
-@pytest.mark.parametrize("per_sample_queries,ext", [(True, False), (False, False), (True, True)])
-def test_backward_is_the_derivative_with_dropout_on(monkeypatch, per_sample_queries, ext):
-    """Finite differences (fp64, fixed stored masks) of the whole function, every input at once."""
+@pytest.mark.parametrize("per_sample_queries,ext,p_res", [(True, False, 0.15), (False, False, 0.15),
+                                                         (True, True, 0.15), (True, False, 0.0)])
+def test_backward_is_the_derivative_with_dropout_on(monkeypatch, per_sample_queries, ext, p_res):
+    """Finite differences (fp64, fixed stored masks) of the whole function, every input at once
+    (also without the residual dropout, whose gradient the feed-forward's then shares)."""
     torch.manual_seed(4)
     gen = torch.Generator().manual_seed(5)
     fixed = {}
@@ -286,11 +288,11 @@ def test_backward_is_the_derivative_with_dropout_on(monkeypatch, per_sample_quer
 
     monkeypatch.setattr(dropout_masks, "keep_mask", fixed_mask)
     _, fast = make_pair(23, 4, decoder_embedding=16, dtype=torch.float64)
-    ps = (0.3 if per_sample_queries else 0.0, 0.25, 0.2, 0.35, 0.15)
+    ps = (0.3 if per_sample_queries else 0.0, 0.25, 0.2, 0.35, p_res)
     inputs = _small_step_inputs(fast, per_sample_queries)
     fn = _step_fn(fast, CPU_KIT, ps, ext)
     assert torch.autograd.gradcheck(fn, (inputs[0], inputs[1], *inputs[2]), fast_mode=True, atol=1e-6, rtol=1e-5)
-    assert len(fixed) == (5 if per_sample_queries else 4)
+    assert len(fixed) == sum(p > 0 for p in ps)
 
 
 @pytest.mark.parametrize("direct_out", [False, True], ids=["products", "direct_out"])
@@ -477,9 +479,8 @@ def test_fused_step_keeps_less_memory():
     fast.clear_caches()
     step()
     ops = peak_memory_bytes(step, "cpu") + held_bytes(fast)
-    # (0.75 for the step alone; the fused step's held copy of W2 with the dropout scale folded in,
-    # 0.5 MB at D = 64, F = 2048, makes it 0.83)
-    assert fused < 0.875 * ops, f"fused step peak {fused / 1e6:.2f} MB vs op by op {ops / 1e6:.2f} MB"
+    # (0.57 measured: nothing held, the ReLU backward in place)
+    assert fused < 0.7 * ops, f"fused step peak {fused / 1e6:.2f} MB vs op by op {ops / 1e6:.2f} MB"
 
 
 def test_retain_graph_backward_twice():

@@ -36,8 +36,8 @@ launches:
 
 - every bias and ReLU rides in its GEMM (``linear(..., relu=True)``); a residual and its dropout are
   one ``addcmul`` (u = t + s·x·keep); the feed-forward's dropout scale is folded into a copy of W2
-  for the backward, and its mask needs no redraw there (the ReLU's dropped output is zero exactly
-  where the gradient stops);
+  for the backward on CUDA (on the CPU the gradient is scaled in place: no copy held), and its
+  mask needs no redraw there (the ReLU's dropped output is zero exactly where the gradient stops);
 - K and V are one GEMM on the memory; the residual gradients of steps 5 and 6 are the addends of
   the GEMMs that make the other path's gradient (LayerNorm backward gets their sum); both row
   blocks of ``in_proj_weight``'s gradient are written into one tensor (no slice backward);
@@ -93,7 +93,7 @@ class StepWeights(NamedTuple):
     W1: torch.Tensor
     b1: torch.Tensor
     W2: torch.Tensor
-    W2s: torch.Tensor            # W2 / (1 - p_ff): the feed-forward dropout's scale, for the backward
+    W2s: torch.Tensor            # W2 / (1 - p_ff) for the backward (CUDA), else W2 itself
     b2: torch.Tensor
     ln3w: torch.Tensor
     ln3b: torch.Tensor
@@ -133,7 +133,9 @@ def derive_weights(params, t0, kit: StepKit, p_ff: float, zsl: bool,
                        bkv=bin_[d:], Wo=Wo, bo=bo, ln2w=ln2w, ln2b=ln2b, W1=W1, b1=b1, W2=W2, b2=b2,
                        ln3w=ln3w, ln3b=ln3b, Wg=Wg)
         made = {name: None if t is None else conv(name, t) for name, t in sources.items()}
-        made["W2s"] = conv("W2s", W2, _scale(p_ff))
+        # CUDA folds the feed-forward dropout's scale into a copy of W2 (no launch to scale the
+        # gradient); the CPU scales the gradient in place instead of holding a copy
+        made["W2s"] = conv("W2s", W2, _scale(p_ff)) if kit.direct_out else made["W2"]
         zero = into.zero if into is not None and into.zero.dtype == cd else \
             torch.zeros((), dtype=cd, device=We.device)
         return StepWeights(**made, bias=bias, zero=zero)
@@ -501,6 +503,7 @@ class HeadTrainStep(torch.autograd.Function):
         width = w.W1.shape[0]
         ff_grads = torch.empty(B * K, D + width, dtype=cd, device=g.device) if ff_sum else None
         keep_r = m.pop("r", None)
+        own_f2 = keep_r is not None
         g_f2 = _dropped(g_u3.view(B * K, D), None if keep_r is None else keep_r.reshape(B * K, D), s_r,
                         w.zero, out=None if ff_grads is None else ff_grads[:, :D])
         del keep_r
@@ -508,7 +511,10 @@ class HeadTrainStep(torch.autograd.Function):
         f1 = pop("f1")
         g_W2 = P.grad_weight(g_f2, f1) if needs[15] else None
         g_b2 = P.grad_bias(g_f2) if needs[16] and not ff_sum else None
-        g_f1 = P.mm(g_f2, w.W2s)                                                       # W2s: dropout scale
+        if kit.direct_out:
+            g_f1 = P.mm(g_f2, w.W2s)                                                   # W2s: dropout scale
+        else:   # scaled in place where g_f2 is its own tensor (the residual dropout's output)
+            g_f1 = P.mm(g_f2 if s_f == 1.0 else g_f2.mul_(s_f) if own_f2 else g_f2 * s_f, w.W2)
         # (without the buffer: in place, g_f1 is used up here)
         g_a = torch.ops.aten.threshold_backward.grad_input(g_f1, f1, 0, grad_input=g_f1 if ff_grads is None
                                                            else ff_grads[:, D:])
