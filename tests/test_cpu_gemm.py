@@ -154,8 +154,8 @@ def test_auto_measures_each_shape_once_with_injected_timings():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_onednn_mm_copies_fewer_elements(monkeypatch, dtype):
     """oneDNN copies a strided input operand: ``mm(gᵀ, x)`` (a weight gradient) runs as
-    ``linear(gᵀ, xᵀ)`` when g is the narrower, as ``linear(xᵀ, gᵀ)ᵀ`` plus a copy of the result
-    when that copies fewer elements; either way it is the product, contiguous."""
+    ``linear(gᵀ, xᵀ)``, or as ``linear(xᵀ, gᵀ)ᵀ`` plus a copy of the result when that copies
+    under half as many elements; either way it is the product, contiguous."""
     if not cpu_gemm.onednn_status(dtype)[0]:
         pytest.skip(cpu_gemm.onednn_status(dtype)[1])
     monkeypatch.setitem(cpu_gemm._state, "onednn_error", None)
@@ -164,10 +164,10 @@ def test_onednn_mm_copies_fewer_elements(monkeypatch, dtype):
     monkeypatch.setattr(cpu_gemm.OneDnnGemm, "linear",
                         lambda self, x, w, *a, **kw: inputs.append(tuple(x.shape)) or linear(self, x, w, *a, **kw))
     rows = 37
-    cases = [((rows, 64), (rows, 16), False, (16, rows)),   # g wider: x is the input, then transposed
+    cases = [((rows, 64), (rows, 8), False, (8, rows)),     # 2 (8·37 + 64·8) < 64·37: x, then transposed
              ((rows, 16), (rows, 64), False, (16, rows)),   # g narrower: g is the input
-             ((rows, 20), (rows, 16), False, (20, rows)),   # 20·37 < 16·37 + 20·16: g
-             ((rows, 20), (rows, 16), True, (16, rows))]    # x stored by columns: xᵀ needs no copy
+             ((rows, 64), (rows, 16), False, (64, rows)),   # 2 (16·37 + 64·16) > 64·37: g
+             ((rows, 20), (rows, 16), True, (16, rows))]    # x stored by columns (xᵀ needs no copy): x
     for g_shape, x_shape, by_columns, input_shape in cases:
         g = torch.randn(g_shape).to(dtype)
         x = torch.randn(x_shape).to(dtype)
