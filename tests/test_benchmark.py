@@ -357,6 +357,7 @@ def test_bench_command_writes_table_json_markdown_png(tmp_path, capsys):
     text = md.read_text()
     assert text.count("| imagenet1k-resnet50-224-tiny |") >= 4 and "| config |" in text
     assert "Scaling, train" in text
+    assert "- peak memory: a step's peak plus what the head holds between steps" in text
     assert md.read_text() == report.to_markdown(data) + "\n"  # markdown is a function of the JSON
 
     head = png.read_bytes()[:8]

@@ -218,7 +218,17 @@ def _meta_line(meta: dict) -> str:
         parts.append(f"copy {meta['copy_gbps']:.1f} GB/s")
     if meta.get("commit"):
         parts.append(f"commit {meta['commit']}")
+    if meta.get("memory_method"):
+        parts.append(f"memory: {_memory_counted(meta)}")
     return " | ".join(parts)
+
+
+def _memory_counted(meta: dict) -> str:
+    """What a record's peak memory counts (records made before ``held_bytes`` count only what a
+    step allocates)."""
+    if "held" in meta.get("memory_method", ""):
+        return "a step's peak plus what the head holds between steps (caches)"
+    return "a step's peak only (what the head holds between steps, e.g. cached weight copies, not counted)"
 
 
 def _gemm_rates(meta: dict) -> str:
@@ -312,6 +322,8 @@ def to_markdown(data: dict, title: str | None = None, command: str | None = None
         out.append(f"- measured at the start of the run: GEMM {_gemm_rates(meta)}"
                    + (f", copy {meta['copy_gbps']:.1f} GB/s" if meta.get("copy_gbps") else "")
                    + " (each row's roofline uses the fastest GEMM rate timed in its own rounds)")
+    if meta.get("memory_method"):
+        out.append(f"- peak memory: {_memory_counted(meta)}")
     backends = meta.get("backends") or {}
     if backends and "error" not in backends:
         present = [k for k, v in backends.items() if v.get("available")]
