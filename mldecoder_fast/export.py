@@ -229,19 +229,20 @@ def head_from_checkpoint(ckpt: dict, head: str = "fast") -> nn.Module:
 
 
 def run(args) -> int:
-    from .predict import checkpoint_overrides, load_predictor
+    from .predict import checkpoint_overrides, load_predictor, set_word_vectors
     from .train.checkpoint import CheckpointError, load_checkpoint
     try:
         ckpt = load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
         if ckpt.get("model_args") or args.model:
             model, names, margs = load_predictor(
                 args.checkpoint, args.head, "auto", args.weights, "cpu", overrides=checkpoint_overrides(args),
-                ckpt=ckpt)
+                ckpt=ckpt, trust_pickle=args.trust_pickle, word_vectors=args.word_vectors)
             side = int(margs["image_size"])
             shape = (3, side, side)
             what = f"{margs['model']} with its ML-Decoder head ({len(names)} classes)"
         else:
             model = head_from_checkpoint(ckpt, args.head)
+            set_word_vectors(model, args.word_vectors, None, args.trust_pickle, ckpt.get("path", args.checkpoint))
             shape = tuple(args.feature_shape or (model.config.num_features, 7, 7))
             if len(shape) not in (2, 3):
                 raise ValueError(f"--feature-shape: expected C,H,W or N,C, got {','.join(map(str, shape))}")

@@ -4,7 +4,9 @@ For every image: the top classes (at most ``--top-k``) whose sigmoid score is ab
 ``--threshold``, with their scores, as the official ``infer.py`` picks them. The model is rebuilt
 from the checkpoint's ``model_args`` (written by ``mldecoder-fast train``); class names come from
 its ``class_names`` or ``idx_to_class`` (official files). Checkpoints without ``model_args`` need
-``--model`` (and ``--image-size`` etc. when they differ from the defaults).
+``--model`` (and ``--image-size`` etc. when they differ from the defaults). A zero-shot checkpoint
+(``mldecoder-fast train zsl``) scores the classes of its class list through their word vectors,
+given by ``--word-vectors``.
 """
 from __future__ import annotations
 
@@ -37,8 +39,12 @@ def add_checkpoint_options(p, model_group_title: str) -> None:
     """The options of commands that rebuild a model from a checkpoint (``load_predictor``):
     ``--trust-pickle`` and, for checkpoints that do not say which model they hold, the model's."""
     p.add_argument("--trust-pickle", action="store_true",
-                   help="read a checkpoint that needs full unpickling (it can run any code: only for "
-                        "a file from a source you trust); without it such a file is refused")
+                   help="read a checkpoint (or word-vector file) that needs full unpickling (it can run "
+                        "any code: only for a file from a source you trust); without it such a file is refused")
+    p.add_argument("--word-vectors", metavar="PATH",
+                   help="zero-shot (ZSL) checkpoints: the classes' word vectors, one 300-d vector per "
+                        "class of the checkpoint's class list ([C, 300], or [300, C] as NUS-WIDE's "
+                        "wordvec_array.pth; a tensor, .npy or numeric pickle)")
     g = p.add_argument_group(model_group_title)
     g.add_argument("--model", help="timm model name")
     g.add_argument("--image-size", type=int_range(1), help="input side (default: the checkpoint's, else 448)")
@@ -53,15 +59,35 @@ def checkpoint_overrides(args) -> dict:
     return {"model": args.model, "image_size": args.image_size, **model_options}
 
 
+def set_word_vectors(head, path: str | None, num_classes: int | None, trust_pickle: bool, what: str) -> None:
+    """Give a zero-shot head the word vectors in ``path`` (``num_classes`` of them; None: any
+    number); a clear error for a zero-shot head without a file or a file for another head."""
+    from .train.checkpoint import CheckpointError
+    from .train.formats.nus_wide import read_word_vectors
+    if not head.config.zsl:
+        if path is not None:
+            raise CheckpointError(f"{what}: --word-vectors is for zero-shot (ZSL) checkpoints; this one "
+                                  f"has a head of {head.num_classes} classes")
+        return
+    if path is None:
+        count = "" if num_classes is None else f" of its class list, {num_classes} classes"
+        raise CheckpointError(f"{what} is a zero-shot (ZSL) head without word vectors: it scores the "
+                              f"classes whose word vectors it is given; pass --word-vectors (one "
+                              f"300-d vector per class{count})")
+    vectors = read_word_vectors(path, num_classes, trust_pickle, classes_of=f"{what}'s class list")
+    head.set_word_vectors(vectors.to(next(head.parameters()).device))
+
+
 def load_predictor(path: str, head: str = "fast", backend: str = "auto", weights: str = "auto",
-                   device=None, overrides=None, trust_pickle: bool = False, ckpt: dict | None = None):
+                   device=None, overrides=None, trust_pickle: bool = False, ckpt: dict | None = None,
+                   word_vectors: str | None = None):
     """(model in eval mode, class names, model_args) from a checkpoint (``trust_pickle``: see
     ``mldecoder_fast.files.load_file``); ``ckpt``: the checkpoint at ``path`` already read by
-    ``load_checkpoint``."""
+    ``load_checkpoint``; ``word_vectors``: the file of a zero-shot checkpoint's class vectors."""
     import torch
 
     from .train.checkpoint import CheckpointError, check_classes, head_num_classes, load_checkpoint
-    from .train.models import model_from_args
+    from .train.models import model_from_args, zsl_head
     if ckpt is None:
         ckpt = load_checkpoint(path, trust_pickle=trust_pickle)
     names = ckpt.get("class_names")
@@ -81,7 +107,8 @@ def load_predictor(path: str, head: str = "fast", backend: str = "auto", weights
         raise CheckpointError(f"{path}: the checkpoint does not say which backbone it has: pass --model")
     model_args["num_classes"] = len(names)
     model_args.setdefault("image_size", 448)
-    check_classes(ckpt, names, "its class list")
+    if not model_args.get("zsl"):   # a zero-shot head has one output per word vector, not per class
+        check_classes(ckpt, names, "its class list")
     state = ckpt["model"]
     if weights == "ema" or (weights == "auto" and "ema" in ckpt and
                             ckpt.get("metrics", {}).get("mAP_ema", -1) > ckpt.get("metrics", {}).get("mAP", -1)):
@@ -95,7 +122,9 @@ def load_predictor(path: str, head: str = "fast", backend: str = "auto", weights
         raise CheckpointError(f"{path}: the weights do not fit {model_args['model']} with an "
                               f"ML-Decoder head of {len(names)} classes: {exc}") from None
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return model.to(device).eval(), list(names), model_args
+    model = model.to(device).eval()
+    set_word_vectors(zsl_head(model), word_vectors, len(names), trust_pickle, path)
+    return model, list(names), model_args
 
 
 def top_classes(scores, names, threshold: float, top_k: int):
@@ -109,13 +138,13 @@ def run(args) -> int:
 
     from .train.checkpoint import CheckpointError
     from .train.datasets import BadImageError, load_rgb
-    from .train.formats.common import Sample
+    from .train.formats.common import DataError, Sample
     from .train.transforms import build_transforms
     try:
         model, names, margs = load_predictor(
             args.checkpoint, args.head, args.backend, args.weights, args.device,
-            overrides=checkpoint_overrides(args), trust_pickle=args.trust_pickle)
-    except (CheckpointError, FileNotFoundError, ImportError) as exc:
+            overrides=checkpoint_overrides(args), trust_pickle=args.trust_pickle, word_vectors=args.word_vectors)
+    except (CheckpointError, DataError, FileNotFoundError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     transform = build_transforms(int(margs["image_size"]), train=False,

@@ -193,11 +193,38 @@ def test_export_command_whole_model_checkpoint(tmp_path, capsys):
     assert_close("exported model at batch 3", want, OnnxRuntimeModule(out)(x), 1e-4)
 
 
+def test_export_command_takes_a_zsl_heads_word_vectors(tmp_path, capsys):
+    """A zero-shot head alone from the command line: its word vectors from --word-vectors (any
+    number of classes, the official [300, C] orientation too), constants of the graph."""
+    head = _head(zsl=1)
+    torch.save(head.state_dict(), tmp_path / "zsl.pth")
+    vectors = torch.randn(300, 9)                                    # official orientation
+    torch.save(vectors, tmp_path / "wv.pth")
+    out = tmp_path / "z.onnx"
+    assert main(["export", "--checkpoint", str(tmp_path / "zsl.pth"), "--onnx", str(out),
+                 "--word-vectors", str(tmp_path / "wv.pth"), "--feature-shape", f"{C},{N_SIDE},{N_SIDE}"]) == 0
+    assert "(9 classes" in capsys.readouterr().out
+    head.eval().set_word_vectors(vectors.t().contiguous())
+    _agrees_in_ort(out, head, 3)
+
+
 def test_export_command_errors(tmp_path, capsys):
     ckpt = tmp_path / "zsl.pth"
     torch.save(_head(zsl=1).state_dict(), ckpt)
     assert main(["export", "--checkpoint", str(ckpt), "--onnx", str(tmp_path / "z.onnx")]) == 2
-    assert "without word vectors" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "without word vectors" in err and "--word-vectors" in err
+    torch.save(torch.randn(300, 4), tmp_path / "wv.pth")
+    torch.save(_head().state_dict(), tmp_path / "plain.pth")
+    assert main(["export", "--checkpoint", str(tmp_path / "plain.pth"), "--onnx", str(tmp_path / "z.onnx"),
+                 "--word-vectors", str(tmp_path / "wv.pth")]) == 2
+    assert "--word-vectors is for zero-shot (ZSL) checkpoints" in capsys.readouterr().err
+    torch.save(torch.randn(299, 4), tmp_path / "wv.pth")
+    assert main(["export", "--checkpoint", str(ckpt), "--onnx", str(tmp_path / "z.onnx"),
+                 "--word-vectors", str(tmp_path / "wv.pth")]) == 2
+    assert "word vectors of shape [299, 4]" in capsys.readouterr().err
+    (tmp_path / "plain.pth").unlink()
+    (tmp_path / "wv.pth").unlink()
     torch.save(_head().state_dict(), ckpt)
     assert main(["export", "--checkpoint", str(ckpt), "--onnx", str(tmp_path / "no" / "z.onnx")]) == 2
     assert "expected an existing directory" in capsys.readouterr().err

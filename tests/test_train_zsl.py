@@ -137,6 +137,38 @@ def test_cli_trains_and_resumes_on_the_miniature(mini, tmp_path, capsys):
     assert log["query_augment"] == {"noise": 0.1, "extra": 2}
 
 
+def test_predict_scores_a_zsl_checkpoints_classes_by_their_word_vectors(mini, tmp_path, capsys):
+    """``predict --word-vectors`` on a zero-shot checkpoint: every class of its class list scored
+    through its word vector, as the model with those vectors set scores it; without the file, or
+    with one of another class count, a clear error."""
+    from mldecoder_fast.predict import load_predictor
+    from mldecoder_fast.train.datasets import load_rgb
+    from mldecoder_fast.train.formats.common import Sample
+    out = str(tmp_path / "run")
+    assert main(["train", "zsl", "--data", mini, *TINY, "--max-steps-per-epoch", "1", "--epochs", "1",
+                 "--out", out]) == 0
+    ckpt, vectors = os.path.join(out, "best.pth"), os.path.join(mini, N.WORDVEC_NAME)
+    image = sorted(os.path.join(mini, "images", f) for f in os.listdir(os.path.join(mini, "images")))[0]
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", ckpt, "--word-vectors", vectors, "--threshold", "0",
+                 "--top-k", "24", "--json", image]) == 0
+    found = json.loads(capsys.readouterr().out)["classes"]
+    model, names, margs = load_predictor(ckpt, word_vectors=vectors, device="cpu")
+    x = build_transforms(int(margs["image_size"]), train=False, mean=margs.get("mean", (0.0, 0.0, 0.0)),
+                         std=margs.get("std", (1.0, 1.0, 1.0)))(load_rgb(Sample(image, (), image)))
+    with torch.no_grad():
+        scores = torch.sigmoid(model(x[None]))[0]
+    assert len(names) == 24 and scores.shape == (24,)
+    want = {n: round(float(v), 4) for n, v in zip(names, scores, strict=True)}
+    assert {c["class"]: c["score"] for c in found} == want
+    assert main(["predict", "--checkpoint", ckpt, image]) == 2
+    err = capsys.readouterr().err
+    assert "zero-shot (ZSL) head without word vectors" in err and "24 classes" in err
+    torch.save(torch.randn(300, 23), tmp_path / "wv.pth")
+    assert main(["predict", "--checkpoint", ckpt, "--word-vectors", str(tmp_path / "wv.pth"), image]) == 2
+    assert "word vectors of shape [300, 23], expected [300, 24]" in capsys.readouterr().err
+
+
 # bad input --------------------------------------------------------------------------------------
 def test_word_vector_width_mismatch_names_the_file(mini, tmp_path, capsys):
     root = _copy(mini, tmp_path)

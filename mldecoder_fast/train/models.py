@@ -44,12 +44,14 @@ def zsl_head(model: nn.Module) -> nn.Module:
 
 
 def model_from_args(model_args: dict, head=None, backend: str = "auto"):
-    """Rebuild the model a checkpoint describes (random weights; load the state_dict after)."""
-    return build_model(model_args["model"], model_args["num_classes"],
+    """Rebuild the model a checkpoint describes (random weights; load the state_dict after). A
+    zero-shot model (``zsl``) scores the word vectors set on its head afterwards."""
+    zsl = int(model_args.get("zsl", 0))
+    return build_model(model_args["model"], 1 if zsl else model_args["num_classes"],
                        head=head or model_args.get("head", "fast"),
                        num_of_groups=model_args.get("num_of_groups", -1),
                        decoder_embedding=model_args.get("decoder_embedding", 768),
-                       model_kwargs=model_args.get("model_kwargs") or {}, backend=backend)
+                       model_kwargs=model_args.get("model_kwargs") or {}, backend=backend, zsl=zsl)
 
 
 def parse_model_kwargs(items) -> dict:

@@ -133,10 +133,12 @@ def read_split_json(path: str, class_names):
     return seen, unseen
 
 
-def read_word_vectors(path: str, num_classes: int, trust_pickle: bool = False) -> torch.Tensor:
+def read_word_vectors(path: str, num_classes: int | None, trust_pickle: bool = False,
+                      classes_of: str = CSV_NAME) -> torch.Tensor:
     """[C, 300] float32 from wordvec_array.pth ([300, C] officially): a tensor, a pickled numeric
     numpy array (the official file) or a ``.npy``, read by ``mldecoder_fast.files.load_file``
-    (no code runs unless ``trust_pickle``)."""
+    (no code runs unless ``trust_pickle``). ``num_classes`` None: any C (a [300, 300] array is
+    read in the official orientation); ``classes_of``: whose classes, for the error message."""
     from ...files import FileReadError, load_file
     try:
         wv = load_file(path, what="word vectors", allow_numpy=True, trust_pickle=trust_pickle)
@@ -152,12 +154,14 @@ def read_word_vectors(path: str, num_classes: int, trust_pickle: bool = False) -
         raise DataError(f"{path}: expected a tensor of word vectors, got {type(wv).__name__}") from None
     wv = wv.squeeze()
     shape = tuple(wv.shape)
+    if num_classes is None and wv.dim() == 2:
+        num_classes = shape[0] if shape[1] == WORDVEC_DIM else shape[1]
     if wv.dim() == 2 and shape == (WORDVEC_DIM, num_classes):
         wv = wv.t()
     elif not (wv.dim() == 2 and shape == (num_classes, WORDVEC_DIM)):
         raise DataError(f"{path}: word vectors of shape {list(shape)}, expected [{WORDVEC_DIM}, "
                         f"{num_classes}]: {WORDVEC_DIM}-d vectors, one column per class of "
-                        f"{CSV_NAME} ({num_classes} classes)")
+                        f"{classes_of} ({num_classes} classes)")
     if not wv.is_floating_point():
         raise DataError(f"{path}: word vectors must be floating point, got {wv.dtype}")
     wv = wv.float().contiguous()
