@@ -78,6 +78,16 @@ def set_word_vectors(head, path: str | None, num_classes: int | None, trust_pick
     head.set_word_vectors(vectors.to(next(head.parameters()).device))
 
 
+def _ema_validated_better(ckpt: dict) -> bool:
+    """Whether a checkpoint's metrics say its EMA weights validated better than the model's (the
+    two scores the multi-label and zero-shot recipes record, ``ASLTrainer.checkpoint_metrics``)."""
+    from .train.multilabel import MultiLabelTrainer
+    from .train.zsl import ZSLTrainer
+    metrics = ckpt.get("metrics") or {}
+    return any(model in metrics and ema in metrics and metrics[ema] > metrics[model]
+               for model, ema in (MultiLabelTrainer.score_keys, ZSLTrainer.score_keys))
+
+
 def load_predictor(path: str, head: str = "fast", backend: str = "auto", weights: str = "auto",
                    device=None, overrides=None, trust_pickle: bool = False, ckpt: dict | None = None,
                    word_vectors: str | None = None):
@@ -110,8 +120,7 @@ def load_predictor(path: str, head: str = "fast", backend: str = "auto", weights
     if not model_args.get("zsl"):   # a zero-shot head has one output per word vector, not per class
         check_classes(ckpt, names, "its class list")
     state = ckpt["model"]
-    if weights == "ema" or (weights == "auto" and "ema" in ckpt and
-                            ckpt.get("metrics", {}).get("mAP_ema", -1) > ckpt.get("metrics", {}).get("mAP", -1)):
+    if weights == "ema" or (weights == "auto" and "ema" in ckpt and _ema_validated_better(ckpt)):
         if "ema" not in ckpt:
             raise CheckpointError(f"{path}: no EMA weights in this checkpoint")
         state = ckpt["ema"]["module"]

@@ -167,6 +167,17 @@ def test_predict_scores_a_zsl_checkpoints_classes_by_their_word_vectors(mini, tm
     torch.save(torch.randn(300, 23), tmp_path / "wv.pth")
     assert main(["predict", "--checkpoint", ckpt, "--word-vectors", str(tmp_path / "wv.pth"), image]) == 2
     assert "word vectors of shape [300, 23], expected [300, 24]" in capsys.readouterr().err
+    # --weights auto: the EMA's when the checkpoint's metrics say it validated better
+    saved = torch.load(ckpt, weights_only=False)
+    assert set(saved["metrics"]) == {"zsl_mAP", "ema_zsl_mAP"}
+    key = next(k for k in saved["model"] if k.endswith("decoder.duplicate_pooling"))
+    assert not torch.equal(saved["model"][key], saved["ema"]["module"][key])
+    for ema_better in (True, False):
+        saved["metrics"] = {"zsl_mAP": 1.0, "ema_zsl_mAP": 2.0 if ema_better else 0.5}
+        torch.save(saved, tmp_path / "c.pth")
+        model, _, _ = load_predictor(str(tmp_path / "c.pth"), word_vectors=vectors, device="cpu")
+        want = saved["ema"]["module"][key] if ema_better else saved["model"][key]
+        assert torch.equal(model.state_dict()[key], want)
 
 
 # bad input --------------------------------------------------------------------------------------

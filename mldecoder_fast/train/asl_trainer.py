@@ -46,6 +46,10 @@ class ASLTrainer(Trainer):
     def build_ema(self):
         return ModelEma(self.model, self.cfg.ema_decay, self.cfg.ema_warmup)
 
+    def checkpoint_metrics(self, row: dict) -> dict:
+        """The model's and its EMA's score (``predict --weights auto`` takes the better one)."""
+        return {k: row[k] for k in self.score_keys if k in row}
+
     def best_candidate(self, row: dict) -> dict | None:
         """The better of the model and its EMA."""
         model_key, ema_key = self.score_keys

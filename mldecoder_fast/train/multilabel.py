@@ -49,9 +49,6 @@ class MultiLabelTrainer(ASLTrainer):
                 f"(chance {row.get('mAP_chance', float('nan')):.1f})  {row['images_per_s']:.1f} img/s  "
                 f"train {row['train_s']:.1f}s val {row['val_s']:.1f}s")
 
-    def checkpoint_metrics(self, row: dict) -> dict:
-        return {k: row[k] for k in ("mAP", "mAP_ema") if k in row}
-
     def log_fields(self) -> dict:
         return {"class_names": self.class_names}
 

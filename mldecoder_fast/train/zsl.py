@@ -114,9 +114,6 @@ class ZSLTrainer(ASLTrainer):
                    if self.cfg.gzsl else "")
                 + f"  {row['images_per_s']:.1f} img/s")
 
-    def checkpoint_metrics(self, row: dict) -> dict:
-        return {"zsl_mAP": row["zsl_mAP"]} if "zsl_mAP" in row else {}
-
     def check_checkpoint(self, ckpt: dict) -> None:
         # the head has one output per query, not per class: only the class list is compared
         check_classes({**ckpt, "model": {}}, self.class_names, "the NUS-WIDE data")
