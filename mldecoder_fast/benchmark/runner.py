@@ -431,11 +431,9 @@ def held_bytes(model: nn.Module) -> int:
     """Bytes a head holds between steps beyond its parameters and buffers (``MLDecoderFast``'s
     caches: eval queries, weight copies, packed weights), which a step's peak, counted
     from what existed before it, would not show."""
-    caches = getattr(unwrapped(model), "caches", None)
-    if caches is None:
-        return 0
     module = unwrapped(model)
-    return caches.nbytes(exclude=[*module.parameters(), *module.buffers()])
+    caches = getattr(module, "caches", None)
+    return 0 if caches is None else caches.nbytes(exclude=[*module.parameters(), *module.buffers()])
 
 
 def prepare(impl: Impl, case: Case) -> nn.Module:

@@ -503,7 +503,7 @@ class HeadTrainStep(torch.autograd.Function):
         width = w.W1.shape[0]
         ff_grads = torch.empty(B * K, D + width, dtype=cd, device=g.device) if ff_sum else None
         keep_r = m.pop("r", None)
-        own_f2 = keep_r is not None
+        own_f2 = keep_r is not None   # g_f2 is then the dropout's output, else a view of g_u3
         g_f2 = _dropped(g_u3.view(B * K, D), None if keep_r is None else keep_r.reshape(B * K, D), s_r,
                         w.zero, out=None if ff_grads is None else ff_grads[:, :D])
         del keep_r
@@ -511,10 +511,9 @@ class HeadTrainStep(torch.autograd.Function):
         f1 = pop("f1")
         g_W2 = P.grad_weight(g_f2, f1) if needs[15] else None
         g_b2 = P.grad_bias(g_f2) if needs[16] and not ff_sum else None
-        if kit.direct_out:
-            g_f1 = P.mm(g_f2, w.W2s)                                                   # W2s: dropout scale
-        else:   # scaled in place where g_f2 is its own tensor (the residual dropout's output)
-            g_f1 = P.mm(g_f2 if s_f == 1.0 else g_f2.mul_(s_f) if own_f2 else g_f2 * s_f, w.W2)
+        if not kit.direct_out and s_f != 1.0:   # the CPU's W2s is W2: it scales g_f2 instead
+            g_f2 = g_f2.mul_(s_f) if own_f2 else g_f2 * s_f                          # (g_u3 is read below)
+        g_f1 = P.mm(g_f2, w.W2s)                                                       # W2s: dropout scale
         # (without the buffer: in place, g_f1 is used up here)
         g_a = torch.ops.aten.threshold_backward.grad_input(g_f1, f1, 0, grad_input=g_f1 if ff_grads is None
                                                            else ff_grads[:, D:])
@@ -601,7 +600,7 @@ class HeadTrainStep(torch.autograd.Function):
         g_Wg = None
         if needs[19]:
             if h is None:
-                h = _layer_norm(kit, u3, w.ln3w, w.ln3b, eps3, w.zero)[0]                          # recomputed
+                h = _layer_norm(kit, u3, w.ln3w, w.ln3b, eps3, w.zero)[0]                  # recomputed
             del u3
             if ext:
                 g_Wg = torch.ops.mldecoder_fast.group_fc_grad_weight(g.to(out_dtype), h.to(cd), w.Wg, num_out)
