@@ -112,7 +112,7 @@ class MLDecoderFast(_HeadBase):
     def _base_queries(self) -> torch.Tensor:
         """T0 [K, D]: the learned queries, or relu(wordvec_proj(V)) in ZSL mode."""
         if self.config.zsl:
-            v = self.decoder.query_embed.to(device=self.wordvec_proj.weight.device)
+            v = self.decoder.query_embed.to(self.wordvec_proj.weight)   # its device and dtype
             return F.relu(self.wordvec_proj(v))
         return self.decoder.query_embed.weight
 
@@ -254,14 +254,14 @@ class MLDecoderFast(_HeadBase):
         (``ops/cpu_gemm.py``), with the weights in the autocast dtype and, for oneDNN, packed, each
         made once per weight version and kept in ``caches``."""
         if needs_grad:
-            def linear(x, weight, bias, rows=slice(None), relu=False):
+            def linear(x, weight, bias, rows=slice(None), relu=False, nan_carried=False):
                 y = F.linear(x, weight[rows], bias[rows])
                 return F.relu(y) if relu else y
             return linear
         autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         caches = self.caches
 
-        def linear(x, weight, bias, rows=slice(None), relu=False):
+        def linear(x, weight, bias, rows=slice(None), relu=False, nan_carried=False):
             dtype = autocast or x.dtype
             gemm = cpu_gemm.provider(dtype, device)
             w = caches.cast(id(weight), weight, dtype)[rows]
@@ -270,7 +270,10 @@ class MLDecoderFast(_HeadBase):
             if gemm is not cpu_gemm.TORCH:
                 packed = caches.get(("packed", id(weight), rows.start, rows.stop, dtype), (weight,),
                                     lambda: gemm.pack(w))
-            return gemm.linear(x.to(dtype), w, b, packed, relu=relu)   # relu in the GEMM
+                if nan_carried:   # only NaN from the input is carried: not a NaN weight's
+                    nan_carried = caches.get(("finite", id(weight)), (weight, bias),
+                                             lambda: bool(weight.isfinite().all() and bias.isfinite().all()))
+            return gemm.linear(x.to(dtype), w, b, packed, relu=relu, nan_carried=nan_carried)
         return linear
 
     # the launch-lean eval forward ------------------------------------------------------------------
@@ -351,7 +354,9 @@ class MLDecoderFast(_HeadBase):
         o = linear(o, attn.out_proj.weight, attn.out_proj.bias)
         t2 = ops.residual_dropout_layer_norm(t1, o, p_out, layer.norm2.weight, layer.norm2.bias,
                                              layer.norm2.eps)
-        f = linear(t2, layer.linear1.weight, layer.linear1.bias, relu=True)
+        # (relu may map NaN to 0 here, finite weights given: T2, added back below, is NaN in all of
+        # a row that has one)
+        f = linear(t2, layer.linear1.weight, layer.linear1.bias, relu=True, nan_carried=True)
         if p_ff > 0:
             f = F.dropout(f, p_ff, training=True)
         f = linear(f, layer.linear2.weight, layer.linear2.bias)

@@ -120,3 +120,23 @@ def test_training_step_is_nonfinite_where_the_reference_s_is(backend, provider, 
         f"reference {(~torch.isfinite(out_r)).sum(1).tolist()}")
     assert _bad_rows(gx_f).tolist() == _bad_rows(gx_r).tolist(), "samples with a non-finite input gradient"
     assert grads_f == grads_r, "parameters with a non-finite gradient"
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("weight", ["decoder.layers.0.linear1.weight", "decoder.layers.0.linear1.bias",
+                                    "decoder.embed_standart.weight"])
+@pytest.mark.parametrize("provider", ["mkl", "onednn"], indirect=True)
+def test_a_nan_weight_reaches_every_logit_as_in_the_reference(provider, weight, bf16):
+    """A NaN weight (a diverged checkpoint) is not hidden either, also after the head has run with
+    finite weights (what it derives from them is per weight version)."""
+    ref, fast = _heads(1000, -1, "torch", "default")
+    ref.eval(), fast.eval()
+    x = torch.randn(BATCH, FEATURES, SIDE, SIDE)
+    with torch.no_grad(), _autocast(bf16):
+        assert torch.isfinite(fast(x)).all()
+        for head in (ref, fast):
+            head.get_parameter(weight).view(-1)[3] = float("nan")
+        want, got = ref(x), fast(x)
+    assert not torch.isfinite(want).any(), "the reference itself"
+    same = torch.equal(torch.isfinite(got), torch.isfinite(want))
+    assert same, f"{int(torch.isfinite(got).sum())} finite logits, reference none"

@@ -1,17 +1,23 @@
 """The matrix products of the head, and which library runs them on the CPU.
 
 A *GEMM provider* computes ``linear(x, w, b, relu=False)`` (x W^T + b over the last axis of x, then
-relu when asked), ``mm(a, b)`` and ``addmm(c, a, b)`` (c + a b); operands may be transposed views (batched
+relu when asked; a NaN stays NaN, as in the reference, unless ``nan_carried`` says the caller's NaN
+rows reach its output another way), ``mm(a, b)`` and ``addmm(c, a, b)`` (c + a b); operands may be transposed views (batched
 products, such as the group FC's, are ``torch.bmm`` everywhere). The eval forward and the fused training step
 (``fused_train.py``) run every dense product through one; providers differ only in the library:
 
 - ``TorchGemm``: torch.addmm / mm. MKL on the CPU (cuBLAS on CUDA), every dtype, autograd
   and tracing. The fallback everywhere. Its relu linear on a 2-d x is ``torch._addmm_activation``
-  (on CUDA bias and relu in cuBLASLt's epilogue: one kernel).
+  (on CUDA bias and relu in cuBLASLt's epilogue: one kernel; on the CPU addmm, then relu).
 - ``OneDnnGemm``: oneDNN through PyTorch's ``mkldnn::_linear_pointwise`` op on dense tensors, or on
   weights packed once into oneDNN's blocked layout (``pack``, cached by the head). fp32 and bf16 on
   the CPU; on this machine kind about 2x torch.mm's fp32 rate. Batched products (the group FC)
   stay with torch.bmm: one oneDNN call per group measured several times slower than one bmm.
+  ReLU runs after the product, not as oneDNN's post-op, which maps NaN to 0, except where the
+  caller passes ``nan_carried=True``: the eval forward's feed-forward, whose input row T2 is all NaN
+  wherever relu(T2 W1ᵀ + b1) has a NaN and is added back after it (T2 + W2 f + b2), so the
+  logits' NaN are the reference's either way (a separate relu pass cost the bf16 eval rows at
+  B = 16 7-8%).
 - ``AutoGemm``: per product shape, times both once per process (outside tracing) and keeps oneDNN
   where it is more than 10% faster, MKL otherwise.
 
@@ -83,7 +89,7 @@ class TorchGemm:
 
     name = "mkl"
 
-    def linear(self, x, w, b=None, packed=None, relu=False):
+    def linear(self, x, w, b=None, packed=None, relu=False, nan_carried=False):
         if not relu:
             return F.linear(x, w, b)
         if x.dim() == 2 and b is not None:
@@ -105,11 +111,16 @@ class OneDnnGemm(TorchGemm):
 
     name = "onednn"
 
-    def linear(self, x, w, b=None, packed=None, relu=False):
+    def linear(self, x, w, b=None, packed=None, relu=False, nan_carried=False):
+        """x wᵀ + b, then relu in place: oneDNN's relu post-op maps NaN to 0 (so does its
+        leaky_relu), which would hide a NaN input in the logits and stop a NaN gradient at the
+        ReLU's backward; torch's relu keeps NaN, as the reference's does. With ``nan_carried``
+        the post-op runs (see the module docstring)."""
+        post_op = "relu" if relu and nan_carried else "none"
         if _state["onednn_error"] is None:
             try:
-                return torch.ops.mkldnn._linear_pointwise(x, w if packed is None else packed, b,
-                                                          "relu" if relu else "none", [], "")
+                y = torch.ops.mkldnn._linear_pointwise(x, w if packed is None else packed, b, post_op, [], "")
+                return y.relu_() if relu and not nan_carried else y
             except RuntimeError as exc:
                 _onednn_failed(exc)
         return TORCH.linear(x, w, b, relu=relu)
@@ -187,10 +198,10 @@ class AutoGemm(TorchGemm):
             choice = self.decisions[key] = choose(seconds)
         return run(_BY_NAME[choice])
 
-    def linear(self, x, w, b=None, packed=None, relu=False):
+    def linear(self, x, w, b=None, packed=None, relu=False, nan_carried=False):
         key = ("linear", x.dtype, tuple(x.shape), tuple(x.stride()), tuple(w.shape), tuple(w.stride()),
-               b is not None, packed is not None, relu)
-        return self._run(key, lambda p: p.linear(x, w, b, packed, relu))
+               b is not None, packed is not None, relu, nan_carried)
+        return self._run(key, lambda p: p.linear(x, w, b, packed, relu, nan_carried))
 
     def mm(self, a, b):
         key = ("mm", a.dtype, tuple(a.shape), tuple(a.stride()), tuple(b.shape), tuple(b.stride()))
