@@ -155,7 +155,7 @@ class MLDecoder(_HeadBase):
         memory = F.relu(self.decoder.embed_standart(tokens), inplace=True)     # [B, N, D]
         bs = memory.shape[0]
         if self.zsl:
-            word_vectors = self.decoder.query_embed.to(self.wordvec_proj.weight.device)
+            word_vectors = self.decoder.query_embed.to(self.wordvec_proj.weight)   # its device and dtype
             query_embed = F.relu(self.wordvec_proj(word_vectors))             # [n, D]
         else:
             query_embed = self.decoder.query_embed.weight                      # [K, D]

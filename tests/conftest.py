@@ -16,6 +16,8 @@ if _TESTS not in sys.path:
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import rounding  # noqa: E402
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -25,7 +27,15 @@ def _seed():
     yield
 
 
+# Tests whose assertions hold only to within this machine's rounding carry the ``rounding`` mark
+# (tests/rounding.py); every test runs under its checks.
+_rounding_guard = pytest.fixture(autouse=True)(rounding.guard)
+pytest_plugins = ["pytester"]   # tests/test_rounding_mark.py runs small suites of its own
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device")
     config.addinivalue_line("markers", "slow: long-running (still run in CI unless deselected)")
     config.addinivalue_line("markers", "triton: runs Triton kernels (bench/gpu_check.sh: test_triton stage)")
+    config.addinivalue_line("markers", f"{rounding.MARK}: asserts numbers recorded on a machine, or float32 results "
+                            "to under 1e-5 relative (tests/rounding.py); CI reruns these under other instruction sets")

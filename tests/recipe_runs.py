@@ -4,10 +4,15 @@ Each run goes through the command line (``mldecoder-fast train multilabel|single
 data generated here, on the CPU with one thread, a fixed seed and the CPU GEMMs fixed to torch's
 own (``set_cpu_gemm("mkl")``: the ``auto`` choice times each shape and could pick another library,
 with other rounding, from one run to the next), and returns what its log.json recorded: every
-step's loss and learning rate, and the validation metrics of every epoch.
+step's loss and learning rate, and the validation metrics of every epoch. Each recipe runs in
+float32 (as users train) and in float64 (the model built in float64; the same code path).
 
-``python tests/recipe_runs.py`` writes tests/data/recipe_losses.json (the reference the test
-compares against; record it at a commit whose numbers are the ones to keep).
+``python tests/recipe_runs.py record`` writes tests/data/recipe_losses.json (the reference the
+test compares against; record it at a commit whose numbers are the ones to keep).
+``python tests/recipe_runs.py spread`` runs every recipe again under other instruction sets and
+GEMM libraries of this machine (``SETTINGS``, each in its own process: the libraries read them
+when they load) and prints the largest relative difference of the per-step losses from the
+record, per dtype: the spread that tests/test_recipe_losses.py's tolerances are derived from.
 """
 from __future__ import annotations
 
@@ -54,15 +59,35 @@ def _zsl(root: str) -> list:
 RUNS = {"multilabel": _multilabel, "singlelabel": _singlelabel, "zsl": _zsl}
 
 
-def run_recipe(name: str) -> dict:
-    """{"steps": [[step, loss, lr], ...], "epochs": [{metric: value}, ...]} of one short run."""
+DTYPES = ("float32", "float64")
+
+# Other instruction sets and GEMM libraries of this machine: the ways another x86-64 CPU computes
+# the same products in another order (``spread``). The variables are read when ATen, MKL and
+# oneDNN load, so each setting runs in a fresh process.
+AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+AVX512_NO_AMX = {"ATEN_CPU_CAPABILITY": "avx512", "MKL_ENABLE_INSTRUCTIONS": "AVX512",
+                 "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}
+SETTINGS = {
+    "native": {},
+    "avx2": AVX2,
+    "avx512-no-amx": AVX512_NO_AMX,
+    "native, gemm auto": {"RECIPE_GEMM": "auto"},
+    "avx2, gemm auto": {**AVX2, "RECIPE_GEMM": "auto"},
+}
+
+
+def run_recipe(name: str, dtype: str = "float32") -> dict:
+    """{"steps": [[step, loss, lr], ...], "epochs": [{metric: value}, ...]} of one short run with
+    the model in ``dtype``."""
     import torch
 
     from mldecoder_fast.cli import main
     from mldecoder_fast.ops.cpu_gemm import set_cpu_gemm
     threads = torch.get_num_threads()
+    default_dtype = torch.get_default_dtype()
     torch.set_num_threads(1)
-    gemm = set_cpu_gemm("mkl")
+    torch.set_default_dtype(getattr(torch, dtype))     # the model's parameters are made in it
+    gemm = set_cpu_gemm(os.environ.get("RECIPE_GEMM", "mkl"))
     try:
         with tempfile.TemporaryDirectory() as root:
             out = os.path.join(root, "run")
@@ -72,19 +97,51 @@ def run_recipe(name: str) -> dict:
                 log = json.load(f)
     finally:
         torch.set_num_threads(threads)
+        torch.set_default_dtype(default_dtype)
         set_cpu_gemm(gemm)
     return {"steps": log["steps"],
             "epochs": [{k: row[k] for k in METRICS[name]} for row in log["epochs"]]}
 
 
-def main() -> int:
-    result = {name: run_recipe(name) for name in RUNS}
+def record() -> dict:
+    return {dtype: {name: run_recipe(name, dtype) for name in RUNS} for dtype in DTYPES}
+
+
+def max_relative_difference(got: dict, want: dict) -> float:
+    """The largest relative difference of the per-step losses of two records of one run."""
+    return max(abs(g[1] - w[1]) / abs(w[1]) for g, w in zip(got["steps"], want["steps"], strict=True))
+
+
+def spread() -> int:
+    import subprocess
+    with open(REFERENCE) as f:
+        recorded = json.load(f)
+    for setting, env in SETTINGS.items():
+        out = subprocess.run([sys.executable, __file__, "record", "-"], env={**os.environ, **env}, check=True,
+                             capture_output=True, text=True).stdout
+        got = json.loads(out.strip().splitlines()[-1])   # the last line (the runs print too)
+        for dtype in DTYPES:
+            worst = {name: max_relative_difference(got[dtype][name], recorded[dtype][name]) for name in RUNS}
+            print(f"{setting:>22} {dtype}: " + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()), flush=True)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["spread"]:
+        return spread()
+    if argv[:1] != ["record"]:
+        print(__doc__)
+        return 2
+    result = record()
+    if argv[1:] == ["-"]:        # to stdout (for ``spread``)
+        print(json.dumps(result))
+        return 0
     os.makedirs(os.path.dirname(REFERENCE), exist_ok=True)
     with open(REFERENCE, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"wrote {REFERENCE}: " + ", ".join(f"{k} {len(v['steps'])} steps" for k, v in result.items()))
+    print(f"wrote {REFERENCE}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -128,6 +128,7 @@ def test_choice_needs_a_ten_percent_margin():
     assert cpu_gemm.choose({"mkl": 0.5, "onednn": 1.0}) == "mkl"
 
 
+@pytest.mark.rounding
 def test_auto_measures_each_shape_once_with_injected_timings():
     seen = []
 

@@ -68,6 +68,7 @@ def eager(head, x, autocast_dtype=None):
 
 
 # the wrapper's logic, with FrozenGraphs ---------------------------------------------------------
+@pytest.mark.rounding
 @pytest.mark.parametrize("zsl", [0, 1], ids=["plain", "zsl"])
 def test_padded_batches_match_eager(zsl):
     head = small_head(zsl)
@@ -86,6 +87,7 @@ def test_padded_batches_match_eager(zsl):
     assert g.captures == 1
 
 
+@pytest.mark.rounding
 def test_capture_at_first_call_without_sample_shape():
     head = small_head()
     graphs = FrozenGraphs()
@@ -98,6 +100,7 @@ def test_capture_at_first_call_without_sample_shape():
         g(make_input("tokens", 3, C, tokens=6))
 
 
+@pytest.mark.rounding
 def test_output_copy_or_view():
     head = small_head()
     x1, x2 = make_input("map", 4, C), make_input("map", 4, C)
@@ -154,6 +157,7 @@ def assign_data(head):
     p.data = p.data * 2 + 0.1       # new storage, same object, same version counter
 
 
+@pytest.mark.rounding
 @pytest.mark.parametrize("change", [change_in_place, load_other_weights, replace_parameter, assign_data],
                          ids=["in_place", "load_state_dict", "replaced", "data_assigned"])
 def test_weight_change_recaptures(change):
@@ -171,6 +175,7 @@ def test_weight_change_recaptures(change):
     assert g.captures == 2, "recaptured without a change"
 
 
+@pytest.mark.rounding
 def test_new_word_vectors_recapture():
     head = small_head(zsl=1)
     g = cuda_graphed(head, (4,), SAMPLE, graph_backend=FrozenGraphs())
@@ -271,6 +276,7 @@ def test_autocast_forward(backend):
 
 
 # the eager fallback off CUDA --------------------------------------------------------------------
+@pytest.mark.rounding
 @pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16], ids=["fp32", "bf16_autocast"])
 def test_cpu_fallback_equals_eager_and_warns_once(autocast_dtype):
     head = small_head()
@@ -288,6 +294,7 @@ def test_cpu_fallback_equals_eager_and_warns_once(autocast_dtype):
     assert g.captures == 0
 
 
+@pytest.mark.rounding
 def test_cpu_fallback_on_change_error_does_not_apply():
     head = small_head()
     with pytest.warns(RuntimeWarning):

@@ -138,6 +138,7 @@ def test_bad_inputs_fail_clearly_and_leave_no_file(tmp_path):
 
 # -- torch.export --------------------------------------------------------------------------------
 
+@pytest.mark.rounding
 def test_torch_export_of_the_head():
     head = _head()
     ep = torch.export.export(head, (_x(2),), dynamic_shapes=({0: torch.export.Dim("batch")},))

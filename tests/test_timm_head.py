@@ -96,6 +96,7 @@ def test_official_prefixes():
     assert tresnet(torch.randn(1, 3, 64, 64)).shape == (1, 3)
 
 
+@pytest.mark.rounding
 def test_default_num_classes_reset_and_deepcopy():
     model = timm.create_model("test_resnet", num_classes=6)
     add_ml_decoder_head(model, decoder_embedding=16)

@@ -110,6 +110,7 @@ def test_asymmetric_loss_focal_weight_is_constant_in_backward():
 
 
 # EMA ------------------------------------------------------------------------------------------
+@pytest.mark.rounding
 def test_ema_update():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))

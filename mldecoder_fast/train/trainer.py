@@ -104,6 +104,12 @@ class Trainer:
         self.resumed_from = None
         self.ddp = None
 
+    def model_input(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch of images on the device, in the model's floating dtype (a model built in float64
+        takes float64 images; under autocast the model's fp32)."""
+        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), x.dtype)
+        return x.to(self.device, dtype=dtype if x.is_floating_point() else x.dtype, non_blocking=True)
+
     # the recipe's part ----------------------------------------------------------------------------
     def build_optimizer(self) -> torch.optim.Optimizer:
         raise NotImplementedError
@@ -199,7 +205,9 @@ class Trainer:
     def _record_losses(self, pending: list) -> torch.Tensor:
         """Reduce the pending (loss, lr) pairs' losses over the ranks, check them, and log them
         with their steps and learning rates."""
-        losses = D.all_reduce_sum(torch.stack([loss for loss, _ in pending]).float().cpu(), self.info)
+        # (in at least fp32: a float64 run's losses are recorded in full)
+        losses = torch.stack([loss for loss, _ in pending])
+        losses = D.all_reduce_sum(losses.to(torch.promote_types(losses.dtype, torch.float32)).cpu(), self.info)
         if not self.loss_sums_over_batch:
             losses = losses / self.info.world_size
         first = self.step - len(pending) + 1
@@ -229,7 +237,7 @@ class Trainer:
         steady_t0, steady_steps = None, 0
         interrupted = False
         for x, y in loader:
-            x, y = self.prepare_batch(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+            x, y = self.prepare_batch(self.model_input(x), y.to(self.device, non_blocking=True))
             with autocast(self.device.type, self.amp_dtype):
                 out = model(x)
             loss = self.criterion(loss_precision(out), y)
@@ -306,7 +314,7 @@ class Trainer:
         model.eval()
         for x, y in self.eval_loader():
             with autocast(self.device.type, self.amp_dtype):
-                out = model(x.to(self.device, non_blocking=True))
+                out = model(self.model_input(x))
             yield loss_precision(out), y
 
     def gather_scores(self, model: nn.Module, columns=None):

@@ -318,6 +318,7 @@ def test_opcheck(impl):
         torch.library.opcheck(OPS.group_fc_grad_bias.default, (grad, bd))
 
 
+@pytest.mark.rounding
 @pytest.mark.parametrize("impl", EXT)
 def test_compile_fullgraph_forward_backward(impl):
     torch._dynamo.reset()
@@ -383,6 +384,7 @@ def test_clear_errors(match, make_args):
             OPS.group_fc(*meta)
 
 
+@pytest.mark.rounding
 @needs_ext
 def test_status_and_backend_ops():
     ok, detail = ext.extension_status()
@@ -399,6 +401,7 @@ def test_status_and_backend_ops():
     assert ops.group_fc(*meta, 47).shape == (5, 47)
 
 
+@pytest.mark.rounding
 @needs_ext
 def test_load_failure_is_reported_not_raised(monkeypatch):
     """An extension that fails to import (e.g. built against another torch) leaves the package
