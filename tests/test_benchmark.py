@@ -158,6 +158,29 @@ def test_agreement_check_catches_wrong_gradients():
     assert "grad:" in bad.detail and "logits" not in bad.detail
 
 
+class _HidesNaN(ExpertMLDecoder):
+    """Right numbers on finite inputs; a NaN in a sample's features gives finite logits."""
+
+    def forward(self, x):
+        return super().forward(torch.nan_to_num(x))
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_agreement_check_feeds_a_nan_sample(mode):
+    """A row of the head that hides a NaN sample fails the check; a peer runtime that does is
+    reported only; the reference and the eager-expert keep it in that sample's logits."""
+    case = runner.make_case(TINY, mode, "cpu", torch.float32, 3)
+    impls = _baselines() + [runner.Impl("fast-hides-nan", lambda c: c.make_head(_HidesNaN), backend="torch"),
+                            runner.Impl("peer-hides-nan", lambda c: c.make_head(_HidesNaN))]
+    rows = {r.impl: r for r in runner.run_case(case, impls, warmup=0, repeats=1, measure_memory=False)}
+    assert case.nonfinite[0].all() and not case.nonfinite[1:].any()
+    for name in (runner.REFERENCE, runner.EXPERT):
+        assert rows[name].agree and rows[name].detail == "", (name, rows[name].detail)
+    assert rows["fast-hides-nan"].agree is False and "a NaN in sample 0" in rows["fast-hides-nan"].detail
+    peer = rows["peer-hides-nan"]
+    assert peer.agree is True and "a NaN in sample 0" in peer.detail and "reported, not judged" in peer.detail
+
+
 def test_bounds_follow_the_reference_error_per_tensor():
     g = torch.Generator().manual_seed(0)
 
@@ -483,8 +506,9 @@ def test_compile_mode_peers_run_through_the_agreement_check(mode, monkeypatch):
     for name in names:
         assert rows[name].agree, rows[name].detail
         assert rows[name].median_ms is not None
-    # reduce-overhead: the agreement check's call, the warm-up's and the two timed ones
-    assert len(steps) == 4
+    # reduce-overhead: the agreement check's two calls (its input, then one with a NaN sample), the
+    # warm-up's and the two timed ones
+    assert len(steps) == 5
 
 
 def _frozen_dropout_graphs(captures):

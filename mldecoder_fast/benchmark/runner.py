@@ -3,7 +3,9 @@
 For one (configuration, mode, device, dtype, batch) all implementations get the same weights (one
 seeded reference's state_dict), the same input and the same targets. Each implementation is first
 checked (``check_agreement``): eval outputs; in training, with every dropout set to p = 0, the
-logits, the input gradient and every parameter gradient. Each of these tensors is compared with the
+logits, the input gradient and every parameter gradient; and the logits of an input with a NaN in one
+sample (``nonfinite_logits``: an MLDecoderFast row must make non-finite exactly the reference's;
+a peer's difference is reported). Each of these tensors is compared with the
 reference run in float64 on the same weights and inputs (``set_expectations``); its relative RMS
 error may be up to max(2x the reference's own error in the run's dtype, ``ERROR_FLOOR``). So a
 bf16 implementation is held to what the reference achieves in bf16, tensor by tensor, and one
@@ -388,6 +390,9 @@ class Case:
     exact: dict | None = None
     reference_errors: dict | None = None
     allowed: dict | None = None
+    # Filled by set_expectations: which logits the reference (in this case's dtype) makes
+    # non-finite from ``nan_input`` (a NaN in one sample's features).
+    nonfinite: torch.Tensor | None = None
 
 
 def make_case(cfg: BenchConfig, mode: str, device, dtype: torch.dtype, batch: int,
@@ -541,6 +546,23 @@ def comparison_outputs(model: nn.Module, case: Case) -> dict:
     return out
 
 
+def nan_input(case: Case) -> torch.Tensor:
+    """The case's input with one feature of its first sample set to NaN."""
+    x = case.inputs[0].detach().clone()
+    x.view(x.shape[0], -1)[0, x[0].numel() // 2] = float("nan")
+    return x
+
+
+def nonfinite_logits(model: nn.Module, case: Case) -> torch.Tensor:
+    """Which logits ``model`` makes non-finite from ``nan_input`` (eval: a forward without autograd;
+    train: a training-mode forward with autograd, every dropout at p = 0, no backward)."""
+    x = nan_input(case)
+    with dropout_disabled(unwrapped(model)), autocast_context(case.device, case.dtype), \
+            torch.set_grad_enabled(case.mode == "train"):
+        logits = model(x.requires_grad_(case.mode == "train"))
+    return ~torch.isfinite(logits.detach())
+
+
 def set_expectations(case: Case, reference: nn.Module) -> dict:
     """Run the float64 reference on ``case``'s weights and inputs and set, per compared tensor,
     ``case.exact`` (its value), ``case.reference_errors`` (the error of ``reference``, the reference
@@ -554,6 +576,7 @@ def set_expectations(case: Case, reference: nn.Module) -> dict:
         exact = comparison_outputs(prepare(reference_impl(), case64), case64)
     case.exact = exact
     case.reference_errors, case.allowed = error_bounds(exact, own, case.dtype)
+    case.nonfinite = nonfinite_logits(reference, case)
     return own
 
 
@@ -604,9 +627,22 @@ def judge(case: Case, got: dict) -> Agreement:
     return Agreement(not problems, max(errors.values(), default=0.0), errors, "; ".join(problems))
 
 
-def check_agreement(model: nn.Module, case: Case) -> Agreement:
-    """Judge ``model`` on ``case`` (see ``judge``)."""
-    return judge(case, comparison_outputs(model, case))
+def check_agreement(model: nn.Module, case: Case, nonfinite_must_match: bool = True) -> Agreement:
+    """Judge ``model`` on ``case`` (see ``judge``), then feed it ``nan_input``: its non-finite
+    logits must be the reference's (a NaN in a sample's features must reach that sample's logits,
+    and only those). With ``nonfinite_must_match`` False (a peer runtime) a difference is only
+    reported in the detail."""
+    verdict = judge(case, comparison_outputs(model, case))
+    got = nonfinite_logits(model, case)
+    if case.nonfinite is None or torch.equal(got, case.nonfinite):
+        return verdict
+    problem = (f"a NaN in sample 0's features: {int(got.sum())} non-finite logits in samples "
+               f"{sorted(set(got.nonzero()[:, 0].tolist()))}, the reference's {int(case.nonfinite.sum())} in "
+               f"{sorted(set(case.nonfinite.nonzero()[:, 0].tolist()))}")
+    if not nonfinite_must_match:
+        problem += " (reported, not judged: a peer runtime)"
+    detail = "; ".join(d for d in (verdict.detail, problem) if d)
+    return dataclasses.replace(verdict, ok=verdict.ok and not nonfinite_must_match, detail=detail)
 
 
 def run_case(case: Case, impls: list[Impl], warmup: int = 1, repeats: int = 5,
@@ -657,8 +693,9 @@ def run_case(case: Case, impls: list[Impl], warmup: int = 1, repeats: int = 5,
                 model = prepare(impl, case)
                 if impl.name == REFERENCE:
                     verdict = judge(case, set_expectations(case, model))
-                else:
-                    verdict = check_agreement(model, case)
+                else:   # MLDecoderFast rows (eager or graphed) must keep NaN as the reference
+                    verdict = check_agreement(model, case, nonfinite_must_match=impl.backend is not None
+                                              and not impl.compiled)
                 res.agree, res.error, res.errors, res.detail = (verdict.ok, verdict.error, verdict.errors,
                                                                 verdict.detail)
                 res.allowed = dict(case.allowed)
