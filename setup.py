@@ -1,17 +1,21 @@
 """Builds the optional compiled extension ``mldecoder_fast._C`` (project metadata: pyproject.toml).
 
-- CUDAExtension (CPU + CUDA kernels) when torch is a CUDA build and a CUDA toolkit is found;
-  TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0" (A100, H100/H200) when unset.
-- CppExtension (CPU kernels only) otherwise, or with MLDECODER_FAST_NO_CUDA=1.
+- CUDAExtension (CPU + CUDA kernels) when torch is a CUDA build and a CUDA toolkit of the same
+  major version is found; TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0" (A100, H100/H200) when unset.
+- CppExtension (CPU kernels only) otherwise, saying why (a toolkit of another major version
+  cannot build for this torch), or with MLDECODER_FAST_NO_CUDA=1.
 - No extension at all (pure-Python install) with MLDECODER_FAST_NO_EXT=1.
 
-Build without isolation so the extension matches the installed torch:
-    MAX_JOBS=2 pip install --no-build-isolation -e .
+Build without isolation so the extension matches the installed torch (the environment then needs
+the build requirements itself: torch, and setuptools >= 70.1, which includes bdist_wheel):
+    pip install "setuptools>=70.1" && MAX_JOBS=2 pip install --no-build-isolation -e .
 """
 import glob
 import os
+import re
 import shutil
 import site
+import subprocess
 import sys
 
 from setuptools import setup
@@ -66,6 +70,35 @@ def _default_cuda_home():
             return
 
 
+def toolkit_cuda_version(cuda_home):
+    """(major, minor) of the toolkit's nvcc, or None when it cannot be run."""
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True,
+                             text=True, check=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(found[1]), int(found[2])) if found else None
+
+
+def cuda_build(torch_cuda, cuda_home):
+    """(whether to build the CUDA kernels, why not): torch must be a CUDA build and the toolkit at
+    ``cuda_home`` of the same major CUDA version (torch's build refuses another one)."""
+    if torch_cuda is None:
+        return False, "this torch is a CPU build"
+    if cuda_home is None:
+        return False, "no CUDA toolkit found (set CUDA_HOME)"
+    toolkit = toolkit_cuda_version(cuda_home)
+    if toolkit is None:
+        return False, f"the CUDA toolkit at {cuda_home} has no working nvcc"
+    wanted = int(torch_cuda.split(".")[0])
+    if toolkit[0] != wanted:
+        return False, (f"the CUDA toolkit at {cuda_home} is CUDA {toolkit[0]}.{toolkit[1]}, but this torch was "
+                       f"built with CUDA {torch_cuda}: point CUDA_HOME at a CUDA {wanted}.x toolkit to build "
+                       f"the 'cuda' backend's kernels")
+    return True, ""
+
+
 def _extensions():
     if _flag("MLDECODER_FAST_NO_EXT"):
         return [], {}
@@ -78,8 +111,8 @@ def _extensions():
     csrc = "csrc"
     cpp_sources = [os.path.join(csrc, "group_fc.cpp")]
     cxx_flags = ["-O3"]
-    use_cuda = (not _flag("MLDECODER_FAST_NO_CUDA") and torch.version.cuda is not None
-                and cpp_extension.CUDA_HOME is not None)
+    use_cuda, why_not = (False, "MLDECODER_FAST_NO_CUDA is set") if _flag("MLDECODER_FAST_NO_CUDA") else \
+        cuda_build(torch.version.cuda, cpp_extension.CUDA_HOME)
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         includes, lib_dirs = _pip_cuda_dirs()
@@ -98,10 +131,11 @@ def _extensions():
             depends=[os.path.join(csrc, "group_fc.h")],
             extra_compile_args={"cxx": cxx_flags},
         )
-    print(f"mldecoder_fast._C: building the {'CPU+CUDA' if use_cuda else 'CPU-only'} extension",
-          file=sys.stderr)
+    print("mldecoder_fast._C: building the " + ("CPU+CUDA extension" if use_cuda else
+                                                 f"CPU-only extension ({why_not})"), file=sys.stderr)
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 
 
-ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":   # (pip's build backend runs this file as __main__; tests import it)
+    ext_modules, cmdclass = _extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -206,12 +206,22 @@ def test_onednn_failure_warns_once_and_falls_back(monkeypatch):
 def test_reduced_precision_fp32_mode_keeps_fp32_products_off_onednn(monkeypatch):
     monkeypatch.setitem(cpu_gemm._state, "mode", "onednn")
     monkeypatch.setitem(cpu_gemm._state, "onednn_error", None)
-    previous = torch.backends.mkldnn.matmul.fp32_precision
+    # oneDNN's own fp32 math mode (PyTorch >= 2.9), else the global one that set it before
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    own = matmul is not None and hasattr(matmul, "fp32_precision")
+    previous = matmul.fp32_precision if own else torch.get_float32_matmul_precision()
     try:
-        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        if own:
+            matmul.fp32_precision = "bf16"
+        else:
+            torch.set_float32_matmul_precision("medium")
+        assert cpu_gemm.onednn_fp32_precision() not in ("none", "ieee")
         assert cpu_gemm.provider(torch.float32, torch.device("cpu")) is cpu_gemm.TORCH
     finally:
-        torch.backends.mkldnn.matmul.fp32_precision = previous
+        if own:
+            matmul.fp32_precision = previous
+        else:
+            torch.set_float32_matmul_precision(previous)
     assert cpu_gemm.provider(torch.float32, torch.device("cpu")) is cpu_gemm.ONEDNN
     assert cpu_gemm.provider(torch.float64, torch.device("cpu")) is cpu_gemm.TORCH
     assert cpu_gemm.provider(torch.float32, torch.device("meta")) is cpu_gemm.TORCH

@@ -67,6 +67,17 @@ def set_cpu_gemm(mode: str | None) -> str | None:
     return previous
 
 
+def onednn_fp32_precision() -> str:
+    """oneDNN's fp32 math mode: ``torch.backends.mkldnn.matmul.fp32_precision`` (PyTorch >= 2.9);
+    before that, the global ``torch.get_float32_matmul_precision()`` also set oneDNN's ("highest":
+    IEEE fp32, "medium": bf16 inside fp32 products)."""
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    if matmul is not None and hasattr(matmul, "fp32_precision"):
+        return matmul.fp32_precision
+    precision = torch.get_float32_matmul_precision()
+    return "ieee" if precision == "highest" else precision
+
+
 def onednn_status(dtype: torch.dtype = torch.float32) -> tuple[bool, str]:
     """(usable, why not): whether oneDNN products can run for ``dtype`` here."""
     if _state["onednn_error"] is not None:
@@ -74,7 +85,7 @@ def onednn_status(dtype: torch.dtype = torch.float32) -> tuple[bool, str]:
     if not torch.backends.mkldnn.is_available():
         return False, "this PyTorch was built without oneDNN (mkldnn)"
     if dtype == torch.float32:
-        precision = torch.backends.mkldnn.matmul.fp32_precision
+        precision = onednn_fp32_precision()
         if precision not in ("none", "ieee"):
             return False, f"oneDNN's fp32 math mode is {precision!r} (reduced precision), not IEEE"
         return True, "oneDNN fp32"
