@@ -254,14 +254,14 @@ class MLDecoderFast(_HeadBase):
         (``ops/cpu_gemm.py``), with the weights in the autocast dtype and, for oneDNN, packed, each
         made once per weight version and kept in ``caches``."""
         if needs_grad:
-            def linear(x, weight, bias, rows=slice(None), relu=False, nan_carried=False):
+            def linear(x, weight, bias, rows=slice(None), relu=False, nan_carried=False, nan_of=()):
                 y = F.linear(x, weight[rows], bias[rows])
                 return F.relu(y) if relu else y
             return linear
         autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         caches = self.caches
 
-        def linear(x, weight, bias, rows=slice(None), relu=False, nan_carried=False):
+        def linear(x, weight, bias, rows=slice(None), relu=False, nan_carried=False, nan_of=()):
             dtype = autocast or x.dtype
             gemm = cpu_gemm.provider(dtype, device)
             w = caches.cast(id(weight), weight, dtype)[rows]
@@ -270,9 +270,8 @@ class MLDecoderFast(_HeadBase):
             if gemm is not cpu_gemm.TORCH:
                 packed = caches.get(("packed", id(weight), rows.start, rows.stop, dtype), (weight,),
                                     lambda: gemm.pack(w))
-                if nan_carried:   # only NaN from the input is carried: not a NaN weight's
-                    nan_carried = caches.get(("finite", id(weight)), (weight, bias),
-                                             lambda: bool(weight.isfinite().all() and bias.isfinite().all()))
+                if nan_of:   # a NaN in these weights made NaN everywhere here in the reference
+                    b = caches.get(("nan_of", id(bias), dtype), (bias, *nan_of), lambda: _with_nan_of(b, nan_of))
             return gemm.linear(x.to(dtype), w, b, packed, relu=relu, nan_carried=nan_carried)
         return linear
 
@@ -354,12 +353,12 @@ class MLDecoderFast(_HeadBase):
         o = linear(o, attn.out_proj.weight, attn.out_proj.bias)
         t2 = ops.residual_dropout_layer_norm(t1, o, p_out, layer.norm2.weight, layer.norm2.bias,
                                              layer.norm2.eps)
-        # (relu may map NaN to 0 here, finite weights given: T2, added back below, is NaN in all of
-        # a row that has one)
+        # Without autograd the relu may map NaN to 0 here (oneDNN's post-op, ops/cpu_gemm.py): a NaN
+        # row of T2 is added back below, and a non-finite linear1 weight makes linear2's bias NaN.
         f = linear(t2, layer.linear1.weight, layer.linear1.bias, relu=True, nan_carried=True)
         if p_ff > 0:
             f = F.dropout(f, p_ff, training=True)
-        f = linear(f, layer.linear2.weight, layer.linear2.bias)
+        f = linear(f, layer.linear2.weight, layer.linear2.bias, nan_of=(layer.linear1.weight, layer.linear1.bias))
         num_out = k_queries if cfg.zsl else cfg.num_classes
         group_weight = dec.duplicate_pooling
         if not needs_grad and name in ("torch", "cpp") and torch.is_autocast_enabled(x.device.type):
@@ -368,6 +367,13 @@ class MLDecoderFast(_HeadBase):
                                             torch.get_autocast_dtype(x.device.type))
         return ops.decode(t2, f, p_res, layer.norm3.weight, layer.norm3.bias, layer.norm3.eps,
                           group_weight, dec.duplicate_pooling_bias, num_out)
+
+
+def _with_nan_of(bias: torch.Tensor, sources) -> torch.Tensor:
+    """``bias``, all NaN if any of ``sources`` holds a non-finite value (no host sync: the same
+    bits as ``bias`` otherwise)."""
+    finite = torch.stack([t.detach().isfinite().all() for t in sources]).all()
+    return torch.where(finite, bias, torch.full_like(bias, float("nan")))
 
 
 def _clear_caches_after_load(module: MLDecoderFast, incompatible_keys) -> None:

@@ -16,9 +16,9 @@ providers differ only in the library:
   stay with torch.bmm: one oneDNN call per group measured several times slower than one bmm.
   ReLU runs after the product, not as oneDNN's post-op, which maps NaN to 0, except where the
   caller passes ``nan_carried=True``: the eval forward's feed-forward, whose input row T2 is all NaN
-  wherever relu(T2 W1ᵀ + b1) has a NaN and is added back after it (T2 + W2 f + b2), so the
-  logits' NaN are the reference's either way (a separate relu pass cost the bf16 eval rows at
-  B = 16 7-8%).
+  wherever relu(T2 W1ᵀ + b1) has a NaN and is added back after it (T2 + W2 f + b2), and which
+  makes b2 NaN where W1 or b1 holds a non-finite value, so the logits' NaN are the reference's
+  either way (a separate relu pass cost the bf16 eval rows at B = 16 7-8%).
 - ``AutoGemm``: per product shape, times both once per process (outside tracing) and keeps oneDNN
   where it is more than 10% faster, MKL otherwise.
 
