@@ -7,9 +7,9 @@ through ``nn.MultiheadAttention`` on a [K, B, D] layout, and the group fully-con
 Python loop of K matmuls into a zero-filled [B, K, G] buffer that is then sliced. Benchmarks against
 this class therefore say what users of the official code gain.
 
-Unlike the official code it runs on every PyTorch >= 2.6: the decoder stack is a plain module list
-instead of ``nn.TransformerDecoder`` (whose forward changed in PyTorch 2.1 in ways the official
-layer does not accept); the state_dict keys are unchanged.
+Unlike the official code it runs on every supported PyTorch (README, Supported versions): the
+decoder stack is a plain module list instead of ``nn.TransformerDecoder`` (whose forward changed
+in PyTorch 2.1 in ways the official layer does not accept); the state_dict keys are unchanged.
 """
 from __future__ import annotations
 
