@@ -25,8 +25,6 @@ AUTO_ORDER = {
     # FC; Triton won only eval at B = 256. So auto runs torch; "triton"/"cuda" are opt-in.
     "cuda": ("torch",),
 }
-# Devices each backend serves.
-BACKEND_DEVICES = {"torch": None, "cpp": ("cpu",), "cuda": ("cuda",), "triton": ("cuda",)}
 
 _warned: set = set()
 _ops_cache: dict = {}

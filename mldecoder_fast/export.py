@@ -134,7 +134,7 @@ def export_onnx(module: nn.Module, example_input: torch.Tensor, path, dynamic_ba
 
 
 def _check_in_onnxruntime(module, example_input, path, dynamic_batch) -> tuple[tuple[int, ...], float]:
-    from .benchmark.runner import rel_rms
+    from .numerics import rel_rms
     session = OnnxRuntimeModule(path)
     inputs = [example_input]
     if dynamic_batch:

@@ -8,6 +8,8 @@ import pathlib
 import torch
 from rounding import check_tolerance
 
+from mldecoder_fast.numerics import rel_rms
+
 BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench"
 # MLDECODER_FAST_NO_EXT=1 (any value but "" and "0") says the install is pure Python on purpose:
 # the compiled extension's tests skip; otherwise a missing extension fails them.
@@ -22,14 +24,6 @@ def load_bench_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def rel_rms(ref: torch.Tensor, out: torch.Tensor) -> float:
-    ref = ref.detach().double()
-    out = out.detach().double()
-    num = (ref - out).pow(2).mean().sqrt()
-    den = ref.pow(2).mean().sqrt().clamp_min(1e-12)
-    return float(num / den)
 
 
 def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, ratio: float,

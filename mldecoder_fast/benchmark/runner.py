@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cuda_graphs import cuda_graphed
+from ..numerics import rel_rms
 from ..reference import MLDecoder
 from .configs import BenchConfig
 from .expert import ExpertMLDecoder
@@ -364,13 +365,6 @@ def dropout_disabled(model: nn.Module):
     finally:
         for m, attr, value in saved:
             setattr(m, attr, value)
-
-
-def rel_rms(ref: torch.Tensor, out: torch.Tensor) -> float:
-    ref = ref.detach().double()
-    out = out.detach().double()
-    den = ref.pow(2).mean().sqrt().clamp_min(1e-30)
-    return float((ref - out).pow(2).mean().sqrt() / den)
 
 
 @dataclass
