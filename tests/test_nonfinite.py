@@ -63,14 +63,16 @@ def provider(request, monkeypatch):
     return request.param
 
 
-def _paths():
-    return [pytest.param(b, p, path, id=f"{b}-{p}-{path}") for b, p, path in PATHS]
+# every (path, configuration, value, dtype): one parametrization for the eval and the training test
+EVERY_CASE = pytest.mark.parametrize(
+    "backend,provider,path,classes,groups,value,bf16",
+    [pytest.param(b, p, path, c, g, v, bf16, id=f"{b}-{p}-{path}-{c}-{'nan' if v != v else 'inf'}-"
+                  f"{'bf16' if bf16 else 'fp32'}")
+     for b, p, path in PATHS for c, g in CONFIGS for v in VALUES for bf16 in (False, True)],
+    indirect=["provider"])
 
 
-@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("value", VALUES, ids=["nan", "inf"])
-@pytest.mark.parametrize("classes,groups", CONFIGS)
-@pytest.mark.parametrize("backend,provider,path", _paths(), indirect=["provider"])
+@EVERY_CASE
 def test_eval_logits_are_nonfinite_where_the_reference_s_are(backend, provider, path, classes, groups,
                                                                value, bf16):
     ref, fast = _heads(classes, groups, backend, path)
@@ -101,10 +103,7 @@ def _train(head, x, target, bf16):
     return out.detach(), loss.detach(), xx.grad, grads, fused
 
 
-@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("value", VALUES, ids=["nan", "inf"])
-@pytest.mark.parametrize("classes,groups", CONFIGS)
-@pytest.mark.parametrize("backend,provider,path", _paths(), indirect=["provider"])
+@EVERY_CASE
 def test_training_step_is_nonfinite_where_the_reference_s_is(backend, provider, path, classes, groups,
                                                                value, bf16):
     ref, fast = _heads(classes, groups, backend, path)
