@@ -210,15 +210,15 @@ class MLDecoderFast(_HeadBase):
         (``triton``: the Triton attention and LayerNorm kernels), masks regenerated in the
         backward except under CUDA graph capture, products writing fp32 gradients themselves on
         CUDA)."""
-        from .ops.fused_train import StepKit
+        from .ops.fused_train import StepKit, efficient_attention_takes
         if device.type not in self.lean_train_devices:
             # masks in a 16-bit compute dtype (no cast per use), bool for fp32 (a quarter of the bytes)
             masks = compute if compute.itemsize == 2 else torch.bool
             return StepKit(cpu_gemm.provider(compute, device), compute, "explicit", regenerate=False,
                            keep_ln_outputs=False, direct_out=False, layer_norm="aten", mask_dtype=masks)
         cuda = device.type == "cuda"
-        # CUDA's memory-efficient attention takes fp32/bf16/fp16; the CPU's flash kernel has no dropout
-        fused = compute != torch.float64 if cuda else p_attn == 0
+        # CUDA's memory-efficient attention within its domain; the CPU's flash kernel has no dropout
+        fused = efficient_attention_takes(compute, self.config.embed_dim // NUM_HEADS) if cuda else p_attn == 0
         capturing = cuda and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
         attention = "triton" if triton else ("fused" if fused else "explicit")
         return StepKit(cpu_gemm.TORCH, compute, attention, regenerate=not capturing,

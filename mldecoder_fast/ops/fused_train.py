@@ -13,7 +13,8 @@ runs, so the CPU and the launch-lean CUDA step are the same code:
 - ``attention``: ``"explicit"`` (score, softmax and value products, the attention dropout mask
   from ``dropout_masks.py``) or ``"fused"`` (one SDPA op forward and one backward: CUDA's
   memory-efficient attention, whose dropout mask is regenerated in its backward from the
-  philox seed/offset it returns; on the CPU the flash kernel, without attention dropout) or
+  philox seed/offset it returns, where ``efficient_attention_takes`` the heads; on the CPU the
+  flash kernel, without attention dropout) or
   ``"triton"`` (the triton backend's kernels, ``kernels/attention.py``: forward and two-pass
   backward, the dropout mask drawn in-kernel from a seed and Philox offset and regenerated in the
   backward);
@@ -268,6 +269,19 @@ def _keep_graph() -> bool:
 
 
 # ---- attention (design step 4) -----------------------------------------------------------------
+
+def efficient_attention_takes(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether CUDA's memory-efficient attention kernel (``"fused"`` attention, called directly,
+    so without SDPA's checks) takes the step's heads: the kernel enabled
+    (``torch.backends.cuda.enable_mem_efficient_sdp``), fp32/fp16/bf16, and a head dim that is a
+    positive multiple of its GEMM alignment: 128 bits with tensor cores, 8 elements in 16-bit, 4
+    in fp32 (sm80 and newer; PyTorch's ``minimum_gemm_alignment``). The heads are views of
+    [B, K, D] and [B, N, 2D] rows, so their last-dim stride is 1 and their other strides and
+    offsets are multiples of the head dim. Elsewhere the step takes the explicit attention."""
+    align = {torch.float16: 8, torch.bfloat16: 8, torch.float32: 4}.get(dtype)
+    return (align is not None and head_dim > 0 and head_dim % align == 0
+            and torch.backends.cuda.mem_efficient_sdp_enabled())
+
 
 def _heads(q, kv, B, N, H, d):
     """[B, H, K, d] queries (per sample), keys and values [B, H, N, d]: views."""
