@@ -170,7 +170,14 @@ def _layer_norm(kit, x, weight, bias, eps, zero):
 
 
 def _layer_norm_backward(kit, grad, x, mean, rstd, weight, bias, needs, zero):
-    """(grad of x, of weight, of bias), each None where ``needs`` says so."""
+    """(grad of x, of weight, of bias), each None where ``needs`` says so. In fp16 the weight and
+    bias gradients, sums over every row of (loss-scaled) gradients, are accumulated and returned
+    in fp32: written in fp16 they overflow at a GradScaler's initial 2^16 scale."""
+    if grad.dtype == torch.float16 and (needs[1] or needs[2]):
+        g_x = _layer_norm_backward(kit, grad, x, mean, rstd, weight, bias, (needs[0], False, False), zero)[0]
+        rows = grad.reshape(-1, grad.shape[-1]).float()
+        x_hat = (x.reshape(rows.shape).float() - mean.reshape(-1, 1).float()) * rstd.reshape(-1, 1).float()
+        return g_x, (rows * x_hat).sum(0) if needs[1] else None, rows.sum(0) if needs[2] else None
     if kit.layer_norm == "triton":
         from ..kernels import layer_norm
         with _on_device(x):
@@ -243,8 +250,9 @@ class _Products:
         """The column sums of g in the parameters' dtype. CUDA sums a low-precision g straight
         into fp32; the CPU casts all of g first for that (21K B=16, [1600, 2048] bf16: 1.27 ms
         against 0.19), so there the sum (accumulated in fp32) is rounded to g's dtype, as the
-        bias gradient of a bf16 linear layer under autocast is."""
-        if not self.kit.direct_out and g.dtype != self.out:
+        bias gradient of a bf16 linear layer under autocast is; an fp16 sum would overflow at a
+        GradScaler's scale, so fp16 is summed into fp32 everywhere."""
+        if not self.kit.direct_out and g.dtype not in (self.out, torch.float16):
             r = g.sum(0)
             return r.to(self.out) if out is None else out.copy_(r)
         return g.sum(0, dtype=self.out) if out is None else torch.sum(g, 0, dtype=self.out, out=out)
