@@ -171,3 +171,32 @@ def test_cuda_bf16_autocast_within_reference_error(zsl):
                 out_ref, out = ref(x.bfloat16()), fast(x.bfloat16())
         assert out.dtype == torch.float32
         assert_close("cuda bf16 autocast", exact, out, 2 * rel_rms(exact, out_ref) + 1e-6)
+
+
+@pytest.mark.parametrize("bias_scale", [1.0, 5.0])
+@pytest.mark.parametrize("batch", [1, 4])   # B > 1 reads a [B, C, H, W] map as M - b_e (bias-shifted)
+def test_bf16_with_trained_scale_biases_within_the_benchmark_bound(bias_scale, batch):
+    """Trained heads' biases reach |b| ~ 1-5, where the bias-shifted memory M - b_e and its addend
+    r2_shifted, both stored in bf16, round at the scale of b_e rather than of M: the logits stay
+    within the benchmark's bf16 bound, 2x the reference's own bf16 error against float64."""
+    ref, fast = make_pair(1000, -1, 256, 512)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name in ("decoder.embed_standart.bias", "decoder.layers.0.multihead_attn.in_proj_bias",
+                     "decoder.layers.0.multihead_attn.out_proj.bias", "decoder.layers.0.linear2.bias"):
+            value = torch.randn(ref.get_parameter(name).shape, generator=g) * bias_scale
+            ref.get_parameter(name).copy_(value)
+            fast.get_parameter(name).copy_(value)
+    ref64, _ = make_pair(1000, -1, 256, 512)
+    ref64.load_state_dict(ref.state_dict())
+    ref64.double()
+    _lean(fast)
+    for m in (ref, fast, ref64):
+        m.eval()
+    x = torch.randn(batch, 512, 7, 7, generator=g).relu_()
+    with torch.no_grad():
+        exact = ref64(x.double())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out_ref, out = ref(x), fast(x)
+    assert _ran_lean(fast)
+    assert_close(f"bf16, |b| ~ {bias_scale}", exact, out, 2 * rel_rms(exact, out_ref))
