@@ -161,6 +161,29 @@ def test_backward_host_functions_host_work():
             assert torch.equal(x, y), f"call {i}: a repeated call differs"
 
 
+def test_layer_norm_backward_draws_a_ticket_per_launch(monkeypatch):
+    """The LayerNorm backward's last-program reduction counts finished programs on a ticket: each
+    launch has its own, zero when it starts, so two launches in flight at once (streams, CUDA
+    graph replays) never share one (one per launch plan did)."""
+    from mldecoder_fast.kernels import _common
+    from mldecoder_fast.kernels.layer_norm import _ln_bwd_kernel, ln_backward, ln_forward
+    a = _inputs()
+    seed = torch.tensor([5], dtype=torch.int64)
+    _y, mean, rstd = ln_forward(a["t1"], a["o"], seed, 4, 0.1, a["lw"], a["lb"], 1e-5)
+    tickets = []
+    call = _common.Launch.__call__
+
+    def spy(self, *tensors, lead=()):
+        if self.kernel is _ln_bwd_kernel:
+            tickets.append((tensors[10], int(tensors[10].sum())))
+        return call(self, *tensors, lead=lead)
+    monkeypatch.setattr(_common.Launch, "__call__", spy)
+    for _ in range(2):
+        ln_backward(a["o"], a["t1"], a["o"], seed, 4, 0.1, a["lw"], mean, rstd, torch.float32)
+    assert len(tickets) == 2 and all(value == 0 for _, value in tickets)
+    assert tickets[0][0] is not tickets[1][0], "two launches share one completion ticket"
+
+
 # ------------------------------------------------------------------------------------------------
 # dropout seeds
 # ------------------------------------------------------------------------------------------------
