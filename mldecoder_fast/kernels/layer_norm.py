@@ -80,8 +80,8 @@ def _ln_bwd_kernel(DY, R, X, W, MEAN, RSTD, SEED, DZ, DX, PART, TICKET, DW, DB, 
     """dz = dL/d(residual + dropout(x)) and dx = dropout'(dz) (unless STORE_DZ is off: only the
     affine grads wanted). The affine grads (dw = sum dy * xhat, db = sum dy): each program stores
     its partial sums over its ``rows_per_prog`` rows in PART [2, programs, D], takes a ticket, and
-    the last program to finish sums the partials (in program order: deterministic) into DW and DB,
-    then sets TICKET back to 0 for the next launch."""
+    the last program to finish sums the partials (in program order: deterministic) into DW and DB
+    (TICKET: zero at launch, this launch's own)."""
     pid = tl.program_id(0)
     progs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_D)
@@ -130,7 +130,6 @@ def _ln_bwd_kernel(DY, R, X, W, MEAN, RSTD, SEED, DZ, DX, PART, TICKET, DW, DB, 
                                      cache_modifier=".cg"), 0)
         tl.store(DW + cols, dw_sum.to(DW.dtype.element_ty), mask=cmask)
         tl.store(DB + cols, db_sum.to(DB.dtype.element_ty), mask=cmask)
-        tl.atomic_xchg(TICKET, 0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -206,9 +205,7 @@ def _bwd_plan(shape, residual, x, p, dz_dtype, input_grads, dev):
                     (rows.m, rows.r_dim, rows.d, rows_per_prog, *rows.strides, *_drop_scalars(p)),
                     dict(HAS_DROPOUT=p > 0, STORE_DZ=input_grads, BLOCK_M=block_m,
                          BLOCK_D=block_d, num_warps=num_warps))
-    # the ticket of the last-program reduction: zero between launches (the kernel resets it)
-    ticket = torch.zeros(1, dtype=torch.int32, device=dev)
-    return rows.m, progs, launch, ticket
+    return rows.m, progs, launch
 
 
 _BWD_PLANS = PlanCache(_bwd_plan)
@@ -232,7 +229,7 @@ def ln_backward(dy: torch.Tensor, residual: torch.Tensor, x: torch.Tensor,
         dy = dy.contiguous()
     key = (shape, residual.shape, residual.stride(), residual.dtype, x.shape, x.stride(), x.dtype,
            dev, p, dz_dtype, input_grads)
-    m, progs, launch, ticket = _BWD_PLANS(key, shape, residual, x, p, dz_dtype, input_grads, dev)
+    m, progs, launch = _BWD_PLANS(key, shape, residual, x, p, dz_dtype, input_grads, dev)
     has_drop = p > 0
     dz = torch.empty(shape, dtype=dz_dtype, device=dev) if input_grads else None
     dx = torch.empty(shape, dtype=x.dtype, device=dev) if has_drop and input_grads else None
@@ -240,6 +237,9 @@ def ln_backward(dy: torch.Tensor, residual: torch.Tensor, x: torch.Tensor,
         z = torch.zeros(shape[-1], dtype=weight.dtype, device=dev)
         return dz, dx, z, z.clone()
     part = torch.empty(2, progs, shape[-1], dtype=torch.float32, device=dev)
+    # the last-program reduction's ticket, one per launch (zeroed: one small fill), so that two
+    # launches in flight at once (other streams, CUDA graph replays) never count on the same one
+    ticket = torch.zeros(1, dtype=torch.int32, device=dev)
     dw = torch.empty(shape[-1], dtype=weight.dtype, device=dev)
     db = torch.empty(shape[-1], dtype=weight.dtype, device=dev)
     launch(dy, residual, x, weight, mean, rstd, seed if has_drop else mean,

@@ -3,8 +3,9 @@
 A repeated eager call of a wrapper (same shapes, strides, dtypes) runs its checks, one lookup of
 its launch plan, the allocation of its outputs and the kernel launch: counted here as the ATen ops
 a TorchDispatchMode sees around the call, outside the kernel launches (on a GPU a launch is no ATen
-op; the interpreter's copies of the arguments are not counted). The only op allowed is
-``aten.empty.memory_format``, once per output or kernel workspace; no torch.broadcast_shapes,
+op; the interpreter's copies of the arguments are not counted). The only ops allowed are
+``aten.empty.memory_format``, once per output or kernel workspace, and the LayerNorm backward's
+zeroed completion ticket (``aten.zeros``); no torch.broadcast_shapes,
 views, seed draws, reductions or dtype casts, no autotuner pass, and one launch per kernel.
 
 Seeds: on CUDA each op reserves a Philox offset from the device generator on the host (no op at
@@ -145,17 +146,20 @@ def test_backward_host_functions_host_work():
     _l, m3, r3 = decode_forward(a["t1"], a["o"], seed, 4, 0.1, a["lw"], a["lb"], 1e-5, a["w"],
                                 a["bias"], C, torch.float32)
     dout = torch.randn(B, C)
-    calls = [  # (call, allocations: outputs and workspaces, launches)
+    empty, zeros = "aten.empty.memory_format", "aten.zeros.default"
+    # the LayerNorm backward: dz, dx, partials, its completion ticket (zeroed per launch), dw, db
+    ln = [empty, empty, empty, zeros, empty, empty]
+    calls = [  # (call, ATen ops: allocations of outputs and workspaces, launches)
         (lambda: ln_backward(a["o"], a["t1"], a["o"], seed, 4, 0.1, a["lw"], mean, rstd,
-                             torch.float32), 5, 1),              # dz, dx, partials, dw, db
-        (lambda: attention_backward(o, a["q"], a["kv"], o, lse, seed, 4, H, 0.1), 3, 2),  # dkv, delta, dq
+                             torch.float32), ln, 1),
+        (lambda: attention_backward(o, a["q"], a["kv"], o, lse, seed, 4, H, 0.1), [empty] * 3, 2),  # dkv, delta, dq
         (lambda: decode_backward(dout, a["t1"], a["o"], seed, 4, 0.1, a["lw"], a["lb"], m3, r3,
-                                 a["w"], torch.float32), 7, 3),  # dh, the LN backward's 5, dW
+                                 a["w"], torch.float32), [empty, *ln, empty], 3),  # dh, the LN backward's, dW
     ]
-    for i, (fn, empties, launches) in enumerate(calls):
+    for i, (fn, expected_ops, launches) in enumerate(calls):
         first = fn()
         again, ops, broadcasts, autotunes, n = _host_work(fn)
-        assert ops == ["aten.empty.memory_format"] * empties, f"call {i}: ATen ops {ops}"
+        assert ops == expected_ops, f"call {i}: ATen ops {ops}"
         assert (broadcasts, autotunes, n) == (0, 0, launches)
         for x, y in zip(first, again, strict=True):
             assert torch.equal(x, y), f"call {i}: a repeated call differs"
