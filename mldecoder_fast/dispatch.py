@@ -1,8 +1,9 @@
 """Which implementations of the head's operations exist here, and which one a head runs.
 
 ``backends()`` reports every backend with whether it is usable and why not; ``select_ops``
-resolves a head's ``backend`` argument for a device, warning once when a faster backend is
-missing so that nothing is ever silently slower.
+resolves a head's ``backend`` argument for a device, warning once when a backend named by the
+head cannot run there (it then runs the ``torch`` backend), so that nothing is silently other
+than asked.
 """
 from __future__ import annotations
 
@@ -19,10 +20,12 @@ AUTO_ORDER = {
     # CPU: the extension's group FC measured level with torch's bmm at batch 16 and slower at
     # batch 1 (BENCHMARKS.md), so plain torch runs; backend="cpp" selects the extension.
     "cpu": ("torch", "cpp"),
-    # CUDA: measured on an H100 (bf16 autocast, BENCHMARKS.md "GPU"), the torch backend was the
-    # fastest or level in most rows: training steps at B = 256 ran 7.8 ms (COCO) and 6.4 ms
-    # (21K) against 10.5 / 9.5 ms for the Triton kernels and 8.0 ms for the extension's group
-    # FC; Triton won only eval at B = 256. So auto runs torch; "triton"/"cuda" are opt-in.
+    # CUDA: the one GPU measurement (an H100, bf16 autocast, commit 1c31c6c, BENCHMARKS.md "GPU")
+    # predates the current CUDA paths (launch-lean eval, fused training step) of every backend;
+    # then, torch was the fastest or level in most rows (training steps at B = 256: 7.8 ms COCO,
+    # 6.4 ms 21K, against 10.5 / 9.5 ms for the Triton kernels and 8.0 ms for the extension's
+    # group FC; Triton won only eval at B = 256). So auto runs torch until bench/gpu_check.sh
+    # measures the current paths; "triton"/"cuda" are opt-in.
     "cuda": ("torch",),
 }
 

@@ -15,7 +15,8 @@ The forward is the computation of docs/design.md rearranged for speed:
 - training steps of the torch backend (CPU: fp32/fp64 or bf16 autocast; CUDA: fp32 parameters,
   optionally under bf16/fp16 autocast) run as one autograd function with a hand-written backward
   (``ops/fused_train.py``). On the CPU: bool dropout masks, activations recomputed or freed as early
-  as possible, under half the reference's peak memory at 21,843 classes. On CUDA: few launches
+  as possible: under half the reference's peak memory at 21,843 classes in fp32 (level with it
+  under bf16 autocast, with the bf16 weight copies). On CUDA: few launches
   (weights in the compute dtype from the caches, biases/ReLU in GEMM epilogues, one attention op,
   dropout masks regenerated in the backward); the triton backend's CUDA steps are the same
   function with its Triton attention and LayerNorm kernels. ``fused_training = False`` runs them
