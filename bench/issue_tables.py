@@ -1,8 +1,8 @@
-"""The GPU check's tables for issues 11 (eval latency: eager, graphed, torch.compile peers) and 12
-(training steps, graphed steps, profiles, end to end), and their targets, from the JSON records of
-bench/gpu_check.sh's stages ``issue11_eval``, ``issue12_train`` and ``e2e``.
+"""The GPU check's tables of eval latency (eager, graphed, torch.compile peers) and training steps
+(graphed steps, profiles, end to end), and their targets, from the JSON records of
+bench/gpu_check.sh's stages ``eval_latency``, ``train_step`` and ``e2e`` (its second list).
 
-    python bench/issue_tables.py OUT_DIR          # reads OUT_DIR/issue11_*.json, issue12_*.json, ...
+    python bench/issue_tables.py OUT_DIR          # reads OUT_DIR/eval_latency-*.json, train_step-*.json, ...
 
 Times are medians in ms. A target that compares two implementations uses the two rows of one
 record (the same process, timed in interleaved rounds); a target on one row's time uses the first
@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 # Parts of each stage in the order gpu_check.sh runs them (their records' names after the prefix).
-PARTS = {"issue11_eval": ["eager", "vs_reduce_overhead", "vs_max_autotune", "fast_reduce_overhead"],
-         "issue12_train": ["eager", "compiled", "fast_reduce_overhead"]}
+PARTS = {"eval_latency": ["eager", "vs_reduce_overhead", "vs_max_autotune", "fast_reduce_overhead"],
+         "train_step": ["eager", "compiled", "fast_reduce_overhead"]}
 FAST = ("fast-torch", "fast-triton")
 GRAPHED = tuple("graphed-" + f for f in FAST)
 MAX_AUTOTUNE = "compiled-expert-max-autotune-no-cudagraphs"
@@ -100,8 +100,8 @@ def verdict(value, limit, at_most: bool) -> str:
     return "met " if (value <= limit if at_most else value >= limit) else "MISS"
 
 
-def issue11(rows: Rows) -> list[str]:
-    out = matrix(rows, "eval", lambda r: r["median_ms"], "issue 11, eval, ms (median):")
+def eval_latency_tables(rows: Rows) -> list[str]:
+    out = matrix(rows, "eval", lambda r: r["median_ms"], "eval latency, ms (median):")
     out.append("targets:")
 
     def at_most(what, family, batch, impls, limit, note=""):
@@ -129,8 +129,8 @@ def issue11(rows: Rows) -> list[str]:
     return out
 
 
-def issue12(rows: Rows, profiles: list[dict]) -> list[str]:
-    out = matrix(rows, "train", lambda r: r["median_ms"], "issue 12, training step (AdamW included), ms (median):")
+def train_step_tables(rows: Rows, profiles: list[dict]) -> list[str]:
+    out = matrix(rows, "train", lambda r: r["median_ms"], "training step (AdamW included), ms (median):")
     out += matrix(rows, "train", lambda r: r["peak_bytes"] / 2**20 if r.get("peak_bytes") else None,
                   "peak memory of a step, MB (graphed and reduce-overhead rows: their pool, not counted):")
     out.append("graphed / eager step time (same run):")
@@ -166,14 +166,14 @@ def auto_choice(rows: Rows) -> list[str]:
 
 def main(argv=None) -> int:
     out_dir = (argv if argv is not None else sys.argv[1:])[0]
-    r11, r12 = Rows(load(out_dir, "issue11_eval")), Rows(load(out_dir, "issue12_train"))
+    r11, r12 = Rows(load(out_dir, "eval_latency")), Rows(load(out_dir, "train_step"))
     profiles = []
-    for path in sorted(glob.glob(os.path.join(out_dir, "issue12_profile_*.json"))):
+    for path in sorted(glob.glob(os.path.join(out_dir, "train_step_profile_*.json"))):
         try:
             profiles.append(json.loads(Path(path).read_text()))
         except (OSError, ValueError) as exc:
             print(f"(unreadable {path}: {exc})")
-    lines = issue11(r11) + [""] + issue12(r12, profiles) + [""] + auto_choice(Rows(r11.records + r12.records))
+    lines = eval_latency_tables(r11) + [""] + train_step_tables(r12, profiles) + [""] + auto_choice(Rows(r11.records + r12.records))
     e2e = Path(out_dir, "e2e_train.json")
     if e2e.exists():
         sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -408,6 +408,35 @@ def test_bench_command_rejects_unknown_names(capsys):
     assert "unknown" in capsys.readouterr().err
 
 
+def test_jsonl_rows_are_appended_as_each_case_finishes(tmp_path):
+    """--jsonl appends each case's rows (with device, torch and commit) as soon as it is measured:
+    two cases give two appends; an existing file keeps its lines (a GPU check's stages share one)."""
+    import json
+    out = tmp_path / "rows.jsonl"
+    out.write_text('{"earlier": 1}\n')
+    appended = []
+    real_open = open
+
+    def spying_open(path, mode="r", *a, **kw):
+        if str(path) == str(out) and mode == "a":
+            appended.append(1)
+        return real_open(path, mode, *a, **kw)
+    import builtins
+    builtins_open, builtins.open = builtins.open, spying_open
+    try:
+        assert main(["bench", "--quick", "--configs", "imagenet1k", "--modes", "eval", "--batch", "1,2",
+                     "--repeats", "1", "--impls", "reference,fast-torch", "--no-progress", "--no-memory",
+                     "--jsonl", str(out)]) == 0
+    finally:
+        builtins.open = builtins_open
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert lines[0] == {"earlier": 1} and len(appended) == 2
+    rows = lines[1:]
+    assert sorted((r["batch"], r["impl"]) for r in rows) == [(1, "fast-torch"), (1, "reference"),
+                                                             (2, "fast-torch"), (2, "reference")]
+    assert all(r["median_ms"] > 0 and r["agree"] and r["torch"] and r["device_name"] for r in rows)
+
+
 def test_profile_backends_script(tmp_path, capsys):
     """bench/profile_backends.py (the per-kernel breakdown for GPU sessions) runs and reports."""
     import json

@@ -45,7 +45,30 @@ def test_selected_stage_runs_alone_and_prints_its_table(tmp_path):
 
 
 def test_stage_past_the_budget_is_skipped(tmp_path):
-    done = _run(tmp_path, GPU_CHECK_STAGES="issue11_eval-eager", GPU_CHECK_BUDGET_S="5")
+    done = _run(tmp_path, GPU_CHECK_STAGES="eval_latency-eager", GPU_CHECK_BUDGET_S="5")
     assert done.returncode == 1
-    assert "SKIP  issue11_eval-eager: only" in done.stdout
-    assert not list(tmp_path.glob("issue11_*.json"))
+    assert "SKIP  eval_latency-eager: only" in done.stdout
+    assert not list(tmp_path.glob("eval_latency-*.json"))
+
+
+def _plan(tmp_path, **env) -> list[tuple[str, int]]:
+    done = _run(tmp_path, GPU_CHECK_DRY_RUN="1", **env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    return [(m[1], int(m[2])) for m in re.finditer(r"PLAN  (\S+) (\d+)", done.stdout)]
+
+
+def test_default_run_is_the_check_list_within_400_seconds(tmp_path):
+    """One command: build, then the correctness of what auto runs, the Triton tests and the target
+    rows, in that order, with stage caps summing to at most 400 s (the run within ~7 minutes)."""
+    plan = _plan(tmp_path)
+    assert [name for name, _ in plan] == ["build", "correct_auto_paths", "triton_tests", "target_rows-eval_b1",
+                                          "target_rows-b256"]
+    assert sum(cap for _, cap in plan) <= 400
+    assert not list(tmp_path.glob("*.json")), "a dry run measures nothing"
+
+
+def test_second_list_holds_the_compile_peers(tmp_path):
+    plan = dict(_plan(tmp_path, GPU_CHECK_STAGES="more"))
+    assert {"eval_latency-vs_max_autotune", "eval_latency-vs_reduce_overhead", "train_step-compiled",
+            "bench_bf16_compiled"} <= set(plan)
+    assert not {"build", "correct_auto_paths", "triton_tests"} & set(plan)

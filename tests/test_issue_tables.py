@@ -1,4 +1,4 @@
-"""bench/issue_tables.py: the GPU check's issue-11/12 tables and target verdicts, on made-up records."""
+"""bench/issue_tables.py: the GPU check's eval-latency and training-step tables and target verdicts, on made-up records."""
 from __future__ import annotations
 
 import json
@@ -29,16 +29,16 @@ def _line(text, what):
 
 def test_targets_and_same_run_ratios(tables, tmp_path, capsys):
     coco, k21 = "coco-tresnet_l-448", "imagenet21k-resnet50-224"
-    _write(tmp_path, "issue11_eval-eager", [
+    _write(tmp_path, "eval_latency-eager", [
         _row(coco, "eval", 1, "reference", 1.0), _row(coco, "eval", 1, "fast-torch", 0.4, speedup_vs_reference=2.5),
         _row(coco, "eval", 1, "fast-triton", 0.6), _row(coco, "eval", 1, "graphed-fast-triton", 0.08,
                                                          speedup_vs_reference=12.5),
         _row(coco, "eval", 256, "fast-triton", 0.9, roofline=0.6), _row(k21, "eval", 256, "fast-torch", 0.8)])
-    _write(tmp_path, "issue11_eval-vs_max_autotune", [       # timed again in its own run
+    _write(tmp_path, "eval_latency-vs_max_autotune", [       # timed again in its own run
         _row(coco, "eval", 1, "fast-torch", 0.5), _row(coco, "eval", 1, "fast-triton", 0.55),
         _row(coco, "eval", 1, tables.MAX_AUTOTUNE, 0.5),
         _row(coco, "eval", 32, "fast-triton", 1.0), _row(coco, "eval", 32, tables.MAX_AUTOTUNE, 1.2)])
-    _write(tmp_path, "issue12_train-eager", [
+    _write(tmp_path, "train_step-eager", [
         _row(coco, "train", 256, "fast-torch", 10.0, peak_bytes=2**20), _row(coco, "train", 256, "fast-triton", 8.0),
         _row(coco, "train", 256, "graphed-fast-triton", 4.0)])
     assert tables.main([str(tmp_path)]) == 0

@@ -12,6 +12,7 @@ until then.
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 
@@ -60,6 +61,9 @@ def register(subparsers) -> None:
                         "(tiny shapes on a busy machine drown in OpenMP synchronisation otherwise)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--json", metavar="PATH", help="write every result and the environment as JSON")
+    p.add_argument("--jsonl", metavar="PATH",
+                   help="append each row to PATH as one JSON line as soon as its case is measured (with the "
+                        "device, torch version and commit): a run cut short keeps what it measured")
     p.add_argument("--markdown", metavar="PATH", help="write the tables as markdown (generated from the JSON record)")
     p.add_argument("--plot", metavar="PATH", help="run the scaling study and write its PNG")
     p.add_argument("--scaling-only", action="store_true", help="with --plot: only the scaling study, no main table")
@@ -134,10 +138,21 @@ def run(args) -> int:
               f"{len(batches)} batch size(s) x {len(impls)} implementation(s) on {device} ({dtype}); "
               f"implementations: {', '.join(i.name for i in impls)}", file=sys.stderr)
         total = len(cfgs) * len(batches) * sum(m in i.modes for m in modes for i in impls)
+        on_case = results.extend
+        if args.jsonl:
+            stamp = {"device_name": report.device_name(device), "torch": torch.__version__,
+                     "commit": report.git_commit()}
+
+            def on_case(rows):
+                results.extend(rows)
+                fill_ratios(rows, mm, bw)
+                with open(args.jsonl, "a") as f:
+                    for r in rows:
+                        f.write(json.dumps({**r.as_dict(), **stamp}) + "\n")
         try:
             with _progress(total, args.no_progress) as bar:
                 run_suite(cfgs, device, dtype, batches, modes=modes, impls=impls, progress=bar,
-                          on_case=results.extend, **run_kwargs)
+                          on_case=on_case, **run_kwargs)
         except KeyboardInterrupt:
             interrupted = True
             print(f"\nmldecoder-fast bench: interrupted; keeping the {len(results)} row(s) of the cases "
