@@ -173,7 +173,8 @@ def main(argv=None) -> int:
             profiles.append(json.loads(Path(path).read_text()))
         except (OSError, ValueError) as exc:
             print(f"(unreadable {path}: {exc})")
-    lines = eval_latency_tables(r11) + [""] + train_step_tables(r12, profiles) + [""] + auto_choice(Rows(r11.records + r12.records))
+    lines = (eval_latency_tables(r11) + [""] + train_step_tables(r12, profiles) + [""]
+             + auto_choice(Rows(r11.records + r12.records)))
     e2e = Path(out_dir, "e2e_train.json")
     if e2e.exists():
         sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -1,4 +1,5 @@
-"""bench/issue_tables.py: the GPU check's eval-latency and training-step tables and target verdicts, on made-up records."""
+"""bench/issue_tables.py: the GPU check's eval-latency and training-step tables and target verdicts,
+on made-up records."""
 from __future__ import annotations
 
 import json
