@@ -195,8 +195,8 @@ TRAIN_BACKWARD = [
     ("aten._foreach_copy_", "the six LayerNorm parameter gradients (bf16, as CUDA's LayerNorm takes "
      "bf16 weights with bf16 input) cast to fp32 rows of one tensor (one multi-tensor kernel)"),
 ]
-# The training step's launch budget (the launch-lean CUDA step's target): forward at most 20 dispatched ops (met: 18, 17 for a channels-last map) and
-# forward + backward at most 45 (not met with plain PyTorch ops: 49 at COCO and 21K for a
+# The launch-lean CUDA training step's budget: forward at most 20 dispatched ops (met: 18, 17 for a
+# channels-last map) and forward + backward at most 45 (not met with plain PyTorch ops: 49 at COCO and 21K for a
 # [B, C, H, W] map; one fewer channels-last). What stands above 45: four bias-gradient sums (no
 # cuBLAS epilogue reduces a GEMM operand for torch; b2+b1 and b_k+b_v+b_e already share a sum each,
 # b_q and the group-FC bias cannot join: other row counts, or written inside the attention op),
