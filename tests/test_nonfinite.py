@@ -27,9 +27,10 @@ VALUES = [float("nan"), float("inf")]
 BATCH, FEATURES, SIDE = 3, 48, 3
 BAD = 1   # the sample that gets the non-finite feature
 
-# (backend, provider, path): path "default" is what the head picks; "op-by-op" switches the fused
+# (backend, provider, path): provider "auto" picks mkl or onednn per product shape by timing; path
+# "default" is what the head picks; "op-by-op" switches the fused
 # training step off; "lean" runs the CUDA eval forward / training kit on the CPU
-PATHS = [(backend, provider, "default") for backend in CPU_BACKENDS for provider in ("mkl", "onednn")]
+PATHS = [(backend, provider, "default") for backend in CPU_BACKENDS for provider in ("mkl", "onednn", "auto")]
 PATHS += [("torch", "onednn", "op-by-op"), ("torch", "mkl", "lean")]
 
 
