@@ -87,6 +87,45 @@ def test_padded_batches_match_eager(zsl):
     assert g.captures == 1
 
 
+class _LayoutGraphs(FrozenGraphs):
+    """FrozenGraphs that also record the memory layout of the input each graph was captured with."""
+
+    def __init__(self):
+        super().__init__()
+        self.channels_last = []
+
+    def capture(self, forward, module, static_input):
+        self.channels_last.append(static_input.is_contiguous(memory_format=torch.channels_last)
+                                  and not static_input.is_contiguous())
+        return super().capture(forward, module, static_input)
+
+
+@pytest.mark.rounding
+@pytest.mark.parametrize("how", ["first_call", "argument"])
+def test_channels_last_is_captured_channels_last_and_other_layouts_are_copied_in(how):
+    """A channels-last sample (the faster layout for the head's input projection) is captured
+    channels-last, from the first call's input or ``memory_format=``; an input in another layout
+    is copied into the captured one: same logits, no recapture."""
+    head = small_head()
+    graphs = _LayoutGraphs()
+    x = make_input("map", 4, C).contiguous(memory_format=torch.channels_last)
+    if how == "first_call":
+        g = cuda_graphed(head, (4,), graph_backend=graphs)
+    else:
+        g = cuda_graphed(head, (4,), SAMPLE, memory_format=torch.channels_last, graph_backend=graphs)
+    assert_close("channels-last input", eager(head, x), g(x), 1e-6)
+    assert graphs.channels_last == [True]
+    nchw = make_input("map", 3, C)
+    assert_close("NCHW input, copied in", eager(head, nchw), g(nchw), 1e-6)
+    assert g.captures == 1 and graphs.channels_last == [True]
+
+
+def test_memory_format_argument_is_checked():
+    with pytest.raises(ValueError, match="memory_format"):
+        cuda_graphed(small_head(), (4,), SAMPLE, memory_format=torch.channels_last_3d,
+                     graph_backend=FrozenGraphs())
+
+
 @pytest.mark.rounding
 def test_capture_at_first_call_without_sample_shape():
     head = small_head()
