@@ -9,7 +9,9 @@ copy of the input into the graph's input buffer, the replay and one copy of the 
 A graph has static shapes and reads the tensors that existed when it was captured, at their
 addresses. ``GraphedModule`` makes that safe:
 
-- one graph per batch size, all in one memory pool, sharing one input buffer; a batch runs in the
+- one graph per batch size, all in one memory pool, sharing one input buffer, laid out as the
+  first input (a channels-last map stays channels-last; ``memory_format=`` sets it; an input of
+  another layout is copied into it, no recapture); a batch runs in the
   smallest captured size that holds it, padded (the pad rows keep whatever the last call left
   there: rows are independent in eval, so they never reach the real rows' outputs);
 - every call checks the input (rank, per-sample shape, dtype, device, batch size) against what
@@ -55,7 +57,7 @@ def cuda_graphed(module: nn.Module, batch_sizes: Sequence[int] = DEFAULT_BATCH_S
                  sample_shape: Sequence[int] | None = None, dtype: torch.dtype | None = None,
                  autocast_dtype: torch.dtype | None = None, *, copy_output: bool = True,
                  on_change: str = "recapture", warmup_iters: int = 3,
-                 graph_backend=None) -> GraphedModule:
+                 memory_format: torch.memory_format | None = None, graph_backend=None) -> GraphedModule:
     """``module``'s eval forward captured as one CUDA graph per batch size.
 
     Args:
@@ -74,6 +76,10 @@ def cuda_graphed(module: nn.Module, batch_sizes: Sequence[int] = DEFAULT_BATCH_S
             since capture (see the module docstring).
         warmup_iters: eager runs per batch size before its capture (lazy initialisation, Triton
             compilation and autotuning must not happen inside a capture).
+        memory_format: the layout of the captured input buffer, ``torch.contiguous_format`` or
+            ``torch.channels_last`` (4-d inputs; the faster one for the head's input projection).
+            None: the first call's input's (channels-last if it is), contiguous when captured
+            from ``sample_shape``. An input in another layout is copied into it (no recapture).
         graph_backend: for tests; default: ``torch.cuda.CUDAGraph`` on CUDA, eager elsewhere.
 
     ``.captures`` counts the captures made so far (recaptures included).
@@ -81,7 +87,7 @@ def cuda_graphed(module: nn.Module, batch_sizes: Sequence[int] = DEFAULT_BATCH_S
     own wrapper.
     """
     return GraphedModule(module, batch_sizes, sample_shape, dtype, autocast_dtype, copy_output,
-                         on_change, warmup_iters, graph_backend)
+                         on_change, warmup_iters, memory_format, graph_backend)
 
 
 class _Slot(NamedTuple):
@@ -151,6 +157,7 @@ class _CUDAGraphs:
 
 class _Captured(NamedTuple):
     sample_shape: tuple
+    memory_format: torch.memory_format
     dtype: torch.dtype
     device: torch.device
     sizes: tuple
@@ -164,7 +171,7 @@ class GraphedModule:
     """See ``cuda_graphed``."""
 
     def __init__(self, module, batch_sizes, sample_shape, dtype, autocast_dtype, copy_output,
-                 on_change, warmup_iters, graph_backend):
+                 on_change, warmup_iters, memory_format, graph_backend):
         if not isinstance(module, nn.Module):
             raise TypeError(f"cuda_graphed expects an nn.Module, got {type(module).__name__}")
         sizes = tuple(sorted({int(b) for b in batch_sizes}))
@@ -179,6 +186,12 @@ class GraphedModule:
             raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
         if int(warmup_iters) < 0:
             raise ValueError(f"warmup_iters must be >= 0, got {warmup_iters}")
+        if memory_format not in (None, torch.contiguous_format, torch.channels_last):
+            raise ValueError(f"memory_format must be None, torch.contiguous_format or torch.channels_last, "
+                             f"got {memory_format}")
+        if memory_format is torch.channels_last and sample_shape is not None and len(sample_shape) != 3:
+            raise ValueError(f"memory_format=torch.channels_last needs a [C, H, W] sample_shape, got "
+                             f"{tuple(sample_shape)}")
         self.module = module
         self.batch_sizes = sizes
         self.dtype = dtype
@@ -191,7 +204,9 @@ class GraphedModule:
         self._warned_eager = False
         self._captured = None
         if sample_shape is not None:
-            self._captured = self._capture(tuple(int(s) for s in sample_shape))
+            self._captured = self._capture(tuple(int(s) for s in sample_shape),
+                                           memory_format or torch.contiguous_format)
+        self._memory_format = memory_format
 
     # capture ---------------------------------------------------------------------------------
     def _run(self, module, x):
@@ -202,7 +217,7 @@ class GraphedModule:
             with torch.autocast(x.device.type, dtype=self.autocast_dtype, cache_enabled=False):
                 return module(x)
 
-    def _capture(self, sample_shape: tuple) -> _Captured:
+    def _capture(self, sample_shape: tuple, memory_format: torch.memory_format) -> _Captured:
         module = self.module
         training = [name or "the module" for name, m in module.named_modules() if m.training]
         if training:
@@ -228,7 +243,7 @@ class GraphedModule:
         else:
             backend = self._graph_backend or _CUDAGraphs(device, self.warmup_iters)
             static_input = torch.zeros((self.batch_sizes[-1], *sample_shape), dtype=dtype,
-                                       device=device)
+                                       device=device).contiguous(memory_format=memory_format)
             graphs = {}
             # Largest first: the smaller graphs reuse the pool blocks the larger one freed.
             for size in reversed(self.batch_sizes):
@@ -240,7 +255,7 @@ class GraphedModule:
                 graphs[size] = (graph, out)
             self.captures += 1
         slots = _tensor_slots(module)
-        return _Captured(sample_shape, dtype, device, self.batch_sizes, static_input, graphs,
+        return _Captured(sample_shape, memory_format, dtype, device, self.batch_sizes, static_input, graphs,
                          slots, _slots_state(slots))
 
     # call ------------------------------------------------------------------------------------
@@ -257,7 +272,10 @@ class GraphedModule:
         if cap is None:
             if x.dim() < 1:
                 raise ValueError("cuda_graphed expects a batch [B, ...], got a 0-d tensor")
-            cap = self._captured = self._capture(tuple(x.shape[1:]))
+            layout = self._memory_format or (
+                torch.channels_last if x.dim() == 4 and not x.is_contiguous()
+                and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
+            cap = self._captured = self._capture(tuple(x.shape[1:]), layout)
         elif _slots_state(cap.slots) != cap.state:
             if self.on_change == "error" and cap.graphs is not None:
                 what = _changed_slot(cap.slots, cap.state)
@@ -265,7 +283,7 @@ class GraphedModule:
                                    "its graphs would serve the old weights. Wrap it again, or "
                                    "use on_change='recapture'")
             self._captured = None        # free the old graphs before capturing new ones
-            cap = self._captured = self._capture(cap.sample_shape)
+            cap = self._captured = self._capture(cap.sample_shape, cap.memory_format)
         batch = self._check(cap, x)
         if cap.graphs is None:
             return self._run(self.module, x)
