@@ -38,11 +38,13 @@ class FrozenGraphs:
     def __init__(self):
         self.captured = []      # batch sizes, in capture order
         self.replayed = []
+        self.own_output = []    # per capture: whether the wrapper asked for an output of its own
 
-    def capture(self, forward, module, static_input):
+    def capture(self, forward, module, static_input, own_output=False):
         frozen = copy.deepcopy(module)
         out = forward(frozen, static_input)
         self.captured.append(static_input.shape[0])
+        self.own_output.append(own_output)
         return _FrozenGraph(self, forward, frozen, static_input, out), out
 
 
@@ -94,10 +96,10 @@ class _LayoutGraphs(FrozenGraphs):
         super().__init__()
         self.channels_last = []
 
-    def capture(self, forward, module, static_input):
+    def capture(self, forward, module, static_input, own_output=False):
         self.channels_last.append(static_input.is_contiguous(memory_format=torch.channels_last)
                                   and not static_input.is_contiguous())
-        return super().capture(forward, module, static_input)
+        return super().capture(forward, module, static_input, own_output)
 
 
 @pytest.mark.rounding
@@ -147,7 +149,9 @@ def test_output_copy_or_view():
     r1 = kept(x1)
     kept(x2)
     assert_close("copy survives the next call", eager(head, x1), r1, 1e-6)
-    view = cuda_graphed(head, (4,), SAMPLE, copy_output=False, graph_backend=FrozenGraphs())
+    graphs = FrozenGraphs()
+    view = cuda_graphed(head, (4, 2), SAMPLE, copy_output=False, graph_backend=graphs)
+    assert graphs.own_output == [True, True]   # each size's output outside the shared pool (GPU test below)
     r1 = view(x1)
     r2 = view(x2)
     assert r1.data_ptr() == r2.data_ptr()   # the documented trade: the next call overwrites it
@@ -407,6 +411,21 @@ def test_cuda_graphed_matches_eager_cuda(autocast_dtype):
         x = torch.randn(5, 2048, 7, 7, device="cuda")
         assert_close(f"after {change.__name__}", eager(head, x, autocast_dtype).float(), g(x).float(), tol)
     assert g.captures == 4
+
+
+@needs_cuda
+def test_view_outputs_survive_other_sizes_replays_cuda():
+    """copy_output=False: a size's returned view is overwritten only by that size's next call. The
+    graphs share one pool, captured largest first, so without an output of its own a smaller
+    size's output could lie in the larger graph's scratch: replay the largest, then read it."""
+    head = coco_like_head()
+    g = cuda_graphed(head, (1, 8, 32), (2048, 7, 7), autocast_dtype=torch.bfloat16, copy_output=False)
+    x1 = torch.randn(1, 2048, 7, 7, device="cuda")
+    want = eager(head, x1, torch.bfloat16).float()
+    small = g(x1)
+    for batch in (32, 8, 20):
+        g(torch.randn(batch, 2048, 7, 7, device="cuda"))
+    assert_close("B=1 view after larger replays", want, small.float(), 2e-2)
 
 
 @needs_cuda
