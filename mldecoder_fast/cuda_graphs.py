@@ -36,8 +36,9 @@ What ``MLDecoderFast`` adds to make capture work: nothing is cached while a grap
 forward never synchronises the host.
 
 The graph backend is a parameter so that the wrapper's logic can be tested without a GPU: an
-object with ``capture(forward, module, static_input) -> (graph, static_output)``, where
-``graph.replay()`` recomputes ``static_output`` from ``static_input``.
+object with ``capture(forward, module, static_input, own_output) -> (graph, static_output)``,
+where ``graph.replay()`` recomputes ``static_output`` from ``static_input`` (``own_output``: in
+memory no other graph writes).
 """
 from __future__ import annotations
 
@@ -71,7 +72,8 @@ def cuda_graphed(module: nn.Module, batch_sizes: Sequence[int] = DEFAULT_BATCH_S
         dtype: the input dtype; default: the module's (first floating-point) parameter dtype.
         autocast_dtype: ``torch.bfloat16``/``torch.float16`` to run the forward under autocast.
         copy_output: True (default): each call returns a new tensor. False: a view of the graph's
-            output buffer, overwritten by the next call that runs the same captured size.
+            output buffer (each size's own, outside the graphs' shared pool), overwritten by the
+            next call that runs the same captured size.
         on_change: ``"recapture"`` (default) or ``"error"`` when the module's tensors changed
             since capture (see the module docstring).
         warmup_iters: eager runs per batch size before its capture (lazy initialisation, Triton
@@ -140,18 +142,27 @@ class _CUDAGraphs:
             self.pool = torch.cuda.graph_pool_handle()
             self.stream = torch.cuda.Stream()
 
-    def capture(self, forward, module, static_input):
+    def capture(self, forward, module, static_input, own_output=False):
+        """(graph, static output). ``own_output``: the output is a buffer allocated outside the
+        shared pool before the capture, which the graph copies its result into (one small
+        kernel): the graphs captured later in the pool may reuse this one's freed scratch, and
+        this one's may hold an earlier graph's, but no graph writes another's own output."""
         with torch.cuda.device(self.device):
             self.stream.wait_stream(torch.cuda.current_stream())
+            warm = None
             with torch.cuda.stream(self.stream):   # warm up on the capture stream
-                for _ in range(self.warmup_iters):
-                    forward(module, static_input)
+                for _ in range(max(self.warmup_iters, 1 if own_output else 0)):
+                    warm = forward(module, static_input)
+                own = torch.empty_like(warm) if own_output else None
             torch.cuda.current_stream().wait_stream(self.stream)
+            del warm
             graph = torch.cuda.CUDAGraph()
             # thread_local: other threads of a server may allocate while this one captures.
             with torch.cuda.graph(graph, pool=self.pool, stream=self.stream,
                                   capture_error_mode="thread_local"):
                 out = forward(module, static_input)
+                if own is not None:
+                    out = own.copy_(out)
         return graph, out
 
 
@@ -247,7 +258,8 @@ class GraphedModule:
             graphs = {}
             # Largest first: the smaller graphs reuse the pool blocks the larger one freed.
             for size in reversed(self.batch_sizes):
-                graph, out = backend.capture(self._run, module, static_input[:size])
+                graph, out = backend.capture(self._run, module, static_input[:size],
+                                             own_output=not self.copy_output)
                 if not (isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[0] == size):
                     got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                     raise TypeError(f"cuda_graphed serves modules returning one tensor [B, ...]; "
