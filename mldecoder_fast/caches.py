@@ -12,10 +12,12 @@ device and shape: in-place updates (optimizer steps, ``load_state_dict``'s copie
 bump the version and so refresh it. Writes that bypass version counters (``p.data`` edits,
 FSDP re-materialising parameters in place) are invisible: the head clears its caches on
 ``.to()``/dtype moves, ``load_state_dict`` and train/eval switches, and ``clear_caches()``
-does it on demand. Nothing is cached (every call computes afresh) while ``enabled`` is False,
-while torch.compile traces (the graph must compute the values itself), or while a CUDA graph is
-being captured (a tensor made during capture holds no values until the graph replays, and a
-cached tensor read by the graph would go stale when the weights change).
+does it on demand. Nothing is cached (every call computes afresh) while ``enabled`` is False or
+while torch.compile traces (the graph must compute the values itself). While a CUDA graph is being
+captured, valid entries are read (the graph then reads them where they are: ``cuda_graphed`` derives
+them in its warm-up, before the capture, and keeps them alive with its graphs, so neither
+``clear()`` nor a later refresh frees what a replay reads; it recaptures when the weights change)
+but nothing new is stored (a tensor made during capture holds no values until the graph replays).
 
 The cached tensors are ordinary allocations of the head's device: memory measurements see them.
 """
@@ -31,11 +33,9 @@ def tensor_key(t: torch.Tensor) -> tuple:
     return (id(t), t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
 
 
-def caching_possible() -> bool:
-    """False while torch.compile traces or a CUDA graph is being captured on this stream."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured on this stream."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 class HeadCaches:
@@ -54,12 +54,14 @@ class HeadCaches:
         graph that saved the stale tensors and runs its backward after the refresh then fails
         autograd's in-place check, as one that saved the parameters themselves does after an
         optimizer step."""
-        if not (self.enabled and caching_possible()):
+        if not self.enabled or torch.compiler.is_compiling():
             return compute()
         key = tuple(tensor_key(t) for t in sources)
         entry = self._entries.get(name)
         if entry is not None and entry[0] == key:
             return entry[1]
+        if capturing():
+            return compute()
         # Drop the stale value before computing the new one: never two versions held at once.
         self._entries.pop(name, None)
         value = compute() if entry is None or refresh is None else refresh(entry[1])
@@ -94,6 +96,10 @@ class HeadCaches:
 
     def names(self) -> list:
         return list(self._entries)
+
+    def values(self) -> list:
+        """Every value held (for ``cuda_graphed``, which keeps what its graphs read alive)."""
+        return [value for _, value in self._entries.values()]
 
     # Copies of the head (deepcopy for EMA, pickling with torch.save) start with empty caches:
     # the entries are keyed on the original's tensors, and packed oneDNN tensors do not pickle.

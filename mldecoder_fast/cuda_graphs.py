@@ -31,9 +31,10 @@ addresses. ``GraphedModule`` makes that safe:
   current weights, so ``on_change="error"`` does not apply to them, and a module moved to a CUDA
   device is captured at its next call.
 
-What ``MLDecoderFast`` adds to make capture work: nothing is cached while a graph is captured
-(``caches.py``), so the graph computes the eval queries itself from the weights, and the eval
-forward never synchronises the host.
+What ``MLDecoderFast`` adds to make capture work: what it derives from its weights (eval weights,
+low-precision casts) is derived and cached by the warm-up runs before the capture, and the graph
+reads those cached tensors, which the wrapper keeps alive with its graphs; nothing new is cached
+during a capture (``caches.py``); the eval forward never synchronises the host.
 
 The graph backend is a parameter so that the wrapper's logic can be tested without a GPU: an
 object with ``capture(forward, module, static_input, own_output) -> (graph, static_output)``,
@@ -49,6 +50,8 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from .caches import HeadCaches
 
 DEFAULT_BATCH_SIZES = (1, 8, 32, 128)
 _AUTOCAST_DTYPES = (torch.float16, torch.bfloat16)
@@ -176,6 +179,7 @@ class _Captured(NamedTuple):
     graphs: dict | None                    # size -> (graph, static output); None when eager
     slots: list
     state: list
+    kept: list       # what the modules' caches held at capture: tensors the graphs may read
 
 
 class GraphedModule:
@@ -267,8 +271,13 @@ class GraphedModule:
                 graphs[size] = (graph, out)
             self.captures += 1
         slots = _tensor_slots(module)
+        # The graphs read what the warm-up derived and cached (eval weights, casts): keep it alive
+        # with them, so that clear_caches(), a train()/eval() switch or a cache refresh by an eager
+        # call frees nothing a replay reads (new weights mean a recapture anyway).
+        kept = [v for m in module.modules() if isinstance(getattr(m, "caches", None), HeadCaches)
+                for v in m.caches.values()] if graphs is not None else []
         return _Captured(sample_shape, memory_format, dtype, device, self.batch_sizes, static_input, graphs,
-                         slots, _slots_state(slots))
+                         slots, _slots_state(slots), kept)
 
     # call ------------------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

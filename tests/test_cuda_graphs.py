@@ -128,6 +128,45 @@ def test_memory_format_argument_is_checked():
                      graph_backend=FrozenGraphs())
 
 
+def test_graphs_keep_what_the_head_derived_alive():
+    """The graphs read the eval weights the warm-up derived and cached: the wrapper keeps them
+    alive, so clear_caches() or a train()/eval() round trip (which clear the caches) frees nothing
+    a replay reads."""
+    import gc
+    import weakref
+    head = small_head()
+    x = make_input("map", 4, C)
+    eager(head, x)                       # what a warm-up does: derive and cache
+    cached = head.caches.values()
+    assert cached
+    refs = [weakref.ref(t) for v in cached for t in (v if isinstance(v, tuple) else (v,))
+            if isinstance(t, torch.Tensor)]
+    g = cuda_graphed(head, (4,), SAMPLE, graph_backend=FrozenGraphs())
+    del cached
+    head.clear_caches()
+    head.train()
+    head.eval()
+    gc.collect()
+    assert all(r() is not None for r in refs), "a tensor the graphs read was freed"
+    assert_close("after clear_caches and train/eval", eager(head, x), g(x), 1e-5)
+    del g
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
+def test_capture_reads_valid_cache_entries_and_stores_none(monkeypatch):
+    """While a graph is captured the caches return a valid entry (the graph reads it where it is)
+    and compute a missing one without storing it."""
+    from mldecoder_fast import caches as caches_mod
+    c = caches_mod.HeadCaches()
+    w = torch.randn(3)
+    stored = c.get("a", (w,), lambda: w * 2)
+    monkeypatch.setattr(caches_mod, "capturing", lambda: True)
+    assert c.get("a", (w,), lambda: w * 3) is stored
+    fresh = c.get("b", (w,), lambda: w * 4)
+    assert torch.equal(fresh, w * 4) and c.names() == ["a"]
+
+
 @pytest.mark.rounding
 def test_capture_at_first_call_without_sample_shape():
     head = small_head()
@@ -363,9 +402,10 @@ class _FailOnHostSync(torch.utils._python_dispatch.TorchDispatchMode):
 @pytest.mark.parametrize("zsl", [0, 1], ids=["plain", "zsl"])
 def test_eval_forward_is_capturable(zsl, autocast, monkeypatch):
     """What a capture runs (the eval forward under no_grad, on CUDA tensors) neither synchronises
-    the host nor caches anything while a capture is under way: the graph computes the eval
-    queries (and any autocast weight casts) itself. Outside a capture the same forward does cache
-    them (the test's control)."""
+    the host nor stores anything in the caches while a capture is under way: with the caches
+    cleared, the graph computes the eval queries (and any autocast weight casts) itself (what the
+    warm-up cached before a capture is read instead: test_capture_reads_valid_cache_entries...).
+    Outside a capture the same forward does cache them (the test's control)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode(), torch.device("cuda"):
         head = MLDecoderFast(30 if not zsl else 1, 4, 32, C, zsl=zsl).eval()
@@ -406,6 +446,18 @@ def test_cuda_graphed_matches_eager_cuda(autocast_dtype):
     for batch in (1, 5, 32, 8, 3):
         x = torch.randn(batch, 2048, 7, 7, device="cuda")
         assert_close(f"B={batch}", eager(head, x, autocast_dtype).float(), g(x).float(), tol)
+    # what the graphs read stays valid: cleared caches, a train()/eval() round trip, eager calls
+    # between replays, then changed weights (a recapture)
+    x = torch.randn(5, 2048, 7, 7, device="cuda")
+    for step in ("clear_caches", "train_eval", "eager_between"):
+        if step == "clear_caches":
+            head.clear_caches()
+        elif step == "train_eval":
+            head.train()
+            head.eval()
+        else:
+            eager(head, torch.randn(3, 2048, 7, 7, device="cuda"), autocast_dtype)
+        assert_close(f"after {step}", eager(head, x, autocast_dtype).float(), g(x).float(), tol)
     for change in (change_in_place, replace_parameter, assign_data):
         change(head)
         x = torch.randn(5, 2048, 7, 7, device="cuda")
