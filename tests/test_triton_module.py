@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 from heads import check_train_grads, disable_dropout_, make_input, make_pair
-from helpers import assert_close
+from helpers import assert_close, rel_rms
 
+from mldecoder_fast.dispatch import select_ops
 from mldecoder_fast.ops import triton_ops as T
 
 AVAILABLE, DETAIL = T.triton_status()
@@ -31,6 +32,40 @@ def kernel_calls(monkeypatch):
 # (classes, groups, decoder_embedding): K = 10 uses the kv attention kernel; K = 3 < (D + K) / 8
 # makes the head fold W_k into its shared queries (the folded kernel).
 CASES = [(101, 10, 32), (9, 3, 64)]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("backend", ["triton", "cpp"] + (["cuda"] if DEV == "cuda" else []))
+def test_low_precision_eval_reads_the_cached_group_fc_weight(backend, monkeypatch):
+    """Eval under autocast hands the decode the group-FC weight cast once per version (the same
+    tensor every call), whatever the backend, not the fp32 parameter (cast again per call); the
+    logits stay within the reference's low-precision error. fp16: the dtype Triton's CPU
+    interpreter runs (a GPU runs bf16 the same way)."""
+    dtype = torch.float16 if DEV == "cpu" else torch.bfloat16
+    ref, fast = make_pair(101, 10, 32, 24, backend=backend, device=DEV)
+    ref64, _ = make_pair(101, 10, 32, 24, device=DEV)
+    ref64.load_state_dict(ref.state_dict())
+    ref64.double()
+    for m in (ref, fast, ref64):
+        m.eval()
+    weights = []
+    ops = select_ops(fast.backend, torch.device(DEV))[1]
+    decode = type(ops).decode
+
+    def spy(self, residual, x, p, ln_weight, ln_bias, eps, weight, bias, num_classes):
+        weights.append(weight)
+        return decode(self, residual, x, p, ln_weight, ln_bias, eps, weight, bias, num_classes)
+    monkeypatch.setattr(type(ops), "decode", spy)
+    x = make_input("map", 3, 24, tokens=20, device=DEV)
+    with torch.no_grad():
+        exact = ref64(x.double())
+        with torch.autocast(DEV, dtype=dtype):
+            out_ref = ref(x)
+            outs = [fast(x), fast(x)]
+    assert len(weights) == 2 and weights[0] is weights[1] and weights[0].dtype == dtype
+    for out in outs:
+        assert out.dtype == out_ref.dtype
+        assert_close(f"{backend} autocast eval", exact, out, 2 * rel_rms(exact, out_ref) + 1e-6)
 
 
 @pytest.mark.parametrize("classes,groups,dim", CASES)
