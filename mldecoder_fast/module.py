@@ -362,8 +362,9 @@ class MLDecoderFast(_HeadBase):
         f = linear(f, layer.linear2.weight, layer.linear2.bias, nan_of=(layer.linear1.weight, layer.linear1.bias))
         num_out = k_queries if cfg.zsl else cfg.num_classes
         group_weight = dec.duplicate_pooling
-        if not needs_grad and name in ("torch", "cpp") and torch.is_autocast_enabled(x.device.type):
-            # the group-FC weight in the autocast dtype once per version, not per call
+        if not needs_grad and torch.is_autocast_enabled(x.device.type):
+            # the group-FC weight in the autocast dtype once per version, not per call (every
+            # backend: the products cast their operands to that dtype anyway)
             group_weight = self.caches.cast(id(group_weight), group_weight,
                                             torch.get_autocast_dtype(x.device.type))
         return ops.decode(t2, f, p_res, layer.norm3.weight, layer.norm3.bias, layer.norm3.eps,
