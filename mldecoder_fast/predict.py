@@ -81,11 +81,10 @@ def set_word_vectors(head, path: str | None, num_classes: int | None, trust_pick
 def _ema_validated_better(ckpt: dict) -> bool:
     """Whether a checkpoint's metrics say its EMA weights validated better than the model's (the
     two scores the multi-label and zero-shot recipes record, ``ASLTrainer.checkpoint_metrics``)."""
-    from .train.multilabel import MultiLabelTrainer
-    from .train.zsl import ZSLTrainer
+    from .train.checkpoint import MULTILABEL_SCORES, ZSL_SCORES
     metrics = ckpt.get("metrics") or {}
     return any(model in metrics and ema in metrics and metrics[ema] > metrics[model]
-               for model, ema in (MultiLabelTrainer.score_keys, ZSLTrainer.score_keys))
+               for model, ema in (MULTILABEL_SCORES, ZSL_SCORES))
 
 
 def load_predictor(path: str, head: str = "fast", backend: str = "auto", weights: str = "auto",

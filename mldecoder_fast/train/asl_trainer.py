@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .checkpoint import MULTILABEL_SCORES
 from .ema import ModelEma
 from .losses import AsymmetricLoss
 from .optim import build_optimizer, build_scheduler
@@ -31,7 +32,7 @@ class ASLConfig(TrainerConfig):
 class ASLTrainer(Trainer):
     loss_sums_over_batch = True
     best_key = "mAP"
-    score_keys = ("mAP", "mAP_ema")  # the model's and its EMA's score in an epoch row
+    score_keys = MULTILABEL_SCORES  # the model's and its EMA's score in an epoch row
 
     def build_optimizer(self):
         return build_optimizer(self.model, self.cfg.lr, self.cfg.weight_decay, self.cfg.weight_decay_mode)

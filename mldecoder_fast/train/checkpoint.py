@@ -25,6 +25,10 @@ from .distributed import all_gather_object, barrier, unwrap
 from .seeding import rank_seed, rng_state, seed_everything, set_rng_state
 
 FORMAT = "mldecoder-fast/1"
+# The (model's, EMA's) validation scores a recipe records in a checkpoint's metrics (multi-label,
+# zero-shot): which weights validated better, for predict/export --weights auto.
+MULTILABEL_SCORES = ("mAP", "mAP_ema")
+ZSL_SCORES = ("zsl_mAP", "ema_zsl_mAP")
 
 
 class CheckpointError(ValueError):

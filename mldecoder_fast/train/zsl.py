@@ -23,7 +23,7 @@ import torch
 
 from . import distributed as D
 from .asl_trainer import ASLConfig, ASLTrainer
-from .checkpoint import check_classes
+from .checkpoint import ZSL_SCORES, check_classes
 from .formats.nus_wide import ZSLData
 from .metrics import zsl_metrics
 from .models import zsl_head
@@ -45,7 +45,7 @@ class ZSLConfig(ASLConfig):
 
 
 class ZSLTrainer(ASLTrainer):
-    score_keys = ("zsl_mAP", "ema_zsl_mAP")
+    score_keys = ZSL_SCORES
 
     def __init__(self, model, data: ZSLData, train_set, val_set, cfg: ZSLConfig, model_args: dict,
                  info: D.DistInfo | None = None, log=print):
