@@ -7,12 +7,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 NUM_HEADS = 8
 FEEDFORWARD_DIM = 2048
 DROPOUT_P = 0.1
 LAYER_NORM_EPS = 1e-5
 WORDVEC_DIM = 300
+
+
+class DropoutRates(NamedTuple):
+    """The decoder layer's five dropout rates, in the order of the forward (docs/design.md)."""
+    query: float           # dropout1, on the queries (step 3)
+    attention: float       # the attention weights (step 4)
+    output: float          # dropout2, on the output projection (step 5)
+    feed_forward: float    # dropout, inside the feed-forward (step 6)
+    residual: float        # dropout3, on the feed-forward's output (step 6)
 
 
 @dataclass(frozen=True)

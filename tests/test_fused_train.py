@@ -9,9 +9,13 @@ import torch
 from heads import check_train_grads, disable_dropout_, make_input, make_pair
 from helpers import assert_close
 
+from mldecoder_fast import paths
+from mldecoder_fast._config import DropoutRates
 from mldecoder_fast.ops import cpu_gemm, dropout_masks
 from mldecoder_fast.ops.dropout_masks import keep_mask
-from mldecoder_fast.ops.fused_train import HeadTrainStep, StepKit, derive_weights
+from mldecoder_fast.ops.fused_train import HeadTrainStep, StepConfig, StepKit, StepParameters, derive_weights
+from mldecoder_fast.paths import train_step
+from mldecoder_fast.paths.train_step import step_parameters
 
 
 def _fused_ran(out: torch.Tensor) -> bool:
@@ -168,10 +172,9 @@ def _small_step_inputs(fast, per_sample_queries):
     dtype = fast.decoder.embed_standart.weight.dtype
     tokens = torch.randn(2, 5, 24, dtype=dtype, requires_grad=True)
     t0 = torch.randn(4, fast.config.embed_dim, dtype=dtype, requires_grad=True)
-    params = [p.detach().clone().requires_grad_(True) for p in fast._fused_parameters()]
-    params[10], params[11], params[12] = (params[10][:24].detach().clone().requires_grad_(True),
-                                          params[11][:24].detach().clone().requires_grad_(True),
-                                          params[12][:, :24].detach().clone().requires_grad_(True))
+    params = step_parameters(fast)
+    params = StepParameters(*[p.detach().clone().requires_grad_(True) for p in params._replace(
+        W1=params.W1[:24], b1=params.b1[:24], W2=params.W2[:, :24])])
     return tokens, t0, params
 
 
@@ -266,8 +269,10 @@ def _step_fn(fast, kit, ps, ext=False, seed=None):
     def fn(tokens, t0, *params):
         if seed is not None:
             torch.manual_seed(seed)
-        cfg = (8, eps, ps, 23, False, ext, kit, derive_weights(params, None, kit, ps[3], False))
-        return HeadTrainStep.apply(cfg, tokens, t0, *params)
+        rates = DropoutRates(*ps)
+        config = StepConfig(num_heads=8, eps=eps, dropout=rates, num_out=23, zsl=False, extension_group_fc=ext,
+                            kit=kit, weights=derive_weights(params, None, kit, rates.feed_forward, False))
+        return HeadTrainStep.apply(config, tokens, t0, *params)
     return fn
 
 
@@ -384,16 +389,14 @@ def test_keep_mask_in_a_compute_dtype_is_the_bool_mask(p, dtype):
 def test_cpu_bf16_step_with_masks_in_bf16_equals_bool_masks(monkeypatch):
     """The CPU kit under bf16 autocast keeps its dropout masks in bf16; with dropout on at every
     site the step is bit for bit the one with bool masks drawn from the same seed."""
-    from mldecoder_fast.module import MLDecoderFast
     torch.manual_seed(22)
     _, fast = make_pair(43, 8)
     fast.train()
     x = torch.randn(3, 24, 3, 3)
-    kit_of = MLDecoderFast._train_step_kit
+    kit_of = train_step._kit
 
     def run(mask_dtype):
-        monkeypatch.setattr(MLDecoderFast, "_train_step_kit",
-                            lambda self, *a: kit_of(self, *a)._replace(mask_dtype=mask_dtype))
+        monkeypatch.setattr(train_step, "_kit", lambda *a: kit_of(*a)._replace(mask_dtype=mask_dtype))
         fast.zero_grad(set_to_none=True)
         torch.manual_seed(23)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -403,7 +406,10 @@ def test_cpu_bf16_step_with_masks_in_bf16_equals_bool_masks(monkeypatch):
         out.float().square().sum().backward()
         return out, {n: p.grad for n, p in fast.named_parameters() if p.grad is not None}
 
-    assert kit_of(fast, torch.device("cpu"), torch.bfloat16, 0.1, False).mask_dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        facts = paths.facts_of(fast, x)
+    assert paths.choose(fast, x, facts) is paths.CPU_STEP
+    assert paths.CPU_STEP.derive(fast, x, facts).kit.mask_dtype == torch.bfloat16
     out_b, grads_b = run(torch.bfloat16)
     out_m, grads_m = run(torch.bool)
     assert torch.equal(out_b, out_m)

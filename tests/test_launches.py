@@ -22,7 +22,7 @@ from mldecoder_fast.benchmark.launches import (
 # name -> (classes, K, C, H', W')
 CONFIGS = {"coco": (80, 80, 2048, 14, 14), "imagenet21k": (21843, 100, 2048, 7, 7)}
 
-# The eval forward, launch by launch (lean_eval.py). A [B, C, H, W] map with B > 1 is B
+# The eval forward, launch by launch (paths/lean_eval.py). A [B, C, H, W] map with B > 1 is B
 # transposed matrices: its input projection is a batched GEMM, then relu(y + b_e) - b_e in place.
 PROJECT_ONE_MATRIX = [("aten._addmm_activation", "input projection + bias + relu (cuBLASLt epilogue)")]
 PROJECT_BATCHED = [("aten.bmm", "input projection, batched over B transposed [N, C] inputs"),

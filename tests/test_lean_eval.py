@@ -1,4 +1,4 @@
-"""The launch-lean eval forward (lean_eval.py) against the reference, run on the CPU.
+"""The launch-lean eval forward (paths/lean_eval.py) against the reference, run on the CPU.
 
 It is the CUDA eval path of the torch backend; ``lean_eval_devices`` lets the same code run here.
 """

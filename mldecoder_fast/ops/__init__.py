@@ -52,12 +52,13 @@ decode: LayerNorm-3 of the residual, then group_fc (steps 6-7)
 
 training step: the whole head's forward and hand-written backward as one autograd function
     reference     mldecoder_fast/reference.py
-    torch         mldecoder_fast/ops/fused_train.py, GEMMs from mldecoder_fast/ops/cpu_gemm.py
+    torch         mldecoder_fast/ops/fused_train.py, GEMMs from mldecoder_fast/ops/cpu_gemm.py, the
+                  path objects (which kit where) in mldecoder_fast/paths/train_step.py
     tests         tests/test_fused_train.py, tests/test_cpu_gemm.py, tests/test_launches.py
 
 eval forward on CUDA: the launch-lean path (steps 1-7 in about a dozen launches)
     reference     mldecoder_fast/reference.py
-    torch         mldecoder_fast/lean_eval.py
+    torch         mldecoder_fast/paths/lean_eval.py
     tests         tests/test_lean_eval.py, tests/test_launches.py, tests/test_host_sync.py
 """
 from .torch_ops import TorchOps

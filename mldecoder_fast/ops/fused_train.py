@@ -1,8 +1,8 @@
 """The head's training forward and backward (docs/design.md steps 1-7) as one autograd function with
 a hand-written backward, for the CPU and for CUDA.
 
-``HeadTrainStep`` is one sequence of steps; a ``StepKit`` (in ``cfg``) says how each kind of work
-runs, so the CPU and the launch-lean CUDA step are the same code:
+``HeadTrainStep`` is one sequence of steps; a ``StepKit`` (in its ``StepConfig``) says how each kind
+of work runs, so the CPU and the launch-lean CUDA step are the same code:
 
 - ``gemm``: the GEMM provider of the dense products (``cpu_gemm.py``: oneDNN or MKL on the CPU,
   ``TorchGemm`` = cuBLAS on CUDA);
@@ -58,6 +58,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .._config import DropoutRates
 from .dropout_masks import RegeneratedMasks, StoredMasks
 from .torch_ops import group_fc_padded_bias, padded_group_bias
 from .triton_ops import _DropoutSeeds, _on_device
@@ -73,6 +74,29 @@ class StepKit(NamedTuple):
     direct_out: bool
     layer_norm: str           # "aten" | "triton"
     mask_dtype: torch.dtype = torch.bool
+
+
+class StepParameters(NamedTuple):
+    """The head's parameters in the order the step takes them (inputs for their gradients), or
+    anything per parameter in that order (whether it needs a gradient, the gradient)."""
+    We: object       # decoder.embed_standart.weight
+    be: object
+    ln1w: object     # decoder.layers.0.norm1
+    ln1b: object
+    Win: object      # decoder.layers.0.multihead_attn.in_proj_weight (q, k, v rows)
+    bin: object
+    Wo: object       # multihead_attn.out_proj
+    bo: object
+    ln2w: object     # norm2
+    ln2b: object
+    W1: object       # linear1
+    b1: object
+    W2: object       # linear2
+    b2: object
+    ln3w: object     # norm3
+    ln3b: object
+    Wg: object       # decoder.duplicate_pooling
+    bg: object       # decoder.duplicate_pooling_bias
 
 
 class StepWeights(NamedTuple):
@@ -103,9 +127,21 @@ class StepWeights(NamedTuple):
     zero: torch.Tensor           # a 0-d zero in the compute dtype (addend of scaled products)
 
 
+class StepConfig(NamedTuple):
+    """What a step runs with besides its tensor inputs."""
+    num_heads: int
+    eps: tuple                    # LN1, LN2, LN3
+    dropout: DropoutRates
+    num_out: int                  # logits per sample
+    zsl: bool
+    extension_group_fc: bool      # the compiled extension's group-FC ops instead of bmm
+    kit: StepKit
+    weights: StepWeights
+
+
 def derive_weights(params, t0, kit: StepKit, p_ff: float, zsl: bool,
                    into: StepWeights | None = None) -> StepWeights:
-    """``StepWeights`` from the head's parameters (``MLDecoderFast._fused_parameters`` order) and T0
+    """``StepWeights`` from the head's parameters (``StepParameters``) and T0
     (None for ZSL, whose queries change every step). With ``into`` (the weights of an earlier
     parameter version), every copy is written into its memory instead of new memory; views of the
     parameters (their dtype is the one wanted) are taken anew."""
@@ -380,21 +416,21 @@ def _attention_backward(kit, g_o, q, kv, saved, B, N, H, p, keep, s, zero, g_kv_
 
 
 class HeadTrainStep(torch.autograd.Function):
-    """Inputs: ``cfg`` (num_heads, (eps1, eps2, eps3), (p_query, p_attn, p_out, p_ff, p_res),
-    num_out, zsl, ext: the compiled extension's group-FC ops instead of bmm, kit: ``StepKit``,
-    weights: ``StepWeights``), tokens [B, N, C], T0 [K, D] (the learned queries or
-    relu(wordvec_proj(V))), then the head's parameters in the order of
-    ``MLDecoderFast._fused_parameters`` (read through ``weights``; inputs for their gradients).
+    """Inputs: ``StepConfig``, tokens [B, N, C], T0 [K, D] (the learned queries or
+    relu(wordvec_proj(V))), then the head's parameters as ``StepParameters`` (read through the
+    config's weights; inputs for their gradients).
     Output: logits [B, num_out] in the parameters' dtype."""
 
     @staticmethod
-    def forward(ctx, cfg, tokens, t0, *params):
+    def forward(ctx, config, tokens, t0, *params):
         with torch.autocast(tokens.device.type, enabled=False):  # casts are explicit here
-            return HeadTrainStep._forward(ctx, cfg, tokens, t0, params)
+            return HeadTrainStep._forward(ctx, config, tokens, t0, params)
 
     @staticmethod
-    def _forward(ctx, cfg, tokens, t0, params):
-        num_heads, (eps1, eps2, eps3), (p_q, p_a, p_o, p_f, p_r), num_out, zsl, ext, kit, w = cfg
+    def _forward(ctx, config, tokens, t0, params):
+        num_heads, (eps1, eps2, eps3), (p_q, p_a, p_o, p_f, p_r), num_out = (
+            config.num_heads, config.eps, config.dropout, config.num_out)
+        ext, kit, w = config.extension_group_fc, config.kit, config.weights
         out_dtype = params[0].dtype
         P = _Products(kit, out_dtype)
         t0a = w.t0 if w.t0 is not None else t0.to(kit.compute)
@@ -435,7 +471,7 @@ class HeadTrainStep(torch.autograd.Function):
             logits = group_fc_padded_bias(h.to(kit.compute), w.Wg, w.bias, num_out)
 
         keep_ln = kit.keep_ln_outputs
-        ctx.cfg = cfg
+        ctx.config = config
         ctx.save_for_backward(tokens, t0, *[x for x in w if x is not None])
         ctx.has_t0 = w.t0 is not None
         # Intermediates live on ctx (not save_for_backward) so that the backward can free each
@@ -458,7 +494,10 @@ class HeadTrainStep(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, g_logits):
-        num_heads, (eps1, eps2, eps3), (p_q, p_a, _, _, _), num_out, zsl, ext, kit, _ = ctx.cfg
+        config = ctx.config
+        num_heads, (eps1, eps2, eps3), num_out, zsl, kit = (config.num_heads, config.eps, config.num_out,
+                                                           config.zsl, config.kit)
+        ext, p_q, p_a = config.extension_group_fc, config.dropout.query, config.dropout.attention
         saved = ctx.saved_tensors
         tokens, t0 = saved[:2]
         w = StepWeights(*saved[2:4], None, *saved[4:]) if not ctx.has_t0 else StepWeights(*saved[2:])
@@ -473,7 +512,8 @@ class HeadTrainStep(torch.autograd.Function):
         if not keep_graph:  # the last backward: each mask is freed once used (``m.pop``)
             ctx.draw.release()
         s_q, s_a, s_o, s_f, s_r = ctx.scales
-        needs = ctx.needs_input_grad      # (cfg, tokens, t0, We, be, ln1w, ln1b, Win, bin, ...)
+        needs = ctx.needs_input_grad      # (config, tokens, t0, *StepParameters)
+        need_tokens, need_t0, need = needs[1], needs[2], StepParameters(*needs[3:])
         B, N, C = tokens.shape
         K, D = t0.shape
         H = num_heads
@@ -514,14 +554,14 @@ class HeadTrainStep(torch.autograd.Function):
             else:   # the CPU: a contiguous product and a copy (21K B=16: 4.8 ms, 6.3 into the view)
                 g_h = torch.bmm(g_pad, w.Wg.transpose(1, 2)).transpose(0, 1).contiguous()  # [B, K, D]
         g_bg = None
-        if needs[20]:
+        if need.bg:
             g_bg = g.sum().reshape(1) if zsl else g.sum(0)
         # ---- LN3 and the residual dropout ---------------------------------------------------------
         g_u3, g_ln3w, g_ln3b = _layer_norm_backward(kit, g_h, u3, mean3, rstd3, w.ln3w, w.ln3b,
-                                                    (True, needs[17], needs[18]), w.zero)
+                                                    (True, need.ln3w, need.ln3b), w.zero)
         del g_h, mean3, rstd3
         # (direct_out: the gradients of b2 and b1 as one sum over one buffer holding both addends)
-        ff_sum = kit.direct_out and needs[16] and needs[14] and "r" in m
+        ff_sum = kit.direct_out and need.b2 and need.b1 and "r" in m
         width = w.W1.shape[0]
         ff_grads = torch.empty(B * K, D + width, dtype=cd, device=g.device) if ff_sum else None
         keep_r = m.pop("r", None)
@@ -531,8 +571,8 @@ class HeadTrainStep(torch.autograd.Function):
         del keep_r
         # ---- feed-forward -------------------------------------------------------------------------
         f1 = pop("f1")
-        g_W2 = P.grad_weight(g_f2, f1) if needs[15] else None
-        g_b2 = P.grad_bias(g_f2) if needs[16] and not ff_sum else None
+        g_W2 = P.grad_weight(g_f2, f1) if need.W2 else None
+        g_b2 = P.grad_bias(g_f2) if need.b2 and not ff_sum else None
         if not kit.direct_out and s_f != 1.0:   # the CPU's W2s is W2: it scales g_f2 instead
             g_f2 = g_f2.mul_(s_f) if own_f2 else g_f2 * s_f                          # (g_u3 is read below)
         g_f1 = P.mm(g_f2, w.W2s)                                                       # W2s: dropout scale
@@ -546,39 +586,39 @@ class HeadTrainStep(torch.autograd.Function):
         m.pop("f", None)
         u2, mean2, rstd2 = pop("u2"), pop("mean2"), pop("rstd2")
         t2 = ln_out("t2", u2, w.ln2w, w.ln2b, eps2)
-        g_W1 = P.grad_weight(g_a, t2.view(B * K, D)) if needs[13] else None
+        g_W1 = P.grad_weight(g_a, t2.view(B * K, D)) if need.W1 else None
         del t2
         if not ff_sum:
-            g_b1 = P.grad_bias(g_a) if needs[14] else None
+            g_b1 = P.grad_bias(g_a) if need.b1 else None
         g_t2 = P.mm(g_a, w.W1, add=g_u3.view(B * K, D))                              # FFN + residual
         del g_a, g_u3
         # ---- LN2 and the output dropout -----------------------------------------------------------
         g_u2, g_ln2w, g_ln2b = _layer_norm_backward(kit, g_t2.view(B, K, D), u2, mean2, rstd2, w.ln2w,
-                                                    w.ln2b, (True, needs[11], needs[12]), w.zero)
+                                                    w.ln2b, (True, need.ln2w, need.ln2b), w.zero)
         del g_t2, u2
         g_op = _dropped(g_u2, m.pop("o", None), s_o, w.zero).reshape(B * K, D)
         o = pop("o")
-        g_Wo = P.grad_weight(g_op, o) if needs[9] else None
-        g_bo = P.grad_bias(g_op) if needs[10] else None
+        g_Wo = P.grad_weight(g_op, o) if need.Wo else None
+        g_bo = P.grad_bias(g_op) if need.bo else None
         del o
         g_o = P.mm(g_op, w.Wo)                                                         # [BK, D]
         del g_op
         # ---- attention ------------------------------------------------------------------------------
         # (direct_out: the gradients of b_k, b_v and b_e as one sum over one buffer holding g_kv
         # and the input projection's pre-activation gradient)
-        proj_sum = kit.direct_out and kit.attention != "triton" and needs[8] and needs[4]
+        proj_sum = kit.direct_out and kit.attention != "triton" and need.bin and need.be
         proj_grads = torch.empty(B * N, 3 * D, dtype=cd, device=g.device) if proj_sum else None
         kv, q = pop("kv"), pop("q")
         g_q, g_kv = _attention_backward(kit, g_o, q, kv, pop("attn"), B, N, H, p_a, m.pop("a", None),
                                         s_a, w.zero, None if proj_grads is None else proj_grads[:, :2 * D])
         del g_o, q, kv
         mem = pop("mem")
-        g_Win = torch.empty(3 * D, D, dtype=out_dtype, device=g.device) if needs[7] else None
-        biases = torch.empty(4 * D, dtype=out_dtype, device=g.device) if needs[8] else None  # b_in, b_e
+        g_Win = torch.empty(3 * D, D, dtype=out_dtype, device=g.device) if need.Win else None
+        biases = torch.empty(4 * D, dtype=out_dtype, device=g.device) if need.bin else None  # b_in, b_e
         g_bin = None if biases is None else biases[:3 * D]
-        if needs[7]:
+        if need.Win:
             P.grad_weight(g_kv, mem, out=g_Win[D:])
-        if needs[8] and not proj_sum:
+        if need.bin and not proj_sum:
             P.grad_bias(g_kv, out=g_bin[D:])
         g_mem = P.mm(g_kv, w.Wkv)                                                      # [BN, D]
         del g_kv
@@ -596,31 +636,31 @@ class HeadTrainStep(torch.autograd.Function):
             u1 = _queries_input(w.t0 if w.t0 is not None else t0.to(cd), mq, s_q, w.zero)
         t1 = ln_out("t1", u1, w.ln1w, w.ln1b, eps1)
         g_q2 = g_q.reshape(-1, D)
-        if needs[7]:
+        if need.Win:
             P.grad_weight(g_q2, t1.reshape(-1, D), out=g_Win[:D])
         del t1
-        if needs[8]:
+        if need.bin:
             P.grad_bias(g_q2, out=g_bin[:D])
         g_t1 = P.mm(g_q2, w.Wq, add=(g_u2.sum(0) if shared else g_u2).reshape(-1, D))  # q + residual
         del g_q, g_q2, g_u2
         g_t0 = g_ln1w = g_ln1b = None
-        if needs[2] or needs[5] or needs[6]:
+        if need_t0 or need.ln1w or need.ln1b:
             g_u1, g_ln1w, g_ln1b = _layer_norm_backward(kit, g_t1.view(u1.shape), u1, mean1, rstd1, w.ln1w,
-                                                        w.ln1b, (needs[2], needs[5], needs[6]), w.zero)
-            if needs[2]:
+                                                        w.ln1b, (need_t0, need.ln1w, need.ln1b), w.zero)
+            if need_t0:
                 g_t0 = (2 * g_u1 if shared else torch.addcmul(g_u1, g_u1, mq, value=s_q).sum(0)).to(t0.dtype)
             del g_u1
         del g_t1, u1
         # ---- input projection -----------------------------------------------------------------------
         rows = pop("rows")
-        g_We = P.grad_weight(g_pre, rows) if needs[3] else None
+        g_We = P.grad_weight(g_pre, rows) if need.We else None
         del rows
-        g_be = (biases[3 * D:] if proj_sum else P.grad_bias(g_pre)) if needs[4] else None
-        g_tokens = _input_grad(P, g_pre, w.We, tokens) if needs[1] else None
+        g_be = (biases[3 * D:] if proj_sum else P.grad_bias(g_pre)) if need.be else None
+        g_tokens = _input_grad(P, g_pre, w.We, tokens) if need_tokens else None
         del g_pre
         # ---- the group-FC weight gradient, last ---------------------------------------------------
         g_Wg = None
-        if needs[19]:
+        if need.Wg:
             if h is None:
                 h = _layer_norm(kit, u3, w.ln3w, w.ln3b, eps3, w.zero)[0]                  # recomputed
             del u3
@@ -634,8 +674,10 @@ class HeadTrainStep(torch.autograd.Function):
         g_ln = _ln_grads_in(out_dtype, (g_ln1w, g_ln1b, g_ln2w, g_ln2b, g_ln3w, g_ln3b))
         if not keep_graph:
             ctx.acts = None
-        return (None, g_tokens, g_t0, g_We, g_be, g_ln[0], g_ln[1], g_Win, g_bin, g_Wo, g_bo,
-                g_ln[2], g_ln[3], g_W1, g_b1, g_W2, g_b2, g_ln[4], g_ln[5], g_Wg, g_bg)
+        return (None, g_tokens, g_t0, *StepParameters(
+            We=g_We, be=g_be, ln1w=g_ln[0], ln1b=g_ln[1], Win=g_Win, bin=g_bin, Wo=g_Wo, bo=g_bo,
+            ln2w=g_ln[2], ln2b=g_ln[3], W1=g_W1, b1=g_b1, W2=g_W2, b2=g_b2, ln3w=g_ln[4], ln3b=g_ln[5],
+            Wg=g_Wg, bg=g_bg))
 
 
 def _input_grad(P: _Products, g_pre, We, tokens):

@@ -52,6 +52,27 @@ def group_fc_torch(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     return out + bias
 
 
+def folded_query_attention(qk: torch.Tensor, memory: torch.Tensor, v: torch.Tensor, num_heads: int,
+                           dropout_p: float, scores=F.linear) -> torch.Tensor:
+    """Attention for queries shared by the batch, with the key projection folded into them.
+
+    Since q_h . (W_k,h m + b_k,h) = (W_k,h^T q_h) . m + q_h . b_k,h and the last term is
+    constant along the softmax axis, the scores are one GEMM of the memory against
+    qk [H, K, D] (= W_k,h^T q_h / sqrt(d), computed once per weight version), and the keys
+    are never formed. memory [B, N, D], v [B, N, D] -> [B, K, D]. ``scores(memory, qk)``: the
+    score product (a CPU path without autograd passes its GEMM provider's, ``ops/cpu_gemm.py``).
+    """
+    h, k, d_model = qk.shape
+    b, n, _ = memory.shape
+    d = d_model // num_heads
+    qk = qk.reshape(h * k, d_model).to(memory.dtype)
+    attn = scores(memory, qk).view(b, n, h, k).permute(0, 2, 3, 1).softmax(dim=-1)   # [B, H, K, N]
+    if dropout_p > 0:
+        attn = F.dropout(attn, dropout_p, training=True)
+    o = torch.matmul(attn, v.view(b, n, h, d).transpose(1, 2))            # [B, H, K, d]
+    return o.transpose(1, 2).reshape(b, k, d_model)
+
+
 class TorchOps:
     """The reference set of fused-able operations, in plain PyTorch.
 
@@ -92,25 +113,10 @@ class TorchOps:
         return o.transpose(1, 2).reshape(b, nq, d_model)
 
     def shared_query_attention(self, qk: torch.Tensor, memory: torch.Tensor, v: torch.Tensor,
-                               num_heads: int, dropout_p: float, gemm=None) -> torch.Tensor:
-        """Attention for queries shared by the batch, with the key projection folded into them.
-
-        Since q_h . (W_k,h m + b_k,h) = (W_k,h^T q_h) . m + q_h . b_k,h and the last term is
-        constant along the softmax axis, the scores are one GEMM of the memory against
-        qk [H, K, D] (= W_k,h^T q_h / sqrt(d), computed once per weight version), and the keys
-        are never formed. memory [B, N, D], v [B, N, D] -> [B, K, D]. ``gemm``: the GEMM provider
-        of the score product (``ops/cpu_gemm.py``; without autograd), else ``F.linear``.
-        """
-        h, k, d_model = qk.shape
-        b, n, _ = memory.shape
-        d = d_model // num_heads
-        qk = qk.reshape(h * k, d_model).to(memory.dtype)
-        scores = F.linear(memory, qk) if gemm is None else gemm.linear(memory, qk)  # [B, N, H*K]
-        attn = scores.view(b, n, h, k).permute(0, 2, 3, 1).softmax(dim=-1)     # [B, H, K, N]
-        if dropout_p > 0:
-            attn = F.dropout(attn, dropout_p, training=True)
-        o = torch.matmul(attn, v.view(b, n, h, d).transpose(1, 2))            # [B, H, K, d]
-        return o.transpose(1, 2).reshape(b, k, d_model)
+                               num_heads: int, dropout_p: float) -> torch.Tensor:
+        """Attention for queries shared by the batch, with the key projection folded into them
+        (``folded_query_attention``). qk [H, K, D], memory [B, N, D], v [B, N, D] -> [B, K, D]."""
+        return folded_query_attention(qk, memory, v, num_heads, dropout_p)
 
     def group_fc(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                  num_classes: int) -> torch.Tensor:

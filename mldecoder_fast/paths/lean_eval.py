@@ -2,7 +2,8 @@
 
 At small batch a GPU forward is bound by the host (about 5-10 us of launch overhead per kernel
 against a few us of work), so this path is built to launch as few kernels as plain PyTorch
-allows, for eval without autograd (``MLDecoderFast.lean_eval_devices`` says where it runs):
+allows, for eval without autograd, backend torch (``MLDecoderFast.lean_eval_devices`` says where
+it runs; ``LEAN_EVAL`` is the path object):
 
 - every weight is used in the compute dtype (the autocast dtype, else the parameters' own) from a
   copy made once per weight version (``LeanWeights``, kept in the head's ``caches``); nothing is
@@ -41,9 +42,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._config import NUM_HEADS
-from ._inputs import tokens_from_input
-from .ops.torch_ops import group_fc_padded_bias, padded_group_bias
+from .._config import NUM_HEADS
+from .._inputs import tokens_from_input
+from ..ops.torch_ops import group_fc_padded_bias, padded_group_bias
+from . import queries
 
 
 class LeanWeights(NamedTuple):
@@ -68,18 +70,33 @@ class LeanWeights(NamedTuple):
     bias: torch.Tensor     # [K, G] zero-padded group-FC bias; ZSL: [1] (in the logits' dtype)
 
 
-def dtypes(x: torch.Tensor, param_dtype: torch.dtype):
-    """(compute dtype, logits dtype) as the reference gets them, or None where the lean path does
-    not apply (double-precision parameters under autocast, which autocast leaves alone).
+class LeanEval:
+    """The path object (``paths/__init__.py``)."""
+    name = "lean eval"
 
-    Under autocast the products run in autocast's dtype and the logits come out in fp32 (CUDA
-    autocast runs LayerNorm in fp32, so the reference's T3 and logit buffer are fp32); without it,
-    everything is in the parameters' dtype."""
-    if torch.is_autocast_enabled(x.device.type):
-        if param_dtype == torch.float64:
-            return None
-        return torch.get_autocast_dtype(x.device.type), torch.float32
-    return param_dtype, param_dtype
+    def applies(self, head, x, facts) -> bool:
+        # fp64 parameters under autocast: autocast leaves them alone, this path would not
+        return (facts.backend == "torch" and facts.lean_eval_device and not facts.training
+                and not facts.needs_grad and not (facts.autocast and facts.param_dtype == torch.float64))
+
+    def derive(self, head, x, facts) -> LeanWeights:
+        # Under autocast the products run in autocast's dtype and the logits come out in fp32 (CUDA
+        # autocast runs LayerNorm in fp32, so the reference's T3 and logit buffer are fp32); without
+        # it, everything is in the parameters' dtype.
+        dtypes = (facts.autocast, torch.float32) if facts.autocast else (facts.param_dtype,) * 2
+        return head.caches.get(("lean_eval",) + dtypes, _sources(head), lambda: derive(head, *dtypes))
+
+    def forward(self, head, x, derived: LeanWeights) -> torch.Tensor:
+        layer = head.decoder.layers[0]
+        num_out = derived.r2.shape[0] if head.config.zsl else head.config.num_classes
+        return forward(x, derived, num_out, layer.norm2.eps, layer.norm3.eps)
+
+
+def _sources(head) -> list:
+    sources = list(head.parameters())
+    if head.config.zsl:
+        sources.append(head.decoder.query_embed)
+    return sources
 
 
 def derive(head, dtype: torch.dtype, out_dtype: torch.dtype) -> LeanWeights:
@@ -98,7 +115,7 @@ def derive(head, dtype: torch.dtype, out_dtype: torch.dtype) -> LeanWeights:
         return caches.cast(id(w), w, dtype)
 
     with torch.no_grad(), torch.autocast(dec.embed_standart.weight.device.type, enabled=False):
-        t1, _, qk = head._shared_queries()
+        t1, _, qk = queries.shared_queries(head)
         w_v = attn.in_proj_weight[2 * d:].to(acc)
         b_v = attn.in_proj_bias[2 * d:].to(acc)
         w_o = attn.out_proj.weight.to(acc)
@@ -161,3 +178,6 @@ def _memory(tokens: torch.Tensor, w: LeanWeights):
     # passes through the attention's rows (which sum to one) into the addend r2_shifted.
     m = torch.bmm(tokens, w.w_e.t().expand(b, -1, -1)).clamp_(min=w.neg_b_e)
     return m, w.r2_shifted
+
+
+LEAN_EVAL = LeanEval()
