@@ -91,7 +91,8 @@ def _warn_once(key, message):
         warnings.warn(message, RuntimeWarning, stacklevel=5)
 
 
-def _make_ops(name: str):
+def ops_for(name: str):
+    """The ops object of backend ``name`` (made once)."""
     if name not in _ops_cache:
         if name == "torch":
             _ops_cache[name] = TorchOps()
@@ -103,8 +104,8 @@ def _make_ops(name: str):
         elif name == "triton":
             from .ops.triton_ops import TritonOps
             _ops_cache[name] = TritonOps()
-        else:  # pragma: no cover - guarded by check_backend_name
-            raise ValueError(name)
+        else:
+            raise ValueError(f"no backend named {name!r}: one of {BACKENDS}")
     return _ops_cache[name]
 
 
@@ -139,16 +140,16 @@ def _select(backend: str, dev: str):
         order = AUTO_ORDER.get(dev, ("torch",))
         for name in order:
             if info[name]["available"] and dev in info[name]["devices"]:
-                return name, _make_ops(name)
+                return name, ops_for(name)
             if name != "torch":
                 _warn_once(("auto", name, dev),
                            f"mldecoder_fast: the {name!r} backend is unavailable on {dev} "
                            f"({info[name]['detail']}); using the next one. "
                            f"See mldecoder_fast.backends().")
-        return "torch", _make_ops("torch")
+        return "torch", ops_for("torch")
     if backend == "torch" or (info[backend]["available"] and dev in info[backend]["devices"]):
-        return backend, _make_ops(backend)
+        return backend, ops_for(backend)
     _warn_once((backend, dev),
                f"mldecoder_fast: backend {backend!r} cannot run on {dev} ({info[backend]['detail']}); "
                f"falling back to the 'torch' backend. See mldecoder_fast.backends().")
-    return "torch", _make_ops("torch")
+    return "torch", ops_for("torch")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .._config import NUM_HEADS
 from .._inputs import tokens_from_input
-from ..dispatch import select_ops
+from ..dispatch import ops_for
 from ..ops import cpu_gemm
 from ..ops.torch_ops import folded_query_attention
 from . import queries
@@ -39,7 +39,7 @@ class OpByOp:
         return True
 
     def derive(self, head, x, facts) -> OpByOpPlan:
-        ops = select_ops(head.backend, x.device)[1]
+        ops = ops_for(facts.backend)
         scores = None
         if not facts.needs_grad and facts.backend in ("torch", "cpp") and facts.device == "cpu":
             # the CPU's score GEMM through the GEMM provider (oneDNN), as the other products

@@ -4,8 +4,7 @@
 forwards of one head (the resolved backend, device type, mode, dtypes, settings, the ambient grad
 mode and tracing); ``choose(head, facts)`` returns the first path of ``PATHS`` that applies, kept
 on the head per distinct ``Facts``. What the choice reads of the head itself is fixed by its
-construction (zsl, sizes) or changes only through ``nn.Module._apply`` (parameter dtypes), which
-forgets the kept choices.
+construction (zsl, sizes).
 """
 from __future__ import annotations
 
@@ -32,7 +31,8 @@ class Facts(NamedTuple):
     grad_mode: bool                # torch.is_grad_enabled()
     needs_grad: bool               # grad mode on and the input or a parameter requires grad
     autocast: torch.dtype | None   # the autocast dtype on this device, None without autocast
-    param_dtype: torch.dtype
+    param_dtype: torch.dtype       # the input projection's weight's
+    mixed_dtypes: bool             # training with grad mode on, and parameters of several dtypes
     input_dtype: torch.dtype
     fused_training: bool           # head.fused_training
     dropout: DropoutRates          # the training rates; zero in eval
@@ -53,11 +53,14 @@ def facts_of(head, x: torch.Tensor) -> Facts:
     grad_mode = torch.is_grad_enabled()
     training = head.training
     compiling = torch.compiler.is_compiling()
+    param_dtype = head.decoder.embed_standart.weight.dtype
     return Facts(
         backend=select_ops(head.backend, x.device)[0], device=dev, training=training, grad_mode=grad_mode,
         needs_grad=grad_mode and (x.requires_grad or any(p.requires_grad for p in head.parameters())),
         autocast=torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None,
-        param_dtype=head.decoder.embed_standart.weight.dtype, input_dtype=x.dtype,
+        param_dtype=param_dtype, input_dtype=x.dtype,
+        # (read per forward: a submodule's .to() or .double() does not reach the head's _apply)
+        mixed_dtypes=training and grad_mode and any(p.dtype != param_dtype for p in head.parameters()),
         fused_training=head.fused_training, dropout=head.dropout_rates() if training else _NO_DROPOUT,
         empty=x.shape[0] == 0,
         traced=compiling or torch._C._are_functorch_transforms_active(),

@@ -22,7 +22,7 @@ import torch
 
 from .._config import NUM_HEADS
 from .._inputs import tokens_from_input
-from ..dispatch import select_ops
+from ..dispatch import ops_for
 from ..ops import cpu_gemm
 from ..ops.fused_train import (
     HeadTrainStep,
@@ -69,7 +69,7 @@ class TrainStep:
                 and facts.device in ("cpu", "cuda") and facts.lean_train_device == self.lean):
             return False
         dtype = facts.param_dtype
-        if dtype not in (torch.float32, torch.float64) or any(p.dtype != dtype for p in step_parameters(head)):
+        if dtype not in (torch.float32, torch.float64) or facts.mixed_dtypes:
             return False
         if facts.autocast is None:
             dtypes_ok = facts.input_dtype == dtype
@@ -82,7 +82,7 @@ class TrainStep:
         if not dtypes_ok:
             return False
         if self.triton:   # the kernels' domain: head dim, device and dtypes
-            ops = select_ops(head.backend, x.device)[1]
+            ops = ops_for(facts.backend)
             return head.config.embed_dim // NUM_HEADS <= 256 and ops._takes(x, dtypes=(facts.compute,))
         return True
 
