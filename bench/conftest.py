@@ -24,7 +24,7 @@ import pytest
 import torch
 
 # Triton kernels would run in its CPU interpreter without a GPU; the interpreted backend is left
-# out of the timings (see mldecoder_fast.benchmark.runner.implementations).
+# out of the timings (see mldecoder_fast.benchmark.contenders.implementations).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -65,7 +65,7 @@ def bench_settings(config) -> dict:
 
 def _cases(config):
     from mldecoder_fast.benchmark import configs as configs_mod
-    from mldecoder_fast.benchmark.runner import implementations
+    from mldecoder_fast.benchmark.contenders import implementations
 
     s = bench_settings(config)
     out = []

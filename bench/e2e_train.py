@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from mldecoder_fast._cli_types import int_range
+from mldecoder_fast.benchmark.cases import autocast_context
 from mldecoder_fast.benchmark.report import device_name, git_commit
-from mldecoder_fast.benchmark.runner import autocast_context
 from mldecoder_fast.benchmark.timing import peak_memory_bytes, synchronize, time_interleaved
 
 HEADS = ("plain", "reference", "fast")
@@ -102,7 +102,7 @@ def run(args) -> dict:
             "peak_step_bytes": peak_memory_bytes(steps[head], device),
         }
         if head == "fast":
-            from mldecoder_fast.timm_head import ml_decoder_of
+            from mldecoder_fast.interop.timm_head import ml_decoder_of
             rows[head]["backend"] = getattr(ml_decoder_of(model), "active_backend", None)
 
     timings = time_interleaved(steps, device, warmup=0, repeats=args.steps)

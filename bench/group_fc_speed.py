@@ -23,9 +23,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from mldecoder_fast.benchmark.timing import time_interleaved  # noqa: E402
+from mldecoder_fast.head.reference import group_fc_loop  # noqa: E402
 from mldecoder_fast.ops.group_fc_extension import extension_status, group_fc  # noqa: E402
 from mldecoder_fast.ops.torch_ops import group_fc_torch  # noqa: E402
-from mldecoder_fast.reference import group_fc_loop  # noqa: E402
 
 
 def reference_loop(h, weight, bias, num_classes):

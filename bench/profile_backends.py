@@ -19,8 +19,9 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from mldecoder_fast.benchmark.cases import make_case, make_step, prepare
 from mldecoder_fast.benchmark.configs import select
-from mldecoder_fast.benchmark.runner import implementations, make_case, make_step, prepare
+from mldecoder_fast.benchmark.contenders import implementations
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}

@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from mldecoder_fast.benchmark.runner import (
-    check_agreement,
-    make_case,
-    make_step,
-    prepare,
-    reference_impl,
-    set_expectations,
-)
+from mldecoder_fast.benchmark.agreement import check_agreement, set_expectations
+from mldecoder_fast.benchmark.cases import make_case, make_step, prepare
+from mldecoder_fast.benchmark.contenders import reference_impl
 from mldecoder_fast.benchmark.timing import peak_memory_bytes, synchronize
 
 _CASE_CACHE: dict = {}

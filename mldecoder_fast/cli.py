@@ -9,8 +9,8 @@ import sys
 SUBCOMMANDS = {
     "bench": "mldecoder_fast.benchmark.cli",
     "train": "mldecoder_fast.train.cli",
-    "predict": "mldecoder_fast.predict",
-    "export": "mldecoder_fast.export",
+    "predict": "mldecoder_fast.serving.predict",
+    "export": "mldecoder_fast.serving.export",
 }
 
 
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
             print(f"  {name:7s} {'available' if info['available'] else 'unavailable'}: {info['detail']}")
         import torch
 
-        from .dispatch import select_ops
+        from .head.backends import select_ops
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
         print("  backend='auto' runs: " + ", ".join(
             f"{select_ops('auto', torch.device(d))[0]} on {d}" for d in devices))

@@ -18,8 +18,8 @@ from helpers import NO_EXT, assert_close
 from torch import nn
 
 from mldecoder_fast import MLDecoder, MLDecoderFast
+from mldecoder_fast.benchmark import agreement, cases, contenders, report, runner
 from mldecoder_fast.benchmark import configs as configs_mod
-from mldecoder_fast.benchmark import report, runner
 from mldecoder_fast.benchmark.configs import BenchConfig
 from mldecoder_fast.benchmark.expert import ExpertMLDecoder
 from mldecoder_fast.benchmark.flops import forward_flops, step_flops
@@ -41,8 +41,8 @@ def _one_thread():
 
 
 def _baselines():
-    return [runner.Impl(runner.REFERENCE, lambda c: c.make_head(MLDecoder)),
-            runner.Impl(runner.EXPERT, lambda c: c.make_head(ExpertMLDecoder))]
+    return [contenders.Impl(contenders.REFERENCE, lambda c: c.make_head(MLDecoder)),
+            contenders.Impl(contenders.EXPERT, lambda c: c.make_head(ExpertMLDecoder))]
 
 
 class _Scaled(ExpertMLDecoder):
@@ -111,7 +111,7 @@ def test_expert_matches_reference(cfg):
             continue
         ref.train(), exp.train()
         xr, xe = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-        with runner.dropout_disabled(ref), runner.dropout_disabled(exp):
+        with cases.dropout_disabled(ref), cases.dropout_disabled(exp):
             out_r, out_e = ref(xr), exp(xe)
             assert_close(f"{cfg.name} train logits", out_r, out_e, 1e-5)
             g = torch.randn_like(out_r)
@@ -126,7 +126,7 @@ def test_expert_matches_reference(cfg):
 
 def test_dropout_disabled_restores_rates():
     _, exp = _pair(TINY)
-    with runner.dropout_disabled(exp):
+    with cases.dropout_disabled(exp):
         assert all(m.p == 0 for m in exp.modules() if isinstance(m, nn.Dropout))
         assert exp.decoder.layers[0].multihead_attn.dropout == 0
     assert all(m.p == 0.1 for m in exp.modules() if isinstance(m, nn.Dropout))
@@ -137,21 +137,21 @@ def test_dropout_disabled_restores_rates():
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_agreement_check_catches_wrong_outputs(mode):
-    case = runner.make_case(TINY, mode, "cpu", torch.float32, 2)
-    impls = _baselines() + [runner.Impl("wrong", lambda c: c.make_head(_Scaled))]
+    case = cases.make_case(TINY, mode, "cpu", torch.float32, 2)
+    impls = _baselines() + [contenders.Impl("wrong", lambda c: c.make_head(_Scaled))]
     rows = runner.run_case(case, impls, warmup=0, repeats=1, measure_memory=False)
     by = {r.impl: r for r in rows}
-    assert by[runner.EXPERT].agree is True
+    assert by[contenders.EXPERT].agree is True
     assert by["wrong"].agree is False and "logits" in by["wrong"].detail
     assert "MISMATCH" in report.format_table(rows)
-    with pytest.raises(runner.AgreementError, match="wrong"):
-        runner.run_case(runner.make_case(TINY, mode, "cpu", torch.float32, 2), impls, warmup=0,
+    with pytest.raises(agreement.AgreementError, match="wrong"):
+        runner.run_case(cases.make_case(TINY, mode, "cpu", torch.float32, 2), impls, warmup=0,
                         repeats=1, measure_memory=False, strict=True)
 
 
 def test_agreement_check_catches_wrong_gradients():
-    case = runner.make_case(TINY, "train", "cpu", torch.float32, 2)
-    impls = _baselines() + [runner.Impl("wrong-bwd", lambda c: c.make_head(_WrongBackward))]
+    case = cases.make_case(TINY, "train", "cpu", torch.float32, 2)
+    impls = _baselines() + [contenders.Impl("wrong-bwd", lambda c: c.make_head(_WrongBackward))]
     rows = runner.run_case(case, impls, warmup=0, repeats=1, measure_memory=False)
     bad = {r.impl: r for r in rows}["wrong-bwd"]
     assert bad.agree is False
@@ -169,12 +169,12 @@ class _HidesNaN(ExpertMLDecoder):
 def test_agreement_check_feeds_a_nan_sample(mode):
     """A row of the head that hides a NaN sample fails the check; a peer runtime that does is
     reported only; the reference and the eager-expert keep it in that sample's logits."""
-    case = runner.make_case(TINY, mode, "cpu", torch.float32, 3)
-    impls = _baselines() + [runner.Impl("fast-hides-nan", lambda c: c.make_head(_HidesNaN), backend="torch"),
-                            runner.Impl("peer-hides-nan", lambda c: c.make_head(_HidesNaN))]
+    case = cases.make_case(TINY, mode, "cpu", torch.float32, 3)
+    impls = _baselines() + [contenders.Impl("fast-hides-nan", lambda c: c.make_head(_HidesNaN), backend="torch"),
+                            contenders.Impl("peer-hides-nan", lambda c: c.make_head(_HidesNaN))]
     rows = {r.impl: r for r in runner.run_case(case, impls, warmup=0, repeats=1, measure_memory=False)}
     assert case.nonfinite[0].all() and not case.nonfinite[1:].any()
-    for name in (runner.REFERENCE, runner.EXPERT):
+    for name in (contenders.REFERENCE, contenders.EXPERT):
         assert rows[name].agree and rows[name].detail == "", (name, rows[name].detail)
     assert rows["fast-hides-nan"].agree is False and "a NaN in sample 0" in rows["fast-hides-nan"].detail
     peer = rows["peer-hides-nan"]
@@ -192,16 +192,16 @@ def test_bounds_follow_the_reference_error_per_tensor():
              "grad:w": torch.randn(64, generator=g, dtype=torch.float64)}
     # The bf16 reference: logits 0.1% off (below the floor), the gradient 30% off.
     reference = {"logits": off_by(exact["logits"], 1e-3), "grad:w": off_by(exact["grad:w"], 0.3)}
-    ref_errors, allowed = runner.error_bounds(exact, reference, torch.bfloat16)
+    ref_errors, allowed = agreement.error_bounds(exact, reference, torch.bfloat16)
     assert ref_errors["grad:w"] == pytest.approx(0.3, rel=1e-6)
-    assert allowed == {"logits": runner.ERROR_FLOOR[torch.bfloat16][0], "grad:w": pytest.approx(0.6, rel=1e-6)}
+    assert allowed == {"logits": agreement.ERROR_FLOOR[torch.bfloat16][0], "grad:w": pytest.approx(0.6, rel=1e-6)}
 
-    case = runner.make_case(TINY, "train", "cpu", torch.bfloat16, 2)
+    case = cases.make_case(TINY, "train", "cpu", torch.bfloat16, 2)
     case.exact, case.reference_errors, case.allowed = exact, ref_errors, allowed
     like_reference = {"logits": off_by(exact["logits"], 0.01), "grad:w": off_by(exact["grad:w"], 0.45)}
-    assert runner.judge(case, like_reference).ok
+    assert agreement.judge(case, like_reference).ok
     too_far = {"logits": off_by(exact["logits"], 0.01), "grad:w": off_by(exact["grad:w"], 0.7)}
-    verdict = runner.judge(case, too_far)
+    verdict = agreement.judge(case, too_far)
     assert not verdict.ok and verdict.detail.startswith("grad:w") and "logits" not in verdict.detail
     assert verdict.errors["grad:w"] == pytest.approx(0.7, rel=1e-6)
 
@@ -210,14 +210,14 @@ def test_low_precision_rows_are_judged_against_float64():
     """bf16 ZSL training (the quick bench's shape, where the bf16 reference's LayerNorm gradients
     are tens of % off float64): an implementation more accurate than the reference (fp32
     throughout) agrees; one with gradients 1.5x off does not."""
-    case = runner.make_case(configs_mod.select("zsl", quick=True)[0], "train", "cpu", torch.bfloat16, 16)
-    impls = _baselines() + [runner.Impl("fp32", lambda c: c.make_head(_Fp32Expert)),
-                            runner.Impl("wrong-bwd", lambda c: c.make_head(_WrongBackward))]
+    case = cases.make_case(configs_mod.select("zsl", quick=True)[0], "train", "cpu", torch.bfloat16, 16)
+    impls = _baselines() + [contenders.Impl("fp32", lambda c: c.make_head(_Fp32Expert)),
+                            contenders.Impl("wrong-bwd", lambda c: c.make_head(_WrongBackward))]
     rows = {r.impl: r for r in runner.run_case(case, impls, warmup=0, repeats=1, measure_memory=False)}
-    for name in (runner.REFERENCE, runner.EXPERT, "fp32"):
+    for name in (contenders.REFERENCE, contenders.EXPERT, "fp32"):
         assert rows[name].agree, (name, rows[name].detail)
     assert rows["wrong-bwd"].agree is False and "grad:" in rows["wrong-bwd"].detail
-    ref, accurate = rows[runner.REFERENCE], rows["fp32"]
+    ref, accurate = rows[contenders.REFERENCE], rows["fp32"]
     assert set(ref.errors) == set(ref.allowed) and len(ref.errors) > 10  # logits, input and every parameter
     assert ref.allowed == accurate.allowed
     # Far closer to float64 than the bf16 reference on some gradient, hence far from the reference
@@ -226,12 +226,12 @@ def test_low_precision_rows_are_judged_against_float64():
 
 
 def test_fp32_rows_keep_a_tight_bound():
-    case = runner.make_case(TINY, "train", "cpu", torch.float32, 2)
+    case = cases.make_case(TINY, "train", "cpu", torch.float32, 2)
     rows = {r.impl: r for r in runner.run_case(case, _baselines(), warmup=0, repeats=1, measure_memory=False)}
     for r in rows.values():
         assert r.agree and r.error < 1e-5
-        assert r.allowed["logits"] == runner.ERROR_FLOOR[torch.float32][0]
-        assert r.allowed["grad:input"] == runner.ERROR_FLOOR[torch.float32][1]
+        assert r.allowed["logits"] == agreement.ERROR_FLOOR[torch.float32][0]
+        assert r.allowed["grad:input"] == agreement.ERROR_FLOOR[torch.float32][1]
 
 
 # -- the roofline --------------------------------------------------------------------------------
@@ -249,7 +249,7 @@ def test_run_case_times_every_gemm_probe():
     def two_ms():
         time.sleep(0.002)
     probes = {"slow": (two_ms, 1e9), "fast": (two_ms, 4e9)}  # same time, 4x the FLOPs
-    case = runner.make_case(TINY, "eval", "cpu", torch.float32, 2)
+    case = cases.make_case(TINY, "eval", "cpu", torch.float32, 2)
     rows = runner.run_case(case, _baselines(), warmup=0, repeats=3, measure_memory=False, probes=probes)
     for r in rows:
         assert set(r.matmul_rates) == {"slow", "fast"}
@@ -270,8 +270,8 @@ def test_cpu_gemm_probes():
 def test_failing_implementation_is_skipped_not_fatal():
     def broken(cfg):
         raise RuntimeError("cannot build")
-    case = runner.make_case(TINY, "eval", "cpu", torch.float32, 2)
-    rows = runner.run_case(case, _baselines() + [runner.Impl("broken", broken)], warmup=0, repeats=1,
+    case = cases.make_case(TINY, "eval", "cpu", torch.float32, 2)
+    rows = runner.run_case(case, _baselines() + [contenders.Impl("broken", broken)], warmup=0, repeats=1,
                            measure_memory=False)
     bad = {r.impl: r for r in rows}["broken"]
     assert bad.skipped and "cannot build" in bad.detail and bad.median_ms is None
@@ -295,7 +295,7 @@ def test_interleaved_timing_and_cpu_peak_memory():
 def test_held_bytes_count_caches_not_parameters():
     """The bench's peak memory adds what a head keeps between steps: after a bf16 CPU training
     step, MLDecoderFast's weight copies, never its parameters."""
-    from mldecoder_fast.benchmark.runner import held_bytes
+    from mldecoder_fast.benchmark.cases import held_bytes
     ref, _ = _pair(TINY)
     fast = TINY.make_head(MLDecoderFast)
     fast.load_state_dict(ref.state_dict())
@@ -317,7 +317,7 @@ def test_flop_formula_counts_the_gemms(cfg, mode):
         exp.set_word_vectors(cfg.word_vectors(mode))
     exp.train(mode == "train")
     x = cfg.make_input(3, "cpu", torch.float32)
-    with runner.dropout_disabled(exp), FlopCounterMode(display=False) as counter, torch.no_grad():
+    with cases.dropout_disabled(exp), FlopCounterMode(display=False) as counter, torch.no_grad():
         exp(x)
     counted = counter.get_total_flops()
     # FlopCounterMode has no formula for the CPU attention kernel: add the 4BKND attention term.
@@ -458,18 +458,18 @@ def test_profile_backends_script(tmp_path, capsys):
 def test_timed_training_step_includes_an_optimizer_step():
     """The timed train step runs AdamW: every trainable parameter moves, frozen ones do not, and
     no gradient is left behind (eval steps leave the weights alone)."""
-    case = runner.make_case(TINY, "train", "cpu", torch.float32, 2)
-    model = runner.prepare(runner.reference_impl(), case)
+    case = cases.make_case(TINY, "train", "cpu", torch.float32, 2)
+    model = cases.prepare(contenders.reference_impl(), case)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    runner.make_step(model, case)()
+    cases.make_step(model, case)()
     for name, p in model.named_parameters():
         moved = not torch.equal(before[name], p.detach())
         assert moved == p.requires_grad, name
         assert p.grad is None, name
-    eval_case = runner.make_case(TINY, "eval", "cpu", torch.float32, 2)
-    model = runner.prepare(runner.reference_impl(), eval_case)
+    eval_case = cases.make_case(TINY, "eval", "cpu", torch.float32, 2)
+    model = cases.prepare(contenders.reference_impl(), eval_case)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    runner.make_step(model, eval_case)()
+    cases.make_step(model, eval_case)()
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
@@ -481,23 +481,23 @@ GPU_ROWS = ["graphed-expert", "graphed-fast-torch", "graphed-fast-triton",
 
 
 def test_gpu_rows_are_skipped_on_cpu_with_reasons():
-    impls, skipped = runner.implementations("cpu", names=GPU_ROWS + ["fast-torch"], include_compiled=True)
-    assert {i.name for i in impls} <= {runner.REFERENCE, "fast-torch"}
+    impls, skipped = contenders.implementations("cpu", names=GPU_ROWS + ["fast-torch"], include_compiled=True)
+    assert {i.name for i in impls} <= {contenders.REFERENCE, "fast-torch"}
     assert skipped["graphed-*"] == "CUDA graphs need a CUDA device"
-    for mode in (runner.MAX_AUTOTUNE, runner.REDUCE_OVERHEAD):
+    for mode in (contenders.MAX_AUTOTUNE, contenders.REDUCE_OVERHEAD):
         assert "CUDA only" in skipped[f"compiled-*-{mode}"]
     with pytest.raises(ValueError, match="unknown"):
-        runner.implementations("cpu", names=["compiled-expert-max-autotune"], include_compiled=True)
+        contenders.implementations("cpu", names=["compiled-expert-max-autotune"], include_compiled=True)
 
 
 def test_gpu_rows_are_listed_for_cuda():
     """(Listing builds nothing on the device: this runs without a GPU.) Graphed rows by default,
     the compile-mode peers only when named; neither reports a per-step peak when its memory is a
     pool allocated at capture."""
-    by = {i.name: i for i in runner.implementations("cuda", include_compiled=True)[0]}
-    assert by["graphed-expert"].wrap is runner.graphed_head and not by["graphed-expert"].memory
+    by = {i.name: i for i in contenders.implementations("cuda", include_compiled=True)[0]}
+    assert by["graphed-expert"].wrap is contenders.graphed_head and not by["graphed-expert"].memory
     assert not any(n.startswith("compiled-expert-") for n in by)
-    impls, skipped = runner.implementations("cuda", names=GPU_ROWS, include_compiled=True)
+    impls, skipped = contenders.implementations("cuda", names=GPU_ROWS, include_compiled=True)
     by = {i.name: i for i in impls}
     assert {"graphed-expert", "compiled-expert-max-autotune-no-cudagraphs",
             "compiled-expert-reduce-overhead"} <= set(by)
@@ -527,8 +527,8 @@ def test_compile_mode_peers_run_through_the_agreement_check(mode, monkeypatch):
     monkeypatch.setattr(torch, "compile", _stand_in_compile(calls))
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
     names = ["compiled-expert-max-autotune-no-cudagraphs", "compiled-expert-reduce-overhead"]
-    impls, _ = runner.implementations("cuda", names=names, include_compiled=True)
-    case = runner.make_case(TINY, mode, "cpu", torch.float32, 2)
+    impls, _ = contenders.implementations("cuda", names=names, include_compiled=True)
+    case = cases.make_case(TINY, mode, "cpu", torch.float32, 2)
     rows = {r.impl: r for r in runner.run_case(case, impls, warmup=1, repeats=2, measure_memory=False)}
     assert sorted(c["mode"] for c in calls) == ["max-autotune-no-cudagraphs", "reduce-overhead"]
     assert all(c["dynamic"] is False for c in calls)
@@ -544,7 +544,7 @@ def _frozen_dropout_graphs(captures):
     """A CPU stand-in for torch.cuda.make_graphed_callables: the "graph" keeps the dropout rates
     the module had at capture, as a real one does; records what each capture saw."""
     def make_graphed(module, sample_args):
-        rates = [(m, attr, getattr(m, attr)) for m, attr in runner._dropout_sites(module)]
+        rates = [(m, attr, getattr(m, attr)) for m, attr in cases.dropout_sites(module)]
         captures.append({"rates": tuple(r for *_, r in rates),
                          "autocast_cache": torch.is_autocast_cache_enabled(),
                          "autocast": torch.is_autocast_enabled("cpu"),
@@ -571,9 +571,9 @@ def test_graphed_training_row(dtype, monkeypatch):
     reaches the head's parameters."""
     captures = []
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", _frozen_dropout_graphs(captures))
-    graphed = {i.name: i for i in runner.implementations("cuda", names=["graphed-expert"])[0]}["graphed-expert"]
-    case = runner.make_case(TINY, "train", "cpu", dtype, 2)
-    rows = {r.impl: r for r in runner.run_case(case, [runner.reference_impl(), graphed], warmup=1, repeats=2,
+    graphed = {i.name: i for i in contenders.implementations("cuda", names=["graphed-expert"])[0]}["graphed-expert"]
+    case = cases.make_case(TINY, "train", "cpu", dtype, 2)
+    rows = {r.impl: r for r in runner.run_case(case, [contenders.reference_impl(), graphed], warmup=1, repeats=2,
                                                measure_memory=False)}
     assert rows["graphed-expert"].agree, rows["graphed-expert"].detail
     assert [c["rates"] for c in captures] == [(0.0,) * len(captures[0]["rates"]),
@@ -581,10 +581,10 @@ def test_graphed_training_row(dtype, monkeypatch):
     low = dtype == torch.bfloat16
     assert all(c["autocast"] == low and c["autocast_cache"] is False and c["sample_requires_grad"]
                for c in captures)
-    model = runner.prepare(graphed, case)
-    before = {n: p.detach().clone() for n, p in runner.unwrapped(model).named_parameters()}
-    runner.make_step(model, case)()
-    assert all(not torch.equal(before[n], p) for n, p in runner.unwrapped(model).named_parameters()
+    model = cases.prepare(graphed, case)
+    before = {n: p.detach().clone() for n, p in cases.unwrapped(model).named_parameters()}
+    cases.make_step(model, case)()
+    assert all(not torch.equal(before[n], p) for n, p in cases.unwrapped(model).named_parameters()
                if p.requires_grad)
 
 
@@ -597,14 +597,14 @@ def test_graphed_eval_row(dtype, monkeypatch):
 
     from test_cuda_graphs import FrozenGraphs
     graphs = FrozenGraphs()
-    monkeypatch.setattr(runner, "cuda_graphed", functools.partial(runner.cuda_graphed, graph_backend=graphs))
-    graphed = {i.name: i for i in runner.implementations("cuda", names=["graphed-expert"])[0]}["graphed-expert"]
-    case = runner.make_case(TINY, "eval", "cpu", dtype, 3)
-    rows = {r.impl: r for r in runner.run_case(case, [runner.reference_impl(), graphed], warmup=1, repeats=2,
+    monkeypatch.setattr(contenders, "cuda_graphed", functools.partial(contenders.cuda_graphed, graph_backend=graphs))
+    graphed = {i.name: i for i in contenders.implementations("cuda", names=["graphed-expert"])[0]}["graphed-expert"]
+    case = cases.make_case(TINY, "eval", "cpu", dtype, 3)
+    rows = {r.impl: r for r in runner.run_case(case, [contenders.reference_impl(), graphed], warmup=1, repeats=2,
                                                measure_memory=False)}
     assert rows["graphed-expert"].agree, rows["graphed-expert"].detail
     assert graphs.captured == [3] and len(graphs.replayed) >= 4   # check, warm-up, 2 timed
-    wrapped = runner.prepare(graphed, case)
+    wrapped = cases.prepare(graphed, case)
     assert wrapped.autocast_dtype == (dtype if dtype == torch.bfloat16 else None)
     first = wrapped(case.inputs[0])
     kept = first.clone()
@@ -613,7 +613,7 @@ def test_graphed_eval_row(dtype, monkeypatch):
 
 
 def test_bench_command_keeps_the_cases_measured_before_an_interruption(tmp_path, monkeypatch, capsys):
-    real, calls = runner.make_case, []
+    real, calls = cases.make_case, []
 
     def interrupted_at_the_second_case(*args, **kwargs):
         calls.append(args)
@@ -639,10 +639,10 @@ def test_summary_reports_the_cpu_targets():
         return runner.Result(cfg, mode, impl, "cpu", "float32", 16, median_ms=ms, agree=True, **kw)
 
     c21k, coco = "imagenet21k-resnet50-224", "coco-tresnet_l-448"
-    rows = [row(c21k, "train", runner.REFERENCE, 1000.0), row(c21k, "train", runner.EXPERT, 400.0),
+    rows = [row(c21k, "train", contenders.REFERENCE, 1000.0), row(c21k, "train", contenders.EXPERT, 400.0),
             row(c21k, "train", "fast-torch", 200.0, roofline=0.72),
-            row(coco, "eval", runner.REFERENCE, 100.0), row(coco, "eval", runner.EXPERT, 90.0),
-            row(coco, "eval", runner.ONNXRUNTIME, 60.0), row(coco, "eval", "fast-torch", 50.0)]
+            row(coco, "eval", contenders.REFERENCE, 100.0), row(coco, "eval", contenders.EXPERT, 90.0),
+            row(coco, "eval", contenders.ONNXRUNTIME, 60.0), row(coco, "eval", "fast-torch", 50.0)]
     runner.fill_ratios(rows)
     lines = report.summary(rows, {"device": "cpu", "dtype": "float32", "auto_backend": "torch"})
     train = next(line for line in lines if c21k in line)
@@ -661,7 +661,7 @@ def test_training_optimizer_state_exists_before_the_first_timed_step():
     step's peak memory includes it) and making it changes no weight."""
     head = TINY.make_head(MLDecoder).train()
     before = {n: p.detach().clone() for n, p in head.named_parameters()}
-    optimizer = runner.training_optimizer(head)
+    optimizer = cases.training_optimizer(head)
     trainable = [p for p in head.parameters() if p.requires_grad]
     assert all("exp_avg" in optimizer.state[p] for p in trainable)
     assert all(torch.equal(before[n], p) for n, p in head.named_parameters())

@@ -157,7 +157,7 @@ def test_graphs_keep_what_the_head_derived_alive():
 def test_capture_reads_valid_cache_entries_and_stores_none(monkeypatch):
     """While a graph is captured the caches return a valid entry (the graph reads it where it is)
     and compute a missing one without storing it."""
-    from mldecoder_fast import caches as caches_mod
+    from mldecoder_fast.head import caches as caches_mod
     c = caches_mod.HeadCaches()
     w = torch.randn(3)
     stored = c.get("a", (w,), lambda: w * 2)

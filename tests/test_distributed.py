@@ -25,7 +25,7 @@ def _models():
     every rank (seeded), dropout off so that one process and two can be compared exactly."""
     import timm
 
-    from mldecoder_fast.timm_head import add_ml_decoder_head
+    from mldecoder_fast.interop.timm_head import add_ml_decoder_head
     torch.manual_seed(0)
     net = timm.create_model("test_resnet", pretrained=False)
     add_ml_decoder_head(net, num_classes=37, num_of_groups=5, decoder_embedding=32, fast=True)

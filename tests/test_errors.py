@@ -71,7 +71,7 @@ def test_device_mismatch_is_reported():
 
 
 def test_unavailable_backend_warns_once_and_falls_back(recwarn):
-    import mldecoder_fast.dispatch as b
+    import mldecoder_fast.head.backends as b
     info = b.backends()
     missing = [n for n in ("cuda",) if not info[n]["available"]]
     if not missing:
@@ -88,7 +88,7 @@ def test_unavailable_backend_warns_once_and_falls_back(recwarn):
 
 def test_version_lists_backends_and_what_auto_runs(capsys):
     from mldecoder_fast.cli import main
-    from mldecoder_fast.dispatch import select_ops
+    from mldecoder_fast.head.backends import select_ops
     assert main(["--version"]) == 0
     out = capsys.readouterr().out
     for name in ("torch", "cpp", "cuda", "triton"):

@@ -1,4 +1,4 @@
-"""ONNX export (mldecoder_fast.export: ``export_onnx``, ``mldecoder-fast export``) and torch.export.
+"""ONNX export (mldecoder_fast/serving/export.py: ``export_onnx``, ``mldecoder-fast export``) and torch.export.
 
 Every exported file is run in ONNX Runtime and compared with the eager module, at the batch it
 was exported with and at another one (dynamic batch). Bad inputs must fail clearly and leave no
@@ -17,7 +17,7 @@ pytest.importorskip("onnxruntime")
 
 from mldecoder_fast import MLDecoder, MLDecoderFast, backends, convert, export_onnx  # noqa: E402
 from mldecoder_fast.cli import main  # noqa: E402
-from mldecoder_fast.export import OnnxRuntimeModule  # noqa: E402
+from mldecoder_fast.serving.export import OnnxRuntimeModule  # noqa: E402
 
 C, N_SIDE = 24, 3
 

@@ -10,10 +10,11 @@ from heads import check_train_grads, disable_dropout_, make_input, make_pair
 from helpers import assert_close
 
 from mldecoder_fast import paths
-from mldecoder_fast._config import DropoutRates
+from mldecoder_fast.head.config import DropoutRates
 from mldecoder_fast.ops import cpu_gemm, dropout_masks
 from mldecoder_fast.ops.dropout_masks import keep_mask
-from mldecoder_fast.ops.fused_train import HeadTrainStep, StepConfig, StepKit, StepParameters, derive_weights
+from mldecoder_fast.ops.fused_train import HeadTrainStep
+from mldecoder_fast.ops.step_records import StepConfig, StepKit, StepParameters, derive_weights
 from mldecoder_fast.paths import train_step
 from mldecoder_fast.paths.train_step import step_parameters
 
@@ -467,7 +468,7 @@ def test_low_precision_autocast_no_grad_and_empty_batch_use_the_op_path(monkeypa
 def test_fused_step_keeps_less_memory():
     """Allocation count, not time: the fused step's peak, with what the head keeps between steps,
     is well under the op-by-op step's."""
-    from mldecoder_fast.benchmark.runner import held_bytes
+    from mldecoder_fast.benchmark.cases import held_bytes
     from mldecoder_fast.benchmark.timing import peak_memory_bytes
     torch.manual_seed(8)
     _, fast = make_pair(2000, 20, decoder_embedding=64, initial_num_features=48)

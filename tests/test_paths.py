@@ -16,7 +16,7 @@ from heads import make_pair
 
 from mldecoder_fast import MLDecoderFast, paths
 from mldecoder_fast.benchmark.launches import fake_cuda
-from mldecoder_fast.dispatch import ops_for
+from mldecoder_fast.head.backends import ops_for
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": (torch.float32, None), "fp64": (torch.float64, None), "fp16": (torch.float16, None),

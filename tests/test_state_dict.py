@@ -9,7 +9,7 @@ from torch import nn
 
 import mldecoder_fast
 from mldecoder_fast import MLDecoder, MLDecoderFast, convert, head_state_dict, official_to_timm, timm_to_official
-from mldecoder_fast.reference import DecoderLayer
+from mldecoder_fast.head.reference import DecoderLayer
 
 OFFICIAL_KEYS = {
     "decoder.embed_standart.weight", "decoder.embed_standart.bias", "decoder.query_embed.weight",

@@ -12,7 +12,7 @@ timm = pytest.importorskip("timm")
 from helpers import assert_close  # noqa: E402
 
 from mldecoder_fast import MLDecoder, MLDecoderFast  # noqa: E402
-from mldecoder_fast.timm_head import add_ml_decoder_head, ml_decoder_of  # noqa: E402
+from mldecoder_fast.interop.timm_head import add_ml_decoder_head, ml_decoder_of  # noqa: E402
 from mldecoder_fast.train.optim import build_optimizer  # noqa: E402
 
 NUM_CLASSES = 5

@@ -141,7 +141,7 @@ def test_predict_scores_a_zsl_checkpoints_classes_by_their_word_vectors(mini, tm
     """``predict --word-vectors`` on a zero-shot checkpoint: every class of its class list scored
     through its word vector, as the model with those vectors set scores it; without the file, or
     with one of another class count, a clear error."""
-    from mldecoder_fast.predict import load_predictor
+    from mldecoder_fast.serving.predict import load_predictor
     from mldecoder_fast.train.datasets import load_rgb
     from mldecoder_fast.train.formats.common import Sample
     out = str(tmp_path / "run")

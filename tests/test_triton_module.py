@@ -10,7 +10,7 @@ import torch
 from heads import check_train_grads, disable_dropout_, make_input, make_pair
 from helpers import assert_close, rel_rms
 
-from mldecoder_fast.dispatch import select_ops
+from mldecoder_fast.head.backends import select_ops
 from mldecoder_fast.ops import triton_ops as T
 
 AVAILABLE, DETAIL = T.triton_status()

@@ -4,7 +4,11 @@ configs  the standard configurations of docs/design.md (and shrunken copies for 
 expert   the eager-expert head: the best plain-PyTorch head a PyTorch-savvy user would write
 flops    FLOP and byte counts of one forward / training step (the roofline floor)
 timing   medians after warm-up, CUDA events, peak memory
-runner   implementations x modes on one configuration, with the agreement check
+contenders  what runs side by side: the reference, the eager-expert, torch.compile, each backend,
+            CUDA-graphed forms, ONNX Runtime
+cases    one (configuration, mode, device, dtype, batch): weights, inputs, the timed step
+agreement  outputs and gradients against the float64 reference, NaN propagation
+runner   every implementation on one case: checked, timed, measured; a suite of cases
 report   table, JSON and markdown
 scaling  time and memory vs number of classes, drawn as a PNG
 cli      ``mldecoder-fast bench``

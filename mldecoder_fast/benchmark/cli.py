@@ -83,7 +83,9 @@ def run(args) -> int:
         return _render(args, data)
 
     from . import configs as configs_mod
-    from .runner import MODES, fill_ratios, implementations, run_suite
+    from .cases import MODES
+    from .contenders import implementations
+    from .runner import fill_ratios, run_suite
     from .timing import copy_bandwidth, matmul_probes, matmul_rates, memory_method
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -18,7 +18,7 @@ re-reads the parameters in the backward. Activations saved for the backward are 
 """
 from __future__ import annotations
 
-from .._config import FEEDFORWARD_DIM, WORDVEC_DIM
+from ..head.config import FEEDFORWARD_DIM, WORDVEC_DIM
 from .configs import BenchConfig
 
 

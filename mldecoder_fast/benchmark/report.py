@@ -20,8 +20,10 @@ from pathlib import Path
 
 import torch
 
+from .agreement import ERROR_FLOOR
 from .configs import STANDARD_CONFIGS
-from .runner import ERROR_FLOOR, EXPERT, ONNXRUNTIME, REFERENCE, Result
+from .contenders import EXPERT, ONNXRUNTIME, REFERENCE
+from .runner import Result
 
 # The CPU targets (fp32, batch 16, every standard configuration): (mode, measure, bound); a
 # measure is "x <impl>" (time of <impl> / time of MLDecoderFast, at least bound), "roofline" (at
@@ -115,7 +117,7 @@ def collect_meta(device, dtype: torch.dtype, batches, mm_rates: dict | None, ban
                             for k, v in backends().items()}
     except Exception as exc:  # the fast head is optional here
         meta["backends"] = {"error": repr(exc)}
-    from .runner import auto_backend
+    from .contenders import auto_backend
     meta["auto_backend"] = auto_backend(device)
     meta.update(extra)
     return meta

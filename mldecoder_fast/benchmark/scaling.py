@@ -12,19 +12,10 @@ from collections.abc import Iterable
 
 import torch
 
+from .cases import MODES, make_case
 from .configs import SCALING_CLASSES, BenchConfig, scaling_config
-from .runner import (
-    EXPERT,
-    MODES,
-    REFERENCE,
-    Impl,
-    Result,
-    auto_backend,
-    fill_ratios,
-    implementations,
-    make_case,
-    run_case,
-)
+from .contenders import EXPERT, REFERENCE, Impl, auto_backend, implementations
+from .runner import Result, fill_ratios, run_case
 
 _STYLE = {REFERENCE: dict(color="#7f7f7f", marker="o"), EXPERT: dict(color="#1f77b4", marker="s")}
 _FAST_COLORS = ["#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
@@ -37,7 +28,7 @@ def scaling_impls(device, impls: list[Impl] | None = None) -> list[Impl]:
     available, _ = implementations(device, include_compiled=False)
     chosen = [i for i in available if i.name in (REFERENCE, EXPERT)]
     try:
-        from ..module import MLDecoderFast
+        from ..head.fast import MLDecoderFast
     except Exception:  # no fast head: baselines only
         return chosen
     # Named like the main table's row of the backend that "auto" resolves to.

@@ -176,7 +176,7 @@ def peak_memory_bytes(fn: Callable[[], object], device) -> int:
 
 def memory_method(device) -> str:
     device = torch.device(device)
-    held = " + bytes the head holds between steps beyond its parameters (runner.held_bytes)"
+    held = " + bytes the head holds between steps beyond its parameters (cases.held_bytes)"
     if device.type == "cuda":
         return "torch.cuda.max_memory_allocated - memory_allocated before the step" + held
     return "torch.profiler CPU allocator events: max running sum during the step" + held

@@ -18,7 +18,7 @@ implementation's checks), tests/kernels/ the Triton infrastructure (sm_90 spills
 dropout RNG, launch configs, the chained ops under torch.compile); tests/README.md.
 
 residual_dropout_layer_norm: LayerNorm(residual + dropout(x)) (steps 3, 5 and 6's residual)
-    reference     mldecoder_fast/reference.py
+    reference     mldecoder_fast/head/reference.py
     torch         mldecoder_fast/ops/torch_ops.py
     Triton        mldecoder_fast/kernels/layer_norm.py
     registration  mldecoder_fast/ops/triton_ops.py (mldecoder_fast::triton_layer_norm[_backward])
@@ -26,7 +26,7 @@ residual_dropout_layer_norm: LayerNorm(residual + dropout(x)) (steps 3, 5 and 6'
                   tests/test_dropout.py
 
 attention / shared_query_attention: multi-head cross-attention (step 4)
-    reference     mldecoder_fast/reference.py
+    reference     mldecoder_fast/head/reference.py
     torch         mldecoder_fast/ops/torch_ops.py
     Triton        mldecoder_fast/kernels/attention.py
     registration  mldecoder_fast/ops/triton_ops.py (mldecoder_fast::triton_attention[_backward],
@@ -34,7 +34,7 @@ attention / shared_query_attention: multi-head cross-attention (step 4)
     tests         tests/ops/test_attention.py, tests/kernels/test_triton_spills.py, tests/test_module.py
 
 group_fc: group fully-connected decoding (step 7)
-    reference     mldecoder_fast/reference.py (group_fc_loop: the original loop of K products)
+    reference     mldecoder_fast/head/reference.py (group_fc_loop: the original loop of K products)
     torch         mldecoder_fast/ops/torch_ops.py (group_fc_torch: one batched product)
     Triton        mldecoder_fast/kernels/group_fc_decode.py
     C++/CUDA      csrc/group_fc.cpp (schemas + CPU kernels), csrc/group_fc_cuda.cu, csrc/group_fc.h
@@ -44,20 +44,22 @@ group_fc: group fully-connected decoding (step 7)
     tests         tests/ops/test_group_fc.py (every implementation: torch, cpp, cuda, triton)
 
 decode: LayerNorm-3 of the residual, then group_fc (steps 6-7)
-    reference     mldecoder_fast/reference.py
+    reference     mldecoder_fast/head/reference.py
     torch         mldecoder_fast/ops/torch_ops.py
     Triton        mldecoder_fast/kernels/group_fc_decode.py
     registration  mldecoder_fast/ops/triton_ops.py (mldecoder_fast::triton_decode[_backward])
     tests         tests/ops/test_decode.py, tests/test_triton_module.py
 
 training step: the whole head's forward and hand-written backward as one autograd function
-    reference     mldecoder_fast/reference.py
-    torch         mldecoder_fast/ops/fused_train.py, GEMMs from mldecoder_fast/ops/cpu_gemm.py, the
+    reference     mldecoder_fast/head/reference.py
+    torch         mldecoder_fast/ops/fused_train.py (its records: mldecoder_fast/ops/step_records.py,
+                  its attention: mldecoder_fast/ops/step_attention.py, its dropout masks:
+                  mldecoder_fast/ops/dropout_masks.py), GEMMs from mldecoder_fast/ops/cpu_gemm.py, the
                   path objects (which kit where) in mldecoder_fast/paths/train_step.py
     tests         tests/test_fused_train.py, tests/test_cpu_gemm.py, tests/test_launches.py
 
 eval forward on CUDA: the launch-lean path (steps 1-7 in about a dozen launches)
-    reference     mldecoder_fast/reference.py
+    reference     mldecoder_fast/head/reference.py
     torch         mldecoder_fast/paths/lean_eval.py
     tests         tests/test_lean_eval.py, tests/test_launches.py, tests/test_host_sync.py
 """

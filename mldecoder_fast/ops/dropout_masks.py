@@ -137,3 +137,16 @@ class RegeneratedMasks:
     def release(self) -> None:
         """Forget the forward's masks (the backward redraws them)."""
         self.masks = None
+
+
+def dropout_scale(p: float) -> float:
+    """The scale of kept elements, 1 / (1 - p) (0 when everything is dropped)."""
+    return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
+
+
+def dropped(x, keep, s: float, zero, out=None):
+    """dropout(x) = s·x·keep in one op (``out=x``: in place); x itself without a mask."""
+    if keep is None:
+        return x
+    return torch.addcmul(zero, x, keep, value=s, out=out) if out is not None else \
+        torch.addcmul(zero, x, keep, value=s)

@@ -1,8 +1,9 @@
 """The head's training forward and backward (docs/design.md steps 1-7) as one autograd function with
 a hand-written backward, for the CPU and for CUDA.
 
-``HeadTrainStep`` is one sequence of steps; a ``StepKit`` (in its ``StepConfig``) says how each kind
-of work runs, so the CPU and the launch-lean CUDA step are the same code:
+``HeadTrainStep`` is one sequence of steps; a ``StepKit`` (in its ``StepConfig``; the records are in
+``step_records.py``) says how each kind of work runs, so the CPU and the launch-lean CUDA step are
+the same code:
 
 - ``gemm``: the GEMM provider of the dense products (``cpu_gemm.py``: oneDNN or MKL on the CPU,
   ``TorchGemm`` = cuBLAS on CUDA);
@@ -10,7 +11,7 @@ of work runs, so the CPU and the launch-lean CUDA step are the same code:
   else the parameters'), so that every LayerNorm, on copies of its parameters in that dtype,
   writes what the next GEMM reads and no activation is cast (on the CPU under bf16 autocast, fp32
   activations cast around each bf16 product cost 21K B=16 about 10 ms a step);
-- ``attention``: ``"explicit"`` (score, softmax and value products, the attention dropout mask
+- ``attention`` (``step_attention.py``): ``"explicit"`` (score, softmax and value products, the attention dropout mask
   from ``dropout_masks.py``) or ``"fused"`` (one SDPA op forward and one backward: CUDA's
   memory-efficient attention, whose dropout mask is regenerated in its backward from the
   philox seed/offset it returns, where ``efficient_attention_takes`` the heads; on the CPU the
@@ -52,142 +53,14 @@ F feed-forward width, G classes per group.
 """
 from __future__ import annotations
 
-import math
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 
-from .._config import DropoutRates
-from .dropout_masks import RegeneratedMasks, StoredMasks
-from .torch_ops import group_fc_padded_bias, padded_group_bias
-from .triton_ops import _DropoutSeeds, _on_device
-
-
-class StepKit(NamedTuple):
-    """How a training step runs (see the module docstring)."""
-    gemm: object
-    compute: torch.dtype
-    attention: str            # "explicit" | "fused" | "triton"
-    regenerate: bool
-    keep_ln_outputs: bool
-    direct_out: bool
-    layer_norm: str           # "aten" | "triton"
-    mask_dtype: torch.dtype = torch.bool
-
-
-class StepParameters(NamedTuple):
-    """The head's parameters in the order the step takes them (inputs for their gradients), or
-    anything per parameter in that order (whether it needs a gradient, the gradient)."""
-    We: object       # decoder.embed_standart.weight
-    be: object
-    ln1w: object     # decoder.layers.0.norm1
-    ln1b: object
-    Win: object      # decoder.layers.0.multihead_attn.in_proj_weight (q, k, v rows)
-    bin: object
-    Wo: object       # multihead_attn.out_proj
-    bo: object
-    ln2w: object     # norm2
-    ln2b: object
-    W1: object       # linear1
-    b1: object
-    W2: object       # linear2
-    b2: object
-    ln3w: object     # norm3
-    ln3b: object
-    Wg: object       # decoder.duplicate_pooling
-    bg: object       # decoder.duplicate_pooling_bias
-
-
-class StepWeights(NamedTuple):
-    """What the step reads instead of the parameters: compute-dtype copies (or the parameters
-    themselves where they have that dtype), made once per parameter version by ``derive_weights``."""
-    We: torch.Tensor
-    be: torch.Tensor
-    t0: torch.Tensor | None   # the learned queries in the compute dtype (None: ZSL)
-    ln1w: torch.Tensor
-    ln1b: torch.Tensor
-    Wq: torch.Tensor
-    bq: torch.Tensor
-    Wkv: torch.Tensor
-    bkv: torch.Tensor
-    Wo: torch.Tensor
-    bo: torch.Tensor
-    ln2w: torch.Tensor
-    ln2b: torch.Tensor
-    W1: torch.Tensor
-    b1: torch.Tensor
-    W2: torch.Tensor
-    W2s: torch.Tensor            # W2 / (1 - p_ff) for the backward (CUDA), else W2 itself
-    b2: torch.Tensor
-    ln3w: torch.Tensor
-    ln3b: torch.Tensor
-    Wg: torch.Tensor
-    bias: torch.Tensor           # group-FC bias [K, G] zero-padded (ZSL: [1]), in the parameters' dtype
-    zero: torch.Tensor           # a 0-d zero in the compute dtype (addend of scaled products)
-
-
-class StepConfig(NamedTuple):
-    """What a step runs with besides its tensor inputs."""
-    num_heads: int
-    eps: tuple                    # LN1, LN2, LN3
-    dropout: DropoutRates
-    num_out: int                  # logits per sample
-    zsl: bool
-    extension_group_fc: bool      # the compiled extension's group-FC ops instead of bmm
-    kit: StepKit
-    weights: StepWeights
-
-
-def derive_weights(params, t0, kit: StepKit, p_ff: float, zsl: bool,
-                   into: StepWeights | None = None) -> StepWeights:
-    """``StepWeights`` from the head's parameters (``StepParameters``) and T0
-    (None for ZSL, whose queries change every step). With ``into`` (the weights of an earlier
-    parameter version), every copy is written into its memory instead of new memory; views of the
-    parameters (their dtype is the one wanted) are taken anew."""
-    (We, be, ln1w, ln1b, Win, bin_, Wo, bo, ln2w, ln2b, W1, b1, W2, b2, ln3w, ln3b, Wg, bg) = params
-    cd = kit.compute
-    d = We.shape[0]
-
-    def conv(name, t, scale=None):
-        t = t.detach()
-        if scale is None and t.dtype == cd:
-            return t                                  # the parameter itself (or a view of it)
-        old = None if into is None else getattr(into, name)
-        if old is None or old.shape != t.shape or old.dtype != cd:
-            return (t if scale is None else t * scale).to(cd)
-        return old.copy_(t) if scale is None else torch.mul(t, scale, out=old)   # old: a copy
-
-    with torch.no_grad():
-        if zsl:
-            bias = bg.detach()
-        elif into is not None and into.bias.dtype == bg.dtype and into.bias.shape == (Wg.shape[0], Wg.shape[2]):
-            bias = into.bias
-            bias.view(-1)[:bg.shape[0]].copy_(bg)   # the padded tail stays zero
-        else:
-            bias = padded_group_bias(bg.detach(), Wg.shape[0], Wg.shape[2])
-        sources = dict(We=We, be=be, t0=t0, ln1w=ln1w, ln1b=ln1b, Wq=Win[:d], bq=bin_[:d], Wkv=Win[d:],
-                       bkv=bin_[d:], Wo=Wo, bo=bo, ln2w=ln2w, ln2b=ln2b, W1=W1, b1=b1, W2=W2, b2=b2,
-                       ln3w=ln3w, ln3b=ln3b, Wg=Wg)
-        made = {name: None if t is None else conv(name, t) for name, t in sources.items()}
-        # CUDA folds the feed-forward dropout's scale into a copy of W2 (no launch to scale the
-        # gradient); the CPU scales the gradient in place instead of holding a copy
-        made["W2s"] = conv("W2s", W2, _scale(p_ff)) if kit.direct_out else made["W2"]
-        zero = into.zero if into is not None and into.zero.dtype == cd else \
-            torch.zeros((), dtype=cd, device=We.device)
-        return StepWeights(**made, bias=bias, zero=zero)
-
-
-def _scale(p: float) -> float:
-    return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
-
-
-def _dropped(x, keep, s: float, zero, out=None):
-    """dropout(x) = s·x·keep in one op (``out=x``: in place); x itself without a mask."""
-    if keep is None:
-        return x
-    return torch.addcmul(zero, x, keep, value=s, out=out) if out is not None else \
-        torch.addcmul(zero, x, keep, value=s)
+from .dropout_masks import RegeneratedMasks, StoredMasks, dropout_scale, dropped
+from .step_attention import attention_backward, attention_forward
+from .step_records import StepKit, StepParameters, StepWeights
+from .torch_ops import group_fc_padded_bias
+from .triton_ops import _on_device
 
 
 def _residual(res, x, keep, s: float):
@@ -312,109 +185,6 @@ def _keep_graph() -> bool:
     return True if probe is None else bool(probe())
 
 
-# ---- attention (design step 4) -----------------------------------------------------------------
-
-def efficient_attention_takes(dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether CUDA's memory-efficient attention kernel (``"fused"`` attention, called directly,
-    so without SDPA's checks) takes the step's heads: the kernel enabled
-    (``torch.backends.cuda.enable_mem_efficient_sdp``), fp32/fp16/bf16, and a head dim that is a
-    positive multiple of its GEMM alignment: 128 bits with tensor cores, 8 elements in 16-bit, 4
-    in fp32 (sm80 and newer; PyTorch's ``minimum_gemm_alignment``). The heads are views of
-    [B, K, D] and [B, N, 2D] rows, so their last-dim stride is 1 and their other strides and
-    offsets are multiples of the head dim. Elsewhere the step takes the explicit attention."""
-    align = {torch.float16: 8, torch.bfloat16: 8, torch.float32: 4}.get(dtype)
-    return (align is not None and head_dim > 0 and head_dim % align == 0
-            and torch.backends.cuda.mem_efficient_sdp_enabled())
-
-
-def _heads(q, kv, B, N, H, d):
-    """[B, H, K, d] queries (per sample), keys and values [B, H, N, d]: views."""
-    K = q.shape[-2]
-    kv5 = kv.view(B, N, 2, H, d)
-    return (q.view(B, K, H, d).transpose(1, 2), kv5[:, :, 0].transpose(1, 2),
-            kv5[:, :, 1].transpose(1, 2))
-
-
-# the Triton attention's dropout: a seed and a Philox offset per step (ops/triton_ops.py)
-_ATTENTION_SEEDS = _DropoutSeeds()
-
-
-def _attention(kit, q, kv, B, N, H, p, keep, s, zero):
-    """O [B*K, D] and what the backward needs."""
-    K, D = q.shape[-2], q.shape[-1]
-    d = D // H
-    if kit.attention == "triton":
-        from ..kernels import attention
-        seed, offset = _ATTENTION_SEEDS(p, kv)
-        with _on_device(kv):
-            out, lse = attention.attention_forward(q, kv.view(B, N, 2 * D), seed, offset, H, p, kv.dtype)
-        return out.view(B * K, D), (out, lse, seed, offset)
-    if kit.attention == "fused":
-        qb = q if q.dim() == 3 else q.expand(B, K, D).contiguous()   # per-sample queries
-        qh, kh, vh = _heads(qb, kv, B, N, H, d)
-        if qh.is_cuda:
-            out, lse, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
-                qh, kh, vh, None, True, p)
-        else:
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, 0.0)
-            seed = offset = None
-        return out.transpose(1, 2).reshape(B * K, D), (out, lse, seed, offset)
-    kv5 = kv.view(B, N, 2, H, d)
-    qh = q.view(*q.shape[:-1], H, d).transpose(-3, -2)                        # [(B,) H, K, d]
-    scores = torch.matmul(qh * (1.0 / math.sqrt(d)), kv5[:, :, 0].permute(0, 2, 3, 1))  # [B,H,K,N]
-    attn = torch.softmax(scores, dim=-1)
-    del scores
-    o = torch.matmul(_dropped(attn, keep, s, zero), kv5[:, :, 1].transpose(1, 2))  # [B,H,K,d]
-    return o.transpose(1, 2).reshape(B * K, D), attn
-
-
-def _attention_backward(kit, g_o, q, kv, saved, B, N, H, p, keep, s, zero, g_kv_out=None):
-    """(g_q [(B,) K, D] summed over the batch for shared queries, g_kv [B*N, 2D]); g_kv written
-    into ``g_kv_out`` (a [B*N, 2D] view with unit column stride) when given, except by the Triton
-    kernel."""
-    K, D = q.shape[-2], q.shape[-1]
-    d = D // H
-    shared = q.dim() == 2
-    if kit.attention == "triton":   # the kernel sums a shared q's gradient over the batch
-        from ..kernels import attention
-        out, lse, seed, offset = saved
-        with _on_device(kv):
-            g_q, g_kv = attention.attention_backward(g_o.view(B, K, D), q, kv.view(B, N, 2 * D), out, lse,
-                                                     seed, offset, H, p)
-        return g_q, g_kv.view(B * N, 2 * D)
-    if kit.attention == "fused":
-        out, lse, seed, offset = saved
-        qh, kh, vh = _heads(q if not shared else q.expand(B, K, D), kv, B, N, H, d)
-        g_oh = g_o.view(B, K, H, d).transpose(1, 2)
-        if qh.is_cuda:
-            g_qh, g_kh, g_vh, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-                g_oh, qh, kh, vh, None, out, lse, seed, offset, p, [True, True, True, False])
-        else:
-            g_qh, g_kh, g_vh = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                g_oh, qh, kh, vh, out, lse, 0.0, False)
-        g_q = g_qh.transpose(1, 2).reshape(B, K, D)
-        parts = [g_kh.transpose(1, 2).reshape(B * N, D), g_vh.transpose(1, 2).reshape(B * N, D)]
-        g_kv = torch.cat(parts, 1) if g_kv_out is None else torch.cat(parts, 1, out=g_kv_out)
-        return (g_q.sum(0) if shared else g_q), g_kv
-    attn = saved
-    g_o = g_o.view(B, K, H, d).transpose(1, 2)                                   # [B, H, K, d]
-    kv5 = kv.view(B, N, 2, H, d)
-    k_h = kv5[:, :, 0].transpose(1, 2)                                            # [B, H, N, d]
-    v_h = kv5[:, :, 1].transpose(1, 2)
-    g_kv = torch.empty(B, N, 2, H, d, dtype=kv.dtype, device=kv.device) if g_kv_out is None else \
-        g_kv_out.view(B, N, 2, H, d)
-    g_kv[:, :, 1] = torch.matmul(_dropped(attn, keep, s, zero).transpose(-1, -2), g_o).transpose(1, 2)
-    g_attn = _dropped(torch.matmul(g_o, v_h.transpose(-1, -2)), keep, s, zero)  # [B,H,K,N]
-    g_scores = torch._softmax_backward_data(g_attn, attn, -1, attn.dtype).mul_(1.0 / math.sqrt(d))
-    del g_attn, attn
-    qh = q.view(*q.shape[:-1], H, d).transpose(-3, -2)                            # [(B,) H, K, d]
-    g_kv[:, :, 0] = torch.matmul(g_scores.transpose(-1, -2), qh).transpose(1, 2)
-    g_qh = torch.matmul(g_scores, k_h)                                            # [B, H, K, d]
-    if shared:
-        g_qh = g_qh.sum(0)
-    return g_qh.transpose(-3, -2).reshape(*g_qh.shape[:-3], K, D), g_kv.view(B * N, 2 * D)
-
-
 class HeadTrainStep(torch.autograd.Function):
     """Inputs: ``StepConfig``, tokens [B, N, C], T0 [K, D] (the learned queries or
     relu(wordvec_proj(V))), then the head's parameters as ``StepParameters`` (read through the
@@ -444,7 +214,7 @@ class HeadTrainStep(torch.autograd.Function):
             ("f", (B * K, w.W1.shape[0]), p_f), ("r", (B, K, D), p_r)) if p > 0]
         draw = (RegeneratedMasks if kit.regenerate else StoredMasks)(sites, dev, kit.mask_dtype)
         m = draw.masks
-        s_q, s_a, s_o, s_f, s_r = (_scale(p) for p in (p_q, p_a, p_o, p_f, p_r))
+        s_q, s_a, s_o, s_f, s_r = (dropout_scale(p) for p in (p_q, p_a, p_o, p_f, p_r))
 
         # step 1: memory, then keys and values in one GEMM
         rows = _token_rows(tokens, kit.compute)
@@ -455,13 +225,13 @@ class HeadTrainStep(torch.autograd.Function):
         t1, mean1, rstd1 = _layer_norm(kit, u1, w.ln1w, w.ln1b, eps1, w.zero)
         q = P.linear(t1.view(-1, D), w.Wq, w.bq).view(t1.shape)                       # [(B,) K, D]
         # step 4: cross-attention and the output projection
-        o, attn_saved = _attention(kit, q, kv, B, N, H, p_a, m.get("a"), s_a, w.zero)
+        o, attn_saved = attention_forward(kit, q, kv, B, N, H, p_a, m.get("a"), s_a, w.zero)
         # step 5: residual + dropout, LN2
         u2 = _residual(t1, P.linear(o, w.Wo, w.bo).view(B, K, D), m.get("o"), s_o)
         t2, mean2, rstd2 = _layer_norm(kit, u2, w.ln2w, w.ln2b, eps2, w.zero)
         # step 6: feed-forward (relu in the GEMM, dropout in place: only f1 is kept), residual, LN3
         f1 = P.linear(t2.view(B * K, D), w.W1, w.b1, relu=True)
-        f1 = _dropped(f1, m.get("f"), s_f, w.zero, out=f1)
+        f1 = dropped(f1, m.get("f"), s_f, w.zero, out=f1)
         u3 = _residual(t2, P.linear(f1, w.W2, w.b2).view(B, K, D), m.get("r"), s_r)
         h, mean3, rstd3 = _layer_norm(kit, u3, w.ln3w, w.ln3b, eps3, w.zero)
         # step 7: group FC (ZSL: one projection shared by the queries)
@@ -566,7 +336,7 @@ class HeadTrainStep(torch.autograd.Function):
         ff_grads = torch.empty(B * K, D + width, dtype=cd, device=g.device) if ff_sum else None
         keep_r = m.pop("r", None)
         own_f2 = keep_r is not None   # g_f2 is then the dropout's output, else a view of g_u3
-        g_f2 = _dropped(g_u3.view(B * K, D), None if keep_r is None else keep_r.reshape(B * K, D), s_r,
+        g_f2 = dropped(g_u3.view(B * K, D), None if keep_r is None else keep_r.reshape(B * K, D), s_r,
                         w.zero, out=None if ff_grads is None else ff_grads[:, :D])
         del keep_r
         # ---- feed-forward -------------------------------------------------------------------------
@@ -596,7 +366,7 @@ class HeadTrainStep(torch.autograd.Function):
         g_u2, g_ln2w, g_ln2b = _layer_norm_backward(kit, g_t2.view(B, K, D), u2, mean2, rstd2, w.ln2w,
                                                     w.ln2b, (True, need.ln2w, need.ln2b), w.zero)
         del g_t2, u2
-        g_op = _dropped(g_u2, m.pop("o", None), s_o, w.zero).reshape(B * K, D)
+        g_op = dropped(g_u2, m.pop("o", None), s_o, w.zero).reshape(B * K, D)
         o = pop("o")
         g_Wo = P.grad_weight(g_op, o) if need.Wo else None
         g_bo = P.grad_bias(g_op) if need.bo else None
@@ -609,7 +379,7 @@ class HeadTrainStep(torch.autograd.Function):
         proj_sum = kit.direct_out and kit.attention != "triton" and need.bin and need.be
         proj_grads = torch.empty(B * N, 3 * D, dtype=cd, device=g.device) if proj_sum else None
         kv, q = pop("kv"), pop("q")
-        g_q, g_kv = _attention_backward(kit, g_o, q, kv, pop("attn"), B, N, H, p_a, m.pop("a", None),
+        g_q, g_kv = attention_backward(kit, g_o, q, kv, pop("attn"), B, N, H, p_a, m.pop("a", None),
                                         s_a, w.zero, None if proj_grads is None else proj_grads[:, :2 * D])
         del g_o, q, kv
         mem = pop("mem")

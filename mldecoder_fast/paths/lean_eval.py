@@ -42,8 +42,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .._config import NUM_HEADS
-from .._inputs import tokens_from_input
+from ..head.config import NUM_HEADS
+from ..head.inputs import tokens_from_input
 from ..ops.torch_ops import group_fc_padded_bias, padded_group_bias
 from . import queries
 

@@ -15,9 +15,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .._config import NUM_HEADS
-from .._inputs import tokens_from_input
-from ..dispatch import ops_for
+from ..head.backends import ops_for
+from ..head.config import NUM_HEADS
+from ..head.inputs import tokens_from_input
 from ..ops import cpu_gemm
 from ..ops.torch_ops import folded_query_attention
 from . import queries

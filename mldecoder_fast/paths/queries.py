@@ -9,7 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .._config import NUM_HEADS
+from ..head.config import NUM_HEADS
 
 
 def sources(head) -> list:

@@ -12,8 +12,8 @@ from typing import NamedTuple
 
 import torch
 
-from .._config import DropoutRates
-from ..dispatch import select_ops
+from ..head.backends import select_ops
+from ..head.config import DropoutRates
 from .lean_eval import LEAN_EVAL
 from .op_by_op import OP_BY_OP
 from .train_step import CPU_STEP, CUDA_STEP, TRITON_STEP

@@ -1,5 +1,5 @@
 """The hand-written training step as paths: one autograd function (``ops/fused_train.py``) run with
-the kit of the device it is on (``fused_train.StepKit``: how each kind of work runs).
+the kit of the device it is on (``step_records.StepKit``: how each kind of work runs).
 
 - ``CPU_STEP``: the GEMM provider's products (oneDNN or MKL), stored dropout masks (bool, or bf16
   under bf16 autocast), LayerNorm outputs recomputed in the backward: little memory;
@@ -20,18 +20,13 @@ from typing import NamedTuple
 
 import torch
 
-from .._config import NUM_HEADS
-from .._inputs import tokens_from_input
-from ..dispatch import ops_for
+from ..head.backends import ops_for
+from ..head.config import NUM_HEADS
+from ..head.inputs import tokens_from_input
 from ..ops import cpu_gemm
-from ..ops.fused_train import (
-    HeadTrainStep,
-    StepConfig,
-    StepKit,
-    StepParameters,
-    derive_weights,
-    efficient_attention_takes,
-)
+from ..ops.fused_train import HeadTrainStep
+from ..ops.step_attention import efficient_attention_takes
+from ..ops.step_records import StepConfig, StepKit, StepParameters, derive_weights
 from . import queries
 
 
@@ -49,7 +44,7 @@ def step_parameters(head) -> StepParameters:
 
 class StepPlan(NamedTuple):
     """What one step runs with."""
-    kit: object                 # fused_train.StepKit
+    kit: StepKit
     params: StepParameters
     extension_group_fc: bool    # the compiled extension's group-FC ops instead of bmm
 

@@ -23,7 +23,7 @@ def time_training_steps(models: dict, batch: torch.Tensor, reps: int = 7, amp_dt
     candidate alike; under ``torch.autocast(amp_dtype)`` when given (as the trainer runs).
     Returns {name: {"model_ms": ..., "head_ms": ...}}."""
     from ..benchmark.timing import time_interleaved
-    from ..timm_head import ml_decoder_of
+    from ..interop.timm_head import ml_decoder_of
     from .amp import autocast
     dev = batch.device
 

@@ -15,7 +15,7 @@ ML-Decoder heads under DDP: every parameter that requires a gradient takes part 
 forward (the frozen query embedding has ``requires_grad=False``, which DDP leaves out of its
 reducer), so ``find_unused_parameters=False`` is right. The heads have no buffers; the ZSL word
 vectors are a plain attribute that every rank sets to the same tensor. ``MLDecoderFast``'s caches
-(eval queries, low-precision and packed weight copies: ``mldecoder_fast/caches.py``) are keyed on
+(eval queries, low-precision and packed weight copies: ``mldecoder_fast/head/caches.py``) are keyed on
 the parameters' storage and version counters; DDP's initial broadcast and every optimizer step
 write the parameters in place and bump the versions, so each rank recomputes them after any change.
 Evaluate with the unwrapped module (``unwrap(model)``): DDP's forward may broadcast buffers, which
@@ -135,7 +135,7 @@ def drop_head_caches_each_forward(model: torch.nn.Module) -> int:
     """Make every ``MLDecoderFast`` in ``model`` drop all its caches (eval queries, weight copies)
     before every forward, for wrappers such as FSDP that change weights in place without bumping
     version counters. Returns the number of heads changed."""
-    from ..module import MLDecoderFast
+    from ..head.fast import MLDecoderFast
     heads = [m for m in model.modules() if isinstance(m, MLDecoderFast)]
     for head in heads:
         if not getattr(head, "_drops_caches", False):
@@ -166,7 +166,7 @@ def shard_with_fsdp(model: torch.nn.Module, info: DistInfo, reshard_after_forwar
     """
     from torch.distributed.fsdp import fully_shard
 
-    from ..module import MLDecoderFast
+    from ..head.fast import MLDecoderFast
     if not info.distributed:
         return model
     heads = [m for m in model.modules() if isinstance(m, MLDecoderFast)]

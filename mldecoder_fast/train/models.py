@@ -20,7 +20,7 @@ def build_model(model_name: str, num_classes: int, head: str = "fast", num_of_gr
         import timm
     except ImportError:
         raise ImportError("training needs timm: pip install 'mldecoder-fast[timm]'") from None
-    from ..timm_head import add_ml_decoder_head
+    from ..interop.timm_head import add_ml_decoder_head
     if head not in HEADS:
         raise ValueError(f"head must be 'fast' or 'reference', got {head!r}")
     model = timm.create_model(model_name, pretrained=pretrained, **(model_kwargs or {}))
@@ -38,7 +38,7 @@ def build_zsl_model(model_name: str, head: str = "fast", decoder_embedding: int 
 
 def zsl_head(model: nn.Module) -> nn.Module:
     """The ML-Decoder head of ``model`` (inside DDP too)."""
-    from ..timm_head import ml_decoder_of
+    from ..interop.timm_head import ml_decoder_of
     from .distributed import unwrap
     return ml_decoder_of(unwrap(model))
 

@@ -51,7 +51,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .caches import HeadCaches
+from ..head.caches import HeadCaches
 
 DEFAULT_BATCH_SIZES = (1, 8, 32, 128)
 _AUTOCAST_DTYPES = (torch.float16, torch.bfloat16)

@@ -11,8 +11,8 @@ import warnings
 
 import torch
 
-from .ops import cpu_gemm
-from .ops.torch_ops import TorchOps
+from ..ops import cpu_gemm
+from ..ops.torch_ops import TorchOps
 
 BACKENDS = ("torch", "cpp", "cuda", "triton")
 # "auto" tries these in order, per device type: the fastest measured first (see BENCHMARKS.md).
@@ -36,7 +36,7 @@ _selected: dict = {}
 
 def _extension_status():
     try:
-        from .ops import group_fc_extension as ext
+        from ..ops import group_fc_extension as ext
     except Exception as exc:  # the module itself failing to import is a packaging bug; report it
         return False, False, f"mldecoder_fast.ops.group_fc_extension failed to import: {exc!r}"
     ok, detail = ext.extension_status()
@@ -45,7 +45,7 @@ def _extension_status():
 
 def _triton_status():
     try:
-        from .ops import triton_ops
+        from ..ops import triton_ops
     except Exception as exc:
         return False, f"mldecoder_fast.ops.triton_ops failed to import: {exc!r}"
     return triton_ops.triton_status()
@@ -97,12 +97,12 @@ def ops_for(name: str):
         if name == "torch":
             _ops_cache[name] = TorchOps()
         elif name in ("cpp", "cuda"):
-            from .ops.extension_ops import ExtensionOps
+            from ..ops.extension_ops import ExtensionOps
             ops = ExtensionOps()
             ops.name = name
             _ops_cache[name] = ops
         elif name == "triton":
-            from .ops.triton_ops import TritonOps
+            from ..ops.triton_ops import TritonOps
             _ops_cache[name] = TritonOps()
         else:
             raise ValueError(f"no backend named {name!r}: one of {BACKENDS}")

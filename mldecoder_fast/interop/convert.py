@@ -4,12 +4,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .checkpoints import is_timm_layout, timm_to_official
+from .layouts import is_timm_layout, timm_to_official
 
 
 def is_ml_decoder_head(module: nn.Module) -> bool:
     """True for this package's heads, the official ML-Decoder head and timm's copy."""
-    from .reference import _HeadBase
+    from ..head.reference import _HeadBase
     if isinstance(module, _HeadBase):
         return True
     dec = getattr(module, "decoder", None)
@@ -57,7 +57,7 @@ def head_arguments(module: nn.Module):
 def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     """Replace every ML-Decoder head inside ``model`` (in place) by an MLDecoderFast with the same
     weights; returns ``model`` (or the converted head if ``model`` itself is one)."""
-    from .module import MLDecoderFast
+    from ..head.fast import MLDecoderFast
     if is_ml_decoder_head(model) and not isinstance(model, MLDecoderFast):
         return MLDecoderFast.from_module(model, backend=backend)
     for name, child in list(model.named_children()):

@@ -17,11 +17,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import paths
-from ._config import DropoutRates
-from ._inputs import check_input
+from .. import paths
+from .backends import check_backend_name
 from .caches import HeadCaches
-from .dispatch import check_backend_name
+from .config import DropoutRates
+from .inputs import check_input
 from .reference import _HeadBase
 
 
@@ -62,7 +62,7 @@ class MLDecoderFast(_HeadBase):
     def from_module(cls, module: nn.Module, backend: str = "auto") -> MLDecoderFast:
         """A fast head with the weights, mode, dropout rates, device and dtype of ``module``:
         an ``MLDecoder``/``MLDecoderFast`` of this package, the official head, or timm's copy."""
-        from .convert import head_arguments
+        from ..interop.convert import head_arguments
         kwargs, state_dict, word_vectors = head_arguments(module)
         ref_param = next(module.parameters())
         fast = cls(**kwargs, backend=backend)

@@ -46,7 +46,7 @@ def _require(*modules: str, why: str) -> None:
 
 
 def _check_exportable(module: nn.Module) -> None:
-    from .reference import _HeadBase
+    from ..head.reference import _HeadBase
     if not isinstance(module, nn.Module):
         raise TypeError(f"expected an nn.Module to export, got {type(module).__name__}")
     training = [name or type(module).__name__ for name, m in module.named_modules() if m.training]
@@ -76,7 +76,7 @@ def _check_writable(path) -> Path:
 @contextlib.contextmanager
 def _torch_backend(module: nn.Module):
     """Run every MLDecoderFast inside ``module`` on its torch backend (standard ops only)."""
-    from .module import MLDecoderFast
+    from ..head.fast import MLDecoderFast
     heads = [m for m in module.modules() if isinstance(m, MLDecoderFast)]
     saved = [h.backend for h in heads]
     try:
@@ -134,7 +134,7 @@ def export_onnx(module: nn.Module, example_input: torch.Tensor, path, dynamic_ba
 
 
 def _check_in_onnxruntime(module, example_input, path, dynamic_batch) -> tuple[tuple[int, ...], float]:
-    from .numerics import rel_rms
+    from ..numerics import rel_rms
     session = OnnxRuntimeModule(path)
     inputs = [example_input]
     if dynamic_batch:
@@ -187,7 +187,7 @@ class OnnxRuntimeModule(nn.Module):
 # -- mldecoder-fast export ----------------------------------------------------------------------
 
 def register(subparsers) -> None:
-    from ._cli_types import int_list, int_range
+    from .._cli_types import int_list, int_range
     from .predict import add_checkpoint_options
     p = subparsers.add_parser(
         "export", help="write a checkpoint's model (or its ML-Decoder head alone) as ONNX",
@@ -214,11 +214,11 @@ def register(subparsers) -> None:
 
 def head_from_checkpoint(ckpt: dict, head: str = "fast") -> nn.Module:
     """The ML-Decoder head of a loaded checkpoint (head or whole model, any layout), in eval mode."""
-    from .checkpoints import head_state_dict
-    from .convert import head_kwargs
-    from .module import MLDecoderFast
-    from .reference import MLDecoder
-    from .train.checkpoint import CheckpointError
+    from ..head.fast import MLDecoderFast
+    from ..head.reference import MLDecoder
+    from ..interop.convert import head_kwargs
+    from ..interop.layouts import head_state_dict
+    from ..train.checkpoint import CheckpointError
     try:
         sd = head_state_dict(ckpt["model"])
     except KeyError as exc:
@@ -229,8 +229,8 @@ def head_from_checkpoint(ckpt: dict, head: str = "fast") -> nn.Module:
 
 
 def run(args) -> int:
+    from ..train.checkpoint import CheckpointError, load_checkpoint
     from .predict import checkpoint_overrides, load_predictor, set_word_vectors
-    from .train.checkpoint import CheckpointError, load_checkpoint
     try:
         ckpt = load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
         if ckpt.get("model_args") or args.model:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sys
 
-from ._cli_types import float_range, int_range
+from .._cli_types import float_range, int_range
 
 
 def register(subparsers) -> None:
@@ -62,8 +62,8 @@ def checkpoint_overrides(args) -> dict:
 def set_word_vectors(head, path: str | None, num_classes: int | None, trust_pickle: bool, what: str) -> None:
     """Give a zero-shot head the word vectors in ``path`` (``num_classes`` of them; None: any
     number); a clear error for a zero-shot head without a file or a file for another head."""
-    from .train.checkpoint import CheckpointError
-    from .train.formats.nus_wide import read_word_vectors
+    from ..train.checkpoint import CheckpointError
+    from ..train.formats.nus_wide import read_word_vectors
     if not head.config.zsl:
         if path is not None:
             raise CheckpointError(f"{what}: --word-vectors is for zero-shot (ZSL) checkpoints; this one "
@@ -81,7 +81,7 @@ def set_word_vectors(head, path: str | None, num_classes: int | None, trust_pick
 def _ema_validated_better(ckpt: dict) -> bool:
     """Whether a checkpoint's metrics say its EMA weights validated better than the model's (the
     two scores the multi-label and zero-shot recipes record, ``ASLTrainer.checkpoint_metrics``)."""
-    from .train.checkpoint import MULTILABEL_SCORES, ZSL_SCORES
+    from ..train.checkpoint import MULTILABEL_SCORES, ZSL_SCORES
     metrics = ckpt.get("metrics") or {}
     return any(model in metrics and ema in metrics and metrics[ema] > metrics[model]
                for model, ema in (MULTILABEL_SCORES, ZSL_SCORES))
@@ -95,8 +95,8 @@ def load_predictor(path: str, head: str = "fast", backend: str = "auto", weights
     ``load_checkpoint``; ``word_vectors``: the file of a zero-shot checkpoint's class vectors."""
     import torch
 
-    from .train.checkpoint import CheckpointError, check_classes, head_num_classes, load_checkpoint
-    from .train.models import model_from_args, zsl_head
+    from ..train.checkpoint import CheckpointError, check_classes, head_num_classes, load_checkpoint
+    from ..train.models import model_from_args, zsl_head
     if ckpt is None:
         ckpt = load_checkpoint(path, trust_pickle=trust_pickle)
     names = ckpt.get("class_names")
@@ -144,10 +144,10 @@ def top_classes(scores, names, threshold: float, top_k: int):
 def run(args) -> int:
     import torch
 
-    from .train.checkpoint import CheckpointError
-    from .train.datasets import BadImageError, load_rgb
-    from .train.formats.common import DataError, Sample
-    from .train.transforms import build_transforms
+    from ..train.checkpoint import CheckpointError
+    from ..train.datasets import BadImageError, load_rgb
+    from ..train.formats.common import DataError, Sample
+    from ..train.transforms import build_transforms
     try:
         model, names, margs = load_predictor(
             args.checkpoint, args.head, args.backend, args.weights, args.device,

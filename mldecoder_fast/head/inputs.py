@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ._config import WORDVEC_DIM
+from .config import WORDVEC_DIM
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 

@@ -261,10 +261,10 @@ def _build_head(model, cfg: MLDecoderHeadConfig) -> nn.Module:
                   decoder_embedding=cfg.decoder_embedding, initial_num_features=cfg.num_features,
                   zsl=cfg.zsl, **cfg.head_kwargs)
     if cfg.fast:
-        from .module import MLDecoderFast
+        from ..head.fast import MLDecoderFast
         head = MLDecoderFast(**kwargs, backend=cfg.backend)
     else:
-        from .reference import MLDecoder
+        from ..head.reference import MLDecoder
         head = MLDecoder(**kwargs)
     param = next(iter(model.parameters()), None)
     if param is not None:

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._config import DROPOUT_P, FEEDFORWARD_DIM, LAYER_NORM_EPS, NUM_HEADS, WORDVEC_DIM, resolve_config
-from ._inputs import check_input, check_word_vectors, tokens_from_input
-from .checkpoints import load_state_dict_pre_hook
+from ..interop.layouts import load_state_dict_pre_hook
+from .config import DROPOUT_P, FEEDFORWARD_DIM, LAYER_NORM_EPS, NUM_HEADS, WORDVEC_DIM, resolve_config
+from .inputs import check_input, check_word_vectors, tokens_from_input
 
 
 class DecoderLayer(nn.Module):
