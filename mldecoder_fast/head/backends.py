@@ -15,19 +15,16 @@ from ..ops import cpu_gemm
 from ..ops.torch_ops import TorchOps
 
 BACKENDS = ("torch", "cpp", "cuda", "triton")
-# "auto" tries these in order, per device type: the fastest measured first (see BENCHMARKS.md).
-AUTO_ORDER = {
-    # CPU: the extension's group FC measured level with torch's bmm at batch 16 and slower at
-    # batch 1 (BENCHMARKS.md), so plain torch runs; backend="cpp" selects the extension.
-    "cpu": ("torch", "cpp"),
-    # CUDA: the one GPU measurement (an H100, bf16 autocast, commit 1c31c6c, BENCHMARKS.md "GPU")
-    # predates the current CUDA paths (launch-lean eval, fused training step) of every backend;
-    # then, torch was the fastest or level in most rows (training steps at B = 256: 7.8 ms COCO,
-    # 6.4 ms 21K, against 10.5 / 9.5 ms for the Triton kernels and 8.0 ms for the extension's
-    # group FC; Triton won only eval at B = 256). So auto runs torch until bench/gpu_check.sh
-    # measures the current paths; "triton"/"cuda" are opt-in.
-    "cuda": ("torch",),
-}
+# What "auto" runs, per device type: the fastest measured (BENCHMARKS.md), torch everywhere today.
+# CPU: the extension's group FC measured level with torch's bmm at batch 16 and slower at batch 1,
+# so torch runs; backend="cpp" selects the extension. CUDA: the one GPU measurement (an H100, bf16
+# autocast, commit 1c31c6c, BENCHMARKS.md "GPU") predates the current CUDA paths of every backend
+# (launch-lean eval, hand-written training step); then torch was the fastest or level in most rows
+# (training steps at B = 256: 7.8 ms COCO, 6.4 ms 21K, against 10.5 / 9.5 ms for the Triton kernels
+# and 8.0 ms for the extension's group FC; Triton won only eval at B = 256). So auto runs torch until
+# bench/gpu_check.sh measures the current paths; "triton"/"cuda" are opt-in. torch runs everywhere,
+# so "auto" never falls back and never warns.
+AUTO = {"cpu": "torch", "cuda": "torch"}
 
 _warned: set = set()
 _ops_cache: dict = {}
@@ -61,7 +58,8 @@ def backends() -> dict:
     cuda = torch.cuda.is_available()
     gemm = cpu_gemm.describe()
     out = {"torch": {"available": True, "devices": ["cpu"] + (["cuda"] if cuda else []),
-                     "detail": f"plain PyTorch {torch.__version__}; {gemm}; group FC: torch.bmm"}}
+                     "detail": f"PyTorch {torch.__version__}'s own ops (no compiled code of this package); {gemm}; "
+                               f"group FC: torch.bmm"}}
     ext_ok, ext_cuda, ext_detail = _extension_status()
     out["cpp"] = {"available": ext_ok, "devices": ["cpu"] if ext_ok else [],
                   "detail": f"{ext_detail}; {gemm}" if ext_ok else ext_detail}
@@ -135,18 +133,10 @@ def _resolve(backend: str, device_type: str) -> str:
 
 
 def _select(backend: str, dev: str):
-    info = backends()
     if backend == "auto":
-        order = AUTO_ORDER.get(dev, ("torch",))
-        for name in order:
-            if info[name]["available"] and dev in info[name]["devices"]:
-                return name, ops_for(name)
-            if name != "torch":
-                _warn_once(("auto", name, dev),
-                           f"mldecoder_fast: the {name!r} backend is unavailable on {dev} "
-                           f"({info[name]['detail']}); using the next one. "
-                           f"See mldecoder_fast.backends().")
-        return "torch", ops_for("torch")
+        name = AUTO.get(dev, "torch")
+        return name, ops_for(name)
+    info = backends()
     if backend == "torch" or (info[backend]["available"] and dev in info[backend]["devices"]):
         return backend, ops_for(backend)
     _warn_once((backend, dev),

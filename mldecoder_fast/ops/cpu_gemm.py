@@ -97,9 +97,7 @@ def onednn_status(dtype: torch.dtype = torch.float32) -> tuple[bool, str]:
 
 
 class TorchGemm:
-    """Products through torch's own ops (MKL on the CPU)."""
-
-    name = "mkl"
+    """Products through torch's own ops (MKL on the CPU, cuBLAS on CUDA); the ``mkl`` choice."""
 
     def linear(self, x, w, b=None, packed=None, relu=False, nan_carried=False):
         if not relu:
@@ -121,7 +119,6 @@ class TorchGemm:
 class OneDnnGemm(TorchGemm):
     """Products through oneDNN (``mkldnn::_linear_pointwise``); batched products through torch."""
 
-    name = "onednn"
 
     def linear(self, x, w, b=None, packed=None, relu=False, nan_carried=False):
         """x wᵀ + b, then relu in place: oneDNN's relu post-op maps NaN to 0 (so does its
@@ -197,7 +194,6 @@ class AutoGemm(TorchGemm):
 
     ``timer`` (default ``time_candidates``) maps ``{name: call}`` to ``{name: seconds}``."""
 
-    name = "auto"
 
     def __init__(self, timer=time_candidates):
         self.timer = timer

@@ -91,7 +91,7 @@ def load_predictor(path: str, head: str = "fast", backend: str = "auto", weights
                    device=None, overrides=None, trust_pickle: bool = False, ckpt: dict | None = None,
                    word_vectors: str | None = None):
     """(model in eval mode, class names, model_args) from a checkpoint (``trust_pickle``: see
-    ``mldecoder_fast.files.load_file``); ``ckpt``: the checkpoint at ``path`` already read by
+    ``mldecoder_fast.safe_load.load_file``); ``ckpt``: the checkpoint at ``path`` already read by
     ``load_checkpoint``; ``word_vectors``: the file of a zero-shot checkpoint's class vectors."""
     import torch
 

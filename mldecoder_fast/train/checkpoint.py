@@ -66,9 +66,9 @@ def save_checkpoint(path: str, *, model, class_names, model_args: dict, ema=None
 
 
 def load_checkpoint(path: str, map_location="cpu", trust_pickle: bool = False) -> dict:
-    """A checkpoint as ``{'model': state_dict, ...}``, read by ``mldecoder_fast.files.load_file``
+    """A checkpoint as ``{'model': state_dict, ...}``, read by ``mldecoder_fast.safe_load.load_file``
     (tensors and plain Python values only, unless ``trust_pickle``)."""
-    from ..files import FileReadError, load_file
+    from ..safe_load import FileReadError, load_file
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} not found")
     try:

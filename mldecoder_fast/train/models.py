@@ -71,7 +71,7 @@ def parse_model_kwargs(items) -> dict:
 
 def init_from_checkpoint(model, path: str, class_names, log=print, trust_pickle: bool = False) -> None:
     """Load weights (not training state) from ``path``; the head must have as many classes.
-    ``trust_pickle``: see ``mldecoder_fast.files.load_file``."""
+    ``trust_pickle``: see ``mldecoder_fast.safe_load.load_file``."""
     ckpt = load_checkpoint(path, trust_pickle=trust_pickle)
     check_classes(ckpt, class_names, "the training data")
     own = model.state_dict()

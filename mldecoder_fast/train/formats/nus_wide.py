@@ -9,7 +9,7 @@
 - ``wordvec_array.pth``: a tensor [300, C] (one 300-d word vector per column, columns in the
   sorted class order of data.csv; [C, 300] is accepted too), or the official file's pickled numpy
   array; ``wordvec_array.npy`` or ``wordvec_array.pt`` instead are read too. Nothing in it is
-  executed: it is read by ``mldecoder_fast.files.load_file``, which refuses a file that would
+  executed: it is read by ``mldecoder_fast.safe_load.load_file``, which refuses a file that would
   import anything beyond a numeric array, naming what it imports, unless ``trust_pickle``.
 """
 from __future__ import annotations
@@ -136,10 +136,10 @@ def read_split_json(path: str, class_names):
 def read_word_vectors(path: str, num_classes: int | None, trust_pickle: bool = False,
                       classes_of: str = CSV_NAME) -> torch.Tensor:
     """[C, 300] float32 from wordvec_array.pth ([300, C] officially): a tensor, a pickled numeric
-    numpy array (the official file) or a ``.npy``, read by ``mldecoder_fast.files.load_file``
+    numpy array (the official file) or a ``.npy``, read by ``mldecoder_fast.safe_load.load_file``
     (no code runs unless ``trust_pickle``). ``num_classes`` None: any C (a [300, 300] array is
     read in the official orientation); ``classes_of``: whose classes, for the error message."""
-    from ...files import FileReadError, load_file
+    from ...safe_load import FileReadError, load_file
     try:
         wv = load_file(path, what="word vectors", allow_numpy=True, trust_pickle=trust_pickle)
     except FileNotFoundError:

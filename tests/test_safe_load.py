@@ -1,6 +1,6 @@
 """Files from strangers: every binary loader refuses code, truncation and the wrong kind of file.
 
-The loaders: ``mldecoder_fast.files.load_file`` and everything that reads a user's file through
+The loaders: ``mldecoder_fast.safe_load.load_file`` and everything that reads a user's file through
 it (word vectors of the ZSL recipe, checkpoints for --resume / --init-checkpoint / predict).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import mldecoder_fast
-from mldecoder_fast.files import FileReadError, UnsafeFileError, load_file
+from mldecoder_fast.safe_load import FileReadError, UnsafeFileError, load_file
 from mldecoder_fast.train.checkpoint import CheckpointError, load_checkpoint
 from mldecoder_fast.train.formats.common import DataError
 from mldecoder_fast.train.formats.nus_wide import WORDVEC_DIM, read_word_vectors
@@ -293,12 +293,12 @@ t.save(x, "ok"); np.save("ok", x)
 
 def test_only_the_helper_loads_files():
     offenders = []
-    helper = PACKAGE / "files.py"
+    helper = PACKAGE / "safe_load.py"
     for path in sorted(PACKAGE.rglob("*.py")):
         if path == helper:
             continue
         for line, name in _loading_calls(path.read_text()):
             offenders.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {name}")
-    assert not offenders, ("load user files through mldecoder_fast.files.load_file only:\n"
+    assert not offenders, ("load user files through mldecoder_fast.safe_load.load_file only:\n"
                            + "\n".join(offenders))
     assert _loading_calls(helper.read_text()), "the helper itself must be where loading happens"
