@@ -187,8 +187,8 @@ TRITON_STEP_KITS = {kind: StepKit(cpu_gemm.TORCH, torch.float32, kind, regenerat
 def _triton_host_calls(monkeypatch):
     """Counts the calls of the Triton kernels' host functions that the triton kit uses; {} when
     the kernels cannot run here (the test then skips)."""
-    from mldecoder_fast.ops import triton_ops
-    available, detail = triton_ops.triton_status()
+    from mldecoder_fast.ops import triton_support
+    available, detail = triton_support.triton_status()
     if not available:
         pytest.skip(f"Triton kernels cannot run here: {detail}")
     from triton_helpers import count_kernel_calls

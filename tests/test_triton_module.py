@@ -11,9 +11,9 @@ from heads import check_train_grads, disable_dropout_, make_input, make_pair
 from helpers import assert_close, rel_rms
 
 from mldecoder_fast.head.backends import select_ops
-from mldecoder_fast.ops import triton_ops as T
+from mldecoder_fast.ops import triton_support as S
 
-AVAILABLE, DETAIL = T.triton_status()
+AVAILABLE, DETAIL = S.triton_status()
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"Triton kernels cannot run here: {DETAIL}")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 RATIO = 1e-4 if DEV == "cpu" else 2e-3   # GPU: TF32 may be on in the reference's matmuls

@@ -12,9 +12,10 @@ import torch
 from helpers import assert_close, rel_rms
 
 from mldecoder_fast.ops import triton_ops as T
+from mldecoder_fast.ops import triton_support as S
 from mldecoder_fast.ops.torch_ops import TorchOps
 
-AVAILABLE, DETAIL = T.triton_status()
+AVAILABLE, DETAIL = S.triton_status()
 # Every Triton test carries the "triton" mark (bench/gpu_check.sh runs them in its test_triton stage
 # with `-k triton`, and leaves them out of test_cuda_other with `-m "not triton"`).
 TRITON_MARKS = [pytest.mark.triton,
@@ -32,7 +33,7 @@ GRAD_TOL = {torch.float32: 2e-5, torch.float16: 3e-3}
 TORCH = TorchOps()
 TRITON = T.TritonOps()
 
-# Philox offsets the ops get next to their seed (ops/triton_ops._DropoutSeeds); one past 2^32 so
+# Philox offsets the ops get next to their seed (ops/triton_support.DropoutSeeds); one past 2^32 so
 # the offset's high word reaches the kernels too.
 OFFSET, HIGH_OFFSET = 12, 2 ** 33 + 8
 

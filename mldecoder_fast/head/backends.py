@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from ..ops import cpu_gemm
+from ..ops import cpu_gemm, triton_support
 from ..ops.torch_ops import TorchOps
 
 BACKENDS = ("torch", "cpp", "cuda", "triton")
@@ -42,15 +42,10 @@ def _extension_status():
 
 def _triton_status():
     try:
-        from ..ops import triton_ops
+        from ..ops import triton_ops  # noqa: F401  (what the backend runs: its import must work)
     except Exception as exc:
         return False, f"mldecoder_fast.ops.triton_ops failed to import: {exc!r}"
-    return triton_ops.triton_status()
-
-
-def _triton_interpreting() -> bool:
-    import os
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return triton_support.triton_status()
 
 
 def backends() -> dict:
@@ -77,7 +72,7 @@ def backends() -> dict:
     devices = []
     if tr_ok:
         devices = ["cuda"] if cuda else []
-        if _triton_interpreting():
+        if triton_support.interpreting():
             devices.append("cpu")
     out["triton"] = {"available": tr_ok and bool(devices), "devices": devices, "detail": tr_detail}
     return out

@@ -33,7 +33,7 @@ def dropout_keep(seed, offset, rows, col_start, p, BLOCK_C: tl.constexpr):
     Element (row, col) of one op is decided by Philox keyed by the 64-bit ``seed`` (read from
     device memory) with counters (col // 4, row, offset low, offset high), ``offset`` the op's
     64-bit Philox offset (a scalar: ops sharing a seed differ by offset, see
-    ``ops/triton_ops._DropoutSeeds``). One Philox call gives the four columns 4i .. 4i+3 of a row
+    ``ops/triton_support.DropoutSeeds``). One Philox call gives the four columns 4i .. 4i+3 of a row
     (four 32-bit outputs), a quarter of the integer work of one call per element. The bits of an
     element never depend on the tile shape, so any kernel regenerates the same mask. 24 random
     bits per element: P(keep) = 1 - p to within 2^-24.

@@ -5,11 +5,13 @@
 ``ops/torch_ops.py`` defines the interface and its plain-PyTorch implementation; backends
 override what they accelerate:
 
-- ``torch``: ``TorchOps``, plain PyTorch (batched group FC, SDPA).
+- ``torch``: ``TorchOps``, PyTorch's own ops (batched group FC, SDPA).
 - ``cpp`` / ``cuda``: ``ExtensionOps`` (``ops/extension_ops.py``): the compiled extension's group FC,
   the rest from ``TorchOps``.
 - ``triton``: ``TritonOps`` (``ops/triton_ops.py``): fused Triton kernels (``kernels/``) for
-  attention, residual + dropout + LayerNorm and LayerNorm + group-FC decoding.
+  attention, residual + dropout + LayerNorm and LayerNorm + group-FC decoding, registered as
+  custom ops in ``ops/triton_registrations.py`` (shared helpers and dropout seeds:
+  ``ops/triton_support.py``).
 
 Op map: for each op (named as in ``TorchOps``; steps of docs/design.md), where its reference,
 torch path, Triton kernel, C++/CUDA kernel, registration and tests are. ``tests/test_op_map.py``
@@ -21,7 +23,7 @@ residual_dropout_layer_norm: LayerNorm(residual + dropout(x)) (steps 3, 5 and 6'
     reference     mldecoder_fast/head/reference.py
     torch         mldecoder_fast/ops/torch_ops.py
     Triton        mldecoder_fast/kernels/layer_norm.py
-    registration  mldecoder_fast/ops/triton_ops.py (mldecoder_fast::triton_layer_norm[_backward])
+    registration  mldecoder_fast/ops/triton_registrations.py (mldecoder_fast::triton_layer_norm[_backward])
     tests         tests/ops/test_layer_norm.py, tests/kernels/test_triton_rng.py, tests/test_module.py,
                   tests/test_dropout.py
 
@@ -29,7 +31,7 @@ attention / shared_query_attention: multi-head cross-attention (step 4)
     reference     mldecoder_fast/head/reference.py
     torch         mldecoder_fast/ops/torch_ops.py
     Triton        mldecoder_fast/kernels/attention.py
-    registration  mldecoder_fast/ops/triton_ops.py (mldecoder_fast::triton_attention[_backward],
+    registration  mldecoder_fast/ops/triton_registrations.py (mldecoder_fast::triton_attention[_backward],
                   mldecoder_fast::triton_shared_query_attention[_backward])
     tests         tests/ops/test_attention.py, tests/kernels/test_triton_spills.py, tests/test_module.py
 
@@ -40,14 +42,14 @@ group_fc: group fully-connected decoding (step 7)
     C++/CUDA      csrc/group_fc.cpp (schemas + CPU kernels), csrc/group_fc_cuda.cu, csrc/group_fc.h
     registration  mldecoder_fast/ops/group_fc_extension.py (mldecoder_fast::group_fc, fake and
                   autograd), mldecoder_fast/ops/extension_ops.py (the cpp/cuda backends),
-                  mldecoder_fast/ops/triton_ops.py (mldecoder_fast::triton_group_fc[_backward])
+                  mldecoder_fast/ops/triton_registrations.py (mldecoder_fast::triton_group_fc[_backward])
     tests         tests/ops/test_group_fc.py (every implementation: torch, cpp, cuda, triton)
 
 decode: LayerNorm-3 of the residual, then group_fc (steps 6-7)
     reference     mldecoder_fast/head/reference.py
     torch         mldecoder_fast/ops/torch_ops.py
     Triton        mldecoder_fast/kernels/group_fc_decode.py
-    registration  mldecoder_fast/ops/triton_ops.py (mldecoder_fast::triton_decode[_backward])
+    registration  mldecoder_fast/ops/triton_registrations.py (mldecoder_fast::triton_decode[_backward])
     tests         tests/ops/test_decode.py, tests/test_triton_module.py
 
 training step: the whole head's forward and hand-written backward as one autograd function

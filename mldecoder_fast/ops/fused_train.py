@@ -60,7 +60,7 @@ from .dropout_masks import RegeneratedMasks, StoredMasks, dropout_scale, dropped
 from .step_attention import attention_backward, attention_forward
 from .step_records import StepKit, StepParameters, StepWeights
 from .torch_ops import group_fc_padded_bias
-from .triton_ops import _on_device
+from .triton_support import on_device
 
 
 def _residual(res, x, keep, s: float):
@@ -73,7 +73,7 @@ def _layer_norm(kit, x, weight, bias, eps, zero):
     ``zero`` its other addend."""
     if kit.layer_norm == "triton":
         from ..kernels import layer_norm
-        with _on_device(x):
+        with on_device(x):
             return layer_norm.ln_forward(x, zero, None, 0, 0.0, weight, bias, eps)
     return torch.native_layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
@@ -89,7 +89,7 @@ def _layer_norm_backward(kit, grad, x, mean, rstd, weight, bias, needs, zero):
         return g_x, (rows * x_hat).sum(0) if needs[1] else None, rows.sum(0) if needs[2] else None
     if kit.layer_norm == "triton":
         from ..kernels import layer_norm
-        with _on_device(x):
+        with on_device(x):
             g_x, _, g_w, g_b = layer_norm.ln_backward(grad, x, zero, None, 0, 0.0, weight, mean, rstd,
                                                       grad.dtype, needs[0])
         return g_x, g_w if needs[1] else None, g_b if needs[2] else None

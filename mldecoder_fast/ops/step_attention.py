@@ -11,7 +11,7 @@ import math
 import torch
 
 from .dropout_masks import dropped
-from .triton_ops import _DropoutSeeds, _on_device
+from .triton_support import DropoutSeeds, on_device
 
 
 def efficient_attention_takes(dtype: torch.dtype, head_dim: int) -> bool:
@@ -36,7 +36,7 @@ def _heads(q, kv, B, N, H, d):
 
 
 # the Triton attention's dropout: a seed and a Philox offset per step (ops/triton_ops.py)
-_ATTENTION_SEEDS = _DropoutSeeds()
+_ATTENTION_SEEDS = DropoutSeeds()
 
 
 def attention_forward(kit, q, kv, B, N, H, p, keep, s, zero):
@@ -46,7 +46,7 @@ def attention_forward(kit, q, kv, B, N, H, p, keep, s, zero):
     if kit.attention == "triton":
         from ..kernels import attention
         seed, offset = _ATTENTION_SEEDS(p, kv)
-        with _on_device(kv):
+        with on_device(kv):
             out, lse = attention.attention_forward(q, kv.view(B, N, 2 * D), seed, offset, H, p, kv.dtype)
         return out.view(B * K, D), (out, lse, seed, offset)
     if kit.attention == "fused":
@@ -78,7 +78,7 @@ def attention_backward(kit, g_o, q, kv, saved, B, N, H, p, keep, s, zero, g_kv_o
     if kit.attention == "triton":   # the kernel sums a shared q's gradient over the batch
         from ..kernels import attention
         out, lse, seed, offset = saved
-        with _on_device(kv):
+        with on_device(kv):
             g_q, g_kv = attention.attention_backward(g_o.view(B, K, D), q, kv.view(B, N, 2 * D), out, lse,
                                                      seed, offset, H, p)
         return g_q, g_kv.view(B * N, 2 * D)

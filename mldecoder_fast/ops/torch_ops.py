@@ -74,7 +74,7 @@ def folded_query_attention(qk: torch.Tensor, memory: torch.Tensor, v: torch.Tens
 
 
 class TorchOps:
-    """The reference set of fused-able operations, in plain PyTorch.
+    """The interface of the operations between the GEMMs, implemented with PyTorch's own ops.
 
     Dropout probabilities are passed explicitly (0 in eval). Every method must accept
     non-contiguous inputs and B = 0.

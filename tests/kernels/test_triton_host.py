@@ -23,8 +23,9 @@ from triton.runtime.autotuner import Autotuner
 from triton.runtime.interpreter import InterpretedFunction
 
 from mldecoder_fast.ops import triton_ops as T
+from mldecoder_fast.ops import triton_support as S
 
-AVAILABLE, DETAIL = T.triton_status()
+AVAILABLE, DETAIL = S.triton_status()
 pytestmark = [pytest.mark.triton,
               pytest.mark.skipif(not AVAILABLE or torch.cuda.is_available(),
                                  reason=f"interpreter-only host checks ({DETAIL})")]
@@ -52,7 +53,7 @@ class _Philox:
 @pytest.fixture
 def philox(monkeypatch):
     gen = _Philox(1234)
-    monkeypatch.setattr(T, "_philox_generator", lambda device: gen)
+    monkeypatch.setattr(S, "_philox_generator", lambda device: gen)
     return gen
 
 
@@ -238,11 +239,11 @@ def test_backward_uses_its_forwards_mask(philox):
 def test_graph_capture_and_compile_draw_a_seed_tensor(philox, monkeypatch):
     """While a CUDA graph is captured (or under torch.compile) the seed is a fresh torch.randint
     draw, which PyTorch replays with new values, and the generator's offset is left alone."""
-    seeds = T._DropoutSeeds()
+    seeds = S.DropoutSeeds()
     like = torch.empty(1)
     held, offset = seeds(0.1, like)
     assert offset == 0 and philox.offset == 4 and held.item() == 1234
-    monkeypatch.setattr(T, "_capturing", lambda device: True)
+    monkeypatch.setattr(S, "_capturing", lambda device: True)
     with _AtenOps() as mode:
         drawn, offset = seeds(0.1, like)
     assert offset == 0 and philox.offset == 4 and drawn is not held

@@ -29,7 +29,7 @@ from triton_helpers import (
     seed,
 )
 
-from mldecoder_fast.ops import triton_ops as T
+from mldecoder_fast.ops import triton_registrations as R
 
 pytestmark = TRITON_MARKS
 
@@ -97,7 +97,7 @@ def test_attention_dropout_matches_mask(dtype, shared, k, h, d, poison_empty):
     q = leaf(torch.randn(k, dm) if shared else torch.randn(b, k, dm), dtype)
     kv = leaf(torch.randn(b, n, 2 * dm), dtype)
     s = seed(99)
-    out, _lse = T.triton_attention(q, kv, s, OFFSET, h, p, dtype)
+    out, _lse = R.triton_attention(q, kv, s, OFFSET, h, p, dtype)
     g = torch.randn_like(out)
     grads = grads_of(out, [q, kv], g)
     keep = dropout_mask(s, b * h * k, n, p, OFFSET).view(b, h, k, n)
@@ -139,7 +139,7 @@ def test_shared_query_attention(dtype, p, poison_empty):
     qk = leaf(torch.randn(h, k, dm) / dm ** 0.5, dtype)
     memory, v = leaf(torch.randn(b, n, dm), dtype), leaf(torch.randn(b, n, dm), dtype)
     s = seed(17) if p else None
-    out, _lse = T.triton_shared_query_attention(qk, memory, v, s, OFFSET, h, p, dtype)
+    out, _lse = R.triton_shared_query_attention(qk, memory, v, s, OFFSET, h, p, dtype)
     g = torch.randn(out.shape, device=DEV, dtype=out.dtype)
     grads = grads_of(out, [qk, memory, v], g)
     keep = dropout_mask(s, b * h * k, n, p, OFFSET).view(b, h, k, n) if p else None
@@ -180,9 +180,9 @@ def test_opcheck_attention(shared):
     kv = leaf(torch.randn(b, n, 2 * h * d))
     p = 0.0 if shared else 0.1
     s = None if shared else seed(11)
-    opcheck(T.triton_attention, (q, kv, s, OFFSET, h, p, torch.float32))
-    o, lse = T.triton_attention(q.detach(), kv.detach(), s, OFFSET, h, p, torch.float32)
-    opcheck(T.triton_attention_backward,
+    opcheck(R.triton_attention, (q, kv, s, OFFSET, h, p, torch.float32))
+    o, lse = R.triton_attention(q.detach(), kv.detach(), s, OFFSET, h, p, torch.float32)
+    opcheck(R.triton_attention_backward,
             (torch.randn_like(o), q.detach(), kv.detach(), o, lse, s, OFFSET, h, p))
 
 

@@ -28,7 +28,7 @@ from triton_helpers import (
     seed,
 )
 
-from mldecoder_fast.ops import triton_ops as T
+from mldecoder_fast.ops import triton_registrations as R
 
 pytestmark = TRITON_MARKS
 
@@ -62,7 +62,7 @@ def test_decode_dropout_matches_mask(poison_empty):
     w, bias = leaf(torch.randn(k, d, gs) / d ** 0.5), leaf(torch.randn(c))
     inputs = [r, x, lw, lb, w, bias]
     s = seed(5)
-    out, _m, _s = T.triton_decode(r, x, s, HIGH_OFFSET, p, lw, lb, 1e-5, w, bias, c,
+    out, _m, _s = R.triton_decode(r, x, s, HIGH_OFFSET, p, lw, lb, 1e-5, w, bias, c,
                                   torch.float32)
     g = torch.randn_like(out)
     grads = grads_of(out, inputs, g)
@@ -105,10 +105,10 @@ def test_opcheck_decode():
     w, bias = leaf(torch.randn(k, d, gs)), leaf(torch.randn(c))
     r, x, lw, lb = leaf(torch.randn(b, k, d)), leaf(torch.randn(b, k, d)), leaf(torch.randn(d)), leaf(torch.randn(d))
     s = seed(4)
-    opcheck(T.triton_decode, (r, x, s, OFFSET, 0.1, lw, lb, 1e-5, w, bias, c, torch.float32))
-    _out, mean, rstd = T.triton_decode(r.detach(), x.detach(), s, OFFSET, 0.1, lw.detach(), lb.detach(),
+    opcheck(R.triton_decode, (r, x, s, OFFSET, 0.1, lw, lb, 1e-5, w, bias, c, torch.float32))
+    _out, mean, rstd = R.triton_decode(r.detach(), x.detach(), s, OFFSET, 0.1, lw.detach(), lb.detach(),
                                        1e-5, w.detach(), bias.detach(), c, torch.float32)
-    opcheck(T.triton_decode_backward, (torch.randn(b, c, device=DEV), r.detach(), x.detach(), s,
+    opcheck(R.triton_decode_backward, (torch.randn(b, c, device=DEV), r.detach(), x.detach(), s,
                                        OFFSET, 0.1, lw.detach(), lb.detach(), mean, rstd, w.detach(),
                                        torch.float32))
 

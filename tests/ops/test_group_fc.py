@@ -38,7 +38,7 @@ from triton_helpers import (
 )
 
 from mldecoder_fast.ops import group_fc_extension as ext
-from mldecoder_fast.ops import triton_ops as T
+from mldecoder_fast.ops import triton_registrations as R
 from mldecoder_fast.ops.extension_ops import ExtensionOps
 from mldecoder_fast.ops.torch_ops import TorchOps, group_fc_torch
 
@@ -303,8 +303,8 @@ def test_opcheck(impl):
     if impl == "triton":
         b, k, d, gs, c = 3, 4, 20, 3, 10
         h, w, bias = leaf(torch.randn(b, k, d)), leaf(torch.randn(k, d, gs)), leaf(torch.randn(c))
-        opcheck(T.triton_group_fc, (h, w, bias, c, torch.float32))
-        opcheck(T.triton_group_fc_backward, (torch.randn(b, c, device=DEV), h.detach(), w.detach(),
+        opcheck(R.triton_group_fc, (h, w, bias, c, torch.float32))
+        opcheck(R.triton_group_fc_backward, (torch.randn(b, c, device=DEV), h.detach(), w.detach(),
                                              torch.float32))
         return
     for h, weight, bias, c in _opcheck_samples(IMPLS[impl][0]):

@@ -25,7 +25,7 @@ from triton_helpers import (
     seed,
 )
 
-from mldecoder_fast.ops import triton_ops as T
+from mldecoder_fast.ops import triton_registrations as R
 
 pytestmark = TRITON_MARKS
 
@@ -76,7 +76,7 @@ def test_layer_norm_dropout_matches_mask(poison_empty):
     b, k, d, p = 4, 3, 24, 0.3
     r, x, w, bias = leaf(torch.randn(b, k, d)), leaf(torch.randn(b, k, d)), leaf(torch.randn(d)), leaf(torch.randn(d))
     s = seed(1234)
-    out, _mean, _rstd = T.triton_layer_norm(r, x, s, HIGH_OFFSET, p, w, bias, 1e-5)
+    out, _mean, _rstd = R.triton_layer_norm(r, x, s, HIGH_OFFSET, p, w, bias, 1e-5)
     g = torch.randn_like(out)
     grads = grads_of(out, [r, x, w, bias], g)
     keep = dropout_mask(s, b * k, d, p, HIGH_OFFSET).view(b, k, d)
@@ -106,10 +106,10 @@ def test_opcheck():
     b, k, d = 2, 3, 20
     args = (leaf(torch.randn(k, d)), leaf(torch.randn(b, k, d)), seed(3), OFFSET, 0.1,
             leaf(torch.randn(d)), leaf(torch.randn(d)), 1e-5)
-    opcheck(T.triton_layer_norm, args)
-    y, mean, rstd = T.triton_layer_norm(*[a.detach() if torch.is_tensor(a) else a for a in args])
+    opcheck(R.triton_layer_norm, args)
+    y, mean, rstd = R.triton_layer_norm(*[a.detach() if torch.is_tensor(a) else a for a in args])
     for input_grads in (True, False):
-        opcheck(T.triton_layer_norm_backward,
+        opcheck(R.triton_layer_norm_backward,
                 (torch.randn_like(y), args[0].detach(), args[1].detach(), args[2], OFFSET, 0.1,
                  args[5].detach(), mean, rstd, input_grads))
 
