@@ -117,7 +117,7 @@ def _threads(settings):
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    from mldecoder_fast.benchmark.report import device_name, git_commit, triton_version
+    from mldecoder_fast.benchmark.record import device_name, git_commit, triton_version
     machine_info["torch"] = torch.__version__
     machine_info["triton"] = triton_version()
     machine_info["cpu_device"] = device_name(torch.device("cpu"))

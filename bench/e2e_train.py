@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from mldecoder_fast._cli_types import int_range
 from mldecoder_fast.benchmark.cases import autocast_context
-from mldecoder_fast.benchmark.report import device_name, git_commit
+from mldecoder_fast.benchmark.record import device_name, git_commit
 from mldecoder_fast.benchmark.timing import peak_memory_bytes, synchronize, time_interleaved
 
 HEADS = ("plain", "reference", "fast")

@@ -204,7 +204,7 @@ stage bench_fp32 60 "0" -- "${BENCH[@]}" --dtype fp32 --batch 32,256 --configs "
 # Each stage is a group of parts with its own budget (GROUP_CAP) and each part has its own cap; a
 # bench cut short by its cap keeps the cases it finished (SIGINT: it writes its JSON, exit 130).
 # Cheap parts first; torch.compile parts (tens of seconds to minutes per case) last. Their JSON is
-# eval_latency-*.json, train_step-*.json (not bench_*: its own tables, bench/issue_tables.py, at the end).
+# eval_latency-*.json, train_step-*.json (not bench_*: its own tables, python -m mldecoder_fast.benchmark.goals, at the end).
 GROUP_CAP[eval_latency]=220; GROUP_CAP[train_step]=200; GROUP_CAP[e2e]=90
 PEERS=("${BENCH[@]}" --dtype bf16 --configs "$MAIN_CFGS")
 EAGER=reference,eager-expert,fast-torch,fast-triton
@@ -325,7 +325,10 @@ EOF
 if compgen -G "$OUT/eval_latency-*.json" > /dev/null || compgen -G "$OUT/train_step-*.json" > /dev/null \
     || [[ -f "$OUT/e2e_train.json" ]]; then
   echo
-  "$PY" bench/issue_tables.py "$OUT" 2>&1 | tee "$OUT/issues_summary.txt"
+  { "$PY" -m mldecoder_fast.benchmark.goals "$OUT"
+    if [[ -f "$OUT/e2e_train.json" ]]; then
+      echo; "$PY" -c "import json, sys; sys.path.insert(0, 'bench'); from e2e_train import format_table; print(format_table(json.load(open(sys.argv[1]))))" "$OUT/e2e_train.json"
+    fi; } 2>&1 | tee "$OUT/targets.txt"
 fi
 log "done in $(( $(date +%s) - T0 ))s, exit status $STATUS; logs and JSON in $OUT"
 # GPU_CHECK_PACK=DIR: everything above as one DIR/gpu_check.tgz (+ summary.txt and the log), for
@@ -334,6 +337,6 @@ if [[ -n "${GPU_CHECK_PACK:-}" ]]; then
   mkdir -p "$GPU_CHECK_PACK"
   # (no checkpoints or example images: the demo's best.pth files alone are tens of MB)
   tar czf "$GPU_CHECK_PACK/gpu_check.tgz" --exclude='*.pth' --exclude='examples' -C "$OUT" . && cp "$OUT/summary.txt" "$OUT/gpu_check.log" "$GPU_CHECK_PACK/" \
-    && { [[ ! -f "$OUT/issues_summary.txt" ]] || cp "$OUT/issues_summary.txt" "$GPU_CHECK_PACK/"; }
+    && { [[ ! -f "$OUT/targets.txt" ]] || cp "$OUT/targets.txt" "$GPU_CHECK_PACK/"; }
 fi
 exit $STATUS

@@ -18,7 +18,7 @@ from helpers import NO_EXT, assert_close
 from torch import nn
 
 from mldecoder_fast import MLDecoder, MLDecoderFast
-from mldecoder_fast.benchmark import agreement, cases, contenders, report, runner
+from mldecoder_fast.benchmark import agreement, cases, contenders, goals, report, runner, tables
 from mldecoder_fast.benchmark import configs as configs_mod
 from mldecoder_fast.benchmark.configs import BenchConfig
 from mldecoder_fast.benchmark.expert import ExpertMLDecoder
@@ -143,7 +143,7 @@ def test_agreement_check_catches_wrong_outputs(mode):
     by = {r.impl: r for r in rows}
     assert by[contenders.EXPERT].agree is True
     assert by["wrong"].agree is False and "logits" in by["wrong"].detail
-    assert "MISMATCH" in report.format_table(rows)
+    assert "MISMATCH" in tables.format_table(rows)
     with pytest.raises(agreement.AgreementError, match="wrong"):
         runner.run_case(cases.make_case(TINY, mode, "cpu", torch.float32, 2), impls, warmup=0,
                         repeats=1, measure_memory=False, strict=True)
@@ -644,7 +644,7 @@ def test_summary_reports_the_cpu_targets():
             row(coco, "eval", contenders.REFERENCE, 100.0), row(coco, "eval", contenders.EXPERT, 90.0),
             row(coco, "eval", contenders.ONNXRUNTIME, 60.0), row(coco, "eval", "fast-torch", 50.0)]
     runner.fill_ratios(rows)
-    lines = report.summary(rows, {"device": "cpu", "dtype": "float32", "auto_backend": "torch"})
+    lines = goals.summary(rows, {"device": "cpu", "dtype": "float32", "auto_backend": "torch"})
     train = next(line for line in lines if c21k in line)
     assert "x eager-expert 2 (>= 1.75: met)" in train
     assert "roofline 0.72 (>= 0.7: met)" in train
@@ -652,7 +652,7 @@ def test_summary_reports_the_cpu_targets():
     evals = next(line for line in lines if coco in line)
     assert "x eager-expert 1.8 (>= 1.8: met)" in evals and "x onnxruntime 1.2 (>= 1: met)" in evals
     # another device or dtype: no targets judged
-    lines = report.summary(rows, {"device": "cpu", "dtype": "bfloat16", "auto_backend": "torch"})
+    lines = goals.summary(rows, {"device": "cpu", "dtype": "bfloat16", "auto_backend": "torch"})
     assert not any("met" in line for line in lines)
 
 

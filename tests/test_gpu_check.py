@@ -40,7 +40,7 @@ def test_selected_stage_runs_alone_and_prints_its_table(tmp_path):
     ran = sorted(p.stem for p in tmp_path.glob("*.log") if p.stem != "gpu_check")
     assert ran == ["e2e"]
     assert (tmp_path / "e2e_train.json").exists()
-    summary = (tmp_path / "issues_summary.txt").read_text()
+    summary = (tmp_path / "targets.txt").read_text()
     assert "e2e training step: test_resnet" in summary and "images/s" in done.stdout
 
 

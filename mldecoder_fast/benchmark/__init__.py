@@ -9,7 +9,10 @@ contenders  what runs side by side: the reference, the eager-expert, torch.compi
 cases    one (configuration, mode, device, dtype, batch): weights, inputs, the timed step
 agreement  outputs and gradients against the float64 reference, NaN propagation
 runner   every implementation on one case: checked, timed, measured; a suite of cases
-report   table, JSON and markdown
+record   the JSON record of a run (meta, rows, skipped)
+tables   a record's rows as text and markdown tables
+goals    the CPU and GPU targets and their verdicts (``python -m mldecoder_fast.benchmark.goals``)
+report   BENCHMARKS.md from records (``python -m mldecoder_fast.benchmark.report``)
 scaling  time and memory vs number of classes, drawn as a PNG
 cli      ``mldecoder-fast bench``
 """

@@ -76,10 +76,10 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from . import report
+    from . import record
 
     if args.from_json:
-        data = report.load_json(args.from_json)
+        data = record.load_json(args.from_json)
         return _render(args, data)
 
     from . import configs as configs_mod
@@ -128,7 +128,7 @@ def run(args) -> int:
         torch.set_num_threads(threads)
 
     t_start = time.perf_counter()
-    load_start = report.load_average()
+    load_start = record.load_average()
     mm_rates = matmul_rates(device, dtype)
     mm = max(mm_rates.values())
     bw = copy_bandwidth(device)
@@ -142,8 +142,8 @@ def run(args) -> int:
         total = len(cfgs) * len(batches) * sum(m in i.modes for m in modes for i in impls)
         on_case = results.extend
         if args.jsonl:
-            stamp = {"device_name": report.device_name(device), "torch": torch.__version__,
-                     "commit": report.git_commit()}
+            stamp = {"device_name": record.device_name(device), "torch": torch.__version__,
+                     "commit": record.git_commit()}
 
             def on_case(rows):
                 results.extend(rows)
@@ -176,7 +176,7 @@ def run(args) -> int:
                                   base=base, progress=bar, **run_kwargs)
         fill_ratios(scaling, mm, bw)
 
-    meta = report.collect_meta(device, dtype, batches, mm_rates, bw, quick=bool(args.quick), repeats=repeats,
+    meta = record.collect_meta(device, dtype, batches, mm_rates, bw, quick=bool(args.quick), repeats=repeats,
                                warmup=warmup, threads=torch.get_num_threads(),
                                load_average_start=load_start, memory_method=memory_method(device),
                                seconds=round(time.perf_counter() - t_start, 1), interrupted=interrupted)
@@ -184,24 +184,24 @@ def run(args) -> int:
     if scaling is not None:
         data["scaling"] = [r.as_dict() for r in scaling]
     if args.json:
-        report.write_json(args.json, meta, results, skipped, scaling)
+        record.write_json(args.json, meta, results, skipped, scaling)
     status = _render(args, data)
     print(f"\n({meta['seconds']:.0f} s)", file=sys.stderr)
     return 130 if interrupted else status
 
 
 def _render(args, data: dict) -> int:
-    from . import report
+    from . import goals, report, tables
 
     meta, rows = data["meta"], data["results"]
     if rows:
-        print(report.format_table(rows, meta))
+        print(tables.format_table(rows, meta))
         print()
-        for line in report.summary(rows, meta):
+        for line in goals.summary(rows, meta):
             print(line)
     if data.get("scaling"):
         print()
-        print(report.scaling_markdown(data["scaling"]))
+        print(tables.scaling_markdown(data["scaling"]))
     skipped = data.get("skipped") or {}
     for name, why in skipped.items():
         print(f"not run: {name}: {why}")

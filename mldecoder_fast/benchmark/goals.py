@@ -1,14 +1,16 @@
-"""The GPU check's tables of eval latency (eager, graphed, torch.compile peers) and training steps
-(graphed steps, profiles, end to end), and their targets, from the JSON records of
-bench/gpu_check.sh's stages ``eval_latency``, ``train_step`` and ``e2e`` (its second list).
+"""The targets a run is judged against, and the verdicts.
 
-    python bench/issue_tables.py OUT_DIR          # reads OUT_DIR/eval_latency-*.json, train_step-*.json, ...
+CPU (``summary``): per (configuration, mode, batch), the headline fast row's ratios to the
+reference, and the CPU targets (``CPU_GOALS``) where the run measured them. GPU
+(``gpu_targets``): the tables and targets of bench/gpu_check.sh's ``eval_latency`` and
+``train_step`` stages, read from their JSON records:
+
+    python -m mldecoder_fast.benchmark.goals OUT_DIR   # OUT_DIR/eval_latency-*.json, train_step-*.json
 
 Times are medians in ms. A target that compares two implementations uses the two rows of one
 record (the same process, timed in interleaved rounds); a target on one row's time uses the first
 record, in the stages' order, that measured it. A row missing (stage skipped or cut short by its
-time limit) is "n/a", never a pass.
-"""
+time limit) is "n/a", never a pass."""
 from __future__ import annotations
 
 import glob
@@ -17,16 +19,101 @@ import os
 import sys
 from pathlib import Path
 
+from .configs import STANDARD_CONFIGS
+from .contenders import EXPERT, GRAPHED, MAX_AUTOTUNE, ONNXRUNTIME, REDUCE_OVERHEAD, REFERENCE
+from .tables import as_dicts, fmt
+
+# The CPU targets (fp32, batch 16, every standard configuration): (mode, measure, bound); a
+# measure is "x <impl>" (time of <impl> / time of MLDecoderFast, at least bound), "roofline" (at
+# least bound) or "ms" (at most bound, for the configurations in CPU_MS_CONFIGS).
+CPU_GOALS = [
+    ("eval", f"x {EXPERT}", 1.8),
+    ("train", f"x {EXPERT}", 1.75),
+    ("eval", f"x {ONNXRUNTIME}", 1.0),
+    ("train", "roofline", 0.7),
+    ("train", "ms", 190.0),
+]
+
+
+CPU_MS_CONFIGS = ("imagenet21k-resnet50-224",)
+
+
+CPU_MEMORY_GOAL = ("imagenet21k-resnet50-224", "train", 0.5)  # peak(fast) / peak(reference) <=
+
+
+def headline_impl(results, meta: dict | None = None) -> str | None:
+    """The MLDecoderFast row a user gets by default (backend "auto", as recorded in ``meta``),
+    else the first measured fast row."""
+    rows = as_dicts(results)
+    names = {r["impl"] for r in rows if r["impl"].startswith("fast-") and r.get("median_ms") is not None}
+    if not names:
+        return None
+    auto = (meta or {}).get("auto_backend")
+    if auto and f"fast-{auto}" in names:
+        return f"fast-{auto}"
+    return sorted(names)[0]
+
+
+def _goal_value(measure: str, r: dict, by: dict, key: tuple):
+    """The value of ``measure`` for row ``r`` (None where this run did not measure it)."""
+    if measure == "roofline":
+        return r.get("roofline")
+    if measure == "ms":
+        return r.get("median_ms")
+    other = by.get(key + (measure[2:],), {})
+    if other.get("median_ms") and r.get("median_ms"):
+        return other["median_ms"] / r["median_ms"]
+    return None
+
+
+def summary(results, meta: dict | None = None) -> list[str]:
+    """One line per (config, mode, batch): the headline fast implementation's ratios, and the CPU
+    targets (``CPU_GOALS``) where this run measured them (CPU, float32, batch 16)."""
+    rows = as_dicts(results)
+    fast = headline_impl(rows, meta)
+    if fast is None:
+        return ["no MLDecoderFast implementation was measured"]
+    by = {(r["config"], r["mode"], r["batch"], r["impl"]): r for r in rows}
+    cpu_goal_run = bool(meta) and meta.get("device") == "cpu" and meta.get("dtype") == "float32"
+    auto = (meta or {}).get("auto_backend")
+    how = "what backend=\"auto\" runs" if auto and fast.endswith(auto) else "first measured backend"
+    lines = [f"MLDecoderFast ({fast}, {how}) vs reference:"]
+    for (cfg, mode, batch, impl), r in by.items():
+        if impl != fast or r.get("speedup_vs_reference") is None:
+            continue
+        ref = by.get((cfg, mode, batch, REFERENCE), {})
+        mem = (r["peak_bytes"] / ref["peak_bytes"]) if r.get("peak_bytes") and ref.get("peak_bytes") else None
+        goals = []
+        if cpu_goal_run and batch == 16 and cfg in STANDARD_CONFIGS:
+            for goal_mode, measure, bound in CPU_GOALS:
+                if goal_mode != mode or (measure == "ms" and cfg not in CPU_MS_CONFIGS):
+                    continue
+                value = _goal_value(measure, r, by, (cfg, mode, batch))
+                if value is None:
+                    continue
+                ok = value <= bound if measure == "ms" else value >= bound
+                rel = "<=" if measure == "ms" else ">="
+                goals.append(f"{measure} {value:.3g} ({rel} {bound:g}: {'met' if ok else 'NOT met'})")
+            if (cfg, mode) == CPU_MEMORY_GOAL[:2] and mem is not None:
+                ok = mem <= CPU_MEMORY_GOAL[2]
+                goals.append(f"memory <= {CPU_MEMORY_GOAL[2]:g}x: {'met' if ok else 'NOT met'}")
+        lines.append(f"  {cfg:30s} {mode:5s} b{batch:<4d} {r['speedup_vs_reference']:6.2f}x time"
+                     f"  {fmt(mem, '.2f')}x memory" + (f"  {'; '.join(goals)}" if goals else ""))
+    return lines
+
+
+# ---- the GPU check's targets ----
+
 # Parts of each stage in the order gpu_check.sh runs them (their records' names after the prefix).
 PARTS = {"eval_latency": ["eager", "vs_reduce_overhead", "vs_max_autotune", "fast_reduce_overhead"],
          "train_step": ["eager", "compiled", "fast_reduce_overhead"]}
 FAST = ("fast-torch", "fast-triton")
-GRAPHED = tuple("graphed-" + f for f in FAST)
-MAX_AUTOTUNE = "compiled-expert-max-autotune-no-cudagraphs"
-REDUCE_OVERHEAD = "compiled-expert-reduce-overhead"
+GRAPHED_FAST = tuple(GRAPHED + f for f in FAST)
+EXPERT_MAX_AUTOTUNE = f"compiled-expert-{MAX_AUTOTUNE}"
+EXPERT_REDUCE_OVERHEAD = f"compiled-expert-{REDUCE_OVERHEAD}"
 
 
-def load(out: str, stage: str) -> list[tuple[str, list[dict]]]:
+def load_stage(out: str, stage: str) -> list[tuple[str, list[dict]]]:
     """[(part, measured rows)] of ``stage``'s records, in the stage's order."""
     found = {Path(p).stem[len(stage) + 1:]: p for p in glob.glob(os.path.join(out, f"{stage}-*.json"))}
     order = PARTS[stage] + sorted(set(found) - set(PARTS[stage]))
@@ -116,13 +203,14 @@ def eval_latency_tables(rows: Rows) -> list[str]:
         value = "" if ms is None else f"{ms:.3f} ms"
         out.append(f"  {verdict(ms, limit, True)} {what:<52} <= {limit:<5} {value}{extra}{note}")
 
-    at_most("COCO eval B=1 graphed (cuda_graphed, best backend)", "coco", 1, GRAPHED, 0.10)
+    at_most("COCO eval B=1 graphed (cuda_graphed, best backend)", "coco", 1, GRAPHED_FAST, 0.10)
     for impl in FAST:
         at_most(f"COCO eval B=1 eager {impl}", "coco", 1, [impl], 0.5)
     at_most("COCO eval B=256 (best eager backend)", "coco", 256, FAST, 1.0)
     at_most("ImageNet-21K eval B=256 (best eager backend)", "21k", 256, FAST, 0.7)
     for batch in (1, 32, 256):
-        for what, peer, mine in (("eager", MAX_AUTOTUNE, FAST), ("graphed", REDUCE_OVERHEAD, GRAPHED)):
+        for what, peer, mine in (("eager", EXPERT_MAX_AUTOTUNE, FAST),
+                                 ("graphed", EXPERT_REDUCE_OVERHEAD, GRAPHED_FAST)):
             x, impl = rows.ratio("coco", "eval", batch, peer, mine)
             value = "" if x is None else f"{x:.2f}x  ({impl}, same run)"
             out.append(f"  {verdict(x, 1.1, False)} {f'COCO eval B={batch} {what} vs {peer}':<52} >= 1.1x  {value}")
@@ -136,8 +224,8 @@ def train_step_tables(rows: Rows, profiles: list[dict]) -> list[str]:
     out.append("graphed / eager step time (same run):")
     for fam, b in rows.cases("train"):
         cells = []
-        for eager in ("eager-expert", *FAST):
-            graphed = "graphed-" + ("expert" if eager == "eager-expert" else eager)
+        for eager in (EXPERT, *FAST):
+            graphed = GRAPHED + ("expert" if eager == EXPERT else eager)
             x, _ = rows.ratio(fam, "train", b, eager, [graphed])
             cells.append(f"{graphed} {'-' if x is None else f'{x:.2f}x faster'}")
         out.append(f"  {fam} B={b}: " + "; ".join(cells))
@@ -164,23 +252,21 @@ def auto_choice(rows: Rows) -> list[str]:
     return out
 
 
-def main(argv=None) -> int:
-    out_dir = (argv if argv is not None else sys.argv[1:])[0]
-    r11, r12 = Rows(load(out_dir, "eval_latency")), Rows(load(out_dir, "train_step"))
+def gpu_targets(out_dir: str) -> list[str]:
+    """The GPU check's eval-latency and training-step tables and targets from ``out_dir``."""
+    evals, steps = Rows(load_stage(out_dir, "eval_latency")), Rows(load_stage(out_dir, "train_step"))
     profiles = []
     for path in sorted(glob.glob(os.path.join(out_dir, "train_step_profile_*.json"))):
         try:
             profiles.append(json.loads(Path(path).read_text()))
         except (OSError, ValueError) as exc:
             print(f"(unreadable {path}: {exc})")
-    lines = (eval_latency_tables(r11) + [""] + train_step_tables(r12, profiles) + [""]
-             + auto_choice(Rows(r11.records + r12.records)))
-    e2e = Path(out_dir, "e2e_train.json")
-    if e2e.exists():
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from e2e_train import format_table
-        lines += ["", format_table(json.loads(e2e.read_text()))]
-    print("\n".join(lines))
+    return (eval_latency_tables(evals) + [""] + train_step_tables(steps, profiles) + [""]
+            + auto_choice(Rows(evals.records + steps.records)))
+
+
+def main(argv=None) -> int:
+    print("\n".join(gpu_targets((argv if argv is not None else sys.argv[1:])[0])))
     return 0
 
 

@@ -1,17 +1,18 @@
-"""bench/issue_tables.py: the GPU check's eval-latency and training-step tables and target verdicts,
-on made-up records."""
+"""mldecoder_fast/benchmark/goals.py's GPU targets: the GPU check's eval-latency and training-step
+tables and target verdicts, on made-up records."""
 from __future__ import annotations
 
 import json
 import re
 
 import pytest
-from helpers import load_bench_script
+
+from mldecoder_fast.benchmark import goals
 
 
 @pytest.fixture(scope="module")
 def tables():
-    return load_bench_script("issue_tables")
+    return goals
 
 
 def _row(config, mode, batch, impl, ms, **extra):
@@ -37,8 +38,8 @@ def test_targets_and_same_run_ratios(tables, tmp_path, capsys):
         _row(coco, "eval", 256, "fast-triton", 0.9, roofline=0.6), _row(k21, "eval", 256, "fast-torch", 0.8)])
     _write(tmp_path, "eval_latency-vs_max_autotune", [       # timed again in its own run
         _row(coco, "eval", 1, "fast-torch", 0.5), _row(coco, "eval", 1, "fast-triton", 0.55),
-        _row(coco, "eval", 1, tables.MAX_AUTOTUNE, 0.5),
-        _row(coco, "eval", 32, "fast-triton", 1.0), _row(coco, "eval", 32, tables.MAX_AUTOTUNE, 1.2)])
+        _row(coco, "eval", 1, tables.EXPERT_MAX_AUTOTUNE, 0.5),
+        _row(coco, "eval", 32, "fast-triton", 1.0), _row(coco, "eval", 32, tables.EXPERT_MAX_AUTOTUNE, 1.2)])
     _write(tmp_path, "train_step-eager", [
         _row(coco, "train", 256, "fast-torch", 10.0, peak_bytes=2**20), _row(coco, "train", 256, "fast-triton", 8.0),
         _row(coco, "train", 256, "graphed-fast-triton", 4.0)])
