@@ -76,3 +76,10 @@ def test_library_code_imports_no_tooling():
     bad = [(m, i) for m in library for i in _imports(m, modules[m], modules, module_level=False)
            if i.startswith("mldecoder_fast.benchmark") or i in trainers]
     assert not bad, bad
+
+
+def test_no_package_file_over_500_lines():
+    """One concept per file: nothing over 500 lines but the Triton kernel sources (kernels/)."""
+    long = {str(p.relative_to(PACKAGE.parent)): n for p in PACKAGE.rglob("*.py")
+            if "kernels" not in p.relative_to(PACKAGE).parts[:1] and (n := len(p.read_text().splitlines())) > 500}
+    assert not long, long

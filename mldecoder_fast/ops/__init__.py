@@ -15,7 +15,9 @@ override what they accelerate:
 
 Op map: for each op (named as in ``TorchOps``; steps of docs/design.md), where its reference,
 torch path, Triton kernel, C++/CUDA kernel, registration and tests are. ``tests/test_op_map.py``
-checks that every path below exists. Tests: tests/ops/ holds one file per op (every
+checks that every path below exists, and that a row's test files import nothing of the package
+outside the row but what every op shares (the head, the package's top level, the benchmark's
+tools, ``kernels/_common.py``, ``ops/triton_support.py``, ``ops/__init__.py``, ``paths/__init__.py``). Tests: tests/ops/ holds one file per op (every
 implementation's checks), tests/kernels/ the Triton infrastructure (sm_90 spills, host work,
 dropout RNG, launch configs, the chained ops under torch.compile); tests/README.md.
 
@@ -33,7 +35,7 @@ attention / shared_query_attention: multi-head cross-attention (step 4)
     Triton        mldecoder_fast/kernels/attention.py
     registration  mldecoder_fast/ops/triton_registrations.py (mldecoder_fast::triton_attention[_backward],
                   mldecoder_fast::triton_shared_query_attention[_backward])
-    tests         tests/ops/test_attention.py, tests/kernels/test_triton_spills.py, tests/test_module.py
+    tests         tests/ops/test_attention.py, tests/test_module.py
 
 group_fc: group fully-connected decoding (step 7)
     reference     mldecoder_fast/head/reference.py (group_fc_loop: the original loop of K products)
@@ -57,7 +59,8 @@ training step: the whole head's forward and hand-written backward as one autogra
     torch         mldecoder_fast/ops/fused_train.py (its records: mldecoder_fast/ops/step_records.py,
                   its attention: mldecoder_fast/ops/step_attention.py, its dropout masks:
                   mldecoder_fast/ops/dropout_masks.py), GEMMs from mldecoder_fast/ops/cpu_gemm.py, the
-                  path objects (which kit where) in mldecoder_fast/paths/train_step.py
+                  path objects (which kit where) in mldecoder_fast/paths/train_step.py; the cpp
+                  backend's steps: the group FC of mldecoder_fast/ops/group_fc_extension.py
     tests         tests/test_fused_train.py, tests/test_cpu_gemm.py, tests/test_launches.py
 
 eval forward on CUDA: the launch-lean path (steps 1-7 in about a dozen launches)
