@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mldecoder_fast._cli_types import int_range
 from mldecoder_fast.benchmark.cases import autocast_context
 from mldecoder_fast.benchmark.record import device_name, git_commit
 from mldecoder_fast.benchmark.timing import peak_memory_bytes, synchronize, time_interleaved
+from mldecoder_fast.cli.types import int_range
 
 HEADS = ("plain", "reference", "fast")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

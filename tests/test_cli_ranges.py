@@ -9,7 +9,7 @@ import math
 import pytest
 
 from mldecoder_fast import cli
-from mldecoder_fast._cli_types import NumberType, float_range, int_list, int_range
+from mldecoder_fast.cli.types import NumberType, float_range, int_list, int_range
 from mldecoder_fast.train import imagenet21k
 
 ROOTS = {"mldecoder-fast": cli.build_parser, "imagenet21k": imagenet21k.build_parser}
@@ -59,7 +59,7 @@ def test_every_numeric_option_declares_a_range(option):
     *_, action = option
     assert action.type is None or action.type is str or isinstance(action.type, NumberType), (
         f"{_id(option)} has type={action.type!r}: a numeric option needs a range from "
-        "mldecoder_fast._cli_types (int_range, float_range, int_list); if this type is not numeric, "
+        "mldecoder_fast.cli.types (int_range, float_range, int_list); if this type is not numeric, "
         "add it to this test's allowed types")
     default = action.default
     if isinstance(default, (int, float)) and not isinstance(default, bool):

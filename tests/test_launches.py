@@ -136,7 +136,7 @@ def test_run_backward_matches_autograd():
         torch.testing.assert_close(leaves[t], e)
 
 
-# A training step of the torch backend (ops/fused_train.py, launch-lean kit), launch by launch:
+# A training step of the torch backend (ops/step/function.py, launch-lean kit), launch by launch:
 # forward then backward, a [B, C, H, W] map that needs its gradient (as a backbone's features do).
 TRAIN_FORWARD = [
     ("aten.bernoulli_", "every dropout mask of the step (q, o, f, r sites; p = 0.1) in one draw"),

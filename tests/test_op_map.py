@@ -45,20 +45,24 @@ def _rows() -> dict:
 def _imported_files(test_file: pathlib.Path) -> set:
     """The package files a test file imports (anywhere in it)."""
     import ast
+    def file_of(name):
+        base = ROOT / name.replace(".", "/")
+        for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+            if candidate.is_file():
+                return str(candidate.relative_to(ROOT))
+        return None
+
     found = set()
     for node in ast.walk(ast.parse(test_file.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "mldecoder_fast":
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            modules = [f for a in node.names if (f := file_of(f"{node.module}.{a.name}"))]
+            # the module itself, unless every name imported from it is a module of its own
+            names = modules if len(modules) == len(node.names) else [*modules, file_of(node.module)]
         elif isinstance(node, ast.Import):
-            names = [a.name for a in node.names if a.name.split(".")[0] == "mldecoder_fast"]
+            names = [file_of(a.name) for a in node.names if a.name.split(".")[0] == "mldecoder_fast"]
         else:
             continue
-        for name in names:
-            base = ROOT / name.replace(".", "/")
-            if base.with_suffix(".py").is_file():
-                found.add(str(base.with_suffix(".py").relative_to(ROOT)))
-            elif (base / "__init__.py").is_file():
-                found.add(str((base / "__init__.py").relative_to(ROOT)))
+        found.update(n for n in names if n)
     return found
 
 

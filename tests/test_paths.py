@@ -152,7 +152,7 @@ def test_mixed_parameter_dtypes_run_op_by_op():
     assert _choice(head, x, "train", None)[0] is paths.OP_BY_OP
 
 
-def test_fused_training_switch():
+def test_train_steping_switch():
     head = _head(torch.float32)
     x = torch.randn(2, 24, 3, 3)
     assert _choice(head, x, "train", None)[0] is paths.CPU_STEP

@@ -94,7 +94,7 @@ def test_train_grads_match_reference(classes, groups, dim):
 def test_train_with_dropout(kernel_calls, fused):
     """Dropout on (p = 0.1 everywhere): every fused op takes its dropout path; gradients flow to
     every parameter, the step is reproducible under torch.manual_seed and differs across seeds.
-    Op by op (TritonOps) and as the one fused training step (ops/fused_train.py with the Triton
+    Op by op (TritonOps) and as the one fused training step (ops/step/function.py with the Triton
     LayerNorm and attention kernels; what CUDA runs, forced here on any device)."""
     _ref, fast = make_pair(50, 10, 32, 24, backend="triton", device=DEV)
     fast.train()

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from .._cli_types import float_range, int_list, int_range
+from ..cli.types import float_range, int_list, int_range
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

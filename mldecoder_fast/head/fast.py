@@ -50,7 +50,7 @@ class MLDecoderFast(_HeadBase):
         self.backend = check_backend_name(backend)
         self.active_backend = None
         # Training steps of the torch backend (CPU and CUDA) and of the triton backend (CUDA) run as
-        # one autograd function with a hand-written backward (ops/fused_train.py); False runs them
+        # one autograd function with a hand-written backward (ops/step/function.py); False runs them
         # op by op (e.g. for double backward, which that function does not support).
         self.fused_training = True
         self.caches = HeadCaches()

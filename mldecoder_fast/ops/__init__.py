@@ -17,9 +17,10 @@ Op map: for each op (named as in ``TorchOps``; steps of docs/design.md), where i
 torch path, Triton kernel, C++/CUDA kernel, registration and tests are. ``tests/test_op_map.py``
 checks that every path below exists, and that a row's test files import nothing of the package
 outside the row but what every op shares (the head, the package's top level, the benchmark's
-tools, ``kernels/_common.py``, ``ops/triton_support.py``, ``ops/__init__.py``, ``paths/__init__.py``). Tests: tests/ops/ holds one file per op (every
-implementation's checks), tests/kernels/ the Triton infrastructure (sm_90 spills, host work,
-dropout RNG, launch configs, the chained ops under torch.compile); tests/README.md.
+tools, ``kernels/_common.py``, ``ops/triton_support.py``, ``ops/__init__.py``,
+``paths/__init__.py``). Tests: tests/ops/ holds one file per op (every implementation's checks),
+tests/kernels/ the Triton infrastructure (sm_90 spills, host work, dropout RNG, launch configs,
+the chained ops under torch.compile); tests/README.md.
 
 residual_dropout_layer_norm: LayerNorm(residual + dropout(x)) (steps 3, 5 and 6's residual)
     reference     mldecoder_fast/head/reference.py
@@ -56,12 +57,12 @@ decode: LayerNorm-3 of the residual, then group_fc (steps 6-7)
 
 training step: the whole head's forward and hand-written backward as one autograd function
     reference     mldecoder_fast/head/reference.py
-    torch         mldecoder_fast/ops/fused_train.py (its records: mldecoder_fast/ops/step_records.py,
-                  its attention: mldecoder_fast/ops/step_attention.py, its dropout masks:
-                  mldecoder_fast/ops/dropout_masks.py), GEMMs from mldecoder_fast/ops/cpu_gemm.py, the
+    torch         mldecoder_fast/ops/step/function.py (its records: mldecoder_fast/ops/step/records.py,
+                  its attention: mldecoder_fast/ops/step/attention.py, its dropout masks:
+                  mldecoder_fast/ops/step/dropout_masks.py), GEMMs from mldecoder_fast/ops/cpu_gemm.py, the
                   path objects (which kit where) in mldecoder_fast/paths/train_step.py; the cpp
                   backend's steps: the group FC of mldecoder_fast/ops/group_fc_extension.py
-    tests         tests/test_fused_train.py, tests/test_cpu_gemm.py, tests/test_launches.py
+    tests         tests/test_train_step.py, tests/test_cpu_gemm.py, tests/test_launches.py
 
 eval forward on CUDA: the launch-lean path (steps 1-7 in about a dozen launches)
     reference     mldecoder_fast/head/reference.py

@@ -4,7 +4,7 @@ A *GEMM provider* computes ``linear(x, w, b, relu=False)`` (x W^T + b over the l
 relu when asked; a NaN stays NaN, as in the reference, unless ``nan_carried`` says the caller's NaN
 rows reach its output another way), ``mm(a, b)`` and ``addmm(c, a, b)`` (c + a b); operands may be
 transposed views (batched products, such as the group FC's, are ``torch.bmm`` everywhere). The eval
-forward and the fused training step (``fused_train.py``) run every dense product through one;
+forward and the fused training step (``ops/step/function.py``) run every dense product through one;
 providers differ only in the library:
 
 - ``TorchGemm``: torch.addmm / mm. MKL on the CPU (cuBLAS on CUDA), every dtype, autograd

@@ -1,5 +1,5 @@
-"""The hand-written training step as paths: one autograd function (``ops/fused_train.py``) run with
-the kit of the device it is on (``step_records.StepKit``: how each kind of work runs).
+"""The hand-written training step as paths: one autograd function (``ops/step/function.py``) run with
+the kit of the device it is on (``ops.step.records.StepKit``: how each kind of work runs).
 
 - ``CPU_STEP``: the GEMM provider's products (oneDNN or MKL), stored dropout masks (bool, or bf16
   under bf16 autocast), LayerNorm outputs recomputed in the backward: little memory;
@@ -24,9 +24,9 @@ from ..head.backends import ops_for
 from ..head.config import NUM_HEADS
 from ..head.inputs import tokens_from_input
 from ..ops import cpu_gemm
-from ..ops.fused_train import HeadTrainStep
-from ..ops.step_attention import efficient_attention_takes
-from ..ops.step_records import StepConfig, StepKit, StepParameters, derive_weights
+from ..ops.step.attention import efficient_attention_takes
+from ..ops.step.function import HeadTrainStep
+from ..ops.step.records import StepConfig, StepKit, StepParameters, derive_weights
 from . import queries
 
 

@@ -187,7 +187,7 @@ class OnnxRuntimeModule(nn.Module):
 # -- mldecoder-fast export ----------------------------------------------------------------------
 
 def register(subparsers) -> None:
-    from .._cli_types import int_list, int_range
+    from ..cli.types import int_list, int_range
     from .predict import add_checkpoint_options
     p = subparsers.add_parser(
         "export", help="write a checkpoint's model (or its ML-Decoder head alone) as ONNX",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .._cli_types import float_range, int_range
+from ..cli.types import float_range, int_range
 
 
 def register(subparsers) -> None:

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from ..._cli_types import SEED, float_range, int_range
+from ...cli.types import SEED, float_range, int_range
 from ..amp import AMP_CHOICES
 from .common import model_description, run_recipe
 

@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from ..._cli_types import SEED, float_range, int_range
+from ...cli.types import SEED, float_range, int_range
 from ..amp import AMP_CHOICES
 from ..singlelabel import A2_DEFAULTS
 from .common import load_on_every_rank, model_description, run_recipe

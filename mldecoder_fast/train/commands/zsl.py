@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..._cli_types import SEED, float_range, int_range
+from ...cli.types import SEED, float_range, int_range
 from ..amp import AMP_CHOICES
 from ..formats.nus_wide import CSV_NAME, SPLIT_NAME, WORDVEC_NAME
 from ..zsl import ZSL_DEFAULTS

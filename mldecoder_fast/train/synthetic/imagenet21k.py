@@ -29,7 +29,7 @@ import sys
 
 import numpy as np
 
-from ..._cli_types import SEED, int_range
+from ...cli.types import SEED, int_range
 
 IMAGENET21K_CLASSES = 21843
 _BITS = 16

@@ -1,4 +1,4 @@
-"""The training step as one autograd function with a hand-written backward (ops/fused_train.py), with
+"""The training step as one autograd function with a hand-written backward (ops/step/function.py), with
 the CPU kit and with the launch-lean (CUDA) kit run on the CPU: gradients against the reference and
 against finite differences (dropout on), masks (stored, regenerated), frozen parameters, the switch
 back to the op-by-op path, and the memory it saves."""
@@ -11,10 +11,11 @@ from helpers import assert_close
 
 from mldecoder_fast import paths
 from mldecoder_fast.head.config import DropoutRates
-from mldecoder_fast.ops import cpu_gemm, dropout_masks
-from mldecoder_fast.ops.dropout_masks import keep_mask
-from mldecoder_fast.ops.fused_train import HeadTrainStep
-from mldecoder_fast.ops.step_records import StepConfig, StepKit, StepParameters, derive_weights
+from mldecoder_fast.ops import cpu_gemm
+from mldecoder_fast.ops.step import dropout_masks
+from mldecoder_fast.ops.step.dropout_masks import keep_mask
+from mldecoder_fast.ops.step.function import HeadTrainStep
+from mldecoder_fast.ops.step.records import StepConfig, StepKit, StepParameters, derive_weights
 from mldecoder_fast.paths import train_step
 from mldecoder_fast.paths.train_step import step_parameters
 

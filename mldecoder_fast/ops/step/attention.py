@@ -10,8 +10,8 @@ import math
 
 import torch
 
+from ..triton_support import DropoutSeeds, on_device
 from .dropout_masks import dropped
-from .triton_support import DropoutSeeds, on_device
 
 
 def efficient_attention_takes(dtype: torch.dtype, head_dim: int) -> bool:
@@ -44,7 +44,7 @@ def attention_forward(kit, q, kv, B, N, H, p, keep, s, zero):
     K, D = q.shape[-2], q.shape[-1]
     d = D // H
     if kit.attention == "triton":
-        from ..kernels import attention
+        from ...kernels import attention
         seed, offset = _ATTENTION_SEEDS(p, kv)
         with on_device(kv):
             out, lse = attention.attention_forward(q, kv.view(B, N, 2 * D), seed, offset, H, p, kv.dtype)
@@ -76,7 +76,7 @@ def attention_backward(kit, g_o, q, kv, saved, B, N, H, p, keep, s, zero, g_kv_o
     d = D // H
     shared = q.dim() == 2
     if kit.attention == "triton":   # the kernel sums a shared q's gradient over the batch
-        from ..kernels import attention
+        from ...kernels import attention
         out, lse, seed, offset = saved
         with on_device(kv):
             g_q, g_kv = attention.attention_backward(g_o.view(B, K, D), q, kv.view(B, N, 2 * D), out, lse,

@@ -1,4 +1,4 @@
-"""What the training step (``fused_train.HeadTrainStep``) runs with: its kit (how each kind of work
+"""What the training step (``step.function.HeadTrainStep``) runs with: its kit (how each kind of work
 runs on a device), the head's parameters in the step's order, the weights it reads (compute-dtype
 copies made once per parameter version by ``derive_weights``) and its configuration."""
 from __future__ import annotations
@@ -7,9 +7,9 @@ from typing import NamedTuple
 
 import torch
 
-from ..head.config import DropoutRates
+from ...head.config import DropoutRates
+from ..torch_ops import padded_group_bias
 from .dropout_masks import dropout_scale
-from .torch_ops import padded_group_bias
 
 
 class StepKit(NamedTuple):

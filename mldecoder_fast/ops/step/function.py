@@ -2,7 +2,7 @@
 a hand-written backward, for the CPU and for CUDA.
 
 ``HeadTrainStep`` is one sequence of steps; a ``StepKit`` (in its ``StepConfig``; the records are in
-``step_records.py``) says how each kind of work runs, so the CPU and the launch-lean CUDA step are
+``records.py``) says how each kind of work runs, so the CPU and the launch-lean CUDA step are
 the same code:
 
 - ``gemm``: the GEMM provider of the dense products (``cpu_gemm.py``: oneDNN or MKL on the CPU,
@@ -11,7 +11,7 @@ the same code:
   else the parameters'), so that every LayerNorm, on copies of its parameters in that dtype,
   writes what the next GEMM reads and no activation is cast (on the CPU under bf16 autocast, fp32
   activations cast around each bf16 product cost 21K B=16 about 10 ms a step);
-- ``attention`` (``step_attention.py``): ``"explicit"`` (score, softmax and value products, the attention dropout mask
+- ``attention`` (``attention.py``): ``"explicit"`` (score, softmax and value products, the attention dropout mask
   from ``dropout_masks.py``) or ``"fused"`` (one SDPA op forward and one backward: CUDA's
   memory-efficient attention, whose dropout mask is regenerated in its backward from the
   philox seed/offset it returns, where ``efficient_attention_takes`` the heads; on the CPU the
@@ -56,11 +56,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..torch_ops import group_fc_padded_bias
+from ..triton_support import on_device
+from .attention import attention_backward, attention_forward
 from .dropout_masks import RegeneratedMasks, StoredMasks, dropout_scale, dropped
-from .step_attention import attention_backward, attention_forward
-from .step_records import StepKit, StepParameters, StepWeights
-from .torch_ops import group_fc_padded_bias
-from .triton_support import on_device
+from .records import StepKit, StepParameters, StepWeights
 
 
 def _residual(res, x, keep, s: float):
@@ -72,7 +72,7 @@ def _layer_norm(kit, x, weight, bias, eps, zero):
     """(LN(x), mean, rstd). The Triton kernel normalises residual + x: x is its residual, a 0-d
     ``zero`` its other addend."""
     if kit.layer_norm == "triton":
-        from ..kernels import layer_norm
+        from ...kernels import layer_norm
         with on_device(x):
             return layer_norm.ln_forward(x, zero, None, 0, 0.0, weight, bias, eps)
     return torch.native_layer_norm(x, (x.shape[-1],), weight, bias, eps)
@@ -88,7 +88,7 @@ def _layer_norm_backward(kit, grad, x, mean, rstd, weight, bias, needs, zero):
         x_hat = (x.reshape(rows.shape).float() - mean.reshape(-1, 1).float()) * rstd.reshape(-1, 1).float()
         return g_x, (rows * x_hat).sum(0) if needs[1] else None, rows.sum(0) if needs[2] else None
     if kit.layer_norm == "triton":
-        from ..kernels import layer_norm
+        from ...kernels import layer_norm
         with on_device(x):
             g_x, _, g_w, g_b = layer_norm.ln_backward(grad, x, zero, None, 0, 0.0, weight, mean, rstd,
                                                       grad.dtype, needs[0])

@@ -1,4 +1,4 @@
-"""The fused training step (ops/fused_train.py) under DDP, 2 gloo processes on the CPU (fp64, dropout
+"""The fused training step (ops/step/function.py) under DDP, 2 gloo processes on the CPU (fp64, dropout
 off), with the CPU kit and with the launch-lean (CUDA) kit: its fp32/fp64 parameter gradients come
 out of the backward through autograd, so DDP's hooks reduce every one of them and the gradients
 equal one process's on the global batch."""

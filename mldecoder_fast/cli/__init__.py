@@ -43,13 +43,13 @@ def main(argv=None) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if args.version:
-        from . import __version__, backends
+        from .. import __version__, backends
         print(f"mldecoder-fast {__version__}")
         for name, info in backends().items():
             print(f"  {name:7s} {'available' if info['available'] else 'unavailable'}: {info['detail']}")
         import torch
 
-        from .head.backends import select_ops
+        from ..head.backends import select_ops
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
         print("  backend='auto' runs: " + ", ".join(
             f"{select_ops('auto', torch.device(d))[0]} on {d}" for d in devices))
@@ -58,7 +58,3 @@ def main(argv=None) -> int:
         parser.print_help()
         return 1
     return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,6 @@
+"""``python -m mldecoder_fast.cli``: the ``mldecoder-fast`` command."""
+import sys
+
+from . import main
+
+sys.exit(main())
