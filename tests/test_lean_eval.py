@@ -125,6 +125,58 @@ def test_derived_weights_follow_parameter_updates():
         assert fast.caches.held(key) is not held
 
 
+def test_per_call_host_work_is_a_version_check(monkeypatch):
+    """After the first forward the derived weights are found by comparing the sources' version
+    counters: no walk over the head's parameters per call."""
+    ref, fast = make_pair(40, 8, dtype=torch.float64)
+    _lean(fast).eval()
+    x = torch.randn(2, 24, 3, 3, dtype=torch.float64)
+    with torch.no_grad():
+        fast(x)
+        walks = []
+        parameters = type(fast).parameters
+        monkeypatch.setattr(type(fast), "parameters",
+                            lambda self, *a, **k: walks.append(1) or parameters(self, *a, **k))
+        fast(x)
+        fast(x)
+        assert walks == []
+        fast.decoder.layers[0].linear2.bias.add_(0.5)      # a new version: listed and derived again
+        ref.decoder.layers[0].linear2.bias.add_(0.5)
+        assert_close("after an update", ref.eval()(x), fast(x), 1e-12)
+        assert walks
+
+
+@pytest.mark.parametrize("change", ["parameter assigned", "data replaced", "word vectors", "clear_caches"])
+def test_derived_weights_follow_replaced_tensors(change):
+    """Changes that bump no version counter of the old tensors still reach the lean forward: a
+    parameter replaced by assignment, ``p.data`` replaced, new word vectors, ``clear_caches``."""
+    zsl = change == "word vectors"
+    ref, fast = make_pair(1 if zsl else 40, -1 if zsl else 8, dtype=torch.float64, zsl=int(zsl))
+    _lean(fast).eval()
+    ref.eval()
+    x = torch.randn(2, 24, 3, 3, dtype=torch.float64)
+    if zsl:
+        v = torch.randn(6, 300, dtype=torch.float64)
+        ref.set_word_vectors(v)
+        fast.set_word_vectors(v)
+    with torch.no_grad():
+        fast(x)
+        w = torch.randn_like(fast.decoder.layers[0].linear1.weight)
+        for m in (ref, fast):
+            layer = m.decoder.layers[0]
+            if change == "parameter assigned":
+                layer.linear1.weight = torch.nn.Parameter(w.clone())
+            elif change == "data replaced":
+                layer.linear1.weight.data = w.clone()
+            elif change == "word vectors":
+                m.set_word_vectors(torch.randn(6, 300, dtype=torch.float64, generator=torch.Generator().manual_seed(3)))
+            else:
+                layer.linear1.weight.data.copy_(w)     # behind the version counter's back
+        if change == "clear_caches":
+            fast.clear_caches()
+        assert_close(change, ref(x), fast(x), 1e-12)
+
+
 def test_not_taken_when_autograd_needs_it():
     """Eval mode with autograd on (fine-tuning with dropout off) takes the differentiable path."""
     ref, fast = make_pair(40, 8, dtype=torch.float64)

@@ -33,6 +33,19 @@ def tensor_key(t: torch.Tensor) -> tuple:
     return (id(t), t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
 
 
+_registrations = [0]
+
+
+def _count_registration(module, name, value) -> None:
+    _registrations[0] += 1
+
+
+# Any parameter or buffer (re)registered anywhere in the process, e.g. a parameter replaced by
+# assigning a new one: ``get_by_versions`` then lists its sources again.
+torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+torch.nn.modules.module.register_module_buffer_registration_hook(_count_registration)
+
+
 def capturing() -> bool:
     """Whether a CUDA graph is being captured on this stream."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
@@ -45,6 +58,7 @@ class HeadCaches:
     def __init__(self) -> None:
         self.enabled = True
         self._entries: dict = {}
+        self._checks: dict = {}   # name -> what get_by_versions compares between calls
 
     def get(self, name: Hashable, sources: Sequence[torch.Tensor], compute: Callable[[], object],
             refresh: Callable[[object], object] | None = None):
@@ -68,6 +82,28 @@ class HeadCaches:
         self._entries[name] = (key, value)
         return value
 
+    def get_by_versions(self, name: Hashable, sources: Callable[[], Sequence[torch.Tensor]],
+                        compute: Callable[[], object], same: Sequence[object] = ()):
+        """``get(name, sources(), compute)`` for a hot path: ``sources()`` (e.g. a walk over a
+        module's parameters) and the full keys are made only when something may have changed.
+        Between such calls a value is returned after comparing the sources' version counters and
+        storage addresses, the process's count of parameter and buffer registrations (a parameter
+        replaced by assignment) and the identity of the objects ``same`` (e.g. a plain tensor
+        attribute that can be reassigned)."""
+        check = self._checks.get(name)
+        if (check is not None and check[0] == _registrations[0] and len(check[1]) == len(same)
+                and all(a is b for a, b in zip(check[1], same, strict=True))
+                and check[3] == tuple((t._version, t.data_ptr()) for t in check[2])
+                and self._entries.get(name, (None, None))[1] is check[4]):
+            return check[4]
+        self._checks.pop(name, None)
+        listed = list(sources())
+        value = self.get(name, listed, compute)
+        if self._entries.get(name, (None, None))[1] is value:    # stored (not while tracing or capturing)
+            self._checks[name] = (_registrations[0], tuple(same), tuple(listed),
+                                  tuple((t._version, t.data_ptr()) for t in listed), value)
+        return value
+
     def cast(self, name: Hashable, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``weight`` (detached) in ``dtype``; the weight itself when it already has that dtype."""
         if weight.dtype == dtype:
@@ -88,6 +124,7 @@ class HeadCaches:
 
     def clear(self) -> None:
         self._entries.clear()
+        self._checks.clear()
 
     def held(self, name: Hashable):
         """The value held under ``name`` (of whichever version it was computed for), or None."""
@@ -109,6 +146,7 @@ class HeadCaches:
     def __setstate__(self, state: dict) -> None:
         self.enabled = state["enabled"]
         self._entries = {}
+        self._checks = {}
 
 
 def _storage_key(t: torch.Tensor) -> tuple:

@@ -84,7 +84,9 @@ class LeanEval:
         # autocast runs LayerNorm in fp32, so the reference's T3 and logit buffer are fp32); without
         # it, everything is in the parameters' dtype.
         dtypes = (facts.autocast, torch.float32) if facts.autocast else (facts.param_dtype,) * 2
-        return head.caches.get(("lean_eval",) + dtypes, _sources(head), lambda: derive(head, *dtypes))
+        # (per call: the sources' versions compared, no walk over the parameters: get_by_versions)
+        return head.caches.get_by_versions(("lean_eval",) + dtypes, lambda: _sources(head),
+                                           lambda: derive(head, *dtypes), same=(head.decoder.query_embed,))
 
     def forward(self, head, x, derived: LeanWeights) -> torch.Tensor:
         layer = head.decoder.layers[0]
