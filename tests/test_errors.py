@@ -93,4 +93,6 @@ def test_version_lists_backends_and_what_auto_runs(capsys):
     out = capsys.readouterr().out
     for name in ("torch", "cpp", "cuda", "triton"):
         assert f"  {name} " in out
-    assert f"backend='auto' runs: {select_ops('auto', torch.device('cpu'))[0]} on cpu" in out
+    cpu = torch.device("cpu")
+    assert (f"backend='auto' runs: {select_ops('auto', cpu)[0]} on cpu (eval), "
+            f"{select_ops('auto', cpu, training=True)[0]} on cpu (train)") in out

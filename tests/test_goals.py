@@ -57,6 +57,9 @@ def test_targets_and_same_run_ratios(tables, tmp_path, capsys):
     assert "graphed-fast-triton 2.00x faster" in _line(text, "coco B=256: graphed-expert")
     assert "train: coco B=256: triton (1.25x)" in text
     assert "eval: coco B=1: torch (1.50x)" in text
+    # auto switches only at a margin over torch in every case of the mode
+    assert "auto for train: triton (at least 1.25x torch in every case)" in text
+    assert "auto for eval: torch (no backend 1.10x faster in every case)" in text
 
 
 def test_nothing_measured_is_not_a_pass(tables, tmp_path, capsys):

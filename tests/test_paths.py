@@ -294,3 +294,18 @@ def test_the_design_table_is_what_the_resolver_does(row):
     assert inspect.getfile(type(path)).endswith(file), f"{name} lives in {inspect.getfile(type(path))}"
     for case in itertools.product(backends, devices, modes, dtypes):
         assert _resolved(*case) is path, case
+
+
+def test_auto_resolves_per_device_and_mode(monkeypatch):
+    """``auto`` is set per (device, mode): an entry for CPU training changes what training runs
+    and not eval."""
+    from mldecoder_fast.head import backends
+    if not backends.backends()["cpp"]["available"]:
+        pytest.skip("the compiled extension is not built here")
+    monkeypatch.setattr(backends, "AUTO", {**backends.AUTO, ("cpu", "train"): "cpp"})
+    monkeypatch.setattr(backends, "_selected", {})
+    head = _head(torch.float32)
+    x = torch.randn(2, 24, 3, 3)
+    assert _choice(head, x, "eval", None)[1].backend == "torch"
+    path, facts, plan = _choice(head, x, "train", None)
+    assert (path, facts.backend, plan.extension_group_fc) == (paths.CPU_STEP, "cpp", True)

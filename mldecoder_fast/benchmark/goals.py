@@ -19,6 +19,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..head.backends import AUTO_MARGIN
 from .configs import STANDARD_CONFIGS
 from .contenders import EXPERT, GRAPHED, MAX_AUTOTUNE, ONNXRUNTIME, REDUCE_OVERHEAD, REFERENCE
 from .tables import as_dicts, fmt
@@ -239,16 +240,29 @@ def train_step_tables(rows: Rows, profiles: list[dict]) -> list[str]:
 
 
 def auto_choice(rows: Rows) -> list[str]:
-    """Per mode, which eager fast backend measured fastest in each case (what ``auto`` should pick)."""
+    """Per mode, which eager fast backend measured fastest in each case, and what ``auto`` should
+    run on this device in that mode: another backend than torch only where it was at least
+    ``AUTO_MARGIN`` times faster than torch in every case of the mode (``head/backends.py``)."""
     out = ["fastest eager backend per case (for backend='auto'):"]
     for mode in ("eval", "train"):
-        picks = []
+        picks, ratios = [], {}
         for fam, b in rows.cases(mode):
-            found = [(ms, i) for i in FAST for ms, _ in [rows.ms(fam, mode, b, i)] if ms is not None]
+            found = {i: ms for i in FAST for ms, _ in [rows.ms(fam, mode, b, i)] if ms is not None}
             if len(found) == len(FAST):
-                (best, name), (other, _) = sorted(found)
+                (best, name), (other, _) = sorted((ms, i) for i, ms in found.items())
                 picks.append(f"{fam} B={b}: {name.removeprefix('fast-')} ({other / best:.2f}x)")
+                for impl, ms in found.items():
+                    ratios.setdefault(impl, []).append(found["fast-torch"] / ms)
         out.append(f"  {mode}: " + ("; ".join(picks) if picks else "n/a"))
+        better = [(min(r), impl) for impl, r in ratios.items() if impl != "fast-torch" and min(r) >= AUTO_MARGIN]
+        if not picks:
+            verdict = "n/a"
+        elif better:
+            x, impl = max(better)
+            verdict = f"{impl.removeprefix('fast-')} (at least {x:.2f}x torch in every case)"
+        else:
+            verdict = f"torch (no backend {AUTO_MARGIN:.2f}x faster in every case)"
+        out.append(f"  auto for {mode}: {verdict}")
     return out
 
 

@@ -52,7 +52,8 @@ def main(argv=None) -> int:
         from ..head.backends import select_ops
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
         print("  backend='auto' runs: " + ", ".join(
-            f"{select_ops('auto', torch.device(d))[0]} on {d}" for d in devices))
+            f"{select_ops('auto', torch.device(d), mode == 'train')[0]} on {d} ({mode})"
+            for d in devices for mode in ("eval", "train")))
         return 0
     if not getattr(args, "func", None):
         parser.print_help()

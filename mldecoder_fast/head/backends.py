@@ -15,16 +15,21 @@ from ..ops import cpu_gemm, triton_support
 from ..ops.torch_ops import TorchOps
 
 BACKENDS = ("torch", "cpp", "cuda", "triton")
-# What "auto" runs, per device type: the fastest measured (BENCHMARKS.md), torch everywhere today.
-# CPU: the extension's group FC measured level with torch's bmm at batch 16 and slower at batch 1,
-# so torch runs; backend="cpp" selects the extension. CUDA: the one GPU measurement (an H100, bf16
-# autocast, commit 1c31c6c, BENCHMARKS.md "GPU") predates the current CUDA paths of every backend
-# (launch-lean eval, hand-written training step); then torch was the fastest or level in most rows
-# (training steps at B = 256: 7.8 ms COCO, 6.4 ms 21K, against 10.5 / 9.5 ms for the Triton kernels
-# and 8.0 ms for the extension's group FC; Triton won only eval at B = 256). So auto runs torch until
-# bench/gpu_check.sh measures the current paths; "triton"/"cuda" are opt-in. torch runs everywhere,
-# so "auto" never falls back and never warns.
-AUTO = {"cpu": "torch", "cuda": "torch"}
+# What "auto" runs, per (device type, mode): the fastest measured (BENCHMARKS.md), torch everywhere
+# today. Another backend replaces an entry only when it measured at least AUTO_MARGIN times faster
+# than torch in every case of that device and mode of one run (``benchmark.goals.auto_choice``
+# prints the verdict of a GPU check). CPU: the extension's group FC measured level with torch's bmm
+# at batch 16 and slower at batch 1, so torch runs; backend="cpp" selects the extension. CUDA: the
+# one GPU measurement (an H100, bf16 autocast, commit 1c31c6c, BENCHMARKS.md "GPU") predates the
+# current CUDA paths of every backend (launch-lean eval, hand-written training step); then torch was
+# the fastest or level in most rows (training steps at B = 256: 7.8 ms COCO, 6.4 ms 21K, against
+# 10.5 / 9.5 ms for the Triton kernels and 8.0 ms for the extension's group FC; Triton won only eval
+# at B = 256, by less than the margin at other batches). So auto runs torch until bench/gpu_check.sh
+# measures the current paths; "triton"/"cuda" are opt-in. torch runs everywhere, so "auto" never
+# falls back and never warns.
+AUTO = {("cpu", "eval"): "torch", ("cpu", "train"): "torch",
+        ("cuda", "eval"): "torch", ("cuda", "train"): "torch"}
+AUTO_MARGIN = 1.10
 
 _warned: set = set()
 _ops_cache: dict = {}
@@ -108,28 +113,29 @@ def check_backend_name(backend: str) -> str:
     return backend
 
 
-def select_ops(backend: str, device: torch.device):
-    """Resolve ``backend`` for ``device``: returns (name, ops). Warns once per fallback."""
-    name = _resolve(backend, device.type)
+def select_ops(backend: str, device: torch.device, training: bool = False):
+    """Resolve ``backend`` for ``device`` and the mode (training or eval): returns (name, ops).
+    Warns once per fallback."""
+    name = _resolve(backend, device.type, "train" if training else "eval")
     return name, _ops_cache[name]
 
 
 @torch.compiler.assume_constant_result
-def _resolve(backend: str, device_type: str) -> str:
-    """The backend that runs ``backend`` on ``device_type``, its ops object made.
+def _resolve(backend: str, device_type: str, mode: str) -> str:
+    """The backend that runs ``backend`` on ``device_type`` in ``mode``, its ops object made.
 
     Resolution loads the compiled extension (behind a lock) and warns: work that torch.compile
     cannot trace. Marked as a constant result, it runs eagerly once when a traced forward meets it
     and the graph keeps only the name; the ops object is then read from ``_ops_cache``."""
-    key = (backend, device_type)
+    key = (backend, device_type, mode)
     if key not in _selected:
-        _selected[key] = _select(backend, device_type)[0]
+        _selected[key] = _select(backend, device_type, mode)[0]
     return _selected[key]
 
 
-def _select(backend: str, dev: str):
+def _select(backend: str, dev: str, mode: str):
     if backend == "auto":
-        name = AUTO.get(dev, "torch")
+        name = AUTO.get((dev, mode), "torch")
         return name, ops_for(name)
     info = backends()
     if backend == "torch" or (info[backend]["available"] and dev in info[backend]["devices"]):

@@ -25,7 +25,7 @@ _NO_DROPOUT = DropoutRates(0.0, 0.0, 0.0, 0.0, 0.0)
 
 class Facts(NamedTuple):
     """What the choice of path depends on, per forward."""
-    backend: str                   # the backend that runs here (``dispatch.select_ops``)
+    backend: str                   # the backend that runs here (``head.backends.select_ops``)
     device: str                    # the input's device type
     training: bool
     grad_mode: bool                # torch.is_grad_enabled()
@@ -55,7 +55,7 @@ def facts_of(head, x: torch.Tensor) -> Facts:
     compiling = torch.compiler.is_compiling()
     param_dtype = head.decoder.embed_standart.weight.dtype
     return Facts(
-        backend=select_ops(head.backend, x.device)[0], device=dev, training=training, grad_mode=grad_mode,
+        backend=select_ops(head.backend, x.device, training)[0], device=dev, training=training, grad_mode=grad_mode,
         needs_grad=grad_mode and (x.requires_grad or any(p.requires_grad for p in head.parameters())),
         autocast=torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None,
         param_dtype=param_dtype, input_dtype=x.dtype,
