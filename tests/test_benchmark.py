@@ -23,7 +23,7 @@ from mldecoder_fast.benchmark import configs as configs_mod
 from mldecoder_fast.benchmark.configs import BenchConfig
 from mldecoder_fast.benchmark.expert import ExpertMLDecoder
 from mldecoder_fast.benchmark.flops import forward_flops, step_flops
-from mldecoder_fast.benchmark.timing import matmul_probes, peak_memory_bytes, time_interleaved
+from mldecoder_fast.benchmark.timing import CPU_PROBE_SHAPES, matmul_probes, peak_memory_bytes, time_interleaved
 from mldecoder_fast.cli import main
 
 TINY = BenchConfig("tiny", num_features=24, num_tokens=9, num_classes=14, num_of_groups=4,
@@ -259,12 +259,21 @@ def test_run_case_times_every_gemm_probe():
 
 
 def test_cpu_gemm_probes():
-    names = set(matmul_probes("cpu", torch.float32, size=64))
-    assert "torch.mm" in names
+    """Named by library and shape; each computes its product ([M, K] x [K, N]); the default CPU
+    shapes include the head's input projection at batch 16."""
+    probes = matmul_probes("cpu", torch.float32, shapes=((64, 32, 16), (8, 8, 8)))
+    names = set(probes)
+    assert {"torch.mm 64x32x16", "torch.mm 8x8x8"} <= names
+    for name, (fn, flops) in probes.items():
+        m, k, n = map(int, name.split()[1].split("x"))
+        assert fn().shape == (m, n) and flops == 2.0 * m * k * n, name
     if torch.backends.mkldnn.is_available():
-        assert names == {"torch.mm", "onednn"}
+        assert names == {"torch.mm 64x32x16", "torch.mm 8x8x8", "onednn 64x32x16", "onednn 8x8x8"}
+        (fn_t, _), (fn_o, _) = probes["torch.mm 64x32x16"], probes["onednn 64x32x16"]
+        torch.testing.assert_close(fn_o(), fn_t(), rtol=1e-4, atol=1e-4)
         # oneDNN has no float64 inner product: that probe is left out rather than failing.
-        assert set(matmul_probes("cpu", torch.float64, size=64)) == {"torch.mm"}
+        assert set(matmul_probes("cpu", torch.float64, shapes=((8, 8, 8),))) == {"torch.mm 8x8x8"}
+    assert (3136, 2048, 768) in CPU_PROBE_SHAPES
 
 
 def test_failing_implementation_is_skipped_not_fatal():
@@ -371,7 +380,9 @@ def test_bench_command_writes_table_json_markdown_png(tmp_path, capsys):
         assert meta["onnxruntime"] and meta["onnx"]
     else:
         assert "onnxruntime" in data["skipped"]
-    assert set(meta["matmul_gflops"]) >= {"torch.mm"}
+    assert set(meta["matmul_gflops"]) >= {f"torch.mm {m}x{k}x{n}" for m, k, n in CPU_PROBE_SHAPES}
+    assert meta["cpu"]["model"] and "aten_capability" in meta["cpu"]   # the CPU named in every record
+    assert "- CPU: " in md.read_text()
     assert {r["classes"] for r in data["scaling"]} == {80, 1000}
     scaled = {r["impl"] for r in data["scaling"] if not r["skipped"]}
     assert {"reference", "eager-expert"} <= scaled and any(n.startswith("fast-") for n in scaled), scaled

@@ -19,20 +19,31 @@ import torch
 
 from .runner import Result
 
+# The instruction sets the CPU claims depend on (the names of /proc/cpuinfo's flags).
+CPU_ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+
+
+def cpu_info() -> dict:
+    """The host CPU: its model, which of ``CPU_ISA_FLAGS`` it has, and the instruction set ATen
+    dispatches to (``torch.backends.cpu.get_cpu_capability``)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in (platform.processor(), platform.machine()):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {"model": model, "isa": [f for f in CPU_ISA_FLAGS if f in flags],
+            "aten_capability": torch.backends.cpu.get_cpu_capability()}
+
 
 def device_name(device: torch.device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} ({torch.get_num_threads()} threads)"
+    return f"{cpu_info()['model']} ({torch.get_num_threads()} threads)"
 
 
 def git_commit() -> str | None:
@@ -75,6 +86,7 @@ def collect_meta(device, dtype: torch.dtype, batches, mm_rates: dict | None, ban
     meta = {
         "device": str(device),
         "device_name": device_name(device),
+        "cpu": cpu_info(),
         "torch": torch.__version__,
         "triton": triton_version(),
         "onnx": module_version("onnx"),

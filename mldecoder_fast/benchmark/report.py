@@ -42,6 +42,10 @@ def to_markdown(data: dict, title: str | None = None, command: str | None = None
         run += (f"; 1-minute load average {loads[0][0]:.1f} at its start, {loads[1][0]:.1f} at its end "
                 f"(other processes share these cores)")
     out.append(run)
+    cpu = meta.get("cpu")
+    if cpu:
+        out.append(f"- CPU: {cpu['model']}; instruction sets {', '.join(cpu['isa']) or 'none of note'} "
+                   f"(ATen dispatches {cpu['aten_capability']})")
     if meta.get("matmul_tflops"):
         out.append(f"- measured at the start of the run: GEMM {gemm_rates(meta)}"
                    + (f", copy {meta['copy_gbps']:.1f} GB/s" if meta.get("copy_gbps") else "")

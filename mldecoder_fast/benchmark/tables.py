@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .contenders import EXPERT, REFERENCE
+from .record import CPU_ISA_FLAGS
 from .runner import Result
 
 
@@ -72,6 +73,10 @@ def format_table(results, meta: dict | None = None) -> str:
 def meta_line(meta: dict) -> str:
     parts = [f"device: {meta.get('device_name')} [{meta.get('device')}]", f"dtype: {meta.get('dtype')}",
              f"torch {meta.get('torch')}"]
+    cpu = meta.get("cpu")
+    if cpu and str(meta.get("device", "")).startswith("cpu"):
+        parts.append(f"ISA {', '.join(cpu['isa']) or 'none of ' + '/'.join(CPU_ISA_FLAGS)}"
+                     f" (ATen {cpu['aten_capability']})")
     if meta.get("triton"):
         parts.append(f"triton {meta['triton']}")
     if meta.get("matmul_tflops"):

@@ -182,40 +182,53 @@ def memory_method(device) -> str:
     return "torch.profiler CPU allocator events: max running sum during the step" + held
 
 
-def matmul_probes(device, dtype: torch.dtype, size: int | None = None) -> dict[str, tuple[Callable[[], object], float]]:
-    """Large square GEMMs in ``dtype`` on ``device``, {name: (callable, FLOPs)}: timed beside the
+# GEMM probe shapes (M, K, N), [M, K] x [K, N]: a large square one, and on the CPU the head's input
+# projection at batch 16 (16 x 196 tokens of 2048 features to 768: COCO's [3136, 2048] x [2048, 768]),
+# where oneDNN's bf16 kernels reach the AMX peak (~2,400 GFLOP/s on 2 threads of an Intel Xeon with
+# AMX) that a square 1536 product does not (~700).
+CPU_PROBE_SHAPES = ((1536, 1536, 1536), (3136, 2048, 768))
+CUDA_PROBE_SHAPES = ((8192, 8192, 8192),)
+
+
+def matmul_probes(device, dtype: torch.dtype, shapes=None) -> dict[str, tuple[Callable[[], object], float]]:
+    """GEMMs in ``dtype`` on ``device`` of each of ``shapes`` (default ``CPU_PROBE_SHAPES`` /
+    ``CUDA_PROBE_SHAPES``), {"<library> MxKxN": (callable, FLOPs)}: timed beside the
     implementations (one call of each per round) they give the GEMM rates under the same load; the
-    fastest is the roofline's (docs/benchmarks.md: the fastest rate the device offers, not the rate of
-    whichever GEMM an implementation calls).
+    fastest is the roofline's (docs/benchmarks.md: the fastest rate the device offers, not the rate
+    of whichever GEMM an implementation calls).
 
     - ``torch.mm`` (cuBLAS on CUDA; MKL on the CPU);
     - CPU: ``onednn``, oneDNN's inner product through PyTorch on dense tensors
       (``torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")``, ``x @ w.T``), about 2x
-      ``torch.mm`` in fp32 on AVX-512 machines; left out where oneDNN has no kernel for ``dtype``
-      (float16 and float64 on such machines) or PyTorch was built without it.
+      ``torch.mm`` in fp32 on AVX-512 AMD machines, level on Intel; left out where oneDNN has no
+      kernel for ``dtype`` (float16 and float64 on such machines) or PyTorch was built without it.
     """
     device = torch.device(device)
-    if size is None:
-        size = 8192 if device.type == "cuda" else 1536
+    if shapes is None:
+        shapes = CUDA_PROBE_SHAPES if device.type == "cuda" else CPU_PROBE_SHAPES
     g = torch.Generator(device="cpu").manual_seed(0)
-    a = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
-    b = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
-    flops = 2.0 * size ** 3
-    probes = {"torch.mm": ((lambda: torch.mm(a, b)), flops)}
-    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+    onednn = device.type == "cpu" and torch.backends.mkldnn.is_available()
+    if onednn:
         linear = torch.ops.mkldnn._linear_pointwise
         try:
-            linear(a[:16, :16].contiguous(), b[:16, :16].contiguous(), None, "none", [], "")
+            linear(torch.ones(16, 16, dtype=dtype), torch.ones(16, 16, dtype=dtype), None, "none", [], "")
         except RuntimeError:
-            pass  # no oneDNN kernel for this dtype
-        else:
-            probes["onednn"] = ((lambda: linear(a, b, None, "none", [], "")), flops)
+            onednn = False   # no oneDNN kernel for this dtype
+    probes = {}
+    for m, k, n in shapes:
+        a = torch.randn(m, k, generator=g).to(device=device, dtype=dtype)
+        b = torch.randn(k, n, generator=g).to(device=device, dtype=dtype)
+        flops = 2.0 * m * k * n
+        probes[f"torch.mm {m}x{k}x{n}"] = ((lambda a=a, b=b: torch.mm(a, b)), flops)
+        if onednn:
+            w = b.t().contiguous()                       # [N, K]: the weight layout of x @ w.T
+            probes[f"onednn {m}x{k}x{n}"] = ((lambda a=a, w=w: linear(a, w, None, "none", [], "")), flops)
     return probes
 
 
-def matmul_rates(device, dtype: torch.dtype, size: int | None = None, repeats: int = 3) -> dict[str, float]:
+def matmul_rates(device, dtype: torch.dtype, shapes=None, repeats: int = 3) -> dict[str, float]:
     """FLOP/s of each of ``matmul_probes`` (median of ``repeats`` interleaved rounds)."""
-    probes = matmul_probes(device, dtype, size)
+    probes = matmul_probes(device, dtype, shapes)
     timings = time_interleaved({name: fn for name, (fn, _) in probes.items()}, device, warmup=1, repeats=repeats)
     return {name: flops / (timings[name].median_ms * 1e-3) for name, (_, flops) in probes.items()}
 
