@@ -18,7 +18,7 @@ from helpers import NO_EXT, assert_close
 from torch import nn
 
 from mldecoder_fast import MLDecoder, MLDecoderFast
-from mldecoder_fast.benchmark import agreement, cases, contenders, goals, report, runner, tables
+from mldecoder_fast.benchmark import agreement, cases, contenders, goals, report, runner, tables, timing
 from mldecoder_fast.benchmark import configs as configs_mod
 from mldecoder_fast.benchmark.configs import BenchConfig
 from mldecoder_fast.benchmark.expert import ExpertMLDecoder
@@ -288,6 +288,20 @@ def test_failing_implementation_is_skipped_not_fatal():
 
 # -- timing, memory, FLOPs -----------------------------------------------------------------------
 
+def test_isolated_callables_are_timed_in_blocks_on_a_settled_machine(monkeypatch):
+    """A runtime with threads of its own gets blocks of calls, with the machine idle before and
+    after each block; the others one call per round."""
+    monkeypatch.setattr(timing, "SETTLE_S", 0.02)
+    calls = []
+    t = time_interleaved({"a": lambda: calls.append(("a", time.perf_counter())),
+                          "peer": lambda: calls.append(("peer", time.perf_counter()))},
+                         "cpu", warmup=0, repeats=3, isolated=frozenset({"peer"}))
+    assert t["a"].repeats == 3 and t["peer"].repeats == 3 * timing.ISOLATED_BLOCK
+    for (name, at), (nxt, then) in zip(calls[:-1], calls[1:], strict=True):
+        if name != nxt:   # a switch to or from the peer's block waits for the machine to settle
+            assert then - at >= 0.02, (name, nxt)
+
+
 def test_interleaved_timing_and_cpu_peak_memory():
     t = time_interleaved({"a": lambda: None, "b": lambda: torch.ones(10)}, "cpu", warmup=1, repeats=3)
     assert set(t) == {"a", "b"} and all(v.repeats == 3 and v.median_ms >= 0 for v in t.values())
@@ -372,14 +386,16 @@ def test_bench_command_writes_table_json_markdown_png(tmp_path, capsys):
         assert r["errors"] and set(r["errors"]) == set(r["allowed"])
         assert all(r["errors"][k] <= r["allowed"][k] for k in r["errors"])
         assert r["matmul_flops_per_s"] == max(r["matmul_rates"].values())
-        assert (r["peak_bytes"] is None) == (r["impl"] == "onnxruntime")
-    if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnxscript"):
-        ort = [r for r in rows if r["impl"] == "onnxruntime"]
-        assert sorted(r["config"] for r in ort) == ["imagenet1k-resnet50-224-tiny", "zsl-nus-wide-224-tiny"]
-        assert {r["mode"] for r in ort} == {"eval"}  # inference only
-        assert meta["onnxruntime"] and meta["onnx"]
-    else:
-        assert "onnxruntime" in data["skipped"]
+        assert (r["peak_bytes"] is None) == (r["impl"] in ("onnxruntime", "openvino"))
+    for runtime in ("onnxruntime", "openvino"):
+        if importlib.util.find_spec(runtime) and importlib.util.find_spec("onnxscript"):
+            peer = [r for r in rows if r["impl"] == runtime]
+            assert sorted(r["config"] for r in peer) == ["imagenet1k-resnet50-224-tiny", "zsl-nus-wide-224-tiny"]
+            assert {r["mode"] for r in peer} == {"eval"}  # inference only
+            assert all(len(r["times_ms"]) % timing.ISOLATED_BLOCK == 0 for r in peer)   # timed in blocks
+            assert meta[runtime] and meta["onnx"]
+        else:
+            assert runtime in data["skipped"]
     assert set(meta["matmul_gflops"]) >= {f"torch.mm {m}x{k}x{n}" for m, k, n in CPU_PROBE_SHAPES}
     assert meta["cpu"]["model"] and "aten_capability" in meta["cpu"]   # the CPU named in every record
     assert "- CPU: " in md.read_text()

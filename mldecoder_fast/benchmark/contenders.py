@@ -26,6 +26,7 @@ EXPERT = "eager-expert"
 
 
 ONNXRUNTIME = "onnxruntime"
+OPENVINO = "openvino"
 
 
 GRAPHED = "graphed-"
@@ -57,6 +58,10 @@ class Impl:
     memory: bool = True  # False: allocates outside PyTorch's allocator (no peak memory reported)
     # Called with the head once it holds the case's weights: what to time instead (e.g. an export).
     wrap: Callable[[nn.Module, Case], nn.Module] | None = None
+    # A runtime with threads of its own (ONNX Runtime, OpenVINO): timed in blocks of calls with the
+    # machine settled before and after (``timing.time_interleaved``), so that neither its threads
+    # nor OpenMP's spinning ones take the cores from whatever runs next.
+    isolated: bool = False
 
     def make(self, cfg: BenchConfig) -> nn.Module:
         return self.build(cfg)
@@ -170,25 +175,42 @@ def reference_impl() -> Impl:
     return Impl(REFERENCE, lambda c: c.make_head(MLDecoder))
 
 
+def _exported(head: nn.Module, case: Case, tmp: str) -> Path:
+    """``head`` exported by ``export_onnx`` (dynamic batch, as users get it), from an fp32 example
+    (the file holds the head's fp32 weights whatever the row's dtype)."""
+    from ..serving.export import export_onnx
+    # The benchmark's own agreement check judges the file; export_onnx's check would repeat it.
+    return export_onnx(head, case.inputs[0].float(), Path(tmp) / "head.onnx", check=False).path
+
+
 def _onnxruntime(head: nn.Module, case: Case) -> nn.Module:
-    """``head`` exported by ``export_onnx`` (dynamic batch, as users get it) and run by ONNX Runtime
-    with the benchmark's threads (``onnxruntime_session``)."""
-    from ..serving.export import OnnxRuntimeModule, export_onnx
+    """The exported head run by ONNX Runtime with the benchmark's threads (``onnxruntime_session``)."""
+    from ..serving.export import OnnxRuntimeModule
     with tempfile.TemporaryDirectory() as tmp:
-        # The benchmark's own agreement check judges the file; export_onnx's check would repeat it.
-        path = export_onnx(head, case.inputs[0], Path(tmp) / "head.onnx", check=False).path
-        return OnnxRuntimeModule(path)
+        return OnnxRuntimeModule(_exported(head, case, tmp))
 
 
-def _onnxruntime_unavailable(device: torch.device, dtype: torch.dtype | None, fast) -> str | None:
-    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+def _openvino(head: nn.Module, case: Case) -> nn.Module:
+    """The exported head compiled by OpenVINO with the benchmark's threads, the latency hint and the
+    row's precision (f32, or bf16 for bf16 rows)."""
+    from ..serving.export import OpenVinoModule
+    with tempfile.TemporaryDirectory() as tmp:
+        return OpenVinoModule(_exported(head, case, tmp), "bf16" if case.dtype == torch.bfloat16 else "f32")
+
+
+def _runtime_unavailable(runtime: str, device: torch.device, dtype: torch.dtype | None, fast) -> str | None:
+    module, extra = {ONNXRUNTIME: ("onnxruntime", "onnx"), OPENVINO: ("openvino", "openvino")}[runtime]
+    missing = [m for m in ("onnx", "onnxscript", module) if importlib.util.find_spec(m) is None]
     if missing:
-        return f"{', '.join(missing)} not installed (pip install 'mldecoder-fast[onnx]')"
+        return f"{', '.join(missing)} not installed (pip install 'mldecoder-fast[{extra}]')"
     if fast is None:
         return "needs MLDecoderFast (the exported head)"
     if device.type != "cpu":
-        return "ONNX Runtime's CPU execution provider: CPU rows only"
-    if dtype is not None and dtype != torch.float32:
+        return f"{runtime} on the CPU: CPU rows only"
+    if runtime == OPENVINO:
+        if dtype is not None and dtype not in (torch.float32, torch.bfloat16):
+            return "float32 and bfloat16 rows only (OpenVINO's f32 and bf16 precision hints)"
+    elif dtype is not None and dtype != torch.float32:
         return "float32 only (the exported graph runs in its weights' dtype, without autocast)"
     return None
 
@@ -253,12 +275,13 @@ def implementations(device, include_compiled: bool = True, names: list[str] | No
                        memory=False, wrap=graphed_head) for i in graphable]
     else:
         skipped[GRAPHED + "*"] = "CUDA graphs need a CUDA device"
-    why_not = _onnxruntime_unavailable(device, dtype, fast)
-    if why_not:
-        skipped[ONNXRUNTIME] = why_not
-    else:
-        impls.append(Impl(ONNXRUNTIME, lambda c: c.make_head(fast), modes=("eval",), memory=False,
-                          wrap=_onnxruntime))
+    for runtime, wrap in ((ONNXRUNTIME, _onnxruntime), (OPENVINO, _openvino)):
+        why_not = _runtime_unavailable(runtime, device, dtype, fast)
+        if why_not:
+            skipped[runtime] = why_not
+        else:
+            impls.append(Impl(runtime, lambda c: c.make_head(fast), modes=("eval",), memory=False, wrap=wrap,
+                              isolated=True))
     if names:
         wanted = set(names)
         wanted |= {REFERENCE}  # the reference is needed for the agreement check and speedups

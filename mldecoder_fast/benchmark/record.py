@@ -91,6 +91,7 @@ def collect_meta(device, dtype: torch.dtype, batches, mm_rates: dict | None, ban
         "triton": triton_version(),
         "onnx": module_version("onnx"),
         "onnxruntime": module_version("onnxruntime"),
+        "openvino": module_version("openvino"),
         "python": platform.python_version(),
         "commit": git_commit(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

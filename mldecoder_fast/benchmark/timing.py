@@ -90,10 +90,20 @@ def _timed_call(fn: Callable[[], object], device: torch.device) -> float:
 NOISY_SPREAD = 1.3
 
 
+ISOLATED_BLOCK = 3      # calls per round of an isolated callable, timed one by one
+SETTLE_S = 0.25         # idle before and after an isolated callable's block (OpenMP's spin is 0.2 s)
+
+
 def time_interleaved(fns: dict[str, Callable[[], object]], device, warmup: int = 1, repeats: int = 5,
-                     min_repeats: int = 1, budget_s: float | None = None) -> dict[str, Timing]:
+                     min_repeats: int = 1, budget_s: float | None = None,
+                     isolated: frozenset = frozenset()) -> dict[str, Timing]:
     """Time several callables in rounds (one call of each per round), so that a change of load on
     a shared machine hits them all alike and their ratios stay meaningful.
+
+    ``isolated``: callables with threads of their own (ONNX Runtime, OpenVINO): each round times a
+    block of ``ISOLATED_BLOCK`` calls of one, with the machine idle for ``SETTLE_S`` before and
+    after, so that neither its threads nor the OpenMP threads of the others, spinning after their
+    last call, take the cores from whichever runs next.
 
     ``budget_s`` is per callable: no new round starts once the rounds took longer than
     ``budget_s * len(fns)`` and ``min_repeats`` rounds are done, or right after the first round
@@ -112,7 +122,12 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device, warmup: int =
     for i in range(repeats):
         # Alternate the order, so that no callable always runs right after the same neighbour.
         for name in (names if i % 2 == 0 else names[::-1]):
-            times[name].append(_timed_call(fns[name], device))
+            if name in isolated:
+                time.sleep(SETTLE_S)
+                times[name] += [_timed_call(fns[name], device) for _ in range(ISOLATED_BLOCK)]
+                time.sleep(SETTLE_S)
+            else:
+                times[name].append(_timed_call(fns[name], device))
         if budget_s is None:
             continue
         elapsed, limit = time.perf_counter() - start, budget_s * len(fns)

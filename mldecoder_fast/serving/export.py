@@ -184,6 +184,27 @@ class OnnxRuntimeModule(nn.Module):
         return torch.from_numpy(out)
 
 
+class OpenVinoModule(nn.Module):
+    """An exported model compiled by OpenVINO for the CPU, called like the module it came from (one
+    tensor in, one tensor out; CPU tensors): ``threads`` inference threads (default: torch's), the
+    latency hint, and ``precision`` "f32" or "bf16" (OpenVINO's inference precision hint: bf16 where
+    the CPU has it, the weights and input staying fp32 in the file)."""
+
+    def __init__(self, path, precision: str = "f32", threads: int | None = None):
+        super().__init__()
+        import openvino as ov
+        core = ov.Core()
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
+                  "INFERENCE_PRECISION_HINT": precision}
+        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().cpu()
+        out = self.request.infer({0: x.float().numpy() if x.dtype == torch.bfloat16 else x.numpy()})
+        return torch.from_numpy(next(iter(out.values())).copy())
+
+
 # -- mldecoder-fast export ----------------------------------------------------------------------
 
 def register(subparsers) -> None:
