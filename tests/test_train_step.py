@@ -163,9 +163,9 @@ def test_frozen_parameters_and_input_without_grad():
 
 
 CPU_KIT = StepKit(cpu_gemm.TORCH, torch.float64, "explicit", regenerate=False,
-                  keep_ln_outputs=False, direct_out=False, layer_norm="aten")
+                  keep_ln_outputs=False, in_place_outputs=False, layer_norm="aten")
 LEAN_KIT = StepKit(cpu_gemm.TORCH, torch.float64, "explicit", regenerate=True,
-                   keep_ln_outputs=True, direct_out=False, layer_norm="aten")
+                   keep_ln_outputs=True, in_place_outputs=False, layer_norm="aten")
 
 
 def _small_step_inputs(fast, per_sample_queries):
@@ -181,7 +181,7 @@ def _small_step_inputs(fast, per_sample_queries):
 
 
 TRITON_STEP_KITS = {kind: StepKit(cpu_gemm.TORCH, torch.float32, kind, regenerate=True,
-                                  keep_ln_outputs=True, direct_out=False, layer_norm=ln)
+                                  keep_ln_outputs=True, in_place_outputs=False, layer_norm=ln)
                     for kind, ln in (("explicit", "aten"), ("triton", "triton"))}
 
 
@@ -302,18 +302,18 @@ def test_backward_is_the_derivative_with_dropout_on(monkeypatch, per_sample_quer
     assert len(fixed) == sum(p > 0 for p in ps)
 
 
-@pytest.mark.parametrize("direct_out", [False, True], ids=["products", "direct_out"])
+@pytest.mark.parametrize("in_place_outputs", [False, True], ids=["products", "in_place_outputs"])
 @pytest.mark.parametrize("per_sample_queries", [True, False])
-def test_lean_kit_backward_is_the_derivative_with_regenerated_masks(per_sample_queries, direct_out):
+def test_lean_kit_backward_is_the_derivative_with_regenerated_masks(per_sample_queries, in_place_outputs):
     """The launch-lean kit (masks redrawn in the backward from the forward's generator state, LN
     outputs kept): finite differences, dropout on at every site, the seed fixed per call. With
-    ``direct_out`` as on CUDA: gradients written by the products into shared buffers, and the
+    ``in_place_outputs`` as on CUDA: gradients written by the products into shared buffers, and the
     bias gradients b2+b1 and b_k+b_v+b_e each one sum over one buffer."""
     torch.manual_seed(4)
     _, fast = make_pair(23, 4, decoder_embedding=16, dtype=torch.float64)
     ps = (0.3 if per_sample_queries else 0.0, 0.25, 0.2, 0.35, 0.15)
     tokens, t0, params = _small_step_inputs(fast, per_sample_queries)
-    kit = LEAN_KIT._replace(direct_out=direct_out)
+    kit = LEAN_KIT._replace(in_place_outputs=in_place_outputs)
     fn = _step_fn(fast, kit, ps, seed=11)
     assert torch.autograd.gradcheck(fn, (tokens, t0, *params), fast_mode=True, atol=1e-6, rtol=1e-5)
     # the masks do act: another seed gives other logits

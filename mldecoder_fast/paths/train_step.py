@@ -121,13 +121,13 @@ def _kit(lean: bool, triton: bool, gemm, device: str, compute: torch.dtype, no_a
         # masks in a 16-bit compute dtype (no cast per use), bool for fp32 (a quarter of the bytes)
         masks = compute if compute.itemsize == 2 else torch.bool
         return StepKit(gemm, compute, "explicit", regenerate=False,
-                       keep_ln_outputs=False, direct_out=False, layer_norm="aten", mask_dtype=masks)
+                       keep_ln_outputs=False, in_place_outputs=False, layer_norm="aten", mask_dtype=masks)
     cuda = device == "cuda"
     # CUDA's memory-efficient attention within its domain; the CPU's flash kernel has no dropout
     fused = efficient_attention_takes(compute, head_dim) if cuda else no_attention_dropout
     attention = "triton" if triton else ("fused" if fused else "explicit")
     return StepKit(gemm, compute, attention, regenerate=not capturing,
-                   keep_ln_outputs=True, direct_out=cuda, layer_norm="triton" if triton else "aten")
+                   keep_ln_outputs=True, in_place_outputs=cuda, layer_norm="triton" if triton else "aten")
 
 
 CPU_STEP = TrainStep("CPU step", ("torch", "cpp"), lean=False, triton=False)

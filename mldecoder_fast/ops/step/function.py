@@ -27,8 +27,10 @@ the same code:
   or the compute dtype (the CPU under bf16 autocast, where a bool operand costs a cast per use);
 - ``keep_ln_outputs``: keep T1, T2, T3 for the backward (fewer launches) or recompute them there
   from what is kept anyway (less memory, the CPU's choice);
-- ``direct_out``: products write fp32 results and row slices of the gradients themselves
-  (cuBLAS ``out_dtype``/``out=``), no cast or copy after them.
+- ``in_place_outputs``: products write fp32 results and row slices of the gradients themselves
+  (``out_dtype``/``out=``), no cast or copy after them, and with them go the choices that save
+  launches where products can do that (W2's dropout scale folded into a copy of it, bias gradients
+  summed over one shared buffer): the CUDA kit's (its tests also run it on the CPU).
 
 The weights arrive as ``StepWeights``: copies in the compute dtype, made by the caller once per
 parameter version (``MLDecoderFast`` keeps them in its caches, so an optimizer step refreshes them
@@ -149,7 +151,7 @@ class _Products:
     def grad_weight(self, g, x, out=None):
         """gᵀ x in the parameters' dtype (into ``out`` when given)."""
         a, b = g.t().to(self.compute), x.to(self.compute)
-        if self.kit.direct_out:
+        if self.kit.in_place_outputs:
             kwargs = {} if self.compute == self.out else {"out_dtype": self.out}
             return torch.mm(a, b, **kwargs) if out is None else torch.mm(a, b, **kwargs, out=out)
         r = self.gemm.mm(a, b).to(self.out)
@@ -161,7 +163,7 @@ class _Products:
         against 0.19), so there the sum (accumulated in fp32) is rounded to g's dtype, as the
         bias gradient of a bf16 linear layer under autocast is; an fp16 sum would overflow at a
         GradScaler's scale, so fp16 is summed into fp32 everywhere."""
-        if not self.kit.direct_out and g.dtype not in (self.out, torch.float16):
+        if not self.kit.in_place_outputs and g.dtype not in (self.out, torch.float16):
             r = g.sum(0)
             return r.to(self.out) if out is None else out.copy_(r)
         return g.sum(0, dtype=self.out) if out is None else torch.sum(g, 0, dtype=self.out, out=out)
@@ -172,7 +174,7 @@ class _Products:
         elsewhere g comes in the parameters' dtype and so does the product (on the CPU a bf16
         product and its cast to fp32 took longer than the fp32 product)."""
         h = h.transpose(0, 1).transpose(1, 2)                                           # [K, D, B]
-        if self.kit.direct_out:
+        if self.kit.in_place_outputs:
             kwargs = {} if self.compute == self.out else {"out_dtype": self.out}
             return torch.bmm(h.to(self.compute), g, **kwargs)
         return torch.bmm(h.to(self.out), g)
@@ -309,16 +311,16 @@ class HeadTrainStep(torch.autograd.Function):
             g_h = torch.ops.mldecoder_fast.group_fc_grad_h(g.to(out_dtype), h, w.Wg, num_out).to(cd)
         else:
             k, _, G = w.Wg.shape
-            if kit.direct_out and k * G != num_out:   # cast and zero tail in one op (cat into cd)
+            if kit.in_place_outputs and k * G != num_out:   # cast and zero tail in one op (cat into cd)
                 g_full = torch.cat([g, w.zero.expand(B, k * G - num_out)], 1,
                                    out=torch.empty(B, k * G, dtype=cd, device=g.device))
             else:
                 g_full = g if k * G == num_out else F.pad(g, (0, k * G - num_out))       # [B, K*G]
             g_pad = g_full.to(cd).reshape(B, k, G).transpose(0, 1)                       # [K, B, G]
             # the weight gradient's operand: compute-dtype for cuBLAS, else the parameters' dtype
-            g_pad_wg = g_pad if kit.direct_out else g_full.reshape(B, k, G).transpose(0, 1)
+            g_pad_wg = g_pad if kit.in_place_outputs else g_full.reshape(B, k, G).transpose(0, 1)
             del g_full
-            if kit.direct_out:   # cuBLAS writes the [B, K, D] layout itself
+            if kit.in_place_outputs:   # cuBLAS writes the [B, K, D] layout itself
                 g_h = torch.empty(B, K, D, dtype=cd, device=g.device)
                 torch.bmm(g_pad, w.Wg.transpose(1, 2), out=g_h.transpose(0, 1))
             else:   # the CPU: a contiguous product and a copy (21K B=16: 4.8 ms, 6.3 into the view)
@@ -330,8 +332,8 @@ class HeadTrainStep(torch.autograd.Function):
         g_u3, g_ln3w, g_ln3b = _layer_norm_backward(kit, g_h, u3, mean3, rstd3, w.ln3w, w.ln3b,
                                                     (True, need.ln3w, need.ln3b), w.zero)
         del g_h, mean3, rstd3
-        # (direct_out: the gradients of b2 and b1 as one sum over one buffer holding both addends)
-        ff_sum = kit.direct_out and need.b2 and need.b1 and "r" in m
+        # (in_place_outputs: the gradients of b2 and b1 as one sum over one buffer holding both addends)
+        ff_sum = kit.in_place_outputs and need.b2 and need.b1 and "r" in m
         width = w.W1.shape[0]
         ff_grads = torch.empty(B * K, D + width, dtype=cd, device=g.device) if ff_sum else None
         keep_r = m.pop("r", None)
@@ -343,7 +345,7 @@ class HeadTrainStep(torch.autograd.Function):
         f1 = pop("f1")
         g_W2 = P.grad_weight(g_f2, f1) if need.W2 else None
         g_b2 = P.grad_bias(g_f2) if need.b2 and not ff_sum else None
-        if not kit.direct_out and s_f != 1.0:   # the CPU's W2s is W2: it scales g_f2 instead
+        if not kit.in_place_outputs and s_f != 1.0:   # the CPU's W2s is W2: it scales g_f2 instead
             g_f2 = g_f2.mul_(s_f) if own_f2 else g_f2 * s_f                          # (g_u3 is read below)
         g_f1 = P.mm(g_f2, w.W2s)                                                       # W2s: dropout scale
         # (without the buffer: in place, g_f1 is used up here)
@@ -374,9 +376,9 @@ class HeadTrainStep(torch.autograd.Function):
         g_o = P.mm(g_op, w.Wo)                                                         # [BK, D]
         del g_op
         # ---- attention ------------------------------------------------------------------------------
-        # (direct_out: the gradients of b_k, b_v and b_e as one sum over one buffer holding g_kv
+        # (in_place_outputs: the gradients of b_k, b_v and b_e as one sum over one buffer holding g_kv
         # and the input projection's pre-activation gradient)
-        proj_sum = kit.direct_out and kit.attention != "triton" and need.bin and need.be
+        proj_sum = kit.in_place_outputs and kit.attention != "triton" and need.bin and need.be
         proj_grads = torch.empty(B * N, 3 * D, dtype=cd, device=g.device) if proj_sum else None
         kv, q = pop("kv"), pop("q")
         g_q, g_kv = attention_backward(kit, g_o, q, kv, pop("attn"), B, N, H, p_a, m.pop("a", None),

@@ -19,7 +19,7 @@ class StepKit(NamedTuple):
     attention: str            # "explicit" | "fused" | "triton"
     regenerate: bool
     keep_ln_outputs: bool
-    direct_out: bool
+    in_place_outputs: bool
     layer_norm: str           # "aten" | "triton"
     mask_dtype: torch.dtype = torch.bool
 
@@ -120,7 +120,7 @@ def derive_weights(params, t0, kit: StepKit, p_ff: float, zsl: bool,
         made = {name: None if t is None else conv(name, t) for name, t in sources.items()}
         # CUDA folds the feed-forward dropout's scale into a copy of W2 (no launch to scale the
         # gradient); the CPU scales the gradient in place instead of holding a copy
-        made["W2s"] = conv("W2s", W2, dropout_scale(p_ff)) if kit.direct_out else made["W2"]
+        made["W2s"] = conv("W2s", W2, dropout_scale(p_ff)) if kit.in_place_outputs else made["W2"]
         zero = into.zero if into is not None and into.zero.dtype == cd else \
             torch.zeros((), dtype=cd, device=We.device)
         return StepWeights(**made, bias=bias, zero=zero)
