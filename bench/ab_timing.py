@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
@@ -90,20 +88,14 @@ def measure(path: str) -> None:
 
 
 def against(commit: str, rounds: int) -> int:
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    tmp = tempfile.mkdtemp(prefix="ab_timing_")
-    tree = os.path.join(tmp, "tree")
-    subprocess.run(["git", "-C", here, "worktree", "add", "--detach", "-q", tree, commit], check=True)
-    try:
-        if subprocess.run(["git", "-C", here, "diff", "--quiet", commit, "--", "csrc"]).returncode:
+    from base_tree import HERE, worktree_at  # (a sibling script: bench/ is on the path when run)
+    with worktree_at(commit) as (tree, tmp, same_csrc):
+        if not same_csrc:
             print(f"csrc/ differs from {commit}: build that tree's extension first")
             return 2
-        for f in os.listdir(os.path.join(here, "mldecoder_fast")):
-            if f.startswith("_C") and f.endswith(".so"):   # the same sources build the same library
-                shutil.copy(os.path.join(here, "mldecoder_fast", f), os.path.join(tree, "mldecoder_fast", f))
         times = {"A": [], "B": []}
         for r in range(rounds):
-            for side, root in (("A", tree), ("B", here)):
+            for side, root in (("A", tree), ("B", HERE)):
                 path = os.path.join(tmp, f"{side}{r}.json")
                 subprocess.run([sys.executable, os.path.abspath(__file__), "measure", path], check=True, cwd=root,
                                env={**os.environ, "PYTHONPATH": root})
@@ -120,9 +112,6 @@ def against(commit: str, rounds: int) -> int:
                   f"B {statistics.median(b):8.2f} ({max(b) / min(b):.2f})  B/A {ratio:.3f}")
         print(f"largest |B/A - 1|: {worst:.1%}")
         return 0
-    finally:
-        subprocess.run(["git", "-C", here, "worktree", "remove", "--force", tree], check=False)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv: list[str]) -> int:

@@ -23,10 +23,8 @@ Numbers are bit-identical only on one machine (and one PyTorch): run both commit
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 
 import torch
 
@@ -147,29 +145,17 @@ def compare(path_a: str, path_b: str) -> int:
 
 
 def against(commit: str) -> int:
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    tmp = tempfile.mkdtemp(prefix="same_numbers_")
-    tree = os.path.join(tmp, "tree")
-    subprocess.run(["git", "-C", here, "worktree", "add", "--detach", "-q", tree, commit], check=True)
-    try:
-        # The compiled extension: the same sources build the same library, so this checkout's is used
-        changed = subprocess.run(["git", "-C", here, "diff", "--quiet", commit, "--", "csrc"]).returncode
-        if changed:
+    from base_tree import HERE, worktree_at  # (a sibling script: bench/ is on the path when run)
+    with worktree_at(commit) as (tree, tmp, same_csrc):
+        if not same_csrc:
             print(f"csrc/ differs from {commit}: its cpp backend is not compared")
-        else:
-            for f in os.listdir(os.path.join(here, "mldecoder_fast")):
-                if f.startswith("_C") and f.endswith(".so"):
-                    shutil.copy(os.path.join(here, "mldecoder_fast", f), os.path.join(tree, "mldecoder_fast", f))
         base, head = os.path.join(tmp, "base.pt"), os.path.join(tmp, "head.pt")
         script = os.path.abspath(__file__)
         subprocess.run([sys.executable, script, "record", base], check=True, cwd=tree,
                        env={**os.environ, "PYTHONPATH": tree})
-        subprocess.run([sys.executable, script, "record", head], check=True, cwd=here,
-                       env={**os.environ, "PYTHONPATH": here})
+        subprocess.run([sys.executable, script, "record", head], check=True, cwd=HERE,
+                       env={**os.environ, "PYTHONPATH": HERE})
         return compare(base, head)
-    finally:
-        subprocess.run(["git", "-C", here, "worktree", "remove", "--force", tree], check=False)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv: list[str]) -> int:
