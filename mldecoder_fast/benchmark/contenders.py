@@ -66,6 +66,13 @@ class Impl:
     def make(self, cfg: BenchConfig) -> nn.Module:
         return self.build(cfg)
 
+    @property
+    def must_keep_nan(self) -> bool:
+        """Whether its logits from a NaN input must be non-finite exactly where the reference's are
+        (``agreement.check_agreement``): MLDecoderFast rows, eager or graphed. A peer's (torch.compile,
+        ONNX Runtime, OpenVINO) difference is reported in its row, not judged."""
+        return self.backend is not None and not self.compiled
+
 
 def _fast_class():
     try:

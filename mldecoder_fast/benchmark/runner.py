@@ -124,8 +124,7 @@ def run_case(case: Case, impls: list[Impl], warmup: int = 1, repeats: int = 5,
                 if impl.name == REFERENCE:
                     verdict = judge(case, set_expectations(case, model))
                 else:   # MLDecoderFast rows (eager or graphed) must keep NaN as the reference
-                    verdict = check_agreement(model, case, nonfinite_must_match=impl.backend is not None
-                                              and not impl.compiled)
+                    verdict = check_agreement(model, case, nonfinite_must_match=impl.must_keep_nan)
                 res.agree, res.error, res.errors, res.detail = (verdict.ok, verdict.error, verdict.errors,
                                                                 verdict.detail)
                 res.allowed = dict(case.allowed)
