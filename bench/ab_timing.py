@@ -15,6 +15,7 @@ spread of the rounds (the largest over the smallest round median, each side).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -35,7 +36,7 @@ TINY_CALLS = 400
 
 
 def _step(head, x, mode: str, autocast):
-    ctx = (lambda: torch.autocast("cpu", dtype=autocast)) if autocast else __import__("contextlib").nullcontext
+    ctx = (lambda: torch.autocast("cpu", dtype=autocast)) if autocast else contextlib.nullcontext
     if mode == "eval":
         head.eval()
 

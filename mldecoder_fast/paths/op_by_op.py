@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..head.backends import ops_for
-from ..head.config import NUM_HEADS
+from ..head.config import NUM_HEADS, DropoutRates
 from ..head.inputs import tokens_from_input
 from ..ops import cpu_gemm
 from ..ops.torch_ops import folded_query_attention
@@ -29,6 +29,7 @@ class OpByOpPlan(NamedTuple):
     linear: object         # linear(x, weight, bias, rows, relu, nan_carried, nan_of)
     scores: object | None  # the CPU GEMM provider's product for the attention scores, else None
     needs_grad: bool
+    dropout: DropoutRates  # the facts' rates (zero in eval)
 
 
 class OpByOp:
@@ -44,7 +45,7 @@ class OpByOp:
         if not facts.needs_grad and facts.backend in ("torch", "cpp") and facts.device == "cpu":
             # the CPU's score GEMM through the GEMM provider (oneDNN), as the other products
             scores = cpu_gemm.provider(facts.autocast or facts.input_dtype, x.device).linear
-        return OpByOpPlan(ops, _linear(head, facts.needs_grad, x.device), scores, facts.needs_grad)
+        return OpByOpPlan(ops, _linear(head, facts.needs_grad, x.device), scores, facts.needs_grad, facts.dropout)
 
     def forward(self, head, x, plan: OpByOpPlan) -> torch.Tensor:
         cfg = head.config
@@ -53,8 +54,7 @@ class OpByOp:
         attn = layer.multihead_attn
         d = cfg.embed_dim
         ops, linear = plan.ops, plan.linear
-        p = head.dropout_rates() if head.training else None
-        p_query, p_attn, p_out, p_ff, p_res = p if p is not None else (0.0,) * 5
+        p_query, p_attn, p_out, p_ff, p_res = plan.dropout
 
         tokens = tokens_from_input(x)                                               # [B, N, C]
         memory = linear(tokens, dec.embed_standart.weight, dec.embed_standart.bias, relu=True)

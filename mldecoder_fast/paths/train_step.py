@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from ..head.backends import ops_for
-from ..head.config import NUM_HEADS
+from ..head.config import NUM_HEADS, DropoutRates
 from ..head.inputs import tokens_from_input
 from ..ops import cpu_gemm
 from ..ops.step.attention import efficient_attention_takes
@@ -47,6 +47,7 @@ class StepPlan(NamedTuple):
     kit: StepKit
     params: StepParameters
     extension_group_fc: bool    # the compiled extension's group-FC ops instead of bmm
+    dropout: DropoutRates       # the facts' rates
 
 
 class TrainStep:
@@ -86,14 +87,14 @@ class TrainStep:
         gemm = cpu_gemm.TORCH if self.lean else cpu_gemm.provider(facts.compute, x.device)
         kit = _kit(self.lean, self.triton, gemm, facts.device, facts.compute, facts.dropout.attention == 0,
                    head.config.embed_dim // NUM_HEADS, facts.mem_efficient_sdp, capturing)
-        return StepPlan(kit, step_parameters(head), facts.backend == "cpp" and not head.config.zsl)
+        return StepPlan(kit, step_parameters(head), facts.backend == "cpp" and not head.config.zsl, facts.dropout)
 
     def forward(self, head, x, plan: StepPlan) -> torch.Tensor:
         layer = head.decoder.layers[0]
         kit, params = plan.kit, plan.params
         t0 = queries.base_queries(head)
         zsl = head.config.zsl
-        rates = head.dropout_rates()
+        rates = plan.dropout
         # the weights as the step reads them, made once per parameter version (an optimizer step)
         fixed_t0 = None if zsl else t0
         sources = list(params) + ([] if zsl else [t0])
