@@ -21,6 +21,14 @@ import rounding  # noqa: E402
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+@pytest.fixture
+def op_by_op_eval(monkeypatch):
+    """CPU eval without autograd runs op by op (with the GEMM provider's products, as the cpp
+    backend and the fallback from the CPU eval path do), not paths/cpu_eval.py."""
+    from mldecoder_fast.paths import CPU_EVAL, route
+    monkeypatch.setattr(route, "PATHS", tuple(p for p in route.PATHS if p is not CPU_EVAL))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -110,6 +110,7 @@ def _packed_and_cast(fast):
     return {n: fast.caches.held(n) for n in fast.caches.names() if n[0] in ("packed", "cast")}
 
 
+@pytest.mark.usefixtures("op_by_op_eval")
 @pytest.mark.parametrize("mode,dtype", [("onednn", None), ("onednn", torch.bfloat16), ("mkl", torch.bfloat16)])
 def test_weight_copies_follow_every_change(monkeypatch, mode, dtype):
     """Packed oneDNN weights (fp32 and bf16) and autocast copies: made once per weight version,

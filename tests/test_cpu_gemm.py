@@ -1,6 +1,8 @@
 """The CPU head's GEMM providers (ops/cpu_gemm.py): each one forced, against the reference (eval,
 fused training step, bf16 autocast), the measure-once choice with injected timings, the run-time
-fallback when oneDNN fails, and the switches that keep fp32 products in fp32."""
+fallback when oneDNN fails, and the switches that keep fp32 products in fp32. Eval runs op by op
+here (the ``op_by_op_eval`` fixture): the CPU eval path (tests/test_cpu_eval.py) packs its own
+oneDNN products."""
 from __future__ import annotations
 
 import warnings
@@ -14,6 +16,7 @@ from mldecoder_fast import MLDecoder
 from mldecoder_fast.ops import cpu_gemm
 
 PROVIDERS = ["onednn", "mkl"]
+pytestmark = pytest.mark.usefixtures("op_by_op_eval")
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from heads import make_pair
 from mldecoder_fast import MLDecoderFast, paths
 from mldecoder_fast.benchmark.launches import fake_cuda
 from mldecoder_fast.head.backends import ops_for
+from mldecoder_fast.ops import cpu_gemm
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": (torch.float32, None), "fp64": (torch.float64, None), "fp16": (torch.float16, None),
@@ -97,10 +98,22 @@ def _resolved(backend: str, device: str, mode: str, dtype: str):
 def test_backend_and_the_lean_eval_device():
     head = _head(torch.float32)
     x = torch.randn(2, 24, 3, 3)
-    assert _choice(head, x, "eval", None)[0] is paths.OP_BY_OP
+    assert _choice(head, x, "eval", None)[0] is paths.CPU_EVAL
+    assert _choice(head, x, "eval", None, backend="cpp")[0] is paths.OP_BY_OP
     head.lean_eval_devices = ("cpu",)
     assert _choice(head, x, "eval", None)[0] is paths.LEAN_EVAL
     assert _choice(head, x, "eval", None, backend="cpp")[0] is paths.OP_BY_OP
+
+
+def test_the_cpu_gemm_choice():
+    head = _head(torch.float32)
+    x = torch.randn(2, 24, 3, 3)
+    previous = cpu_gemm.set_cpu_gemm("mkl")
+    try:
+        assert _choice(head, x, "eval", None)[0] is paths.OP_BY_OP
+    finally:
+        cpu_gemm.set_cpu_gemm(previous)
+    assert _choice(head, x, "eval", None)[0] is paths.CPU_EVAL
 
 
 def test_device_and_the_lean_train_device():
@@ -118,7 +131,8 @@ def test_mode_grad_and_empty_batch():
     head = _head(torch.float32)
     x = torch.randn(2, 24, 3, 3)
     assert _choice(head, x, "train", None)[0] is paths.CPU_STEP
-    assert _choice(head, x, "eval", None)[0] is paths.OP_BY_OP
+    assert _choice(head, x, "eval", None)[0] is paths.CPU_EVAL
+    assert _choice(head, x[:0], "eval", None)[0] is paths.OP_BY_OP
     head.train()
     with torch.no_grad():
         assert paths.choose(head, x, paths.facts_of(head, x)) is paths.OP_BY_OP
@@ -249,7 +263,7 @@ def test_the_choice_is_kept_per_facts_and_forgotten_on_moves(monkeypatch):
     with torch.no_grad():
         fast(x)
     assert len(calls) > first
-    assert set(fast.chosen_paths.values()) == {paths.CPU_STEP, paths.OP_BY_OP}
+    assert set(fast.chosen_paths.values()) == {paths.CPU_STEP, paths.CPU_EVAL}
     fast.to(torch.float64)
     assert fast.chosen_paths == {}
     fast.train()(x.double())
@@ -293,7 +307,11 @@ def test_the_design_table_is_what_the_resolver_does(row):
     path = getattr(paths, name)
     assert inspect.getfile(type(path)).endswith(file), f"{name} lives in {inspect.getfile(type(path))}"
     for case in itertools.product(backends, devices, modes, dtypes):
-        assert _resolved(*case) is path, case
+        param_dtype, autocast = DTYPES[case[3]]
+        if path is paths.CPU_EVAL and not cpu_gemm.runs_onednn(autocast or param_dtype):
+            assert _resolved(*case) is paths.OP_BY_OP, case   # (the table's note: bf16 on a CPU without it)
+        else:
+            assert _resolved(*case) is path, case
 
 
 def test_auto_resolves_per_device_and_mode(monkeypatch):

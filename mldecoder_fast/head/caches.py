@@ -91,7 +91,7 @@ class HeadCaches:
         replaced by assignment) and the identity of the objects ``same`` (e.g. a plain tensor
         attribute that can be reassigned)."""
         check = self._checks.get(name)
-        if (check is not None and check[0] == _registrations[0] and len(check[1]) == len(same)
+        if (check is not None and self.enabled and check[0] == _registrations[0] and len(check[1]) == len(same)
                 and all(a is b for a, b in zip(check[1], same, strict=True))
                 and check[3] == tuple((t._version, t.data_ptr()) for t in check[2])
                 and self._entries.get(name, (None, None))[1] is check[4]):

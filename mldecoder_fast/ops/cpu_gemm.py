@@ -31,6 +31,7 @@ issued once, and torch runs every product from then on.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 import warnings
@@ -78,6 +79,12 @@ def onednn_fp32_precision() -> str:
     return "ieee" if precision == "highest" else precision
 
 
+@functools.cache
+def _native_bf16() -> bool:
+    """Whether this CPU runs oneDNN's bf16 natively (asked once: an op call per forward otherwise)."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def onednn_status(dtype: torch.dtype = torch.float32) -> tuple[bool, str]:
     """(usable, why not): whether oneDNN products can run for ``dtype`` here."""
     if _state["onednn_error"] is not None:
@@ -90,7 +97,7 @@ def onednn_status(dtype: torch.dtype = torch.float32) -> tuple[bool, str]:
             return False, f"oneDNN's fp32 math mode is {precision!r} (reduced precision), not IEEE"
         return True, "oneDNN fp32"
     if dtype == torch.bfloat16:
-        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        if not _native_bf16():
             return False, "this CPU has no native bf16 for oneDNN"
         return True, "oneDNN bf16"
     return False, f"oneDNN does not compute {dtype}"
@@ -131,7 +138,7 @@ class OneDnnGemm(TorchGemm):
                 y = torch.ops.mkldnn._linear_pointwise(x, w if packed is None else packed, b, post_op, [], "")
                 return y.relu_() if relu and not nan_carried else y
             except RuntimeError as exc:
-                _onednn_failed(exc)
+                onednn_failed(exc)
         return TORCH.linear(x, w, b, relu=relu)
 
     def mm(self, a, b):
@@ -159,11 +166,12 @@ class OneDnnGemm(TorchGemm):
             try:
                 return torch.ops.mkldnn._reorder_linear_weight(w.contiguous())
             except RuntimeError as exc:
-                _onednn_failed(exc)
+                onednn_failed(exc)
         return None
 
 
-def _onednn_failed(exc: Exception) -> None:
+def onednn_failed(exc: Exception) -> None:
+    """Turn oneDNN off for the rest of the process after ``exc``, with a warning."""
     _state["onednn_error"] = f"{type(exc).__name__}: {exc}"
     warnings.warn(f"mldecoder_fast: a oneDNN matrix product failed ({_state['onednn_error']}); "
                   f"recomputed with torch.mm, which runs every CPU product from now on.",
@@ -238,6 +246,12 @@ def provider(dtype: torch.dtype, device: torch.device):
     if mode == "mkl" or not onednn_status(dtype)[0]:
         return TORCH
     return ONEDNN if mode == "onednn" else AUTO
+
+
+def runs_onednn(dtype: torch.dtype) -> bool:
+    """Whether the configured choice lets oneDNN run CPU products in ``dtype`` (not forced to
+    MKL, and oneDNN computes ``dtype`` exactly here)."""
+    return cpu_gemm_mode() != "mkl" and onednn_status(dtype)[0]
 
 
 def describe() -> str:

@@ -18,6 +18,8 @@ path                file                         runs
 ==================  ===========================  ==================================================
 ``LEAN_EVAL``       paths/lean_eval.py           eval without autograd, backend torch, on
                                                  ``head.lean_eval_devices`` (CUDA): few launches
+``CPU_EVAL``        paths/cpu_eval.py            eval without autograd, backend torch, on the CPU in
+                                                 fp32 or bf16 where oneDNN computes it: few ops
 ``TRITON_STEP``     paths/train_step.py          training steps, backend triton, on CUDA (Triton's
                                                  attention and LayerNorm kernels)
 ``CUDA_STEP``       paths/train_step.py          training steps, backends torch/cpp, on
@@ -31,10 +33,11 @@ path                file                         runs
 ``route.choose`` picks the first path of ``PATHS`` (this order) that applies, once per distinct
 ``Facts`` (kept on the head); ``MLDecoderFast.forward`` checks the input, picks and runs.
 """
+from .cpu_eval import CPU_EVAL
 from .lean_eval import LEAN_EVAL
 from .op_by_op import OP_BY_OP
 from .route import PATHS, Facts, choose, facts_of
 from .train_step import CPU_STEP, CUDA_STEP, TRITON_STEP
 
-__all__ = ["CPU_STEP", "CUDA_STEP", "Facts", "LEAN_EVAL", "OP_BY_OP", "PATHS", "TRITON_STEP", "choose",
+__all__ = ["CPU_EVAL", "CPU_STEP", "CUDA_STEP", "Facts", "LEAN_EVAL", "OP_BY_OP", "PATHS", "TRITON_STEP", "choose",
            "facts_of"]

@@ -85,7 +85,7 @@ class LeanEval:
         # it, everything is in the parameters' dtype.
         dtypes = (facts.autocast, torch.float32) if facts.autocast else (facts.param_dtype,) * 2
         # (per call: the sources' versions compared, no walk over the parameters: get_by_versions)
-        return head.caches.get_by_versions(("lean_eval",) + dtypes, lambda: _sources(head),
+        return head.caches.get_by_versions(("lean_eval",) + dtypes, lambda: sources(head),
                                            lambda: derive(head, *dtypes), same=(head.decoder.query_embed,))
 
     def forward(self, head, x, derived: LeanWeights) -> torch.Tensor:
@@ -94,7 +94,8 @@ class LeanEval:
         return forward(x, derived, num_out, layer.norm2.eps, layer.norm3.eps)
 
 
-def _sources(head) -> list:
+def sources(head) -> list:
+    """The tensors the derived weights depend on."""
     sources = list(head.parameters())
     if head.config.zsl:
         sources.append(head.decoder.query_embed)

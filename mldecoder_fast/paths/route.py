@@ -14,11 +14,13 @@ import torch
 
 from ..head.backends import select_ops
 from ..head.config import DropoutRates
+from ..ops import cpu_gemm
+from .cpu_eval import CPU_EVAL
 from .lean_eval import LEAN_EVAL
 from .op_by_op import OP_BY_OP
 from .train_step import CPU_STEP, CUDA_STEP, TRITON_STEP
 
-PATHS = (LEAN_EVAL, TRITON_STEP, CUDA_STEP, CPU_STEP, OP_BY_OP)
+PATHS = (LEAN_EVAL, CPU_EVAL, TRITON_STEP, CUDA_STEP, CPU_STEP, OP_BY_OP)
 
 _NO_DROPOUT = DropoutRates(0.0, 0.0, 0.0, 0.0, 0.0)
 
@@ -41,6 +43,7 @@ class Facts(NamedTuple):
     lean_eval_device: bool         # the device is in head.lean_eval_devices
     lean_train_device: bool        # the device is in head.lean_train_devices
     mem_efficient_sdp: bool        # torch.backends.cuda.mem_efficient_sdp_enabled()
+    onednn: bool                   # on the CPU, the CPU GEMM choice runs the compute dtype in oneDNN
 
     @property
     def compute(self) -> torch.dtype:
@@ -50,6 +53,7 @@ class Facts(NamedTuple):
 
 def facts_of(head, x: torch.Tensor) -> Facts:
     dev = x.device.type
+    autocast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
     grad_mode = torch.is_grad_enabled()
     training = head.training
     compiling = torch.compiler.is_compiling()
@@ -57,7 +61,7 @@ def facts_of(head, x: torch.Tensor) -> Facts:
     return Facts(
         backend=select_ops(head.backend, x.device, training)[0], device=dev, training=training, grad_mode=grad_mode,
         needs_grad=grad_mode and (x.requires_grad or any(p.requires_grad for p in head.parameters())),
-        autocast=torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None,
+        autocast=autocast,
         param_dtype=param_dtype, input_dtype=x.dtype,
         # (read per forward: a submodule's .to() or .double() does not reach the head's _apply)
         mixed_dtypes=training and grad_mode and any(p.dtype != param_dtype for p in head.parameters()),
@@ -67,7 +71,8 @@ def facts_of(head, x: torch.Tensor) -> Facts:
         lean_eval_device=dev in head.lean_eval_devices, lean_train_device=dev in head.lean_train_devices,
         # (read by the training steps only, which torch.compile's tracing never takes; it cannot
         # trace this read either)
-        mem_efficient_sdp=not compiling and torch.backends.cuda.mem_efficient_sdp_enabled())
+        mem_efficient_sdp=not compiling and torch.backends.cuda.mem_efficient_sdp_enabled(),
+        onednn=dev == "cpu" and not compiling and cpu_gemm.runs_onednn(autocast or param_dtype))
 
 
 def choose(head, x: torch.Tensor, facts: Facts):
