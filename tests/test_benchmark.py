@@ -290,13 +290,14 @@ def test_failing_implementation_is_skipped_not_fatal():
 
 def test_isolated_callables_are_timed_in_blocks_on_a_settled_machine(monkeypatch):
     """A runtime with threads of its own gets blocks of calls, with the machine idle before and
-    after each block; the others one call per round."""
+    after each block and untimed calls at its start; the others one call per round."""
     monkeypatch.setattr(timing, "SETTLE_S", 0.02)
     calls = []
     t = time_interleaved({"a": lambda: calls.append(("a", time.perf_counter())),
                           "peer": lambda: calls.append(("peer", time.perf_counter()))},
                          "cpu", warmup=0, repeats=3, isolated=frozenset({"peer"}))
     assert t["a"].repeats == 3 and t["peer"].repeats == 3 * timing.ISOLATED_BLOCK
+    assert [n for n, _ in calls].count("peer") == 3 * (timing.ISOLATED_WARMUP + timing.ISOLATED_BLOCK)
     for (name, at), (nxt, then) in zip(calls[:-1], calls[1:], strict=True):
         if name != nxt:   # a switch to or from the peer's block waits for the machine to settle
             assert then - at >= 0.02, (name, nxt)

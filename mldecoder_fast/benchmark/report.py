@@ -99,9 +99,13 @@ What is measured (see `mldecoder_fast/benchmark/`):
   `torch.cuda.make_graphed_callables` in training) and, when named, torch.compile's GPU peers
   (`compiled-expert-max-autotune-no-cudagraphs`, `compiled-*-reduce-overhead`; graphed and
   reduce-overhead rows report no peak memory: theirs is a pool allocated at capture),
-  and `onnxruntime` (eval, CPU, float32): MLDecoderFast exported by `mldecoder_fast.export_onnx`
-  (`torch.onnx.export(..., dynamo=True)`, dynamic batch) run by ONNX Runtime with the benchmark's
-  threads intra-op, one inter-op thread, sequential execution, no spinning.
+  and, for eval on the CPU, the runtimes a CPU-serving user would pick instead: MLDecoderFast
+  exported by `mldecoder_fast.export_onnx` (`torch.onnx.export(..., dynamo=True)`, dynamic batch)
+  run by `onnxruntime` (float32; the benchmark's threads intra-op, one inter-op thread,
+  sequential execution, no spinning) and by `openvino` (compiled for the CPU with the benchmark's
+  threads, the latency hint and the f32 or bf16 precision hint of the run's dtype), each timed in
+  blocks of its own (their idle threads would otherwise take the cores from whatever runs next);
+  a peer's NaN differences are reported, not judged (OpenVINO maps a NaN sample to finite logits).
 - **Modes**: `eval` = forward under `torch.no_grad` in eval mode; `train` = one training step:
   forward, BCE-with-logits against fixed random targets, backward (input gradient included), a
   fused AdamW step (state allocated before measuring), zeroing the gradients; dropout p = 0.1 as
@@ -125,11 +129,14 @@ What is measured (see `mldecoder_fast/benchmark/`):
 - **Roofline**: the head's FLOPs (docs/benchmarks.md formula; a training step counts 3x the forward)
   over the fastest GEMM rate measured in the same dtype, in the same interleaved rounds: a large
   square `torch.mm`, and on the CPU also oneDNN's inner product
-  (`torch.ops.mkldnn._linear_pointwise` on dense tensors, about 2x `torch.mm` in fp32 on AVX-512
-  machines); each row records the rates (`matmul_rates`). On a GPU the floor is the larger of that
+  (`torch.ops.mkldnn._linear_pointwise` on dense tensors: about 2x `torch.mm` in fp32 on an AMD
+  EPYC, level with it on an Intel Xeon), on named probe shapes (a square one and the head's input
+  projection, [3136, 2048] x [2048, 768]); each row records the rates (`matmul_rates`) and the
+  CPU's model and ISA (AVX-512, avx512_bf16, AMX). On a GPU the floor is the larger of that
   and the bytes that must move over the measured copy bandwidth.
-- **Reading the CPU numbers**: the CPU records come from a 2-core machine shared with other
-  jobs (the load average is recorded with each run). Compare ratios within one run, not
+- **Reading the CPU numbers**: the CPU records come from 2-core machines shared with other
+  jobs (an AMD EPYC for the older records, an Intel Xeon with AMX for the newer: each section's
+  records name it; the load average is recorded with each run). Compare ratios within one run, not
   milliseconds across runs. The reference's training step at many classes is bound by page
   faults: its group-FC loop materialises a full [K, D, G] weight gradient per group (67 MB x 100
   per step at 21,843 classes), so its time, and every `x ref` of those rows, moves with how fast

@@ -91,6 +91,7 @@ NOISY_SPREAD = 1.3
 
 
 ISOLATED_BLOCK = 3      # calls per round of an isolated callable, timed one by one
+ISOLATED_WARMUP = 3     # untimed calls before them (after the idle, the first calls run slow)
 SETTLE_S = 0.25         # idle before and after an isolated callable's block (OpenMP's spin is 0.2 s)
 
 
@@ -103,7 +104,9 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device, warmup: int =
     ``isolated``: callables with threads of their own (ONNX Runtime, OpenVINO): each round times a
     block of ``ISOLATED_BLOCK`` calls of one, with the machine idle for ``SETTLE_S`` before and
     after, so that neither its threads nor the OpenMP threads of the others, spinning after their
-    last call, take the cores from whichever runs next.
+    last call, take the cores from whichever runs next. The block starts with ``ISOLATED_WARMUP``
+    untimed calls: after the idle the first calls run slower (an Intel Xeon VM, OpenVINO at batch
+    1: 4.2, 3.1, 2.3 ms, then 2.1-2.3), while the others are timed warm, one after another.
 
     ``budget_s`` is per callable: no new round starts once the rounds took longer than
     ``budget_s * len(fns)`` and ``min_repeats`` rounds are done, or right after the first round
@@ -124,6 +127,8 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device, warmup: int =
         for name in (names if i % 2 == 0 else names[::-1]):
             if name in isolated:
                 time.sleep(SETTLE_S)
+                for _ in range(ISOLATED_WARMUP):
+                    fns[name]()
                 times[name] += [_timed_call(fns[name], device) for _ in range(ISOLATED_BLOCK)]
                 time.sleep(SETTLE_S)
             else:

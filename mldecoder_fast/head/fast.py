@@ -36,7 +36,7 @@ class MLDecoderFast(_HeadBase):
     """
 
     # Devices where eval forwards of the torch backend without autograd take the launch-lean path
-    # (paths/lean_eval.py). The CPU keeps its GEMM-provider path (paths/op_by_op.py); tests add
+    # (paths/lean_eval.py). The CPU has its own few-ops eval path (paths/cpu_eval.py); tests add
     # "cpu" to check the lean path against the reference.
     lean_eval_devices = ("cuda",)
     # Devices where training steps take the launch-lean kit (paths/train_step.py: CUDA_STEP,

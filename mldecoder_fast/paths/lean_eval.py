@@ -31,9 +31,8 @@ Launches (dispatched ops) per forward, the input in the compute dtype:
   9 linear2 + residual, in place (``addmm_``)                              10 LN3
   11 group FC (``bmm``)                     12 bias add into the [B, classes] logits (``add``)
 On CUDA each is one kernel, but for the ``baddbmm``, which first copies its addend into the
-output. The CPU GEMM choices of the other paths (``ops/cpu_gemm.py``) do not apply here (on the
-CPU this path is slower than the oneDNN one); the products are ``_memory``,
-``ops.torch_ops.group_fc_padded_bias`` and the inline ``bmm``s.
+output. The CPU runs its own eval forward from these folded weights (``paths/cpu_eval.py``:
+oneDNN's products on packed weights); tests run this one on the CPU to check it.
 """
 from __future__ import annotations
 
