@@ -288,6 +288,13 @@ def test_failing_implementation_is_skipped_not_fatal():
 
 # -- timing, memory, FLOPs -----------------------------------------------------------------------
 
+def test_steady_timing_calls_each_callable_just_before_its_timed_call():
+    calls = []
+    time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, "cpu", warmup=0,
+                     repeats=2, steady=True)
+    assert calls == ["a", "a", "b", "b", "b", "b", "a", "a"]
+
+
 def test_isolated_callables_are_timed_in_blocks_on_a_settled_machine(monkeypatch):
     """A runtime with threads of its own gets blocks of calls, with the machine idle before and
     after each block and untimed calls at its start; the others one call per round."""

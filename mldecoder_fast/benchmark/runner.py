@@ -160,7 +160,8 @@ def run_case(case: Case, impls: list[Impl], warmup: int = 1, repeats: int = 5,
             fn()
         timings = time_interleaved({**steps, **{_MATMUL + n: fn for n, (fn, _) in probes.items()}}, case.device,
                                    warmup=0, repeats=repeats, min_repeats=min_repeats, budget_s=budget_s,
-                                   isolated=frozenset(i.name for i in ordered if i.isolated))
+                                   isolated=frozenset(i.name for i in ordered if i.isolated),
+                                   steady=case.mode == "eval" and case.device.type == "cpu")
         rates = {n: f / (timings.pop(_MATMUL + n).median_ms * 1e-3) for n, (_, f) in probes.items()}
         for name, t in timings.items():
             res = results[name]

@@ -97,7 +97,7 @@ SETTLE_S = 0.25         # idle before and after an isolated callable's block (Op
 
 def time_interleaved(fns: dict[str, Callable[[], object]], device, warmup: int = 1, repeats: int = 5,
                      min_repeats: int = 1, budget_s: float | None = None,
-                     isolated: frozenset = frozenset()) -> dict[str, Timing]:
+                     isolated: frozenset = frozenset(), steady: bool = False) -> dict[str, Timing]:
     """Time several callables in rounds (one call of each per round), so that a change of load on
     a shared machine hits them all alike and their ratios stay meaningful.
 
@@ -107,6 +107,10 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device, warmup: int =
     last call, take the cores from whichever runs next. The block starts with ``ISOLATED_WARMUP``
     untimed calls: after the idle the first calls run slower (an Intel Xeon VM, OpenVINO at batch
     1: 4.2, 3.1, 2.3 ms, then 2.1-2.3), while the others are timed warm, one after another.
+
+    ``steady``: each timed call of the others follows an untimed call of the same callable, so
+    that every callable is timed in the steady state of a loop that calls it alone (a serving
+    loop: its weights in the caches, not the previous callable's), as the isolated ones are.
 
     ``budget_s`` is per callable: no new round starts once the rounds took longer than
     ``budget_s * len(fns)`` and ``min_repeats`` rounds are done, or right after the first round
@@ -132,6 +136,8 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device, warmup: int =
                 times[name] += [_timed_call(fns[name], device) for _ in range(ISOLATED_BLOCK)]
                 time.sleep(SETTLE_S)
             else:
+                if steady:
+                    fns[name]()
                 times[name].append(_timed_call(fns[name], device))
         if budget_s is None:
             continue
