@@ -119,9 +119,9 @@ What is measured (see `mldecoder_fast/benchmark/`):
   row holds its own errors. A mismatch is printed as MISMATCH and makes the command exit 1.
 - **Time**: median of up to 5 timed calls (`n`) after warm-up, the implementations of one case
   timed in interleaved rounds (so a change of load from other processes hits them alike); CPU eval
-  rows time each call right after an untimed call of the same implementation (the steady state of
-  a serving loop, as the peers' blocks are; records before 4a8fdb4 time it after the previous
-  implementation's call, the peers then after 0.25 s idle). Ratios
+  rows time every implementation in blocks, 3 untimed calls then 3 timed ones (the steady state of
+  a serving loop; records before 4a8fdb4 time one call per round, the peers' blocks then right
+  after 0.25 s idle). Ratios
   (`x ref` = reference time / this time, `x expert` likewise) are what to read: these machines
   are shared.
 - **Peak memory**: bytes allocated during one step beyond what existed before it (weights,

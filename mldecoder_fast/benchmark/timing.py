@@ -108,8 +108,8 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device, warmup: int =
     untimed calls: after the idle the first calls run slower (an Intel Xeon VM, OpenVINO at batch
     1: 4.2, 3.1, 2.3 ms, then 2.1-2.3), while the others are timed warm, one after another.
 
-    ``steady``: each timed call of the others follows an untimed call of the same callable, so
-    that every callable is timed in the steady state of a loop that calls it alone (a serving
+    ``steady``: the others are timed in such blocks too (untimed calls, then timed ones; no idle),
+    so that every callable is timed in the steady state of a loop that calls it alone (a serving
     loop: its weights in the caches, not the previous callable's), as the isolated ones are.
 
     ``budget_s`` is per callable: no new round starts once the rounds took longer than
@@ -131,14 +131,14 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device, warmup: int =
         for name in (names if i % 2 == 0 else names[::-1]):
             if name in isolated:
                 time.sleep(SETTLE_S)
+            if name in isolated or steady:
                 for _ in range(ISOLATED_WARMUP):
                     fns[name]()
                 times[name] += [_timed_call(fns[name], device) for _ in range(ISOLATED_BLOCK)]
-                time.sleep(SETTLE_S)
             else:
-                if steady:
-                    fns[name]()
                 times[name].append(_timed_call(fns[name], device))
+            if name in isolated:
+                time.sleep(SETTLE_S)
         if budget_s is None:
             continue
         elapsed, limit = time.perf_counter() - start, budget_s * len(fns)
