@@ -74,6 +74,22 @@ def make_pair(num_classes, num_of_groups=-1, decoder_embedding=32, initial_num_f
     return ref, fast
 
 
+def make_triple(num_classes, num_of_groups, decoder_embedding, initial_num_features, zsl=0):
+    """(reference, fast, float64 reference) in eval mode, on the same weights; ZSL heads share 9
+    random word vectors."""
+    ref, fast = make_pair(num_classes, num_of_groups, decoder_embedding, initial_num_features, zsl=zsl)
+    ref64, _ = make_pair(num_classes, num_of_groups, decoder_embedding, initial_num_features, zsl=zsl)
+    ref64.load_state_dict(ref.state_dict())
+    ref64.double()
+    if zsl:
+        v = torch.randn(9, 300)
+        for m in (ref, fast, ref64):
+            m.set_word_vectors(v.to(next(m.parameters()).dtype))
+    for m in (ref, fast, ref64):
+        m.eval()
+    return ref, fast, ref64
+
+
 def make_input(kind, batch, features, tokens=9, dtype=torch.float32, device="cpu"):
     if kind == "tokens":
         return torch.randn(batch, tokens, features, dtype=dtype, device=device)

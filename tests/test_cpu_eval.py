@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from heads import make_input, make_pair
+from heads import make_input, make_pair, make_triple
 from helpers import assert_close, rel_rms
 
 from mldecoder_fast import paths
@@ -37,18 +37,8 @@ def _bound(exact: torch.Tensor, out_ref: torch.Tensor) -> float:
     return max(2 * rel_rms(exact, out_ref), 1e-5)
 
 
-def _with_float64_twin(classes, groups, embed=64, features=48, zsl=0):
-    ref, fast = make_pair(classes, groups, embed, features, zsl=zsl)
-    ref64, _ = make_pair(classes, groups, embed, features, zsl=zsl)
-    ref64.load_state_dict(ref.state_dict())
-    ref64.double()
-    if zsl:
-        v = torch.randn(9, 300)
-        for m in (ref, fast, ref64):
-            m.set_word_vectors(v.to(next(m.parameters()).dtype))
-    for m in (ref, fast, ref64):
-        m.eval()
-    return ref, fast, ref64
+def _with_float64_twin(classes, groups, zsl=0):
+    return make_triple(classes, groups, 64, 48, zsl=zsl)
 
 
 @pytest.mark.parametrize("classes,groups,kind,batch,zsl", [

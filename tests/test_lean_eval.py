@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from heads import make_input, make_pair
+from heads import make_input, make_pair, make_triple
 from helpers import assert_close, rel_rms
 
 
@@ -67,17 +67,8 @@ def test_batch_zero_and_one():
 def test_autocast_within_reference_error(dtype, zsl):
     """Under autocast the lean path may differ from an fp64 reference by at most ~2x what the
     reference itself does under the same autocast; the logits come out in fp32."""
-    ref, fast = make_pair(101 if not zsl else 1, 10, 64, 48, zsl=zsl)
-    ref64, _ = make_pair(101 if not zsl else 1, 10, 64, 48, zsl=zsl)
-    ref64.load_state_dict(ref.state_dict())
-    ref64.double()
-    if zsl:
-        v = torch.randn(9, 300)
-        for m in (ref, fast, ref64):
-            m.set_word_vectors(v.to(next(m.parameters()).dtype))
+    ref, fast, ref64 = make_triple(101 if not zsl else 1, 10, 64, 48, zsl=zsl)
     _lean(fast)
-    for m in (ref, fast, ref64):
-        m.eval()
     for x in (torch.randn(4, 48, 3, 4), torch.randn(1, 48, 3, 4).to(dtype)):
         exact = ref64(x.double())
         with torch.no_grad(), torch.autocast("cpu", dtype=dtype):

@@ -13,6 +13,12 @@ override what they accelerate:
   custom ops in ``ops/triton_registrations.py`` (shared helpers and dropout seeds:
   ``ops/triton_support.py``).
 
+Why by backend, not one file per op family (as tests/ops/ is): a backend is one object that a
+path holds (``head/backends.py: ops_for``), overriding what it accelerates, so each file reads as
+what that backend changes; the op map below gives the op-family view across files. The Triton
+registrations sit here, not beside the kernels, so that importing the triton backend registers
+its custom ops (torch.compile sees them) without importing Triton, which each kernel module does.
+
 Op map: for each op (named as in ``TorchOps``; steps of docs/design.md), where its reference,
 torch path, Triton kernel, C++/CUDA kernel, registration and tests are. ``tests/test_op_map.py``
 checks that every path below exists, and that a row's test files import nothing of the package
