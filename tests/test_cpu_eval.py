@@ -216,3 +216,14 @@ def test_a_onednn_failure_warns_and_runs_op_by_op(monkeypatch):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             fast(x)
+
+
+def test_backends_says_where_it_runs():
+    from mldecoder_fast import backends
+    assert "few-ops oneDNN path in fp32" in backends()["torch"]["detail"]
+    assert ("bf16" in backends()["torch"]["detail"].split("CPU eval")[1]) == BF16
+    previous = cpu_gemm.set_cpu_gemm("mkl")
+    try:
+        assert "CPU eval without autograd: op by op" in backends()["torch"]["detail"]
+    finally:
+        cpu_gemm.set_cpu_gemm(previous)

@@ -53,13 +53,22 @@ def _triton_status():
     return triton_support.triton_status()
 
 
+def _cpu_eval() -> str:
+    """Which dtypes the CPU eval path (paths/cpu_eval.py) runs here; the rest runs op by op."""
+    dtypes = [name for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+              if cpu_gemm.runs_onednn(dtype)]
+    if not dtypes:
+        return "op by op (no dtype that oneDNN computes exactly under the CPU GEMM choice)"
+    return f"few-ops oneDNN path in {' and '.join(dtypes)}, op by op otherwise"
+
+
 def backends() -> dict:
     """Every backend: ``{"available": bool, "devices": [...], "detail": str}``."""
     cuda = torch.cuda.is_available()
     gemm = cpu_gemm.describe()
     out = {"torch": {"available": True, "devices": ["cpu"] + (["cuda"] if cuda else []),
                      "detail": f"PyTorch {torch.__version__}'s own ops (no compiled code of this package); {gemm}; "
-                               f"group FC: torch.bmm"}}
+                               f"group FC: torch.bmm; CPU eval without autograd: {_cpu_eval()}"}}
     ext_ok, ext_cuda, ext_detail = _extension_status()
     out["cpp"] = {"available": ext_ok, "devices": ["cpu"] if ext_ok else [],
                   "detail": f"{ext_detail}; {gemm}" if ext_ok else ext_detail}
