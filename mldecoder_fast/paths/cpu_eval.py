@@ -50,22 +50,16 @@ _linear_add = torch.ops.mkldnn._linear_pointwise.binary
 
 
 class CpuEvalWeights(NamedTuple):
-    """What the CPU eval forward reads (compute dtype; ``packed``: oneDNN's blocked layout)."""
+    """What the CPU eval forward reads: the launch-lean forward's folded weights, with the dense
+    products' weights packed into oneDNN's blocked layout."""
+    lean: lean_eval.LeanWeights   # folded, in the compute dtype (the rest read from here)
     w_e: torch.Tensor      # [D, C] input projection, packed
-    b_e: torch.Tensor      # [D]
     w_v: torch.Tensor      # [D, D] value projection, packed
-    qk: torch.Tensor       # [H*K, D] queries with the key projection folded in, / sqrt(d)
     w_o: torch.Tensor      # [D, D] output projection, packed
-    r2: torch.Tensor       # [K, D] T1 + b_o + W_o b_v
-    ln2_w: torch.Tensor    # [D]
-    ln2_b: torch.Tensor    # [D] LN2 bias + linear2's bias; NaN where W1 or b1 is not finite
     w1: torch.Tensor       # [F, D] linear1, packed
-    b1: torch.Tensor       # [F] b1 - W1 b2
     w2: torch.Tensor       # [D, F] linear2, packed
-    ln3_w: torch.Tensor    # [D]
-    ln3_b: torch.Tensor
+    ln2_b: torch.Tensor    # [D] lean.ln2_b; NaN where W1 or b1 is not finite
     p: torch.Tensor        # [K, G, D] group-FC weight as rows; ZSL: [D, 1]
-    bias: torch.Tensor     # [K, G] zero-padded group-FC bias; ZSL: [1] (in the logits' dtype)
 
 
 class CpuEval:
@@ -85,7 +79,7 @@ class CpuEval:
 
     def forward(self, head, x, derived: CpuEvalWeights) -> torch.Tensor:
         layer = head.decoder.layers[0]
-        num_out = derived.r2.shape[0] if head.config.zsl else head.config.num_classes
+        num_out = derived.lean.r2.shape[0] if head.config.zsl else head.config.num_classes
         try:
             return forward(x, derived, num_out, layer.norm2.eps, layer.norm3.eps)
         except RuntimeError as exc:   # (the input was checked: a oneDNN primitive failed)
@@ -105,10 +99,8 @@ def derive(head, dtype: torch.dtype, out_dtype: torch.dtype) -> CpuEvalWeights:
         finite = torch.stack([layer.linear1.weight.isfinite().all(), layer.linear1.bias.isfinite().all()]).all()
         ln2_b = torch.where(finite, w.ln2_b, torch.full_like(w.ln2_b, float("nan")))
         p = w.p if head.config.zsl else w.p.transpose(1, 2).contiguous()
-        return CpuEvalWeights(
-            w_e=_pack(w.w_e), b_e=w.b_e, w_v=_pack(w.w_v), qk=w.qk.contiguous(), w_o=_pack(w.w_o), r2=w.r2,
-            ln2_w=w.ln2_w, ln2_b=ln2_b, w1=_pack(w.w1), b1=w.b1, w2=_pack(w.w2), ln3_w=w.ln3_w,
-            ln3_b=w.ln3_b, p=p, bias=w.bias)
+        return CpuEvalWeights(lean=w, w_e=_pack(w.w_e), w_v=_pack(w.w_v), w_o=_pack(w.w_o), w1=_pack(w.w1),
+                              w2=_pack(w.w2), ln2_b=ln2_b, p=p)
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
@@ -117,7 +109,8 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
 
 def forward(x: torch.Tensor, w: CpuEvalWeights, num_out: int, eps2: float, eps3: float) -> torch.Tensor:
     """Logits [B, num_out] of input x ([B, C, H, W] or [B, N, C]) from derived weights ``w``."""
-    dtype = w.b_e.dtype
+    lean = w.lean
+    dtype = lean.b_e.dtype
     with torch.autocast("cpu", enabled=False):   # every dtype below is chosen here
         tokens = tokens_from_input(x)                                              # [B, N, C] view
         b, n, c = tokens.shape
@@ -125,25 +118,25 @@ def forward(x: torch.Tensor, w: CpuEvalWeights, num_out: int, eps2: float, eps3:
             rows = tokens.view(b * n, c)
         else:
             rows = torch.empty((b, n, c), dtype=dtype).copy_(tokens).view(b * n, c)
-        k, d_model = w.r2.shape
+        k, d_model = lean.r2.shape
         hd = d_model // NUM_HEADS
-        memory = _linear(rows, w.w_e, w.b_e, "none", [], "").relu_()                 # M [B*N, D]
+        memory = _linear(rows, w.w_e, lean.b_e, "none", [], "").relu_()                 # M [B*N, D]
         v = _linear(memory, w.w_v, None, "none", [], "")                            # [B*N, D]
-        scores = _linear(w.qk, memory, None, "none", [], "")                        # [H*K, B*N]
+        scores = _linear(lean.qk, memory, None, "none", [], "")                        # [H*K, B*N]
         attn = torch.softmax(scores.view(NUM_HEADS, k, b, n), dim=-1)
         o = torch.matmul(attn.permute(2, 0, 1, 3), v.view(b, n, NUM_HEADS, hd).transpose(1, 2))  # [B, H, K, d]
         o = o.transpose(1, 2).reshape(b * k, d_model)
         if b == 1:
-            x2 = _linear_add(o, w.r2, w.w_o, None, "add")                          # T1 + O' [K, D]
+            x2 = _linear_add(o, lean.r2, w.w_o, None, "add")                          # T1 + O' [K, D]
         else:
-            x2 = _linear(o, w.w_o, None, "none", [], "").view(b, k, d_model).add_(w.r2).view(b * k, d_model)
-        t2 = F.layer_norm(x2, (d_model,), w.ln2_w, w.ln2_b, eps2)                  # T2 + b2
-        hidden = _linear(t2, w.w1, w.b1, "relu", [], "")                            # relu(W1 T2 + b1)
+            x2 = _linear(o, w.w_o, None, "none", [], "").view(b, k, d_model).add_(lean.r2).view(b * k, d_model)
+        t2 = F.layer_norm(x2, (d_model,), lean.ln2_w, w.ln2_b, eps2)                  # T2 + b2
+        hidden = _linear(t2, w.w1, lean.b1, "relu", [], "")                            # relu(W1 T2 + b1)
         x3 = _linear_add(hidden, t2, w.w2, None, "add")                             # T2 + W2 h + b2
-        t3 = F.layer_norm(x3, (d_model,), w.ln3_w, w.ln3_b, eps3).view(b, k, d_model)
+        t3 = F.layer_norm(x3, (d_model,), lean.ln3_w, lean.ln3_b, eps3).view(b, k, d_model)
         if w.p.dim() == 2:   # ZSL
-            return group_fc_padded_bias(t3, w.p, w.bias, num_out)
-        return group_fc(t3, w.p, w.bias, num_out)
+            return group_fc_padded_bias(t3, w.p, lean.bias, num_out)
+        return group_fc(t3, w.p, lean.bias, num_out)
 
 
 def group_fc(h: torch.Tensor, weight_rows: torch.Tensor, bias: torch.Tensor, num_classes: int) -> torch.Tensor:
