@@ -120,7 +120,7 @@ What is measured (see `mldecoder_fast/benchmark/`):
 - **Time**: median of up to 5 timed calls (`n`) after warm-up, the implementations of one case
   timed in interleaved rounds (so a change of load from other processes hits them alike); CPU eval
   rows time every implementation in blocks, 3 untimed calls then 3 timed ones (the steady state of
-  a serving loop; records before 4a8fdb4 time one call per round, the peers' blocks then right
+  a serving loop; records before 0e988c8 time one call per round, the peers' blocks then right
   after 0.25 s idle). Ratios
   (`x ref` = reference time / this time, `x expert` likewise) are what to read: these machines
   are shared.
