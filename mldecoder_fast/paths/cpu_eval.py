@@ -11,7 +11,8 @@ oneDNN computes that dtype exactly and the CPU GEMM choice allows it (``ops/cpu_
   moved into LN2's), in the compute dtype, and the dense ones packed into oneDNN's blocked layout,
   all once per weight version (kept in the head's caches, one cache check per call);
 - one copy reads the input in any layout into [B*N, C] rows of the compute dtype (none where it is
-  such rows already);
+  such rows already), but for a [B, C, H, W] map with B > 1 in the compute dtype, whose B strided
+  matrices the GEMM provider reads in place (``ops/cpu_gemm.py``: the library measured faster);
 - the scores are one product of the folded queries against the memory, [H*K, B*N], so that the
   softmax runs over contiguous rows;
 - additions ride in the products: biases, the output projection's addend r2 (batch 1), linear2's
@@ -114,13 +115,19 @@ def forward(x: torch.Tensor, w: CpuEvalWeights, num_out: int, eps2: float, eps3:
     with torch.autocast("cpu", enabled=False):   # every dtype below is chosen here
         tokens = tokens_from_input(x)                                              # [B, N, C] view
         b, n, c = tokens.shape
-        if tokens.dtype == dtype and tokens.is_contiguous():
-            rows = tokens.view(b * n, c)
-        else:
-            rows = torch.empty((b, n, c), dtype=dtype).copy_(tokens).view(b * n, c)
         k, d_model = lean.r2.shape
         hd = d_model // NUM_HEADS
-        memory = _linear(rows, w.w_e, lean.b_e, "none", [], "").relu_()                 # M [B*N, D]
+        if b > 1 and tokens.dtype == dtype and not tokens.is_contiguous():
+            # B strided [N, C] matrices (a [B, C, H, W] map) in the compute dtype: read in place by
+            # whichever library the GEMM provider measured faster for them (a copy into rows cost
+            # 9 of 98 ms, COCO fp32 B = 16; where a cast is due anyway, the copy is that cast);
+            # relu after the product (NaN kept)
+            gemm = cpu_gemm.provider(dtype, x.device)
+            memory = gemm.linear(tokens, lean.w_e, lean.b_e, w.w_e, relu=True).view(b * n, d_model)
+        else:
+            rows = tokens.view(b * n, c) if tokens.dtype == dtype and tokens.is_contiguous() else \
+                torch.empty((b, n, c), dtype=dtype).copy_(tokens).view(b * n, c)
+            memory = _linear(rows, w.w_e, lean.b_e, "none", [], "").relu_()             # M [B*N, D]
         v = _linear(memory, w.w_v, None, "none", [], "")                            # [B*N, D]
         scores = _linear(lean.qk, memory, None, "none", [], "")                        # [H*K, B*N]
         attn = torch.softmax(scores.view(NUM_HEADS, k, b, n), dim=-1)
