@@ -227,3 +227,19 @@ def test_backends_says_where_it_runs():
         assert "CPU eval without autograd: op by op" in backends()["torch"]["detail"]
     finally:
         cpu_gemm.set_cpu_gemm(previous)
+
+
+def test_a_packing_failure_warns_and_later_forwards_run_op_by_op(monkeypatch):
+    ref, fast, ref64 = _with_float64_twin(30, 4)
+    x = torch.randn(2, 48, 3, 3)
+
+    def failing(*args):
+        raise RuntimeError("could not reorder the weight")
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", failing)
+    monkeypatch.setitem(cpu_gemm._state, "onednn_error", None)
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match="could not reorder the weight"):
+            out = fast(x)
+        exact = ref64(x.double())
+        assert_close("after a packing failure", exact, out, _bound(exact, ref(x)))
+        assert _path(fast, x) is paths.OP_BY_OP

@@ -23,10 +23,15 @@ def group_fc_padded_bias(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     b, k, d_model = h.shape
     if weight.dim() == 2:  # ZSL: one projection shared by every query
         return torch.add(torch.mm(h.reshape(b * k, d_model), weight).view(b, k), bias)
-    g = weight.shape[2]
-    logits = torch.bmm(h.transpose(0, 1), weight)                              # [K, B, G]
-    out = torch.empty((b, k, g), dtype=bias.dtype, device=h.device)
-    torch.add(logits.transpose(0, 1), bias, out=out)                            # [B, K, G]
+    return logits_with_bias(torch.bmm(h.transpose(0, 1), weight).transpose(0, 1), bias, num_classes)
+
+
+def logits_with_bias(products: torch.Tensor, bias: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The group FC's products [B, K, G] (any strides) plus its bias [K, G], written once into the
+    [B, num_classes] logits in class order, in the bias's dtype (``out=``: no autograd)."""
+    b, k, g = products.shape
+    out = torch.empty((b, k, g), dtype=bias.dtype, device=products.device)
+    torch.add(products, bias, out=out)
     out = out.view(b, k * g)
     return out if k * g == num_classes else out[:, :num_classes]
 

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from ..head.config import NUM_HEADS
 from ..head.inputs import tokens_from_input
 from ..ops import cpu_gemm
-from ..ops.torch_ops import group_fc_padded_bias
+from ..ops.torch_ops import group_fc_padded_bias, logits_with_bias
 from . import lean_eval
 
 _linear = torch.ops.mkldnn._linear_pointwise.default
@@ -105,7 +105,10 @@ def derive(head, dtype: torch.dtype, out_dtype: torch.dtype) -> CpuEvalWeights:
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
+    """``weight`` in oneDNN's blocked layout; the dense weight if packing failed (which turned oneDNN
+    off with a warning: the forward's first product fails too and it reruns on another path)."""
+    packed = cpu_gemm.ONEDNN.pack(weight)
+    return weight if packed is None else packed
 
 
 def forward(x: torch.Tensor, w: CpuEvalWeights, num_out: int, eps2: float, eps3: float) -> torch.Tensor:
@@ -162,11 +165,7 @@ def group_fc(h: torch.Tensor, weight_rows: torch.Tensor, bias: torch.Tensor, num
     if form is None:
         seconds = cpu_gemm.time_candidates({name: (lambda f=f: f(h, weight_rows)) for name, f in _PRODUCTS.items()})
         form = _FORMS[key] = min(seconds, key=seconds.get)
-    logits = _PRODUCTS[form](h, weight_rows)                                        # [B, K, G] view
-    out = torch.empty((b, k, g), dtype=bias.dtype)
-    torch.add(logits, bias, out=out)
-    out = out.view(b, k * g)
-    return out if k * g == num_classes else out[:, :num_classes]
+    return logits_with_bias(_PRODUCTS[form](h, weight_rows), bias, num_classes)
 
 
 _PRODUCTS = {
